@@ -1,0 +1,161 @@
+"""Tiny models and tokenizers built offline, for the embedded defaults, tests and examples.
+
+Nothing here downloads: the tokenizer is a byte-level BPE trained in about a second on the shipped HH
+sample (or any texts), and models are random-init HF configs of 2-4 layers for each decoder family
+the library supports.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterable, Sequence
+
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
+
+from rlhf_kit import default_hh_file
+
+#: Decoder families that every model-facing piece of the library is tested on.
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|startoftext|>"
+
+#: A minimal chat template (User/Assistant turns, the HH rendering) for chat-message data.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+    "{% if m['role'] == 'user' %}User: {% elif m['role'] == 'assistant' %}Assistant: {% else %}System: {% endif %}"
+    "{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
+)
+
+
+def hh_texts(limit: int | None = None) -> list[str]:
+    """Chosen and rejected dialogues of the shipped HH sample, as raw strings (training corpus)."""
+    texts: list[str] = []
+    with gzip.open(default_hh_file(), "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts.append(row["chosen"])
+            texts.append(row["rejected"])
+            if limit is not None and len(texts) >= limit:
+                break
+    return texts
+
+
+def train_tokenizer(
+    texts: Iterable[str] | None = None,
+    vocab_size: int = 512,
+    padding_side: str = "right",
+    chat_template: str | None = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (pad distinct from EOS, as PPO needs) and wrap it for HF.
+
+    ``texts`` defaults to the shipped HH sample. ``vocab_size`` includes the 3 special tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if texts is None:
+        texts = hh_texts()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, EOS_TOKEN, BOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        bos_token=BOS_TOKEN,
+        padding_side=padding_side,
+    )
+    if chat_template is not None:
+        hf_tok.chat_template = chat_template
+    return hf_tok
+
+
+def tiny_config(
+    family: str,
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_positions: int = 1024,
+    pad_token_id: int = 0,
+    eos_token_id: int = 1,
+    bos_token_id: int = 2,
+    **overrides,
+) -> PretrainedConfig:
+    """A small random-init config of one HF decoder family (dropout off, as PPO wants).
+
+    ``family`` is one of :data:`FAMILIES`. ``overrides`` go to the config unchanged.
+    """
+    ids = dict(pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=bos_token_id)
+    if family in ("llama", "mistral", "qwen2"):
+        kw = dict(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            attention_dropout=0.0,
+        )
+    elif family == "gpt2":
+        kw = dict(
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            summary_first_dropout=0.0,
+        )
+    elif family == "gpt_neox":
+        kw = dict(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_positions,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            use_parallel_residual=True,
+        )
+    else:
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    kw.update(ids)
+    kw.update(overrides)
+    return AutoConfig.for_model(family, vocab_size=vocab_size, **kw)
+
+
+def tiny_config_for(tokenizer: PreTrainedTokenizerFast, family: str = "llama", **kwargs) -> PretrainedConfig:
+    """:func:`tiny_config` with vocabulary size and special-token ids taken from ``tokenizer``."""
+    return tiny_config(
+        family,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **kwargs,
+    )
+
+
+def texts_sample(n: int, seed: int = 0) -> Sequence[str]:
+    """``n`` HH dialogues picked with a fixed seed (for quick fixtures)."""
+    import random
+
+    texts = hh_texts()
+    return random.Random(seed).sample(texts, n)

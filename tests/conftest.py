@@ -1,0 +1,40 @@
+"""Shared fixtures: a BPE tokenizer trained on the shipped HH sample and tiny models of each family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf_kit.tiny import FAMILIES, hh_texts, tiny_config_for, train_tokenizer
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """Right-padding byte-level BPE (vocab 512, pad != eos) trained on 1,000 HH dialogues."""
+    return train_tokenizer(hh_texts(1000), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def left_tokenizer(tokenizer):
+    tok = train_tokenizer(hh_texts(1000), vocab_size=512, padding_side="left")
+    return tok
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def make_causal_lm(tokenizer, family="llama", seed=0, **kw):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config_for(tokenizer, family, **kw)).eval()
+
+
+def make_reward_model(tokenizer, family="llama", seed=0, **kw):
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(
+        tiny_config_for(tokenizer, family, num_labels=1, **kw)
+    ).eval()
