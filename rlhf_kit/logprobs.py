@@ -1,0 +1,150 @@
+"""Per-token log-probabilities and entropy from logits, chunked to bound float32 memory.
+
+A full float32 ``log_softmax`` of ``(b, t, vocab)`` logits costs ``4 * b * t * vocab`` bytes (2 GiB
+for 64 x 256 tokens of a 32k vocabulary). These functions process ``chunk_size`` rows of the
+flattened ``(b * t, vocab)`` view at a time, so the float32 working set is ``chunk_size * vocab``.
+
+Temperature: PPO must score tokens with the same distribution they were sampled from, so logits are
+divided by the sampling temperature before the softmax (Huang et al., "The N Implementation Details
+of RLHF with PPO", 2023).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK = 1024
+
+
+def _chunks(n: int, chunk_size: int):
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``(b, t, v)`` any float dtype; position ``i`` scores ``labels[:, i]``.
+        labels: ``(b, t)`` token ids.
+        temperature: the sampling temperature (> 0).
+        chunk_size: rows of the flattened ``(b * t, v)`` logits converted to float32 at once.
+
+    Returns:
+        ``(b, t)`` float32 log-probabilities. Differentiable with respect to ``logits``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    b, t, v = logits.shape
+    flat = logits.reshape(b * t, v)
+    flat_labels = labels.reshape(b * t)
+    out = []
+    for s, e in _chunks(b * t, chunk_size):
+        rows = flat[s:e].float()
+        if temperature != 1.0:
+            rows = rows / temperature
+        picked = rows.gather(-1, flat_labels[s:e, None]).squeeze(-1)
+        out.append(picked - torch.logsumexp(rows, dim=-1))
+    if not out:
+        return logits.new_zeros((b, t), dtype=torch.float32)
+    return torch.cat(out).reshape(b, t)
+
+
+def entropy_from_logits(
+    logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` at every position.
+
+    Args:
+        logits: ``(b, t, v)``.
+
+    Returns:
+        ``(b, t)`` float32 entropies, ``logsumexp(z) - sum(p * z)`` with ``z = logits / T``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    b, t, v = logits.shape
+    flat = logits.reshape(b * t, v)
+    out = []
+    for s, e in _chunks(b * t, chunk_size):
+        z = flat[s:e].float()
+        if temperature != 1.0:
+            z = z / temperature
+        lse = torch.logsumexp(z, dim=-1)
+        p = torch.softmax(z, dim=-1)
+        out.append(lse - (p * z).sum(-1))
+    if not out:
+        return logits.new_zeros((b, t), dtype=torch.float32)
+    return torch.cat(out).reshape(b, t)
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both :func:`logprobs_from_logits` and :func:`entropy_from_logits` in one pass over the chunks.
+
+    Returns ``((b, t) logprobs, (b, t) entropy)``, float32.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    b, t, v = logits.shape
+    flat = logits.reshape(b * t, v)
+    flat_labels = labels.reshape(b * t)
+    lps, ents = [], []
+    for s, e in _chunks(b * t, chunk_size):
+        z = flat[s:e].float()
+        if temperature != 1.0:
+            z = z / temperature
+        lse = torch.logsumexp(z, dim=-1)
+        logp = z - lse[:, None]
+        lps.append(logp.gather(-1, flat_labels[s:e, None]).squeeze(-1))
+        ents.append(-(logp.exp() * logp).sum(-1))
+    if not lps:
+        zero = logits.new_zeros((b, t), dtype=torch.float32)
+        return zero, zero.clone()
+    return torch.cat(lps).reshape(b, t), torch.cat(ents).reshape(b, t)
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the response tokens of ``(prompt + response)`` sequences under a causal LM.
+
+    Args:
+        input_ids: ``(b, p + n)`` left-padded prompts of width ``p = response_start`` followed by ``n``
+            response tokens (right-padded after EOS).
+        attention_mask: ``(b, p + n)``; position ids are derived from it so left padding is harmless.
+
+    Returns:
+        ``(b, n)`` float32 log-probs of ``input_ids[:, p:]`` (and ``(b, n)`` entropies when
+        ``with_entropy``). Only the last ``n + 1`` positions' logits are projected where the model
+        supports ``logits_to_keep``.
+    """
+    n = input_ids.shape[1] - response_start
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=n + 1,
+    )
+    logits = out.logits[:, -(n + 1) : -1]
+    labels = input_ids[:, response_start:]
+    if with_entropy:
+        return logprobs_and_entropy(logits, labels, temperature, chunk_size)
+    return logprobs_from_logits(logits, labels, temperature, chunk_size)

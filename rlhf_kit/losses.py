@@ -1,0 +1,162 @@
+"""Losses as small modules returning ``(loss, stats)``; stats are detached typed tuples.
+
+All token-level reductions are masked means over every valid token of the batch (token-level
+averaging, as NeMo-Aligner and TRL do), so long responses weigh more than short ones.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rlhf_kit.advantages import masked_mean
+
+
+class PairwiseStats(NamedTuple):
+    accuracy: torch.Tensor
+    chosen_mean: torch.Tensor
+    rejected_mean: torch.Tensor
+    margin_mean: torch.Tensor
+
+
+class PairwiseRewardLoss(nn.Module):
+    """Bradley-Terry pairwise loss (Ouyang et al. 2022, eq. 1) with an optional margin and centring.
+
+    ``loss = mean(-logsigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)``; the centring
+    term (Eisenstein et al. 2023) keeps rewards near zero so they need no later shift.
+    """
+
+    def __init__(self, margin: float = 0.0, center_coef: float = 0.0):
+        super().__init__()
+        self.margin = margin
+        self.center_coef = center_coef
+
+    def forward(
+        self,
+        chosen_rewards: torch.Tensor,
+        rejected_rewards: torch.Tensor,
+        margin: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, PairwiseStats]:
+        """Args: ``chosen_rewards``, ``rejected_rewards`` ``(b,)``; ``margin`` an optional per-pair
+        ``(b,)`` margin replacing the scalar one. Accuracy counts ties as wrong."""
+        rc, rr = chosen_rewards.float(), rejected_rewards.float()
+        m = self.margin if margin is None else margin.float()
+        loss = -F.logsigmoid(rc - rr - m).mean()
+        if self.center_coef:
+            loss = loss + self.center_coef * (rc + rr).square().mean()
+        with torch.no_grad():
+            stats = PairwiseStats(
+                accuracy=(rc > rr).float().mean(),
+                chosen_mean=rc.mean(),
+                rejected_mean=rr.mean(),
+                margin_mean=(rc - rr).mean(),
+            )
+        return loss, stats
+
+
+class PolicyStats(NamedTuple):
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    entropy: torch.Tensor
+
+
+class PPOPolicyLoss(nn.Module):
+    """Clipped surrogate objective (Schulman et al. 2017, arXiv:1707.06347, eq. 7) plus entropy bonus.
+
+    ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))) - entropy_coef * H``
+    with ``ratio = exp(logprobs - old_logprobs)``.
+    """
+
+    def __init__(self, clip_eps: float = 0.2, entropy_coef: float = 0.0):
+        super().__init__()
+        self.clip_eps = clip_eps
+        self.entropy_coef = entropy_coef
+
+    def forward(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        entropy: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, PolicyStats]:
+        """Args: all ``(b, t)``; ``mask`` 1 on tokens that take gradient; ``entropy`` optional
+        ``(b, t)`` (required when ``entropy_coef`` is non-zero)."""
+        log_ratio = logprobs - old_logprobs
+        ratio = torch.exp(log_ratio)
+        unclipped = -advantages * ratio
+        clipped = -advantages * ratio.clamp(1.0 - self.clip_eps, 1.0 + self.clip_eps)
+        pg = masked_mean(torch.maximum(unclipped, clipped), mask)
+        loss = pg
+        ent = torch.zeros((), device=logprobs.device)
+        if entropy is not None:
+            ent = masked_mean(entropy, mask)
+            loss = loss - self.entropy_coef * ent
+        elif self.entropy_coef:
+            raise ValueError("entropy_coef is non-zero but no entropy was passed")
+        with torch.no_grad():
+            stats = PolicyStats(
+                loss=pg.detach(),
+                clip_fraction=masked_mean((clipped > unclipped).float(), mask),
+                # k3 estimator of KL(old || new) on the sampled tokens: low variance, non-negative.
+                approx_kl=masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+                ratio_mean=masked_mean(ratio, mask),
+                entropy=ent.detach(),
+            )
+        return loss, stats
+
+
+class ValueStats(NamedTuple):
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+    value_mean: torch.Tensor
+
+
+class ValueLoss(nn.Module):
+    """Clipped value loss (as in the PPO baselines and NeMo-Aligner's critic).
+
+    ``loss = 0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))`` with
+    ``V_clip = V_old + clip(V - V_old, -clip, clip)``; ``clip = 0`` gives plain squared error.
+    """
+
+    def __init__(self, clip: float = 0.2):
+        super().__init__()
+        self.clip = clip
+
+    def forward(
+        self,
+        values: torch.Tensor,
+        old_values: torch.Tensor,
+        returns: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, ValueStats]:
+        """Args: all ``(b, t)``."""
+        values = values.float()
+        err = (values - returns).square()
+        if self.clip > 0:
+            v_clip = old_values + (values - old_values).clamp(-self.clip, self.clip)
+            err_clip = (v_clip - returns).square()
+            per_token = torch.maximum(err, err_clip)
+            clip_frac = masked_mean((err_clip > err).float(), mask)
+        else:
+            per_token = err
+            clip_frac = torch.zeros((), device=values.device)
+        loss = 0.5 * masked_mean(per_token, mask)
+        with torch.no_grad():
+            stats = ValueStats(
+                loss=loss.detach(), clip_fraction=clip_frac, value_mean=masked_mean(values, mask)
+            )
+        return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(R - V) / Var(R)`` over masked tokens: 1 is a perfect critic, 0 a constant one."""
+    from rlhf_kit.advantages import masked_var
+
+    var_r = masked_var(returns, mask)
+    return 1.0 - masked_var(returns - values, mask) / var_r.clamp(min=1e-8)

@@ -1,0 +1,29 @@
+"""HF models in their RLHF roles: reward model, per-token critic, LM with a value head."""
+
+from rlhf_kit.models.heads import (
+    backbone_and_head,
+    last_token_index,
+    per_token_scores,
+    position_ids_from_mask,
+)
+from rlhf_kit.models.reward import (
+    load_reward_model,
+    load_reward_stats,
+    reward_scores,
+    save_reward_stats,
+)
+from rlhf_kit.models.value import CausalLMWithValueHead, TokenValueModel, response_values
+
+__all__ = [
+    "CausalLMWithValueHead",
+    "TokenValueModel",
+    "backbone_and_head",
+    "last_token_index",
+    "load_reward_model",
+    "load_reward_stats",
+    "per_token_scores",
+    "position_ids_from_mask",
+    "response_values",
+    "reward_scores",
+    "save_reward_stats",
+]

@@ -1,0 +1,55 @@
+"""Find the transformer backbone and the score head of an HF decoder model, whatever its family."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(backbone, score_head)`` of an ``AutoModelForSequenceClassification`` decoder model.
+
+    The backbone returns hidden states ``(b, t, h)``; the head maps them to ``(b, t, num_labels)``.
+    Works for every family whose sequence-classification class keeps its backbone under
+    ``base_model_prefix`` and its head as ``score`` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, ...),
+    and through a peft wrapper.
+    """
+    inner = model
+    if hasattr(inner, "get_base_model"):  # peft PeftModel
+        inner = inner.get_base_model()
+    head = getattr(inner, "score", None)
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    if head is None or backbone is None or backbone is inner:
+        raise ValueError(
+            f"{type(inner).__name__} has no `score` head and backbone; rlhf_kit expects an HF "
+            "AutoModelForSequenceClassification decoder (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, ...)"
+        )
+    return backbone, head
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(b, t)`` position ids counting only real tokens, so left padding does not shift positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(b,)`` index of the last real token in each row; works for left and right padding."""
+    t = attention_mask.shape[-1]
+    pos = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=-1).values.clamp(min=0)
+
+
+def per_token_scores(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run backbone + score head at every position. Returns ``(b, t)`` float32 (first label)."""
+    backbone, head = backbone_and_head(model)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return head(hidden)[..., 0].float()

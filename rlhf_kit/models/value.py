@@ -1,0 +1,128 @@
+"""Critics: one value per token.
+
+:class:`TokenValueModel` wraps a plain ``AutoModelForSequenceClassification`` (``num_labels=1``) and
+applies its score head at every position, so a critic initialised from a reward model is just that
+reward model, and a saved critic loads back with plain transformers.
+
+:class:`CausalLMWithValueHead` shares one backbone between the policy's LM head and a scalar value
+head, for users who want a single model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+
+from rlhf_kit.models.heads import per_token_scores, position_ids_from_mask
+
+
+class TokenValueModel(nn.Module):
+    """Per-token values from a sequence-classification model (its ``score`` head at every token).
+
+    Build from a reward model (``TokenValueModel(rm)`` or ``TokenValueModel.from_pretrained(rm_dir)``:
+    the RM's score head becomes the value head, as NeMo-Aligner initialises its critic).
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> TokenValueModel:
+        return cls(AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args: ``(b, t)`` ids and mask (left or right padded). Returns ``(b, t)`` float32 values."""
+        return per_token_scores(self.model, input_ids, attention_mask, position_ids)
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        """Save as a standard HF sequence-classification directory."""
+        self.model.save_pretrained(path, **kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+
+def response_values(
+    critic: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+) -> torch.Tensor:
+    """Values aligned with response tokens: entry ``i`` is the value of the state that generates
+    response token ``i`` (the hidden state one position earlier), as PPO log-probs are aligned.
+
+    Args:
+        sequences, attention_mask: ``(b, p + n)``. Returns ``(b, n)``.
+    """
+    values = critic(sequences, attention_mask)
+    return values[:, prompt_length - 1 : -1]
+
+
+class CausalLMWithValueHead(nn.Module):
+    """A causal LM plus a linear value head on the last hidden state of the same backbone.
+
+    ``forward`` returns ``(logits (b, t, v), values (b, t))``. Saved as the LM's HF directory plus
+    ``value_head.safetensors``.
+    """
+
+    VALUE_HEAD_FILE = "value_head.safetensors"
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.get_text_config().hidden_size
+        self.v_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.v_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.v_head.bias)
+        self.v_head.to(dtype=next(lm.parameters()).dtype)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> CausalLMWithValueHead:
+        model = cls(AutoModelForCausalLM.from_pretrained(path, **kwargs))
+        head = os.path.join(path, cls.VALUE_HEAD_FILE)
+        if os.path.exists(head):
+            state = load_file(head)
+            model.v_head.load_state_dict({k.removeprefix("v_head."): v for k, v in state.items()})
+        return model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=logits_to_keep,
+        )
+        values = self.v_head(out.hidden_states[-1])[..., 0].float()
+        return out.logits, values
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        self.lm.save_pretrained(path, **kwargs)
+        state = {f"v_head.{k}": v.detach().cpu().contiguous() for k, v in self.v_head.state_dict().items()}
+        tmp = os.path.join(path, self.VALUE_HEAD_FILE + ".tmp")
+        save_file(state, tmp)
+        os.replace(tmp, os.path.join(path, self.VALUE_HEAD_FILE))

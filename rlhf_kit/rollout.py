@@ -1,0 +1,187 @@
+"""A rollout as one dataclass of tensors, and a buffer that mini-batches them.
+
+Every field is a tensor whose first dimension is the batch, so moving, slicing, padding and
+concatenating are one map over the fields (:func:`dataclasses.fields`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. ``b`` samples, prompts of width ``p``, responses of width ``n``.
+
+    Attributes:
+        sequences: ``(b, p + n)`` left-padded prompts followed by right-padded responses.
+        attention_mask: ``(b, p + n)``.
+        response_mask: ``(b, n)`` 1 on response tokens, EOS included.
+        logprobs: ``(b, n)`` actor log-probs at sampling time (old policy).
+        ref_logprobs: ``(b, n)`` reference-model log-probs.
+        values: ``(b, n)`` critic values.
+        rewards: ``(b, n)`` shaped per-token rewards.
+        advantages: ``(b, n)``.
+        returns: ``(b, n)``.
+        scores: ``(b,)`` sequence scores from the reward model (or function).
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def prompt_length(self) -> int:
+        return self.sequences.shape[1] - self.response_mask.shape[1]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Rollout:
+        """A new rollout with ``fn`` applied to every field."""
+        return Rollout(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Rollout:
+        return self.map(lambda x: x.to(device, non_blocking=non_blocking))
+
+    def __getitem__(self, index) -> Rollout:
+        return self.map(lambda x: x[index])
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+
+# Fields that are per prompt token / per response token; padding side and value per group.
+_PROMPT_SIDE = ("sequences", "attention_mask")
+
+
+def _pad_to(x: torch.Tensor, width: int, left: bool, value: float) -> torch.Tensor:
+    extra = width - x.shape[1]
+    if extra == 0:
+        return x
+    pad = x.new_full((x.shape[0], extra), value)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int = 0) -> Rollout:
+    """Concatenate rollouts whose prompt and response widths differ.
+
+    Prompts are left-padded to the widest prompt, responses right-padded to the widest response
+    (``pad_token_id`` in ``sequences``, 0 elsewhere), so ``sequences`` stay "prompt block then
+    response block".
+    """
+    if not rollouts:
+        raise ValueError("no rollouts to concatenate")
+    p = max(r.prompt_length for r in rollouts)
+    n = max(r.response_mask.shape[1] for r in rollouts)
+    parts: dict[str, list[torch.Tensor]] = {f.name: [] for f in dataclasses.fields(Rollout)}
+    for r in rollouts:
+        rp = r.prompt_length
+        for f in dataclasses.fields(Rollout):
+            x = getattr(r, f.name)
+            if f.name in _PROMPT_SIDE:
+                value = pad_token_id if f.name == "sequences" else 0
+                prompt = _pad_to(x[:, :rp], p, left=True, value=value)
+                resp = _pad_to(x[:, rp:], n, left=False, value=value)
+                x = torch.cat([prompt, resp], dim=1)
+            elif x.dim() == 2:
+                x = _pad_to(x, n, left=False, value=0)
+            parts[f.name].append(x)
+    return Rollout(**{k: torch.cat(v, dim=0) for k, v in parts.items()})
+
+
+class RolloutBuffer:
+    """Collects rollouts (of different widths) and yields shuffled mini-batches.
+
+    >>> buf = RolloutBuffer(pad_token_id=tok.pad_token_id, seed=0)
+    >>> buf.append(rollout_a); buf.append(rollout_b)
+    >>> for mb in buf.minibatches(batch_size=16, epochs=1, device="cuda"): ...
+    """
+
+    def __init__(self, pad_token_id: int = 0, seed: int = 0):
+        self.pad_token_id = pad_token_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self._items: list[Rollout] = []
+        self._cat: Rollout | None = None
+
+    def append(self, rollout: Rollout) -> None:
+        self._items.append(rollout)
+        self._cat = None
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._cat = None
+
+    def __len__(self) -> int:
+        return sum(r.batch_size for r in self._items)
+
+    def data(self) -> Rollout:
+        """All stored samples as one padded :class:`Rollout`."""
+        if self._cat is None:
+            self._cat = concat_rollouts(self._items, self.pad_token_id)
+        return self._cat
+
+    def set_data(self, rollout: Rollout) -> None:
+        """Replace the contents (e.g. after advantages were filled in on the concatenated data)."""
+        self._items = [rollout]
+        self._cat = rollout
+
+    def minibatches(
+        self,
+        batch_size: int,
+        epochs: int = 1,
+        shuffle: bool = True,
+        device: torch.device | str | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[Rollout]:
+        """Mini-batches of ``batch_size`` samples, ``epochs`` passes, order from the seeded generator.
+
+        Each mini-batch is trimmed to its own widest response (right padding) to save compute.
+        """
+        data = self.data()
+        total = data.batch_size
+        for _ in range(epochs):
+            order = torch.randperm(total, generator=self.generator) if shuffle else torch.arange(total)
+            for s in range(0, total, batch_size):
+                idx = order[s : s + batch_size]
+                if drop_last and len(idx) < batch_size:
+                    break
+                mb = trim_responses(data[idx])
+                yield mb.to(device) if device is not None else mb
+
+
+def trim_responses(r: Rollout) -> Rollout:
+    """Drop trailing response columns that no sample of ``r`` uses."""
+    used = r.response_mask.sum(0).nonzero()
+    n_keep = int(used.max()) + 1 if used.numel() else 1
+    n = r.response_mask.shape[1]
+    if n_keep == n:
+        return r
+    cut = n - n_keep
+    return Rollout(
+        **{
+            f.name: (
+                getattr(r, f.name)[:, : getattr(r, f.name).shape[1] - cut]
+                if getattr(r, f.name).dim() == 2
+                else getattr(r, f.name)
+            )
+            for f in dataclasses.fields(r)
+        }
+    )
+
+
+def split_rollout(r: Rollout, micro_batch_size: int) -> list[Rollout]:
+    """Cut ``r`` into consecutive micro-batches of at most ``micro_batch_size`` samples."""
+    return [r[s : s + micro_batch_size] for s in range(0, r.batch_size, micro_batch_size)]
