@@ -28,6 +28,7 @@ class Rollout:
         advantages: ``(b, n)``.
         returns: ``(b, n)``.
         scores: ``(b,)`` sequence scores from the reward model (or function).
+        finished: ``(b,)`` bool, True where the response ended with EOS or a stop string.
     """
 
     sequences: torch.Tensor
@@ -40,6 +41,7 @@ class Rollout:
     advantages: torch.Tensor
     returns: torch.Tensor
     scores: torch.Tensor
+    finished: torch.Tensor
 
     @property
     def batch_size(self) -> int:

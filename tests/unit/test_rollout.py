@@ -10,7 +10,19 @@ def make_rollout(b, p, n, fill, resp_len=None):
     seq[:, p:] = torch.where(rmask.bool(), seq[:, p:], torch.zeros_like(seq[:, p:]))
     am = torch.cat([torch.ones(b, p, dtype=torch.long), rmask], 1)
     f = lambda: torch.full((b, n), float(fill)) * rmask  # noqa: E731
-    return Rollout(seq, am, rmask, f(), f(), f(), f(), f(), f(), torch.full((b,), float(fill)))
+    return Rollout(
+        seq,
+        am,
+        rmask,
+        f(),
+        f(),
+        f(),
+        f(),
+        f(),
+        f(),
+        torch.full((b,), float(fill)),
+        torch.ones(b, dtype=torch.bool),
+    )
 
 
 def test_concat_pads_prompts_left_and_responses_right():

@@ -1,0 +1,297 @@
+"""One PPO step as plain functions: score experience, shape rewards and advantages, update.
+
+A custom loop composes them (``recipes/ppo.py`` is one such loop)::
+
+    gen = backend.generate(prompt_ids, prompt_mask, params)            # rlhf_kit.generation
+    rollout = make_experience(gen, actor, ref, critic, scorer, cfg)     # logprobs, values, scores
+    rollout = compute_advantages(rollout, kl_coef, cfg)                 # rewards, GAE, whitening
+    stats = ppo_update(actor, critic, ..., RolloutBuffer with rollout)  # clipped losses, accumulation
+
+Alignment: response position ``i`` holds the log-prob of response token ``i`` and the critic's value of
+the state that generates it (hidden state one position earlier); ``response_mask`` includes EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from rlhf_kit.advantages import GAE, masked_mean, whiten
+from rlhf_kit.kl import kl_penalty
+from rlhf_kit.logprobs import sequence_logprobs
+from rlhf_kit.losses import PPOPolicyLoss, ValueLoss, explained_variance
+from rlhf_kit.models.reward import reward_scores
+from rlhf_kit.models.value import response_values
+from rlhf_kit.rewards import penalize_missing_eos, shape_rewards, standardize_scores
+from rlhf_kit.rollout import Rollout, RolloutBuffer, split_rollout
+
+
+@dataclass
+class ExperienceConfig:
+    """How experience is scored and turned into advantages (the knobs of one PPO step)."""
+
+    temperature: float = 1.0
+    """Sampling temperature; log-probs of actor and reference are recomputed with it."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward (see rlhf_kit.kl.kl_penalty)."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    normalize_advantages: bool = True
+    """Whiten advantages over all valid tokens (global statistics across ranks)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses that never emitted EOS (None: off)."""
+    score_mean: float = 0.0
+    score_std: float = 1.0
+    """Scores become (score - mean) / std (e.g. the RM's saved validation statistics)."""
+    mask_truncated_responses: bool = False
+    """Give responses without EOS no policy gradient (NeMo-Aligner's behaviour)."""
+    micro_batch_size: int = 8
+    """Samples per forward pass while scoring."""
+
+
+class RewardModelScorer:
+    """Scores ``(b, p + n)`` token sequences with an HF reward model at the last real token."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, **_) -> torch.Tensor:
+        return reward_scores(self.model, sequences, attention_mask)
+
+
+class FunctionScorer:
+    """Wraps a Python reward function ``fn(prompts: list[str], responses: list[str]) -> list[float]``
+    (verifiable rewards) so it stands in for a reward model. Texts are decoded without special tokens.
+    """
+
+    def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]], tokenizer):
+        self.fn = fn
+        self.tokenizer = tokenizer
+
+    def __call__(
+        self, sequences: torch.Tensor, attention_mask: torch.Tensor, *, prompt_length: int, response_mask
+    ) -> torch.Tensor:
+        prompts = self.tokenizer.batch_decode(
+            [s[:prompt_length][m[:prompt_length].bool()] for s, m in zip(sequences, attention_mask)],
+            skip_special_tokens=True,
+        )
+        responses = self.tokenizer.batch_decode(
+            [s[prompt_length:][r.bool()] for s, r in zip(sequences, response_mask)], skip_special_tokens=True
+        )
+        scores = self.fn(prompts, responses)
+        if len(scores) != len(prompts):
+            raise ValueError(f"reward function returned {len(scores)} scores for {len(prompts)} samples")
+        return torch.tensor([float(s) for s in scores], device=sequences.device)
+
+
+@torch.no_grad()
+def make_experience(
+    generation,
+    actor: nn.Module,
+    reference: nn.Module | None,
+    critic: nn.Module,
+    scorer: Callable[..., torch.Tensor],
+    cfg: ExperienceConfig,
+    reference_fn: Callable[[], object] | None = None,
+) -> Rollout:
+    """Score one batch of generations with the four models.
+
+    Args:
+        generation: a ``GenerationOutput`` (``sequences (b, p + n)``, ``attention_mask``,
+            ``response_mask (b, n)``, ``finished (b,)``, ``prompt_length``).
+        actor: causal LM being trained; its log-probs are recomputed here (the old policy).
+        reference: frozen initial policy; ``None`` with ``reference_fn`` for LoRA, where
+            ``reference_fn()`` returns a context manager that disables the adapter on ``actor``.
+        critic: per-token value model (``TokenValueModel``).
+        scorer: ``RewardModelScorer`` or ``FunctionScorer``.
+
+    Returns:
+        A :class:`Rollout` with rewards/advantages/returns still zero (see :func:`compute_advantages`).
+    """
+    seq, am, rmask = generation.sequences, generation.attention_mask, generation.response_mask
+    p = generation.prompt_length
+    lps, refs, vals, scores = [], [], [], []
+    for s in range(0, seq.shape[0], cfg.micro_batch_size):
+        sl = slice(s, s + cfg.micro_batch_size)
+        lps.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
+        if reference is not None:
+            refs.append(sequence_logprobs(reference, seq[sl], am[sl], p, cfg.temperature))
+        else:
+            with reference_fn():
+                refs.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
+        vals.append(response_values(critic, seq[sl], am[sl], p))
+        scores.append(scorer(seq[sl], am[sl], prompt_length=p, response_mask=rmask[sl]).float())
+    m = rmask.float()
+    logprobs = torch.cat(lps) * m
+    raw_scores = torch.cat(scores)
+    z = torch.zeros_like(logprobs)
+    return Rollout(
+        sequences=seq,
+        attention_mask=am,
+        response_mask=rmask,
+        logprobs=logprobs,
+        ref_logprobs=torch.cat(refs) * m,
+        values=torch.cat(vals) * m,
+        rewards=z,
+        advantages=z.clone(),
+        returns=z.clone(),
+        scores=raw_scores,
+        finished=generation.finished.to(raw_scores.device),
+    )
+
+
+@torch.no_grad()
+def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) -> tuple[Rollout, dict]:
+    """Fill in shaped rewards, GAE advantages and returns (whitened advantages if configured).
+
+    Returns the completed rollout and statistics (mean KL per sequence, score stats, ...).
+    """
+    m = rollout.response_mask
+    kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * m
+    scores = standardize_scores(rollout.scores, cfg.score_mean, cfg.score_std)
+    scores = penalize_missing_eos(scores, rollout.finished, cfg.missing_eos_penalty)
+    rewards = shape_rewards(scores, kl, m, kl_coef)
+    adv, ret = GAE(cfg.gamma, cfg.lam)(rewards, rollout.values, m)
+    if cfg.normalize_advantages:
+        adv = whiten(adv, m)
+    out = Rollout(
+        sequences=rollout.sequences,
+        attention_mask=rollout.attention_mask,
+        response_mask=m,
+        logprobs=rollout.logprobs,
+        ref_logprobs=rollout.ref_logprobs,
+        values=rollout.values,
+        rewards=rewards,
+        advantages=adv,
+        returns=ret,
+        scores=scores,
+        finished=rollout.finished,
+    )
+    lengths = m.float().sum(-1)
+    # true KL (k1 summed over the sequence), whatever estimator shapes the reward
+    seq_kl = ((rollout.logprobs - rollout.ref_logprobs) * m).sum(-1)
+    stats = {
+        "reward/score_mean": scores.mean().item(),
+        "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
+        "reward/raw_score_mean": rollout.scores.mean().item(),
+        "reward/shaped_return_mean": rewards.sum(-1).mean().item(),
+        "kl/seq_mean": seq_kl.mean().item(),
+        "kl/coef": kl_coef,
+        "response/length_mean": lengths.mean().item(),
+        "response/finished_fraction": rollout.finished.float().mean().item(),
+        "advantages/mean": masked_mean(adv, m).item(),
+        "advantages/std": (masked_mean(adv.square(), m) - masked_mean(adv, m).square())
+        .clamp(min=0)
+        .sqrt()
+        .item(),
+        "values/explained_variance": explained_variance(rollout.values, ret, m).item(),
+    }
+    return out, stats
+
+
+def _global_count(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over all ranks (no-op without a process group)."""
+    x = x.detach().float().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+@dataclass
+class UpdateConfig:
+    """How one rollout trains the actor and the critic."""
+
+    mini_batch_size: int = 64
+    """Samples per optimizer step on this rank (global batch / world size)."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward; mini_batch_size / micro_batch_size steps of accumulation."""
+    ppo_epochs: int = 1
+    max_grad_norm: float = 1.0
+    train_actor: bool = True
+    """False during critic warm-up."""
+
+
+def ppo_update(
+    actor: nn.Module,
+    critic: nn.Module,
+    actor_opt: torch.optim.Optimizer | None,
+    critic_opt: torch.optim.Optimizer,
+    buffer: RolloutBuffer,
+    policy_loss: PPOPolicyLoss,
+    value_loss: ValueLoss,
+    cfg: UpdateConfig,
+    exp_cfg: ExperienceConfig,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    clip_grad: Callable[[nn.Module, float], float] | None = None,
+    device: torch.device | str | None = None,
+) -> dict:
+    """``ppo_epochs`` passes over the buffer in mini-batches, each one optimizer step per model with
+    gradient accumulation over micro-batches.
+
+    Each micro-batch's loss is weighted by its share of the mini-batch's valid tokens (counted over
+    all ranks), so the accumulated gradient equals that of one token-level mean over the whole
+    mini-batch: micro 1 x accumulation 4 gives the same step as micro 4 x accumulation 1.
+
+    ``backward`` defaults to ``loss.backward()`` (pass ``accelerator.backward``); ``clip_grad`` to
+    ``torch.nn.utils.clip_grad_norm_``. Returns mean statistics over all micro-batches.
+    """
+    backward = backward or (lambda loss: loss.backward())
+    clip_grad = clip_grad or (lambda m, n: float(torch.nn.utils.clip_grad_norm_(m.parameters(), n)))
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    totals: dict[str, float] = {}
+    n_micro = 0
+
+    def add(key: str, value) -> None:
+        totals[key] = totals.get(key, 0.0) + float(value)
+
+    for mb in buffer.minibatches(cfg.mini_batch_size, epochs=cfg.ppo_epochs, device=device):
+        p_tokens = _global_count(_policy_mask(mb, exp_cfg).sum()).clamp(min=1)
+        v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
+        for micro in split_rollout(mb, cfg.micro_batch_size):
+            p = micro.prompt_length
+            pm = _policy_mask(micro, exp_cfg)
+            vm = micro.response_mask.float()
+            if cfg.train_actor and actor_opt is not None:
+                lp, ent = sequence_logprobs(
+                    actor, micro.sequences, micro.attention_mask, p, exp_cfg.temperature, with_entropy=True
+                )
+                loss, ps = policy_loss(lp, micro.logprobs, micro.advantages, pm, ent)
+                backward(loss * (pm.sum() * world / p_tokens))
+                add("policy/loss", ps.loss)
+                add("policy/clip_fraction", ps.clip_fraction)
+                add("policy/approx_kl", ps.approx_kl)
+                add("policy/ratio_mean", ps.ratio_mean)
+                add("policy/entropy", ps.entropy)
+            values = response_values(critic, micro.sequences, micro.attention_mask, p)
+            vloss, vs = value_loss(values, micro.values, micro.returns, vm)
+            backward(vloss * (vm.sum() * world / v_tokens))
+            add("value/loss", vs.loss)
+            add("value/clip_fraction", vs.clip_fraction)
+            add("value/mean", vs.value_mean)
+            n_micro += 1
+        if cfg.train_actor and actor_opt is not None:
+            add("policy/grad_norm", clip_grad(actor, cfg.max_grad_norm))
+            actor_opt.step()
+            actor_opt.zero_grad(set_to_none=True)
+        add("value/grad_norm", clip_grad(critic, cfg.max_grad_norm))
+        critic_opt.step()
+        critic_opt.zero_grad(set_to_none=True)
+        add("_steps", 1)
+    steps = max(totals.pop("_steps", 1), 1)
+    out = {}
+    for k, v in totals.items():
+        out[k] = v / (steps if k.endswith("grad_norm") else max(n_micro, 1))
+    return out
+
+
+def _policy_mask(r: Rollout, cfg: ExperienceConfig) -> torch.Tensor:
+    """Tokens that take policy gradient: the response, minus unfinished responses if configured."""
+    mask = r.response_mask.float()
+    if cfg.mask_truncated_responses:
+        mask = mask * r.finished.float()[:, None]
+    return mask

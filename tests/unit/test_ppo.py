@@ -1,0 +1,181 @@
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf_kit.logprobs import sequence_logprobs
+from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
+from rlhf_kit.models import TokenValueModel, reward_scores
+from rlhf_kit.ppo import (
+    ExperienceConfig,
+    FunctionScorer,
+    RewardModelScorer,
+    UpdateConfig,
+    compute_advantages,
+    make_experience,
+    ppo_update,
+)
+from rlhf_kit.rollout import RolloutBuffer
+from tests.conftest import make_causal_lm, make_reward_model
+
+
+def fake_generation(tokenizer, b=4, p=5, n=6, seed=0):
+    """Left-padded prompts + right-padded responses with known lengths and EOS placement."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(3, 500, (b, p + n), generator=g)
+    am = torch.ones(b, p + n, dtype=torch.long)
+    prompt_pad = [0, 2, 1, 0][:b]
+    resp_len = [6, 3, 1, 4][:b]
+    finished = torch.tensor([False, True, True, True][:b])
+    rmask = torch.zeros(b, n, dtype=torch.long)
+    for i in range(b):
+        seq[i, : prompt_pad[i]] = tokenizer.pad_token_id
+        am[i, : prompt_pad[i]] = 0
+        rmask[i, : resp_len[i]] = 1
+        if finished[i]:
+            seq[i, p + resp_len[i] - 1] = tokenizer.eos_token_id
+        seq[i, p + resp_len[i] :] = tokenizer.pad_token_id
+        am[i, p + resp_len[i] :] = 0
+    return SimpleNamespace(
+        sequences=seq, attention_mask=am, response_mask=rmask, finished=finished, prompt_length=p
+    )
+
+
+@pytest.fixture
+def four_models(tokenizer):
+    actor = make_causal_lm(tokenizer, seed=1)
+    ref = make_causal_lm(tokenizer, seed=2)
+    rm = make_reward_model(tokenizer, seed=3)
+    critic = TokenValueModel(make_reward_model(tokenizer, seed=4))
+    return actor, ref, critic, rm
+
+
+def test_make_experience_shapes_alignment_and_masks(tokenizer, four_models):
+    actor, ref, critic, rm = four_models
+    gen = fake_generation(tokenizer)
+    cfg = ExperienceConfig(temperature=0.8, micro_batch_size=3)
+    r = make_experience(gen, actor, ref, critic, RewardModelScorer(rm), cfg)
+    assert r.logprobs.shape == r.values.shape == (4, 6)
+    # zero outside the response mask
+    outside = r.response_mask == 0
+    assert r.logprobs[outside].abs().sum() == 0 and r.values[outside].abs().sum() == 0
+    # row 2 has prompt padding 1 and one response token: its log-prob equals an unpadded recompute
+    seq = gen.sequences[2, 1:6]
+    with torch.no_grad():
+        logits = actor(input_ids=seq[None]).logits[0, -2].float() / 0.8
+    expected = torch.log_softmax(logits, -1)[seq[-1]]
+    assert r.logprobs[2, 0].item() == pytest.approx(expected.item(), abs=1e-5)
+    # the score is the RM read at the last real token (the EOS), unpadded
+    with torch.no_grad():
+        s = rm(input_ids=gen.sequences[1:2, 2:8]).logits[0, 0]
+    assert r.scores[1].item() == pytest.approx(s.item(), abs=1e-5)
+    # value of the first response token = critic at the last prompt position
+    with torch.no_grad():
+        v = critic(gen.sequences[:1], gen.attention_mask[:1])[0, 4]
+    assert r.values[0, 0].item() == pytest.approx(v.item(), abs=1e-5)
+
+
+def test_compute_advantages_known_answer():
+    from rlhf_kit.rollout import Rollout
+
+    m = torch.tensor([[1, 1, 0]])
+    z = torch.zeros(1, 3)
+    r = Rollout(
+        sequences=torch.zeros(1, 5, dtype=torch.long),
+        attention_mask=torch.ones(1, 5, dtype=torch.long),
+        response_mask=m,
+        logprobs=torch.tensor([[-1.0, -2.0, 0.0]]),
+        ref_logprobs=torch.tensor([[-1.5, -1.0, 0.0]]),
+        values=torch.tensor([[0.5, 1.0, 0.0]]),
+        rewards=z,
+        advantages=z,
+        returns=z,
+        scores=torch.tensor([3.0]),
+        finished=torch.tensor([False]),
+    )
+    cfg = ExperienceConfig(gamma=1.0, lam=1.0, normalize_advantages=False, missing_eos_penalty=1.0)
+    out, stats = compute_advantages(r, kl_coef=0.1, cfg=cfg)
+    # k1 kl = [0.5, -1.0]; score 3 - 1 (no EOS) = 2 on token 1
+    torch.testing.assert_close(out.rewards, torch.tensor([[-0.05, 0.1 + 2.0, 0.0]]))
+    # lam = gamma = 1: advantages = reward-to-go - V
+    torch.testing.assert_close(out.advantages, torch.tensor([[2.05 - 0.5, 2.1 - 1.0, 0.0]]))
+    torch.testing.assert_close(out.returns, torch.tensor([[2.05, 2.1, 0.0]]))
+    assert stats["kl/seq_mean"] == pytest.approx(-0.5)
+
+
+def test_function_scorer_decodes_prompt_and_response(tokenizer):
+    gen = fake_generation(tokenizer)
+    seen = {}
+
+    def fn(prompts, responses):
+        seen["p"], seen["r"] = prompts, responses
+        return [len(r) for r in responses]
+
+    scores = FunctionScorer(fn, tokenizer)(
+        gen.sequences, gen.attention_mask, prompt_length=5, response_mask=gen.response_mask
+    )
+    assert scores.shape == (4,)
+    expected = tokenizer.decode(gen.sequences[0, 5:], skip_special_tokens=True)
+    assert seen["r"][0] == expected and scores[0] == len(expected)
+    assert seen["p"][1] == tokenizer.decode(gen.sequences[1, 2:5])
+
+
+def _update(actor, critic, rollout, micro, mini, epochs=1):
+    a_opt = torch.optim.AdamW(actor.parameters(), lr=1e-3)
+    c_opt = torch.optim.AdamW(critic.parameters(), lr=1e-3)
+    buf = RolloutBuffer(seed=0)
+    buf.append(rollout)
+    return ppo_update(
+        actor,
+        critic,
+        a_opt,
+        c_opt,
+        buf,
+        PPOPolicyLoss(0.2, entropy_coef=0.01),
+        ValueLoss(0.2),
+        UpdateConfig(mini_batch_size=mini, micro_batch_size=micro, ppo_epochs=epochs, max_grad_norm=1e9),
+        ExperienceConfig(temperature=0.8),
+    )
+
+
+def test_micro_batch_times_accumulation_equivalence(tokenizer, four_models):
+    actor, ref, critic, rm = four_models
+    gen = fake_generation(tokenizer)
+    cfg = ExperienceConfig(temperature=0.8)
+    r, _ = compute_advantages(make_experience(gen, actor, ref, critic, RewardModelScorer(rm), cfg), 0.05, cfg)
+    a1, c1 = copy.deepcopy(actor), copy.deepcopy(critic)
+    a4, c4 = copy.deepcopy(actor), copy.deepcopy(critic)
+    s1 = _update(a1, c1, r, micro=1, mini=4)
+    s4 = _update(a4, c4, r, micro=4, mini=4)
+    for p1, p4 in zip(
+        list(a1.parameters()) + list(c1.parameters()), list(a4.parameters()) + list(c4.parameters())
+    ):
+        torch.testing.assert_close(p1, p4, atol=2e-6, rtol=1e-5)
+    assert s1["policy/grad_norm"] == pytest.approx(s4["policy/grad_norm"], rel=1e-4)
+    # and the update did change the weights
+    assert not torch.allclose(next(a1.parameters()), next(actor.parameters()))
+
+
+def test_update_moves_policy_towards_positive_advantages(tokenizer, four_models):
+    actor, ref, critic, rm = four_models
+    gen = fake_generation(tokenizer)
+    cfg = ExperienceConfig(temperature=1.0, normalize_advantages=False)
+    r = make_experience(gen, actor, ref, critic, RewardModelScorer(rm), cfg)
+    r.advantages = torch.where(torch.arange(4)[:, None] < 2, 1.0, -1.0) * r.response_mask
+    before = r.logprobs.clone()
+    for _ in range(3):
+        _update(actor, critic, r, micro=2, mini=4)
+    with torch.no_grad():
+        after = sequence_logprobs(actor, r.sequences, r.attention_mask, 5, 1.0) * r.response_mask
+    delta = (after - before).sum(-1)
+    assert delta[0] > 0 and delta[1] > 0 and delta[2] < 0 and delta[3] < 0
+
+
+def test_reward_scorer_matches_reward_scores(tokenizer, four_models):
+    *_, rm = four_models
+    gen = fake_generation(tokenizer)
+    torch.testing.assert_close(
+        RewardModelScorer(rm)(gen.sequences, gen.attention_mask),
+        reward_scores(rm, gen.sequences, gen.attention_mask),
+    )
