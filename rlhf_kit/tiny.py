@@ -159,3 +159,35 @@ def texts_sample(n: int, seed: int = 0) -> Sequence[str]:
 
     texts = hh_texts()
     return random.Random(seed).sample(texts, n)
+
+
+def save_tiny_pretrained(
+    output_dir: str,
+    kind: str = "causal_lm",
+    family: str = "llama",
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    seed: int = 0,
+    **config_kwargs,
+) -> str:
+    """Write a random-init tiny model and its tokenizer as a standard HF directory; returns the path.
+
+    ``kind`` is ``"causal_lm"`` or ``"reward"`` (sequence classification, one label). Used by the
+    recipes' embedded defaults when no ``--model`` is given. The tokenizer is saved with left padding
+    off (right padding); recipes set the side they need.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tokenizer = tokenizer or train_tokenizer()
+    torch.manual_seed(seed)
+    if kind == "causal_lm":
+        model = AutoModelForCausalLM.from_config(tiny_config_for(tokenizer, family, **config_kwargs))
+    elif kind == "reward":
+        model = AutoModelForSequenceClassification.from_config(
+            tiny_config_for(tokenizer, family, num_labels=1, **config_kwargs)
+        )
+    else:
+        raise ValueError(f"kind must be 'causal_lm' or 'reward', got {kind!r}")
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
