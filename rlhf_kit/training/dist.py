@@ -1,0 +1,60 @@
+"""Process-group helpers that also work in a plain single-process run (no process group).
+
+Every recipe calls these instead of ``torch.distributed`` directly so that ``python recipe.py`` and
+``accelerate launch recipe.py`` share one code path.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    """True when a ``torch.distributed`` process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank() -> int:
+    """Global rank of this process (0 without a process group)."""
+    return dist.get_rank() if is_dist() else 0
+
+
+def local_rank() -> int:
+    """Rank on this host, from ``LOCAL_RANK`` (set by torchrun/accelerate), else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True on global rank 0: the process that writes files and logs."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for all ranks; a no-op without a process group."""
+    if is_dist():
+        dist.barrier()
+
+
+def seed_everything(seed: int, rank_offset: bool = True) -> int:
+    """Seed python, numpy and torch (CPU and CUDA); returns the seed actually used.
+
+    With ``rank_offset`` each rank gets ``seed + rank`` so that per-rank sampling (dropout, rollout
+    sampling) differs across ranks while staying reproducible.
+    """
+    s = seed + (rank() if rank_offset else 0)
+    random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(s)
+    return s

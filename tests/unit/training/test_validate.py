@@ -1,0 +1,32 @@
+import pytest
+
+from rlhf_kit.training.validate import check_model_path, check_path_exists
+
+
+def test_check_path_exists(tmp_path):
+    f = tmp_path / "train.jsonl"
+    f.write_text("{}\n")
+    assert check_path_exists(f, "training data") == f
+    with pytest.raises(ValueError, match=r"^training data not found: .*nope\.jsonl$"):
+        check_path_exists(tmp_path / "nope.jsonl", "training data")
+
+
+def test_check_model_path(tmp_path):
+    good = tmp_path / "model"
+    good.mkdir()
+    (good / "config.json").write_text("{}")
+    assert check_model_path(good) == str(good)
+    assert check_model_path("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        check_model_path(empty)
+    with pytest.raises(ValueError, match="does not exist"):
+        check_model_path(tmp_path / "missing" / "model")
+    with pytest.raises(ValueError, match="does not exist"):
+        check_model_path("not a model")
+    with pytest.raises(ValueError, match="is a file"):
+        check_model_path(good / "config.json")
+    for bad in ("./x/y", "/abs/path"):
+        with pytest.raises(ValueError):
+            check_model_path(bad)
