@@ -1,0 +1,73 @@
+"""Data: HH preparation, comparison/prompt formats, tokenisation, collators and sampling.
+
+Everything between raw preference data and token batches for the reward-model, SFT and PPO recipes.
+See ``docs/data.md`` for the formats and examples.
+"""
+
+from rlhf_kit.data.collators import (
+    PackedPairCollator,
+    PackedSFTCollator,
+    PairCollator,
+    PromptCollator,
+    SFTCollator,
+    pack,
+    pad_left,
+    pad_right,
+)
+from rlhf_kit.data.dataset import load_comparisons_dataset, load_prompts_dataset
+from rlhf_kit.data.formats import (
+    Text,
+    iter_jsonl,
+    load_comparisons,
+    load_prompts,
+    write_comparisons,
+    write_jsonl,
+    write_prompts,
+)
+from rlhf_kit.data.packing import (
+    PACKING_MODEL_TYPES,
+    packed_sequence_scores,
+    sequence_classifier_parts,
+)
+from rlhf_kit.data.sampling import LengthGroupedSampler, pair_lengths
+from rlhf_kit.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizeReport,
+    encode,
+    render,
+    tokenize_pairs,
+    tokenize_prompts,
+    tokenize_sft,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PACKING_MODEL_TYPES",
+    "LengthGroupedSampler",
+    "PackedPairCollator",
+    "PackedSFTCollator",
+    "PairCollator",
+    "PromptCollator",
+    "SFTCollator",
+    "Text",
+    "TokenizeReport",
+    "encode",
+    "iter_jsonl",
+    "load_comparisons",
+    "load_comparisons_dataset",
+    "load_prompts",
+    "load_prompts_dataset",
+    "pack",
+    "packed_sequence_scores",
+    "pad_left",
+    "pad_right",
+    "pair_lengths",
+    "render",
+    "sequence_classifier_parts",
+    "tokenize_pairs",
+    "tokenize_prompts",
+    "tokenize_sft",
+    "write_comparisons",
+    "write_jsonl",
+    "write_prompts",
+]

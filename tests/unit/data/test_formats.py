@@ -1,0 +1,97 @@
+import gzip
+import json
+import os
+
+import pytest
+
+from rlhf_kit.data import load_comparisons, load_prompts, write_comparisons, write_jsonl, write_prompts
+
+MSG_PROMPT = [{"role": "user", "content": "hi"}]
+
+
+def test_nemo_format_pairs_lines_in_order(write_lines):
+    path = write_lines([{"text": "p1 good"}, {"text": "p1 bad"}, "", {"text": "p2 good"}, {"text": "p2 bad"}])
+    assert load_comparisons(path) == [("p1 good", "p1 bad"), ("p2 good", "p2 bad")]
+
+
+def test_prompt_chosen_rejected_strings_concatenate(write_lines):
+    path = write_lines([{"prompt": "User: q\n\nAssistant:", "chosen": " yes", "rejected": " no"}])
+    assert load_comparisons(path) == [("User: q\n\nAssistant: yes", "User: q\n\nAssistant: no")]
+
+
+def test_message_formats(write_lines):
+    full = {
+        "chosen": MSG_PROMPT + [{"role": "assistant", "content": "a"}],
+        "rejected": MSG_PROMPT + [{"role": "assistant", "content": "b"}],
+    }
+    split = {"prompt": MSG_PROMPT, "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}
+    pairs = load_comparisons(write_lines([full, split]))
+    assert pairs[0] == pairs[1] == (full["chosen"], full["rejected"])
+
+
+def test_gzip_roundtrip_and_atomic_write(tmp_path):
+    path = tmp_path / "out" / "c.jsonl.gz"
+    assert write_comparisons(path, [("a", "b"), ("c", "d")]) == 2
+    with gzip.open(path, "rt") as f:
+        assert [json.loads(line)["text"] for line in f] == ["a", "b", "c", "d"]
+    assert load_comparisons(path) == [("a", "b"), ("c", "d")]
+    assert os.listdir(path.parent) == ["c.jsonl.gz"]  # no temp file left behind
+
+    def failing():
+        yield {"text": "x"}
+        raise RuntimeError("boom")
+
+    target = tmp_path / "out" / "p.jsonl"
+    write_prompts(target, ["old"])
+    with pytest.raises(RuntimeError):
+        write_jsonl(target, failing())
+    assert load_prompts(target) == ["old"]  # the old file is untouched
+    assert sorted(os.listdir(target.parent)) == ["c.jsonl.gz", "p.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "lines,pattern",
+    [
+        ([{"text": "a"}, "{oops", {"text": "b"}], r":2: line is not valid JSON"),
+        ([{"text": "a"}, {"txt": "b"}], r":2: missing field 'text'"),
+        ([{"text": "a"}, {"text": 3}], r":2: field 'text' must be a string"),
+        ([{"text": "a"}, {"text": "b"}, {"text": "c"}], r":3: odd number of 'text' lines"),
+        ([{"text": "a"}, {"chosen": "b", "rejected": "c"}], r":2: record shape differs"),
+        ([{"chosen": "b"}], r":1: missing field 'rejected'"),
+        (
+            [{"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": "c"}],
+            r":1: field 'chosen' message 0",
+        ),
+        (
+            [{"prompt": "p", "chosen": MSG_PROMPT, "rejected": "c"}],
+            r":1: field 'chosen' must be a string when",
+        ),
+        (["[1]"], r":1: expected a JSON object"),
+        ([], r"empty file"),
+        (["", "  "], r"empty file"),
+    ],
+)
+def test_comparison_errors_name_file_and_line(write_lines, lines, pattern):
+    path = write_lines(lines, name="bad.jsonl")
+    with pytest.raises(ValueError, match=pattern) as e:
+        load_comparisons(path)
+    assert str(e.value).startswith(path)
+
+
+def test_blank_lines_keep_line_numbers(write_lines):
+    path = write_lines([{"text": "a"}, "", {"text": 1}], name="bad.jsonl")
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: field 'text'"):
+        load_comparisons(path)
+
+
+def test_load_prompts_formats_and_errors(write_lines):
+    path = write_lines(
+        [{"text": "User: a\n\nAssistant:"}, {"prompt": "b"}, {"messages": MSG_PROMPT}, {"prompt": MSG_PROMPT}]
+    )
+    assert load_prompts(path) == ["User: a\n\nAssistant:", "b", MSG_PROMPT, MSG_PROMPT]
+    with pytest.raises(ValueError, match=r"p.jsonl:2: missing field 'text'"):
+        load_prompts(write_lines([{"text": "a"}, {"query": "b"}], "p.jsonl"))
+    with pytest.raises(ValueError, match=r"p.jsonl:1: field 'text' must be a string"):
+        load_prompts(write_lines([{"text": None}], "p.jsonl"))
+    with pytest.raises(ValueError, match="empty file"):
+        load_prompts(write_lines([], "p.jsonl"))
