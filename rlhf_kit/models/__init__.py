@@ -2,6 +2,7 @@
 
 from rlhf_kit.models.heads import (
     backbone_and_head,
+    disable_dropout,
     last_token_index,
     per_token_scores,
     position_ids_from_mask,
@@ -18,6 +19,7 @@ __all__ = [
     "CausalLMWithValueHead",
     "TokenValueModel",
     "backbone_and_head",
+    "disable_dropout",
     "last_token_index",
     "load_reward_model",
     "load_reward_stats",

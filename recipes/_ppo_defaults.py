@@ -1,0 +1,56 @@
+"""The PPO recipe's embedded default: tiny models and the shipped HH prompts, made offline."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+def fill_defaults(cfg, is_main: bool):
+    """Return ``cfg`` with missing models and prompt files replaced by embedded defaults.
+
+    Missing actor -> a tiny random Llama (and its BPE tokenizer) under ``<output_dir>/init/actor``;
+    missing reward model (and no reward function) -> a tiny random RM sharing that tokenizer; missing
+    prompts -> the shipped HH sample split into train/test prompt files under ``<output_dir>/data``.
+    Only the main process writes; others wait at the caller's barrier.
+    """
+    from rlhf_kit.tiny import save_tiny_pretrained, train_tokenizer
+
+    init = os.path.join(cfg.output_dir, "init")
+    updates = {}
+    tokenizer = None
+    if cfg.actor is None:
+        updates["actor"] = os.path.join(init, "actor")
+        if is_main and not os.path.exists(os.path.join(updates["actor"], "config.json")):
+            tokenizer = train_tokenizer()
+            save_tiny_pretrained(updates["actor"], "causal_lm", tokenizer=tokenizer, seed=cfg.seed)
+            print(f"embedded default: tiny random actor written to {updates['actor']}")
+    if cfg.reward_model is None and cfg.reward_fn is None:
+        if cfg.actor is not None:
+            raise ValueError("--actor was given without --reward-model or --reward-fn")
+        updates["reward_model"] = os.path.join(init, "reward_model")
+        if is_main and not os.path.exists(os.path.join(updates["reward_model"], "config.json")):
+            tokenizer = tokenizer or train_tokenizer()
+            save_tiny_pretrained(updates["reward_model"], "reward", tokenizer=tokenizer, seed=cfg.seed + 1)
+    if cfg.reward_fn is not None and cfg.critic is None and cfg.reward_model is None:
+        updates["critic"] = os.path.join(init, "critic")
+        if is_main and not os.path.exists(os.path.join(updates["critic"], "config.json")):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(updates.get("actor", cfg.actor))
+            save_tiny_pretrained(updates["critic"], "reward", tokenizer=tok, seed=cfg.seed + 2)
+    if cfg.train_prompts is None or cfg.val_prompts is None:
+        from rlhf_kit.data.hh import prepare_default_hh
+
+        data_dir = os.path.join(cfg.output_dir, "data")
+        paths = {
+            "train_prompts": os.path.join(data_dir, "train_prompts.jsonl"),
+            "test_prompts": os.path.join(data_dir, "test_prompts.jsonl"),
+        }
+        if is_main and not os.path.exists(paths["test_prompts"]):
+            paths = prepare_default_hh(data_dir)
+        if cfg.train_prompts is None:
+            updates["train_prompts"] = paths["train_prompts"]
+        if cfg.val_prompts is None:
+            updates["val_prompts"] = paths["test_prompts"]
+    return dataclasses.replace(cfg, **updates)

@@ -1,0 +1,463 @@
+"""PPO with four models: actor, critic, frozen reference and reward model (or a reward function).
+
+    python recipes/ppo.py                                  # embedded default: tiny models, shipped HH
+    accelerate launch recipes/ppo.py --actor sft/final --reward-model rm/final \
+        --train-prompts data/hh/train_prompts.jsonl --val-prompts data/hh/test_prompts.jsonl
+
+Each step: take --num-rollout-samples prompts, generate in micro-batches, score with the four
+models, shape rewards (per-token KL + score on the last token), GAE, then --ppo-epochs passes of
+clipped policy and value updates in mini-batches of --global-batch-size. Defaults follow
+NeMo-Aligner where they fit a CPU demo; see docs/ppo.md for the full-scale values.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import tyro
+
+
+@dataclass
+class PPOConfig:
+    """PPO training. Every field is a command-line flag (``--field-name``)."""
+
+    # --- models and data ----------------------------------------------------------------------
+    actor: str | None = None
+    """SFT checkpoint (HF causal-LM dir or hub name) that starts the actor and the reference.
+    None: a tiny random model is made on the fly (embedded default)."""
+    reward_model: str | None = None
+    """Reward model dir (output of recipes/reward_model.py). None with no --reward-fn: a tiny one."""
+    critic: str | None = None
+    """Critic initialisation (a sequence-classification checkpoint). None: the reward model."""
+    reward_fn: str | None = None
+    """'module:function' scoring decoded text, fn(prompts, responses) -> list[float]; replaces the RM."""
+    train_prompts: str | None = None
+    """Prompt file ({"text"} / {"prompt"} / chat messages per line). None: the shipped HH sample."""
+    val_prompts: str | None = None
+    """Held-out prompts for validation. None: the test split of the shipped HH sample."""
+    output_dir: str = "outputs/ppo"
+    """Where checkpoints, metrics.jsonl and the final models go."""
+
+    # --- rollout -------------------------------------------------------------------------------
+    max_steps: int = 4
+    """PPO steps (one rollout + its updates each)."""
+    num_rollout_samples: int = 16
+    """Prompts per step across all ranks (NeMo-Aligner: 512)."""
+    rollout_micro_batch_size: int = 8
+    """Prompts per generation call on each rank."""
+    max_prompt_length: int = 128
+    """Prompts are left-truncated to this many tokens (the end of the dialogue is kept)."""
+    max_new_tokens: int = 24
+    min_new_tokens: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    """Generation also ends at any of these strings (besides EOS)."""
+    backend: Literal["hf", "compiled"] = "hf"
+    """Generation backend: HF generate, or the static-cache compiled decoder."""
+
+    # --- rewards and advantages ----------------------------------------------------------------
+    kl_coef: float = 0.02
+    """Initial KL coefficient (NeMo-Aligner 0.01-0.02, TRL 0.05)."""
+    kl_estimator: Literal["k1", "abs", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False
+    """Ziegler et al. adaptive controller instead of a fixed coefficient."""
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    standardize_scores: bool = True
+    """Use the RM's saved reward_stats.json (mean, std) to standardise scores."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of responses that never emitted EOS."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    normalize_advantages: bool = True
+
+    # --- optimisation --------------------------------------------------------------------------
+    global_batch_size: int = 8
+    """Samples per optimizer step across all ranks (NeMo-Aligner: 64)."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward on one rank."""
+    ppo_epochs: int = 1
+    ratio_eps: float = 0.2
+    value_clip: float = 0.2
+    """Critic loss clip (0: plain squared error)."""
+    entropy_coef: float = 0.0
+    critic_warmup_steps: int = 0
+    """Steps that train only the critic."""
+    actor_lr: float = 1e-5
+    actor_min_lr: float = 1e-6
+    critic_lr: float = 1e-5
+    critic_min_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    lora_rank: int = 0
+    """>0 trains LoRA adapters on the actor; the reference is then the actor with adapters disabled."""
+    lora_alpha: int = 16
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    """auto: bf16 when the accelerator supports it."""
+    offload_idle_models: bool = False
+    """Keep reference and reward model on CPU (pinned) except while scoring."""
+    offload_optimizer: bool = False
+    """Move optimizer state to CPU during generation and scoring."""
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    val_check_interval: int = 2
+    num_val_samples: int = 8
+    save_interval: int = 2
+    resume: bool = False
+    """Continue from the latest checkpoint in output_dir."""
+    keep_last_checkpoints: int = 2
+    report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
+    run_name: str | None = None
+    seed: int = 0
+
+
+def validate(cfg: PPOConfig, world_size: int) -> int:
+    """Check the configuration before loading anything; returns gradient-accumulation steps."""
+    from rlhf_kit.training.batching import resolve_batch_sizes
+    from rlhf_kit.training.validate import check_model_path, check_path_exists
+
+    accum = resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size)
+    if cfg.num_rollout_samples % cfg.global_batch_size:
+        raise ValueError(
+            f"--num-rollout-samples {cfg.num_rollout_samples} must be a multiple of "
+            f"--global-batch-size {cfg.global_batch_size} (each mini-batch is one optimizer step)"
+        )
+    if cfg.num_rollout_samples % world_size:
+        raise ValueError(
+            f"--num-rollout-samples {cfg.num_rollout_samples} does not split over {world_size} ranks"
+        )
+    for name in ("actor", "reward_model", "critic"):
+        if getattr(cfg, name) is not None:
+            check_model_path(getattr(cfg, name))
+    for name in ("train_prompts", "val_prompts"):
+        if getattr(cfg, name) is not None:
+            check_path_exists(getattr(cfg, name), f"--{name.replace('_', '-')}")
+    if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
+        raise ValueError(f"--reward-fn must look like 'module:function', got {cfg.reward_fn!r}")
+    if (
+        cfg.reward_fn is not None
+        and cfg.critic is None
+        and cfg.reward_model is None
+        and cfg.actor is not None
+    ):
+        raise ValueError("--reward-fn needs --critic (or --reward-model) to initialise the critic")
+    if cfg.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.max_new_tokens < cfg.min_new_tokens:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} < --min-new-tokens {cfg.min_new_tokens}")
+    return accum
+
+
+def load_reward_fn(spec: str):
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def main(cfg: PPOConfig) -> dict:
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
+    from rlhf_kit.generation.base import SamplingParams
+    from rlhf_kit.generation.hf import HFBackend
+    from rlhf_kit.kl import AdaptiveKLController, FixedKLController
+    from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
+    from rlhf_kit.models import TokenValueModel, disable_dropout, load_reward_model, load_reward_stats
+    from rlhf_kit.ppo import (
+        ExperienceConfig,
+        FunctionScorer,
+        PromptStream,
+        RewardModelScorer,
+        UpdateConfig,
+        compute_advantages,
+        make_experience,
+        ppo_update,
+    )
+    from rlhf_kit.rollout import RolloutBuffer
+    from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from rlhf_kit.training.dist import seed_everything
+    from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
+    from rlhf_kit.training.offload import (
+        offload_model,
+        offload_optimizer_state,
+        onload_model,
+        onload_optimizer_state,
+    )
+    from rlhf_kit.training.optim import build_optimizer, cosine_schedule
+
+    # 1. Check the configuration before touching any model.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(mixed_precision=mp)
+    device = acc.device
+    seed_everything(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+
+    # 2. Models and data; the embedded default makes tiny models and uses the shipped HH sample.
+    from recipes._ppo_defaults import fill_defaults
+
+    cfg = fill_defaults(cfg, acc.is_main_process)
+    acc.wait_for_everyone()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.actor)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{cfg.actor}: the tokenizer needs a pad token distinct from EOS")
+    actor = AutoModelForCausalLM.from_pretrained(cfg.actor)
+    reference = None
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        actor = get_peft_model(
+            actor, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules="all-linear")
+        )
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(cfg.actor).eval().requires_grad_(False).to(device)
+    critic = TokenValueModel.from_pretrained(cfg.critic or cfg.reward_model)
+    if critic.config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"critic vocabulary ({critic.config.vocab_size}) is smaller than the actor's tokenizer"
+        )
+    if cfg.reward_fn is not None:
+        scorer = FunctionScorer(load_reward_fn(cfg.reward_fn), tokenizer)
+        reward_model, stats = None, None
+    else:
+        reward_model = load_reward_model(cfg.reward_model).eval().requires_grad_(False).to(device)
+        if reward_model.config.vocab_size < len(tokenizer):
+            raise ValueError("the reward model does not share the actor's tokenizer (vocabulary too small)")
+        scorer = RewardModelScorer(reward_model)
+        stats = load_reward_stats(cfg.reward_model) if cfg.standardize_scores else None
+    for m in (actor, critic, reference, reward_model):
+        if m is not None:
+            disable_dropout(m)
+    for m in (actor, critic):
+        if cfg.gradient_checkpointing:
+            m.gradient_checkpointing_enable()
+    train_ids, _ = tokenize_prompts(load_prompts(cfg.train_prompts), tokenizer, cfg.max_prompt_length)
+    val_ids, _ = tokenize_prompts(
+        load_prompts(cfg.val_prompts)[: cfg.num_val_samples], tokenizer, cfg.max_prompt_length
+    )
+    stream = PromptStream(train_ids, seed=cfg.seed)
+    collate = PromptCollator(tokenizer.pad_token_id)
+
+    # 3. Optimizers, schedules, accelerate (FSDP2 when launched with recipes/accelerate/fsdp.yaml).
+    updates_per_step = cfg.ppo_epochs * cfg.num_rollout_samples // cfg.global_batch_size
+    total = cfg.max_steps * updates_per_step
+    actor_opt = build_optimizer(actor, cfg.actor_lr, cfg.weight_decay, betas=(0.9, 0.98))
+    critic_opt = build_optimizer(critic, cfg.critic_lr, cfg.weight_decay, betas=(0.9, 0.98))
+    actor_sched = cosine_schedule(actor_opt, cfg.warmup_steps, total, cfg.actor_min_lr)
+    critic_sched = cosine_schedule(critic_opt, cfg.warmup_steps, total, cfg.critic_min_lr)
+    actor, critic, actor_opt, critic_opt = acc.prepare(actor, critic, actor_opt, critic_opt)
+    kl_ctl = (
+        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if cfg.adaptive_kl
+        else FixedKLController(cfg.kl_coef)
+    )
+    exp_cfg = ExperienceConfig(
+        temperature=cfg.temperature,
+        kl_estimator=cfg.kl_estimator,
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+        normalize_advantages=cfg.normalize_advantages,
+        missing_eos_penalty=cfg.missing_eos_penalty,
+        score_mean=stats["mean"] if stats else 0.0,
+        score_std=stats["std"] if stats else 1.0,
+        micro_batch_size=cfg.rollout_micro_batch_size,
+    )
+    policy_loss, value_loss = PPOPolicyLoss(cfg.ratio_eps, cfg.entropy_coef), ValueLoss(cfg.value_clip)
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        stop_strings=cfg.stop_strings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    unwrapped = acc.unwrap_model(actor)
+    if cfg.backend == "compiled":
+        from rlhf_kit.generation.compiled import CompiledBackend
+
+        backend = CompiledBackend(
+            unwrapped,
+            max_batch_size=cfg.rollout_micro_batch_size,
+            max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens,
+        )
+    else:
+        backend = HFBackend(unwrapped, tokenizer)
+    reference_fn = (lambda: acc.unwrap_model(actor).disable_adapter()) if reference is None else None
+
+    # 4. Resume.
+    step = 0
+    ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+    if cfg.resume and latest_checkpoint(ckpt_dir) is not None:
+        step, extra = load_checkpoint(
+            ckpt_dir,
+            models={"actor": actor, "critic": critic},
+            optimizers={"actor": actor_opt, "critic": critic_opt},
+            schedulers={"actor": actor_sched, "critic": critic_sched},
+        )
+        kl_ctl.load_state_dict(extra["kl_controller"])
+        stream.load_state_dict(extra["prompt_stream"])
+        acc.print(f"resumed from step {step}")
+    logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=asdict(cfg))
+    timer = StepTimer()
+    update_cfg = UpdateConfig(
+        mini_batch_size=cfg.global_batch_size // acc.num_processes,
+        micro_batch_size=cfg.micro_batch_size,
+        ppo_epochs=cfg.ppo_epochs,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+
+    def rollout(prompts: list[list[int]], buffer: RolloutBuffer) -> tuple[int, list]:
+        """Generate and score ``prompts`` in micro-batches into ``buffer``; returns tokens generated."""
+        generated, gens = 0, []
+        for s in range(0, len(prompts), cfg.rollout_micro_batch_size):
+            batch = {
+                k: v.to(device) for k, v in collate(prompts[s : s + cfg.rollout_micro_batch_size]).items()
+            }
+            with timer("generate"), torch.no_grad():
+                backend.wake()
+                gen = backend.generate(batch["input_ids"], batch["attention_mask"], params)
+                backend.sleep()
+            generated += int(gen.response_mask.sum())
+            gens.append(gen)
+        if cfg.offload_idle_models:
+            for m in (reference, reward_model):
+                if m is not None:
+                    onload_model(m, device)
+        with timer("score"), acc.autocast():
+            for gen in gens:
+                buffer.append(make_experience(gen, actor, reference, critic, scorer, exp_cfg, reference_fn))
+        if cfg.offload_idle_models:
+            for m in (reference, reward_model):
+                if m is not None:
+                    offload_model(m)
+        return generated, gens
+
+    # 5. The PPO loop.
+    actor.train(), critic.train()
+    result: dict = {}
+    bar = progress(total=cfg.max_steps, initial=step, desc="ppo")
+    while step < cfg.max_steps:
+        timer.reset()
+        if cfg.offload_optimizer:
+            offload_optimizer_state(actor_opt), offload_optimizer_state(critic_opt)
+        buffer = RolloutBuffer(pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + step)
+        n_tokens, _ = rollout(
+            stream.next_batch(cfg.num_rollout_samples, acc.process_index, acc.num_processes), buffer
+        )
+        if cfg.offload_optimizer:
+            onload_optimizer_state(actor_opt, device), onload_optimizer_state(critic_opt, device)
+        data, exp_stats = compute_advantages(buffer.data(), kl_ctl.value, exp_cfg)
+        buffer.set_data(data)
+        update_cfg.train_actor = step >= cfg.critic_warmup_steps
+        with timer("train"), acc.autocast():
+            train_stats = ppo_update(
+                actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, update_cfg, exp_cfg,
+                backward=acc.backward, clip_grad=lambda m, n: float(acc.clip_grad_norm_(m.parameters(), n)),
+            )  # fmt: skip
+        for _ in range(updates_per_step):
+            if update_cfg.train_actor:
+                actor_sched.step()
+            critic_sched.step()
+        kl_ctl.update(exp_stats["kl/seq_mean"], cfg.num_rollout_samples)
+        if cfg.backend == "compiled":
+            backend.update_weights(acc.unwrap_model(actor))
+        step += 1
+        times = timer.summary()
+        result = {
+            **exp_stats,
+            **train_stats,
+            **times,
+            "throughput/generated_tokens_per_s": n_tokens / max(times.get("time/generate", 0.0), 1e-9),
+            "lr/actor": actor_sched.get_last_lr()[0],
+            "lr/critic": critic_sched.get_last_lr()[0],
+        }
+        logger.log(result, step)
+        bar.update(1)
+        bar.set_postfix(score=f"{exp_stats['reward/score_mean']:.3f}", kl=f"{exp_stats['kl/seq_mean']:.3f}")
+
+        # 6. Validation on held-out prompts, with a table of samples.
+        if step % cfg.val_check_interval == 0 or step == cfg.max_steps:
+            actor.eval()
+            vbuf = RolloutBuffer(pad_token_id=tokenizer.pad_token_id)
+            _, gens = rollout(val_ids[acc.process_index :: acc.num_processes], vbuf)
+            vdata, vstats = compute_advantages(vbuf.data(), kl_ctl.value, exp_cfg)
+            keep = (
+                "reward/score_mean",
+                "reward/raw_score_mean",
+                "kl/seq_mean",
+                "response/length_mean",
+                "response/finished_fraction",
+            )
+            logger.log({"val/" + k: vstats[k] for k in keep}, step)
+            rows = []
+            for gen in gens[:1]:
+                for i in range(min(4, gen.sequences.shape[0])):
+                    prompt = tokenizer.decode(gen.sequences[i, : gen.prompt_length], skip_special_tokens=True)
+                    resp = tokenizer.decode(
+                        gen.sequences[i, gen.prompt_length :][gen.response_mask[i].bool()],
+                        skip_special_tokens=True,
+                    )
+                    rows.append([step, prompt[-200:], resp, float(vdata.scores[i])])
+            logger.log_table("val/samples", rows, ["step", "prompt", "response", "score"], step)
+            actor.train()
+
+        # 7. Checkpoint everything an exact resume needs.
+        if step % cfg.save_interval == 0 or step == cfg.max_steps:
+            save_checkpoint(
+                ckpt_dir,
+                step,
+                models={"actor": actor, "critic": critic},
+                optimizers={"actor": actor_opt, "critic": critic_opt},
+                schedulers={"actor": actor_sched, "critic": critic_sched},
+                extra={"kl_controller": kl_ctl.state_dict(), "prompt_stream": stream.state_dict()},
+                keep_last=cfg.keep_last_checkpoints,
+            )
+    bar.close()
+
+    # 8. Final models as standard HF directories.
+    acc.wait_for_everyone()
+    final_actor = acc.unwrap_model(actor)
+    if cfg.lora_rank > 0:
+        final_actor = final_actor.merge_and_unload()
+    actor_sd, critic_sd = acc.get_state_dict(actor), acc.get_state_dict(critic)
+    if acc.is_main_process:
+        final_actor.save_pretrained(
+            os.path.join(cfg.output_dir, "final"), state_dict=None if cfg.lora_rank else actor_sd
+        )
+        tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
+        critic_sd = {k.removeprefix("model."): v for k, v in critic_sd.items()}
+        acc.unwrap_model(critic).model.save_pretrained(
+            os.path.join(cfg.output_dir, "critic"), state_dict=critic_sd
+        )
+        with open(os.path.join(cfg.output_dir, "final", "ppo_config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+    logger.close()
+    return result
+
+
+if __name__ == "__main__":
+    config = tyro.cli(PPOConfig)
+    try:  # configuration errors stop here with one line, before any model is loaded
+        validate(config, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main(config)
