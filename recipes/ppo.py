@@ -183,8 +183,10 @@ def main(cfg: PPOConfig) -> dict:
         RewardModelScorer,
         UpdateConfig,
         compute_advantages,
-        make_experience,
+        decode_samples,
+        generate_rollouts,
         ppo_update,
+        score_rollouts,
     )
     from rlhf_kit.rollout import RolloutBuffer
     from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -193,7 +195,7 @@ def main(cfg: PPOConfig) -> dict:
     from rlhf_kit.training.offload import (
         offload_model,
         offload_optimizer_state,
-        onload_model,
+        offloaded,
         onload_optimizer_state,
     )
     from rlhf_kit.training.optim import build_optimizer, cosine_schedule
@@ -324,31 +326,18 @@ def main(cfg: PPOConfig) -> dict:
         max_grad_norm=cfg.max_grad_norm,
     )
 
-    def rollout(prompts: list[list[int]], buffer: RolloutBuffer) -> tuple[int, list]:
-        """Generate and score ``prompts`` in micro-batches into ``buffer``; returns tokens generated."""
-        generated, gens = 0, []
-        for s in range(0, len(prompts), cfg.rollout_micro_batch_size):
-            batch = {
-                k: v.to(device) for k, v in collate(prompts[s : s + cfg.rollout_micro_batch_size]).items()
-            }
-            with timer("generate"), torch.no_grad():
-                backend.wake()
-                gen = backend.generate(batch["input_ids"], batch["attention_mask"], params)
-                backend.sleep()
-            generated += int(gen.response_mask.sum())
-            gens.append(gen)
-        if cfg.offload_idle_models:
-            for m in (reference, reward_model):
-                if m is not None:
-                    onload_model(m, device)
+    def rollout(prompts: list[list[int]]):
+        """Generate (timed) then score with the four models (idle ones brought back if offloaded)."""
+        frozen = [m for m in (reference, reward_model) if m is not None and cfg.offload_idle_models]
+        with timer("generate"), torch.no_grad(), offloaded(*frozen, device=device):  # back on exit
+            gens = generate_rollouts(backend, prompts, collate, params, cfg.rollout_micro_batch_size, device)
         with timer("score"), acc.autocast():
-            for gen in gens:
-                buffer.append(make_experience(gen, actor, reference, critic, scorer, exp_cfg, reference_fn))
-        if cfg.offload_idle_models:
-            for m in (reference, reward_model):
-                if m is not None:
-                    offload_model(m)
-        return generated, gens
+            data = score_rollouts(
+                gens, actor, reference, critic, scorer, exp_cfg, reference_fn, tokenizer.pad_token_id
+            )
+        for m in frozen:  # idle again until the next scoring phase
+            offload_model(m)
+        return data, sum(int(g.response_mask.sum()) for g in gens)
 
     # 5. The PPO loop.
     actor.train(), critic.train()
@@ -358,13 +347,13 @@ def main(cfg: PPOConfig) -> dict:
         timer.reset()
         if cfg.offload_optimizer:
             offload_optimizer_state(actor_opt), offload_optimizer_state(critic_opt)
-        buffer = RolloutBuffer(pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + step)
-        n_tokens, _ = rollout(
-            stream.next_batch(cfg.num_rollout_samples, acc.process_index, acc.num_processes), buffer
+        data, n_tokens = rollout(
+            stream.next_batch(cfg.num_rollout_samples, acc.process_index, acc.num_processes)
         )
         if cfg.offload_optimizer:
             onload_optimizer_state(actor_opt, device), onload_optimizer_state(critic_opt, device)
-        data, exp_stats = compute_advantages(buffer.data(), kl_ctl.value, exp_cfg)
+        data, exp_stats = compute_advantages(data, kl_ctl.value, exp_cfg)
+        buffer = RolloutBuffer(pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + step)
         buffer.set_data(data)
         update_cfg.train_actor = step >= cfg.critic_warmup_steps
         with timer("train"), acc.autocast():
@@ -396,26 +385,11 @@ def main(cfg: PPOConfig) -> dict:
         # 6. Validation on held-out prompts, with a table of samples.
         if step % cfg.val_check_interval == 0 or step == cfg.max_steps:
             actor.eval()
-            vbuf = RolloutBuffer(pad_token_id=tokenizer.pad_token_id)
-            _, gens = rollout(val_ids[acc.process_index :: acc.num_processes], vbuf)
-            vdata, vstats = compute_advantages(vbuf.data(), kl_ctl.value, exp_cfg)
-            keep = (
-                "reward/score_mean",
-                "reward/raw_score_mean",
-                "kl/seq_mean",
-                "response/length_mean",
-                "response/finished_fraction",
-            )
+            vdata, _ = rollout(val_ids[acc.process_index :: acc.num_processes])
+            vdata, vstats = compute_advantages(vdata, kl_ctl.value, exp_cfg)
+            keep = ("reward/score_mean", "reward/raw_score_mean", "kl/seq_mean", "response/length_mean")
             logger.log({"val/" + k: vstats[k] for k in keep}, step)
-            rows = []
-            for gen in gens[:1]:
-                for i in range(min(4, gen.sequences.shape[0])):
-                    prompt = tokenizer.decode(gen.sequences[i, : gen.prompt_length], skip_special_tokens=True)
-                    resp = tokenizer.decode(
-                        gen.sequences[i, gen.prompt_length :][gen.response_mask[i].bool()],
-                        skip_special_tokens=True,
-                    )
-                    rows.append([step, prompt[-200:], resp, float(vdata.scores[i])])
+            rows = [[step, *row] for row in decode_samples(tokenizer, vdata)]
             logger.log_table("val/samples", rows, ["step", "prompt", "response", "score"], step)
             actor.train()
 

@@ -341,3 +341,56 @@ class PromptStream:
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
         self._order = self._make_order()
+
+
+def generate_rollouts(
+    backend,
+    prompts: Sequence[Sequence[int]],
+    collate: Callable[[list], dict],
+    params,
+    micro_batch_size: int,
+    device: torch.device | str,
+) -> list:
+    """Generate for ``prompts`` in micro-batches of ``micro_batch_size`` (left-padded by ``collate``),
+    waking the backend's KV cache for the duration. Returns one ``GenerationOutput`` per micro-batch."""
+    outs = []
+    backend.wake()
+    try:
+        for s in range(0, len(prompts), micro_batch_size):
+            batch = collate(list(prompts[s : s + micro_batch_size]))
+            outs.append(
+                backend.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), params)
+            )
+    finally:
+        backend.sleep()
+    return outs
+
+
+def score_rollouts(
+    generations: Sequence,
+    actor: nn.Module,
+    reference: nn.Module | None,
+    critic: nn.Module,
+    scorer: Callable[..., torch.Tensor],
+    cfg: ExperienceConfig,
+    reference_fn: Callable[[], object] | None = None,
+    pad_token_id: int = 0,
+) -> Rollout:
+    """:func:`make_experience` on every generation batch, concatenated into one rollout."""
+    from rlhf_kit.rollout import concat_rollouts
+
+    parts = [make_experience(g, actor, reference, critic, scorer, cfg, reference_fn) for g in generations]
+    return concat_rollouts(parts, pad_token_id)
+
+
+def decode_samples(tokenizer, rollout: Rollout, n: int = 4, prompt_chars: int = 200) -> list[list]:
+    """``[prompt tail, response, score]`` rows of the first ``n`` samples, for a log table."""
+    rows = []
+    p = rollout.prompt_length
+    for i in range(min(n, rollout.batch_size)):
+        prompt = tokenizer.decode(rollout.sequences[i, :p], skip_special_tokens=True)
+        response = tokenizer.decode(
+            rollout.sequences[i, p:][rollout.response_mask[i].bool()], skip_special_tokens=True
+        )
+        rows.append([prompt[-prompt_chars:], response, float(rollout.scores[i])])
+    return rows
