@@ -8,6 +8,7 @@ CUDA-graph-captured decode step), ``TRTLLMBackend`` (TensorRT-LLM LLM API, optio
 from rlhf_kit.generation.base import GenerationBackend, GenerationOutput, SamplingParams, load_weights_
 from rlhf_kit.generation.compiled import CompiledBackend
 from rlhf_kit.generation.hf import HFBackend
+from rlhf_kit.generation.trtllm import TRTLLMBackend
 
 __all__ = [
     "CompiledBackend",
@@ -15,5 +16,6 @@ __all__ = [
     "GenerationOutput",
     "HFBackend",
     "SamplingParams",
+    "TRTLLMBackend",
     "load_weights_",
 ]
