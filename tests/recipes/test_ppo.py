@@ -110,8 +110,10 @@ def test_resume_equals_uninterrupted(default_run, tmp_path):
 def learning_runs(tmp_path_factory):
     free = tmp_path_factory.mktemp("ppo_free")
     tight = tmp_path_factory.mktemp("ppo_tight")
-    run("--output-dir", str(free), *LEARN, "--kl-coef", "0.0")
-    run("--output-dir", str(tight), *LEARN, "--kl-coef", "10.0", "--kl-estimator", "k3")
+    run_parallel(
+        ["--output-dir", str(free), *LEARN, "--kl-coef", "0.0"],
+        ["--output-dir", str(tight), *LEARN, "--kl-coef", "10.0", "--kl-estimator", "k3"],
+    )
     return metrics(free), metrics(tight)
 
 
@@ -148,3 +150,18 @@ def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], proc.stderr
     assert not (tmp_path / "o" / "init").exists()  # nothing was built or loaded
+
+
+def test_evaluate_recipe_on_the_ppo_run(default_run, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "evaluate.py"), "--ppo-dir", str(default_run),
+         "--output-dir", str(tmp_path), "--num-prompts", "4", "--max-new-tokens", "6"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    summary = report["summary"]
+    assert summary["num_prompts"] == 4 and len(report["samples"]) == 4
+    assert 0.0 <= summary["win_rate_vs_baseline"] <= 1.0
+    assert "kl_to_reference_mean" in summary and "win_rate_vs_baseline" in proc.stdout
+    assert all("baseline_response" in s for s in report["samples"])
