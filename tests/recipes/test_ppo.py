@@ -35,16 +35,32 @@ LEARN = [
 ]  # fmt: skip
 
 
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, str(RECIPE), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(RECIPE), *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
     )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
     return proc
+
+
+def run_parallel(*arg_lists: list[str]) -> None:
+    """Run several single-threaded recipe processes at once (CI has 2 cores)."""
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, str(RECIPE), *a], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for a in arg_lists
+    ]  # fmt: skip
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        if p.returncode != 0:
+            raise AssertionError(f"recipe failed ({p.returncode}):\n{out[-3000:]}\n{err[-3000:]}")
 
 
 def metrics(out: Path) -> list[dict]:
