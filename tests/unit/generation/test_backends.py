@@ -68,7 +68,7 @@ def test_hf_sampled_logprobs_match_recompute(left_tokenizer, batch):
     assert ((re - out.logprobs) * out.response_mask).abs().max() < 1e-4
 
 
-def _greedy_tokens(backend, ids, mask, n=12):
+def _greedy_tokens(backend, ids, mask, n=10):
     return backend.generate(ids, mask, SamplingParams(max_new_tokens=n, greedy=True, ignore_eos=True))
 
 
@@ -77,7 +77,7 @@ def test_eos_ends_response_and_pads_after(left_tokenizer, batch):
     _, hf, compiled = _backends(left_tokenizer, "qwen2", seed=3)
     free = _greedy_tokens(compiled, ids, mask).responses
     eos = int(free[0, 4])  # make row 0's 5th greedy token the EOS
-    params = SamplingParams(max_new_tokens=12, greedy=True, eos_token_id=[eos, 10**6])
+    params = SamplingParams(max_new_tokens=10, greedy=True, eos_token_id=[eos, 10**6])
     a, b = hf.generate(ids, mask, params), compiled.generate(ids, mask, params)
     _assert_same(a, b)
     first = int((free[0] == eos).nonzero()[0, 0])
@@ -97,7 +97,7 @@ def test_min_new_tokens_blocks_eos(left_tokenizer, batch):
     _, hf, compiled = _backends(left_tokenizer, "llama", seed=5)
     free = _greedy_tokens(compiled, ids, mask).responses
     eos = int(free[1, 1])  # row 1 would stop after 2 tokens
-    params = SamplingParams(max_new_tokens=12, min_new_tokens=6, greedy=True, eos_token_id=eos)
+    params = SamplingParams(max_new_tokens=9, min_new_tokens=6, greedy=True, eos_token_id=eos)
     a, b = hf.generate(ids, mask, params), compiled.generate(ids, mask, params)
     _assert_same(a, b)
     assert torch.all(a.response_mask.sum(1) >= 6)
