@@ -173,6 +173,7 @@ def main(cfg: PPOConfig) -> dict:
     from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
     from rlhf_kit.generation.base import SamplingParams
     from rlhf_kit.generation.hf import HFBackend
+    from rlhf_kit.generation.resharding import iter_full_params
     from rlhf_kit.kl import AdaptiveKLController, FixedKLController
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import TokenValueModel, disable_dropout, load_reward_model, load_reward_stats
@@ -291,18 +292,24 @@ def main(cfg: PPOConfig) -> dict:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    unwrapped = acc.unwrap_model(actor)
     if cfg.backend == "compiled":
         from rlhf_kit.generation.compiled import CompiledBackend
 
+        # A dedicated inference copy (bf16 on GPU); weights stream in from the trainer after each step.
+        dtype = torch.bfloat16 if mp == "bf16" else torch.float32
+        infer = AutoModelForCausalLM.from_pretrained(cfg.actor, dtype=dtype).to(device)
         backend = CompiledBackend(
-            unwrapped,
-            max_batch_size=cfg.rollout_micro_batch_size,
-            max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens,
-        )
+            infer, max_batch_size=cfg.rollout_micro_batch_size,
+            max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens, tokenizer=tokenizer,
+        )  # fmt: skip
     else:
-        backend = HFBackend(unwrapped, tokenizer)
+        backend = HFBackend(acc.unwrap_model(actor), tokenizer)
     reference_fn = (lambda: acc.unwrap_model(actor).disable_adapter()) if reference is None else None
+
+    def sync_weights() -> None:
+        """Stream the trainer's weights (FSDP2 shards gathered, LoRA merged) into the inference copy."""
+        if cfg.backend == "compiled":
+            backend.update_weights(iter_full_params(actor))
 
     # 4. Resume.
     step = 0
@@ -316,6 +323,7 @@ def main(cfg: PPOConfig) -> dict:
         )
         kl_ctl.load_state_dict(extra["kl_controller"])
         stream.load_state_dict(extra["prompt_stream"])
+        sync_weights()
         acc.print(f"resumed from step {step}")
     logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=asdict(cfg))
     timer = StepTimer()
@@ -366,9 +374,8 @@ def main(cfg: PPOConfig) -> dict:
                 actor_sched.step()
             critic_sched.step()
         kl_ctl.update(exp_stats["kl/seq_mean"], cfg.num_rollout_samples)
-        if cfg.backend == "compiled":
-            backend.update_weights(acc.unwrap_model(actor))
         step += 1
+        sync_weights()
         times = timer.summary()
         result = {
             **exp_stats,
