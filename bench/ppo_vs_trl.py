@@ -1,0 +1,443 @@
+"""PPO step time, generated tokens/s and peak GPU memory: rlhf_kit against TRL 1.12's PPOTrainer.
+
+GPU (the numbers in docs/benchmarks.md; TRL 1.12.0 installed under /tmp/site112)::
+
+    PYTHONPATH=$PWD python bench/ppo_vs_trl.py --configs A B --trl-site /tmp/site112 --out $OUT
+
+CPU dry run (tiny models, 2 steps, seconds)::
+
+    python bench/ppo_vs_trl.py --tiny --out /tmp/bench_ppo [--systems ours]
+
+Workload (bench config A or B, identical for both systems): actor, reference, critic and reward model
+of the same random-init Llama architecture; 64 HH prompts per step (left-truncated to 128 tokens), 128
+sampled new tokens each (temperature 1, no early stop), one PPO epoch over one mini-batch of 64 as 4
+micro-batches of 16, AdamW. Precision (both): trainable actor and critic hold fp32 weights and run
+under bf16 autocast; reference and reward model are frozen bf16 copies.
+
+Ours = the library composition of ``recipes/ppo.py``: ``generate_rollouts`` with ``CompiledBackend``
+(its own bf16 copy of the actor), ``score_rollouts``, ``compute_advantages``, ``ppo_update``, then
+``CompiledBackend.update_weights``. TRL = ``trl.experimental.ppo.PPOTrainer`` (HF ``generate`` with
+``output_scores``; per-step times from a callback at each step's end).
+
+Each system runs in its own process (clean peak-memory counters); step times are synchronised
+wall-clock, median over the steps after the first (warm-up; it includes ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import (  # noqa: E402
+    PhaseClock,
+    build_tokenizer,
+    env_for_trl,
+    environment,
+    fmt,
+    hh_prompt_ids,
+    llama_config,
+    median_after_warmup,
+    memory_stats,
+    reset_peak_memory,
+    run_worker,
+    sync,
+    write_json,
+    write_text,
+)
+
+SCRIPT = os.path.abspath(__file__)
+
+
+def shape(args: argparse.Namespace) -> dict[str, int]:
+    """The per-step workload: prompts, prompt length, new tokens, micro-batch."""
+    if args.tiny:
+        return {"batch": 8, "prompt_len": 32, "new_tokens": 16, "micro": 4}
+    return {
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "micro": args.micro,
+    }
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+
+
+def _models(config: str, tok: Any, device: torch.device, train_dtype: torch.dtype, frozen_dtype: torch.dtype):
+    """Actor (seed 0), reference (copy of the actor), critic (seed 1), reward model (seed 2), same
+    initial weights for both systems."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with torch.device(device):
+        torch.manual_seed(0)
+        actor = AutoModelForCausalLM.from_config(llama_config(config, tok), dtype=train_dtype)
+        torch.manual_seed(1)
+        critic = AutoModelForSequenceClassification.from_config(
+            llama_config(config, tok, 1), dtype=train_dtype
+        )
+        torch.manual_seed(2)
+        rm = AutoModelForSequenceClassification.from_config(llama_config(config, tok, 1), dtype=frozen_dtype)
+    ref = copy.deepcopy(actor).to(frozen_dtype)
+    for m in (ref, rm):
+        m.eval().requires_grad_(False)
+    return actor, ref, critic, rm
+
+
+# ----------------------------------------------------------------------------------------------------
+# ours
+
+
+def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from rlhf_kit.data import PromptCollator
+    from rlhf_kit.generation import CompiledBackend, SamplingParams
+    from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
+    from rlhf_kit.models import TokenValueModel, disable_dropout
+    from rlhf_kit.ppo import (
+        ExperienceConfig,
+        PromptStream,
+        RewardModelScorer,
+        UpdateConfig,
+        compute_advantages,
+        generate_rollouts,
+        ppo_update,
+        score_rollouts,
+    )
+    from rlhf_kit.rollout import RolloutBuffer
+    from rlhf_kit.training.optim import build_optimizer
+
+    device = _device(args)
+    sh = shape(args)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    bf16 = device.type == "cuda"
+    frozen = torch.bfloat16 if bf16 else torch.float32
+    actor, ref, critic_model, rm = _models(args.config, tok, device, torch.float32, frozen)
+    critic = TokenValueModel(critic_model)
+    for m in (actor, ref, critic, rm):
+        disable_dropout(m)
+    backend = CompiledBackend(
+        copy.deepcopy(actor).to(frozen),
+        max_batch_size=sh["batch"],
+        max_seq_len=sh["prompt_len"] + sh["new_tokens"],
+    )
+    actor_opt = build_optimizer(actor, args.lr, 0.0)
+    critic_opt = build_optimizer(critic, args.lr, 0.0)
+    exp_cfg = ExperienceConfig(temperature=1.0, micro_batch_size=args.score_micro or sh["batch"])
+    upd_cfg = UpdateConfig(mini_batch_size=sh["batch"], micro_batch_size=sh["micro"], ppo_epochs=1)
+    params = SamplingParams(max_new_tokens=sh["new_tokens"], temperature=1.0, ignore_eos=True)
+    stream = PromptStream(prompts, seed=0)
+    collate = PromptCollator(tok.pad_token_id)
+    policy_loss, value_loss = PPOPolicyLoss(0.2), ValueLoss(0.2)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    clock = PhaseClock(device)
+    steps: list[dict[str, Any]] = []
+    reset_peak_memory(device)
+
+    def one_step(step: int) -> dict[str, Any]:
+        clock.start()
+        batch = stream.next_batch(sh["batch"])
+        with torch.no_grad():
+            gens = generate_rollouts(backend, batch, collate, params, sh["batch"], device)
+        clock.lap("generate")
+        with autocast:
+            data = score_rollouts(
+                gens, actor, ref, critic, RewardModelScorer(rm), exp_cfg, None, tok.pad_token_id
+            )
+        data, stats = compute_advantages(data, 0.05, exp_cfg)
+        clock.lap("score")
+        buffer = RolloutBuffer(pad_token_id=tok.pad_token_id, seed=step)
+        buffer.set_data(data)
+        with autocast:
+            tstats = ppo_update(
+                actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, upd_cfg, exp_cfg
+            )
+        clock.lap("train")
+        backend.update_weights(actor)
+        clock.lap("sync")
+        n_tok = sum(int(g.response_mask.sum()) for g in gens)
+        return {
+            "step_s": sum(clock.phases.values()),
+            "phases_s": dict(clock.phases),
+            "generated_tokens": n_tok,
+            "prompt_tokens": int(sum(len(p) for p in batch)),
+            "policy_loss": tstats.get("policy/loss"),
+            "kl": stats["kl/seq_mean"],
+        }
+
+    for step in range(args.steps):
+        steps.append(one_step(step))
+        s = steps[-1]
+        print(f"[ours {args.config}] step {step}: {s['step_s']:.3f}s "
+              + " ".join(f"{k}={v:.3f}" for k, v in s["phases_s"].items()), flush=True)  # fmt: skip
+    mem = memory_stats(device)
+    res = summarize(steps, args.warmup)
+    res.update(mem)
+    res["backend_mode"] = backend.mode
+    if args.profile and device.type == "cuda":
+        res["profile"] = profile_step(one_step, args.steps, device)
+    return res
+
+
+def profile_step(one_step, step: int, device: torch.device) -> dict[str, Any]:
+    """One extra step under ``torch.profiler``: the top CUDA kernels by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        one = one_step(step)
+    sync(device)
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) / 1e6
+    top = [
+        {"name": e.key[:120], "self_device_s": e.self_device_time_total / 1e6, "calls": e.count}
+        for e in events[:25]
+    ]
+    return {"step_s": one["step_s"], "phases_s": one["phases_s"], "device_busy_s": total, "top_kernels": top}
+
+
+def summarize(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
+    times = [s["step_s"] for s in steps]
+    med = median_after_warmup(times, warmup)
+    timed = steps[warmup:]
+    tokens = sum(s["generated_tokens"] for s in timed) / max(len(timed), 1)
+    out: dict[str, Any] = {
+        "steps": steps,
+        "step_times_s": times,
+        "median_step_s": med,
+        "generated_tokens_per_step": tokens,
+        "generated_tokens_per_s": tokens / med if med == med and med > 0 else float("nan"),
+    }
+    if timed and "phases_s" in timed[0]:
+        import statistics
+
+        out["median_phases_s"] = {
+            k: statistics.median(s["phases_s"][k] for s in timed) for k in timed[0]["phases_s"]
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRL
+
+
+def run_trl(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+    os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "bf16" if not args.tiny else "no")
+    import tempfile
+
+    import trl
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    device = _device(args)
+    sh = shape(args)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    tok.padding_side = "left"
+    frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
+    policy, ref, value, rm = _models(args.config, tok, device, torch.float32, frozen)
+    # the same prompt distribution as ours: PPOTrainer shuffles it with its own seed
+    train = Dataset.from_dict({"input_ids": prompts})
+    accum = sh["batch"] // sh["micro"]
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_begin(self, *a, **k):
+            sync(device)
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            sync(device)
+            self.marks.append(time.perf_counter())
+
+    timer = StepTimes()
+    out_dir = tempfile.mkdtemp(prefix="trl_ppo_")
+    cfg = PPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=sh["micro"],
+        gradient_accumulation_steps=accum,
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        local_rollout_forward_batch_size=sh["batch"],
+        response_length=sh["new_tokens"],
+        temperature=1.0,
+        stop_token=None,
+        total_episodes=sh["batch"] * args.steps,
+        num_sample_generations=0,
+        learning_rate=args.lr,
+        kl_coef=0.05,
+        bf16=device.type == "cuda",
+        use_cpu=device.type != "cuda",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = PPOTrainer(
+        args=cfg,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=rm,
+        value_model=value,
+        train_dataset=train,
+        eval_dataset=train.select(range(sh["batch"])),
+        callbacks=[timer],
+    )
+    reset_peak_memory(device)
+    trainer.train()
+    mem = memory_stats(device)
+    times = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
+    steps = [{"step_s": t, "generated_tokens": sh["batch"] * sh["new_tokens"]} for t in times]
+    res = summarize(steps, args.warmup)
+    res.update(mem)
+    res["trl_version"] = trl.__version__
+    res["mixed_precision"] = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# orchestration
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    with open(args.prompts) as f:
+        prompts = json.load(f)
+    t0 = time.perf_counter()
+    res = run_ours(args, prompts) if args.worker == "ours" else run_trl(args, prompts)
+    res["system"] = args.worker
+    res["config"] = args.config
+    res["worker_s"] = time.perf_counter() - t0
+    res["env"] = environment()
+    write_json(args.result, res)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| config | system | median step s | generated tok/s | peak alloc GiB | generate / score / train / sync s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in results["configs"]:
+        for name in ("trl", "ours"):
+            r = c.get(name)
+            if r is None:
+                continue
+            if "median_step_s" not in r:
+                lines.append(f"| {c['config']} | {name} | failed: {r.get('error', '?')} | | | |")
+                continue
+            ph = r.get("median_phases_s")
+            split = " / ".join(fmt(v, ".3f") for v in ph.values()) if ph else ""
+            lines.append(
+                f"| {c['config']} | {name} | {fmt(r['median_step_s'], '.3f')} | "
+                f"{fmt(r['generated_tokens_per_s'], '.0f')} | {fmt(r['peak_allocated_gib'])} | {split} |"
+            )
+        if c.get("speedup"):
+            lines.append(
+                f"| {c['config']} | **ratio** | **{c['speedup']:.2f}x faster** | | "
+                f"**{fmt(c.get('memory_ratio'))}x of TRL's memory** | |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags of the orchestrator and of its workers."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="+", default=["A"], help="A and/or B (tiny with --tiny)")
+    ap.add_argument("--systems", nargs="+", default=["trl", "ours"])
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny models, 8 prompts x 16 tokens")
+    ap.add_argument("--steps", type=int, default=6, help="steps per system, the first is warm-up")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--micro", type=int, default=16, help="training micro-batch")
+    ap.add_argument("--score-micro", type=int, default=0, help="ours: scoring micro-batch (0: whole batch)")
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--profile", action="store_true", help="ours: one more step under torch.profiler")
+    ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
+    ap.add_argument("--timeout", type=float, default=420, help="seconds per worker")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--work", default=None, help="scratch folder (default: <out>/../ppo_work or /tmp)")
+    # worker-only
+    ap.add_argument("--worker", choices=["ours", "trl"], default=None)
+    ap.add_argument("--config", default="A")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--prompts", default=None)
+    ap.add_argument("--result", default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.tiny:
+        args.configs, args.steps = ["tiny"], min(args.steps, 2)
+    if args.worker:
+        worker_main(args)
+        return {}
+
+    work = args.work or os.path.join("/tmp", "bench_ppo_work")
+    os.makedirs(work, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    sh = shape(args)
+    tok_dir = os.path.join(work, "tokenizer_tiny" if args.tiny else "tokenizer_8k")
+    t0 = time.perf_counter()
+    tok = build_tokenizer(tok_dir, args.tiny)
+    prompts = hh_prompt_ids(tok, sh["prompt_len"])
+    prompts_path = os.path.join(work, f"prompts_{sh['prompt_len']}.json")
+    write_json(prompts_path, prompts)
+    print(f"tokenizer ({len(tok)}) and {len(prompts)} prompts in {time.perf_counter() - t0:.1f}s", flush=True)
+    results: dict[str, Any] = {
+        "command": " ".join(["python", "bench/ppo_vs_trl.py", *(argv if argv is not None else sys.argv[1:])]),
+        "workload": sh,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "prompts_at_max_length": sum(len(p) == sh["prompt_len"] for p in prompts) / len(prompts),
+        "configs": [],
+    }
+    passthrough = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                   "--micro", str(args.micro), "--score-micro", str(args.score_micro), "--lr", str(args.lr),
+                   "--tokenizer", tok_dir, "--prompts", prompts_path]  # fmt: skip
+    if args.tiny:
+        passthrough.append("--tiny")
+    if args.profile:
+        passthrough.append("--profile")
+    for config in args.configs:
+        entry: dict[str, Any] = {"config": config}
+        for system in args.systems:
+            env = env_for_trl(args.trl_site) if system == "trl" else {}
+            entry[system] = run_worker(
+                SCRIPT,
+                ["--worker", system, "--config", config, *passthrough],
+                os.path.join(work, f"{config}_{system}.json"),
+                args.timeout,
+                env,
+            )
+        ours, trl = entry.get("ours", {}), entry.get("trl", {})
+        if "median_step_s" in ours and "median_step_s" in trl:
+            entry["speedup"] = trl["median_step_s"] / ours["median_step_s"]
+            if trl.get("peak_allocated_gib"):
+                entry["memory_ratio"] = ours["peak_allocated_gib"] / trl["peak_allocated_gib"]
+        results["configs"].append(entry)
+        write_json(os.path.join(args.out, "ppo_vs_trl.json"), results)
+    table = markdown(results)
+    write_text(os.path.join(args.out, "ppo_vs_trl.md"), table)
+    print(table, flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The --tiny path of our side of the TRL benchmarks (bench/ppo_vs_trl.py, bench/rm_vs_trl.py) on CPU.
+
+TRL itself is not installed in CI; these tests run only our systems, in-process, on tiny models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import ppo_vs_trl, rm_vs_trl
+from bench.common import hh_pair_examples, hh_prompt_ids, llama_config, median_after_warmup
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, left_tokenizer):
+    path = tmp_path_factory.mktemp("bench_tok")
+    left_tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pairs(left_tokenizer):
+    """Short HH pairs (both sides <= 128 tokens) keep the CPU steps fast."""
+    return hh_pair_examples(left_tokenizer, 128)[:32]
+
+
+def test_bench_configs_match_the_issue(left_tokenizer):
+    a = llama_config("A", left_tokenizer)
+    b = llama_config("B", left_tokenizer, num_labels=1)
+    assert (a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads) == (
+        1024,
+        16,
+        16,
+        8,
+    )
+    assert a.intermediate_size == 2816 and a.pad_token_id == left_tokenizer.pad_token_id
+    assert (b.hidden_size, b.num_hidden_layers, b.num_attention_heads, b.intermediate_size) == (
+        2048,
+        22,
+        32,
+        5632,
+    )
+    assert b.num_labels == 1
+
+
+def test_ppo_ours_tiny_runs_two_steps(tok_dir, left_tokenizer):
+    prompts = hh_prompt_ids(left_tokenizer, 32)[:16]
+    assert max(len(p) for p in prompts) == 32
+    args = ppo_vs_trl.build_parser().parse_args(["--tiny", "--worker", "ours", "--config", "tiny",
+                                                 "--steps", "2", "--tokenizer", tok_dir])  # fmt: skip
+    res = ppo_vs_trl.run_ours(args, prompts)
+    assert len(res["step_times_s"]) == 2
+    sh = ppo_vs_trl.shape(args)
+    # no early stop: every prompt gets all its new tokens
+    assert all(s["generated_tokens"] == sh["batch"] * sh["new_tokens"] for s in res["steps"])
+    assert set(res["median_phases_s"]) == {"generate", "score", "train", "sync"}
+    assert math.isclose(res["median_step_s"], res["step_times_s"][1])
+    assert res["generated_tokens_per_s"] > 0
+    assert all(math.isfinite(s["policy_loss"]) for s in res["steps"])
+
+
+def test_micro_batches_respect_the_token_budget(pairs):
+    examples = pairs
+    idx = list(range(len(examples)))
+    for packed in (False, True):
+        micros = rm_vs_trl.micro_batches(examples, idx, 512, packed)
+        assert sorted(i for m in micros for i in m) == idx  # every pair exactly once
+        for m in micros:
+            side = max(
+                max(len(examples[i]["chosen_input_ids"]), len(examples[i]["rejected_input_ids"])) for i in m
+            )
+            real = sum(
+                len(examples[i]["chosen_input_ids"]) + len(examples[i]["rejected_input_ids"]) for i in m
+            )
+            cost = real if packed else 2 * len(m) * side
+            assert cost <= 512 or len(m) == 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rm_ours_tiny_runs(tok_dir, pairs, packed):
+    args = rm_vs_trl.apply_tiny(rm_vs_trl.build_parser().parse_args(["--tiny", "--tokenizer", tok_dir]))
+    res = rm_vs_trl.run_ours(args, pairs, packed=packed)
+    assert res["timed_steps"] == 1 and len(res["steps"]) == 2
+    assert all(s["pairs"] == 8 for s in res["steps"])
+    assert res["pairs_per_s"] > 0
+    if packed:
+        assert res["padding_fraction"] == 0
+    assert all(math.isfinite(s["loss"]) for s in res["steps"])
+
+
+def test_median_after_warmup():
+    assert median_after_warmup([9.0, 1.0, 3.0, 2.0], 1) == 2.0
+    assert math.isnan(median_after_warmup([1.0], 1))
