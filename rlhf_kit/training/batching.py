@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
 
 def resolve_batch_sizes(global_batch: int, micro_batch: int, world_size: int = 1) -> int:
     """Number of gradient-accumulation steps that makes ``micro_batch * accum * world_size == global_batch``.
@@ -22,3 +27,66 @@ def resolve_batch_sizes(global_batch: int, micro_batch: int, world_size: int = 1
             f"{world_size} = {per_step}"
         )
     return global_batch // per_step
+
+
+def epoch_order(
+    n: int, seed: int, epoch: int, lengths: Sequence[int] | None = None, group_size: int = 1
+) -> list[int]:
+    """A reproducible permutation of ``range(n)`` for one epoch (depends only on ``seed + epoch``).
+
+    With ``lengths``, examples of similar length are grouped in runs of ``group_size`` (less padding)
+    through :class:`rlhf_kit.data.LengthGroupedSampler`.
+    """
+    if lengths is not None:
+        from rlhf_kit.data.sampling import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler(lengths, batch_size=max(1, group_size), seed=seed)
+        sampler.set_epoch(epoch)
+        return sampler.indices()
+    g = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+@dataclass
+class BatchPlan:
+    """Which examples every optimizer step uses, as a pure function of the step number.
+
+    Each epoch is a fresh permutation (:func:`epoch_order`) cut into ``global_batch`` chunks (an
+    incomplete last chunk is skipped). Because the plan depends only on ``(seed, step)``, a resumed run
+    sees exactly the batches of an uninterrupted one, and micro-batch size / accumulation / world size
+    only change how a global batch is split, never which examples it holds.
+    """
+
+    num_examples: int
+    global_batch: int
+    seed: int = 0
+    lengths: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_examples < self.global_batch:
+            raise ValueError(
+                f"only {self.num_examples} training examples, fewer than one global batch of {self.global_batch}"
+            )
+        self._orders: dict[int, list[int]] = {}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch
+
+    def global_batch_at(self, step: int) -> list[int]:
+        """Example indices of optimizer step ``step`` (0-based), ``global_batch`` of them."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders = {
+                epoch: epoch_order(self.num_examples, self.seed, epoch, self.lengths, self.global_batch)
+            }
+        return self._orders[epoch][k * self.global_batch : (k + 1) * self.global_batch]
+
+    def micro_batches(
+        self, step: int, micro_batch: int, rank: int = 0, world_size: int = 1
+    ) -> list[list[int]]:
+        """This rank's micro-batches of step ``step``: its contiguous share, cut into ``micro_batch`` chunks."""
+        indices = self.global_batch_at(step)
+        per_rank = len(indices) // world_size
+        mine = indices[rank * per_rank : (rank + 1) * per_rank]
+        return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]

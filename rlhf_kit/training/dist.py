@@ -58,3 +58,26 @@ def seed_everything(seed: int, rank_offset: bool = True) -> int:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(s)
     return s
+
+
+def env_world_size() -> int:
+    """World size announced by the launcher (``WORLD_SIZE``), readable before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gather_objects(obj: object) -> list:
+    """``[obj_rank0, obj_rank1, ...]`` (picklable objects) on every rank; ``[obj]`` without a process group."""
+    if not is_dist():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sum of a list of floats over ranks (identity without a process group)."""
+    if not is_dist():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

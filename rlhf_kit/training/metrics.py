@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -212,3 +213,43 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
         dynamic_ncols=True,
         **kw,
     )
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> int:
+    """Drop rows with ``step > last_step`` from a ``metrics.jsonl`` (atomically); returns rows kept.
+
+    A run resumed from the checkpoint of ``last_step`` re-logs the steps after it; truncating first
+    keeps exactly one row per logged step.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(kept)
+
+
+class Averager:
+    """Weighted means of named values over micro-batches and ranks (e.g. per-step training metrics)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, value: float | torch.Tensor, weight: float = 1.0) -> None:
+        self.sums[name] += float(value) * weight
+        self.weights[name] += weight
+
+    def reduce(self, device: torch.device | str = "cpu") -> dict[str, float]:
+        """Means over everything added on every rank (collective under a process group); resets."""
+        names = sorted(self.sums)
+        flat = D.all_reduce_sum([self.sums[n] for n in names] + [self.weights[n] for n in names], device)
+        k = len(names)
+        out = {n: flat[i] / flat[k + i] if flat[k + i] else float("nan") for i, n in enumerate(names)}
+        self.sums.clear()
+        self.weights.clear()
+        return out

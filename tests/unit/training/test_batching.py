@@ -17,3 +17,24 @@ def test_not_divisible_is_one_line_reason():
         resolve_batch_sizes(8, 0, 1)
     with pytest.raises(ValueError, match="not divisible"):
         resolve_batch_sizes(2, 4, 1)
+
+
+def test_batch_plan_is_a_function_of_the_step():
+    from rlhf_kit.training.batching import BatchPlan
+
+    plan = BatchPlan(10, 4, seed=3)
+    assert plan.steps_per_epoch == 2
+    epoch0 = plan.global_batch_at(0) + plan.global_batch_at(1)
+    assert len(set(epoch0)) == 8  # no repeats inside an epoch
+    assert plan.global_batch_at(2) != plan.global_batch_at(0)  # a new permutation next epoch
+    assert BatchPlan(10, 4, seed=3).global_batch_at(3) == plan.global_batch_at(3)  # fresh plan, same batch
+    # micro-batching and world size only split the global batch
+    for micro, world in [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]:
+        split = [i for r in range(world) for mb in plan.micro_batches(1, micro, r, world) for i in mb]
+        assert split == plan.global_batch_at(1)
+        assert all(len(mb) == micro for r in range(world) for mb in plan.micro_batches(1, micro, r, world))
+    lengths = [1, 50, 2, 49, 3, 48, 4, 47]
+    grouped = BatchPlan(8, 4, seed=0, lengths=lengths).global_batch_at(0)
+    assert max(lengths[i] for i in grouped) == 50
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        BatchPlan(3, 4)

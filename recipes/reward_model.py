@@ -1,0 +1,325 @@
+"""Train a reward model on comparison data (Bradley-Terry loss on chosen vs rejected).
+
+    python recipes/reward_model.py                                  # embedded default: tiny model, HH sample
+    python recipes/reward_model.py --model out/sft/final --train-data data/hh/train_comparisons.jsonl \
+        --test-data data/hh/test_comparisons.jsonl --output-dir out/rm
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml recipes/reward_model.py --model ...
+
+Writes ``<output-dir>/metrics.jsonl``, checkpoints under ``<output-dir>/checkpoints`` (``--resume``
+continues the latest) and ``<output-dir>/final``: an HF directory that
+``AutoModelForSequenceClassification.from_pretrained`` loads, with ``reward_stats.json`` (mean/std of
+validation rewards, also ``reward_mean``/``reward_std`` in its config) for standardising PPO rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from _defaults import (
+    PRETRAINED_LR,
+    PRETRAINED_MAX_LENGTH,
+    TINY_LR,
+    TINY_MAX_LENGTH,
+    default_data,
+    default_model,
+)
+
+from rlhf_kit.data import PairCollator, load_comparisons, pair_lengths, tokenize_pairs
+from rlhf_kit.losses import PairwiseRewardLoss
+from rlhf_kit.training import (
+    MetricsLogger,
+    build_optimizer,
+    check_model_path,
+    check_path_exists,
+    cosine_schedule,
+    load_checkpoint,
+    progress,
+    resolve_batch_sizes,
+    save_checkpoint,
+    seed_everything,
+)
+from rlhf_kit.training.batching import BatchPlan
+from rlhf_kit.training.dist import env_world_size
+from rlhf_kit.training.evaluation import evaluate_pairs, pair_scores
+from rlhf_kit.training.hf import (
+    LoraSettings,
+    MixedPrecision,
+    load_for_training,
+    make_accelerator,
+    save_hf_model,
+)
+from rlhf_kit.training.metrics import Averager
+from rlhf_kit.training.run import (
+    CHECKPOINTS,
+    check_positive,
+    one_line_errors,
+    prepare_metrics_for_resume,
+    resume_point,
+    write_json,
+)
+from rlhf_kit.training.step import accumulate, optimizer_step
+
+
+@dataclass
+class Config:
+    """Train a reward model (AutoModelForSequenceClassification, one label) on chosen/rejected pairs."""
+
+    model: str | None = None
+    """HF model directory or hub id (a pretrained or SFT causal LM gets a fresh score head). Unset: a
+    random-init tiny llama and BPE tokenizer are built under <output-dir>/tiny_reward (embedded default)."""
+    train_data: Path | None = None
+    """Comparison file (jsonl: {"chosen","rejected"} or NeMo {"text"} line pairs). Unset: the shipped HH sample."""
+    val_data: Path | None = None
+    """Validation comparison file. Unset: --val-size pairs are held out of the training data."""
+    test_data: Path | None = None
+    """Test comparison file, evaluated once after training. Unset with default data: the HH test split."""
+    val_size: int = 128
+    """Pairs held out of the training data for validation when --val-data is not given."""
+    output_dir: Path = Path("outputs/reward_model")
+    """Where metrics.jsonl, checkpoints/ and final/ are written."""
+    max_length: int | None = None
+    """Longest chosen/rejected sequence in tokens (EOS included). Unset: 256 for the embedded default
+    (keeps the CPU run to minutes), else 1024."""
+    too_long: Literal["drop", "truncate"] = "drop"
+    """Pairs with a side over --max-length are dropped or truncated (counted and reported either way)."""
+    micro_batch_size: int = 8
+    """Pairs per forward/backward pass on each process."""
+    global_batch_size: int = 32
+    """Pairs per optimizer step over all processes (= micro batch x accumulation steps x world size)."""
+    eval_batch_size: int = 16
+    """Pairs per forward pass during validation and test."""
+    max_steps: int | None = None
+    """Optimizer steps to train. Unset: --epochs passes over the training data."""
+    epochs: float = 1.0
+    """Passes over the training data when --max-steps is not given."""
+    lr: float | None = None
+    """Peak learning rate. Unset: 1e-3 for the embedded tiny model, 1e-5 for a given --model."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr x min-lr-ratio."""
+    warmup_steps: int = 10
+    """Linear warm-up steps (capped at the total)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 disables clipping; the norm is still logged)."""
+    margin: float = 0.0
+    """Margin in the pairwise loss -logsigmoid(r_chosen - r_rejected - margin)."""
+    center_coef: float = 0.0
+    """Weight of the reward-centring term mean((r_chosen + r_rejected)^2)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more compute)."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains all weights. With LoRA the score head is still trained in full."""
+    lora_alpha: float = 16.0
+    """LoRA alpha (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target_modules: str = "all-linear"
+    """Comma-separated module names to adapt, or "all-linear"."""
+    mixed_precision: MixedPrecision = "auto"
+    """auto: the accelerate config's setting, else bf16 where the GPU supports it, else fp32."""
+    val_check_interval: int = 50
+    """Validate every this many optimizer steps (and after the last one)."""
+    save_interval: int = 100
+    """Save a resumable checkpoint every this many optimizer steps."""
+    keep_last: int = 2
+    """Keep only this many newest checkpoints."""
+    resume: bool = False
+    """Continue from the latest checkpoint in <output-dir>/checkpoints."""
+    stop_at_step: int | None = None
+    """Stop after this step with a checkpoint, as if interrupted (time-boxed jobs; resume tests)."""
+    report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
+    """Metric sinks; metrics.jsonl is always written. wandb honours WANDB_MODE=offline."""
+    project: str = "rlhf-kit"
+    """wandb project."""
+    run_name: str | None = None
+    """wandb run name / tensorboard label."""
+    seed: int = 0
+    """Seed for data order, validation split and initialisation."""
+    group_by_length: bool = True
+    """Group pairs of similar length into the same global batch (less padding)."""
+
+
+def check_config(cfg: Config) -> int:
+    """Every check that needs no model: paths, sizes, batch arithmetic. Returns gradient accumulation."""
+    if cfg.model is not None:
+        check_model_path(cfg.model)
+    for name, what in (
+        ("train_data", "training data"),
+        ("val_data", "validation data"),
+        ("test_data", "test data"),
+    ):
+        if getattr(cfg, name) is not None:
+            check_path_exists(getattr(cfg, name), what)
+    check_positive(
+        max_length=cfg.max_length,
+        eval_batch_size=cfg.eval_batch_size,
+        max_steps=cfg.max_steps,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        val_check_interval=cfg.val_check_interval,
+        save_interval=cfg.save_interval,
+        keep_last=cfg.keep_last,
+    )
+    if cfg.val_data is None and cfg.val_size < 1:
+        raise ValueError("--val-size must be > 0 when no --val-data is given")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    return resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, env_world_size())
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[list, list, list | None]:
+    """Tokenised (train, validation, test) pair examples; validation held out of train if not given."""
+
+    def tokenize(path):
+        return tokenize_pairs(load_comparisons(path), tokenizer, cfg.max_length, cfg.too_long)[0]
+
+    train = tokenize(cfg.train_data)
+    if cfg.val_data is not None:
+        val = tokenize(cfg.val_data)
+    else:
+        if len(train) <= cfg.val_size:
+            raise ValueError(
+                f"{cfg.train_data}: {len(train)} usable pairs, too few to hold out --val-size {cfg.val_size}"
+            )
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held = set(order[: cfg.val_size])
+        val = [train[i] for i in sorted(held)]
+        train = [e for i, e in enumerate(train) if i not in held]
+    test = tokenize(cfg.test_data) if cfg.test_data is not None else None
+    return train, val, test
+
+
+def main(cfg: Config) -> None:
+    prog = "reward_model.py"
+    with one_line_errors(prog):
+        accum = check_config(cfg)
+        accelerator = make_accelerator(cfg.mixed_precision)
+        resume_from = resume_point(cfg.output_dir, cfg.resume)
+        seed_everything(cfg.seed)
+        tiny = cfg.model is None
+        if tiny:
+            cfg.model = default_model(cfg.output_dir, "reward", cfg.seed)
+        if cfg.train_data is None:
+            files = default_data(cfg.output_dir)
+            cfg.train_data = Path(files["train_comparisons"])
+            cfg.test_data = cfg.test_data or Path(files["test_comparisons"])
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"{cfg.model}: tokenizer has no pad token; set one (distinct from EOS)")
+        cfg.max_length = cfg.max_length or (TINY_MAX_LENGTH if tiny else PRETRAINED_MAX_LENGTH)
+        train, val, test = load_data(cfg, tokenizer)
+        lr = cfg.lr or (TINY_LR if tiny else PRETRAINED_LR)
+        plan = BatchPlan(
+            len(train), cfg.global_batch_size, cfg.seed, pair_lengths(train) if cfg.group_by_length else None
+        )
+        total = cfg.max_steps or max(1, math.floor(cfg.epochs * plan.steps_per_epoch))
+
+    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    model = load_for_training(cfg.model, "reward", lora, cfg.gradient_checkpointing)
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = cosine_schedule(optimizer, min(cfg.warmup_steps, total), total, lr * cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    raw_opt = optimizer.optimizer
+
+    step = 0
+    if resume_from is not None:
+        step, extra = load_checkpoint(
+            resume_from,
+            models={"model": model},
+            optimizers={"model": raw_opt},
+            schedulers={"model": scheduler},
+        )
+        if extra["global_batch_size"] != cfg.global_batch_size or extra["seed"] != cfg.seed:
+            raise SystemExit(f"{prog}: error: --global-batch-size and --seed must match the resumed run")
+        prepare_metrics_for_resume(cfg.output_dir, step)
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+
+    config_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    logger = MetricsLogger(cfg.output_dir, cfg.report_to, cfg.project, cfg.run_name, config_dict)
+    loss_fn = PairwiseRewardLoss(cfg.margin, cfg.center_coef)
+    collate = PairCollator(tokenizer.pad_token_id)
+
+    def validate(split: str, examples: list, at: int) -> dict[str, float]:
+        metrics = evaluate_pairs(model, examples, collate, cfg.eval_batch_size, device, loss_fn)
+        logger.log({f"{split}/{k}": v for k, v in metrics.items()}, at)
+        return metrics
+
+    last = min(total, cfg.stop_at_step or total)
+    bar = progress(total=total, initial=step, desc="reward model")
+    model.train()
+    while step < last:
+        avg = Averager()
+        micro = plan.micro_batches(step, cfg.micro_batch_size, rank, world)
+        for idx in accumulate(accelerator, model, micro):
+            batch = {k: v.to(device) for k, v in collate([train[j] for j in idx]).items()}
+            chosen, rejected = pair_scores(model, batch)
+            loss, stats = loss_fn(chosen, rejected)
+            accelerator.backward(loss / accum)
+            for name, value in [("loss", loss.detach()), *stats._asdict().items()]:
+                avg.add(name, value, len(idx))
+        update = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        step += 1
+        logs = {f"train/{k}": v for k, v in avg.reduce(device).items()}
+        logs.update({f"train/{k}": v for k, v in update.items()})
+        logs["train/epoch"] = step / plan.steps_per_epoch
+        logger.log(logs, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/accuracy']:.2f}")
+        if step % cfg.val_check_interval == 0 and step < total:
+            validate("val", val, step)
+        if step % cfg.save_interval == 0 or step == last < total:
+            save_checkpoint(
+                cfg.output_dir / CHECKPOINTS,
+                step,
+                models={"model": model},
+                optimizers={"model": raw_opt},
+                schedulers={"model": scheduler},
+                extra={
+                    "global_batch_size": cfg.global_batch_size,
+                    "seed": cfg.seed,
+                    "examples_seen": step * cfg.global_batch_size,
+                },
+                keep_last=cfg.keep_last,
+            )
+    bar.close()
+    if step < total:
+        accelerator.print(f"stopped at step {step} of {total} (--stop-at-step); continue with --resume")
+        logger.close()
+        return
+
+    final_val = validate("val", val, step)
+    results = {"val": final_val}
+    if test is not None:
+        results["test"] = validate("test", test, step)
+    final = cfg.output_dir / "final"
+    stats = {"reward_mean": final_val["reward_mean"], "reward_std": final_val["reward_std"]}
+    save_hf_model(model, final, tokenizer, config_updates=stats)
+    if accelerator.is_main_process:
+        from rlhf_kit.models.reward import save_reward_stats
+
+        save_reward_stats(
+            str(final), stats["reward_mean"], stats["reward_std"], num_pairs=final_val["num_pairs"]
+        )
+        write_json(cfg.output_dir / "eval_results.json", results)
+        accelerator.print(json.dumps(results, indent=2))
+    logger.close()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))

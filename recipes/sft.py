@@ -1,0 +1,343 @@
+"""Supervised fine-tuning: causal-LM loss on responses only (prompt tokens masked), optional packing.
+
+    python recipes/sft.py                                          # embedded default: tiny model, HH sample
+    python recipes/sft.py --model org/base --train-data data/hh/train_comparisons.jsonl --output-dir out/sft
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml recipes/sft.py --model ...
+
+Trains on the chosen side of comparison files (``--data-format comparisons``) or on text records
+(``--data-format text``: ``{"text"}`` split after the last ``--response-marker``, ``{"prompt",
+"response"}`` or ``{"messages"}``). Writes ``<output-dir>/metrics.jsonl``, resumable checkpoints and
+``<output-dir>/final``: a causal-LM HF directory with its tokenizer, the ``--model`` of the RM and PPO
+recipes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from _defaults import (
+    PRETRAINED_LR,
+    PRETRAINED_MAX_LENGTH,
+    TINY_LR,
+    TINY_MAX_LENGTH,
+    default_data,
+    default_model,
+)
+
+from rlhf_kit.data import PackedSFTCollator, SFTCollator, iter_jsonl, load_comparisons, tokenize_sft
+from rlhf_kit.training import (
+    MetricsLogger,
+    build_optimizer,
+    check_model_path,
+    check_path_exists,
+    cosine_schedule,
+    load_checkpoint,
+    progress,
+    resolve_batch_sizes,
+    save_checkpoint,
+    seed_everything,
+)
+from rlhf_kit.training.batching import BatchPlan
+from rlhf_kit.training.dist import all_reduce_sum, env_world_size
+from rlhf_kit.training.evaluation import count_label_tokens, evaluate_lm, lm_loss
+from rlhf_kit.training.hf import (
+    LoraSettings,
+    MixedPrecision,
+    load_for_training,
+    make_accelerator,
+    save_hf_model,
+)
+from rlhf_kit.training.metrics import Averager
+from rlhf_kit.training.run import (
+    CHECKPOINTS,
+    check_positive,
+    one_line_errors,
+    prepare_metrics_for_resume,
+    resume_point,
+    write_json,
+)
+from rlhf_kit.training.step import accumulate, optimizer_step
+
+
+@dataclass
+class Config:
+    """Supervised fine-tuning of a causal LM with the loss on response tokens only."""
+
+    model: str | None = None
+    """HF model directory or hub id. Unset: a random-init tiny llama and BPE tokenizer are built under
+    <output-dir>/tiny_causal_lm (embedded default)."""
+    train_data: Path | None = None
+    """Training file (see --data-format). Unset: the chosen dialogues of the shipped HH sample."""
+    val_data: Path | None = None
+    """Validation file. Unset: --val-size examples are held out of the training data."""
+    test_data: Path | None = None
+    """Test file, evaluated once after training. Unset with default data: the HH test split."""
+    data_format: Literal["comparisons", "text"] = "comparisons"
+    """comparisons: train on the chosen side of comparison files. text: {"text"}, {"prompt","response"}
+    or {"messages"} records."""
+    response_marker: str = "Assistant:"
+    """Plain texts are split after the last occurrence of this: the loss covers what follows. Empty: the
+    whole text is the response."""
+    val_size: int = 128
+    """Examples held out of the training data for validation when --val-data is not given."""
+    output_dir: Path = Path("outputs/sft")
+    """Where metrics.jsonl, checkpoints/ and final/ are written."""
+    max_length: int | None = None
+    """Longest example in tokens. Unset: 256 for the embedded default, else 1024."""
+    too_long: Literal["drop", "truncate"] = "truncate"
+    """Examples over --max-length are truncated (keeping the start) or dropped; counted and reported."""
+    packing: bool = False
+    """Concatenate each micro-batch into one padding-free row (position ids restart per example)."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward pass on each process."""
+    global_batch_size: int = 32
+    """Examples per optimizer step over all processes (= micro batch x accumulation steps x world size)."""
+    eval_batch_size: int = 16
+    """Examples per forward pass during validation and test."""
+    max_steps: int | None = None
+    """Optimizer steps to train. Unset: --epochs passes over the training data."""
+    epochs: float = 1.0
+    """Passes over the training data when --max-steps is not given."""
+    lr: float | None = None
+    """Peak learning rate. Unset: 1e-3 for the embedded tiny model, 1e-5 for a given --model."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr x min-lr-ratio."""
+    warmup_steps: int = 10
+    """Linear warm-up steps (capped at the total)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 disables clipping; the norm is still logged)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more compute)."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains all weights. The final model has the adapter merged in."""
+    lora_alpha: float = 16.0
+    """LoRA alpha (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target_modules: str = "all-linear"
+    """Comma-separated module names to adapt, or "all-linear"."""
+    mixed_precision: MixedPrecision = "auto"
+    """auto: the accelerate config's setting, else bf16 where the GPU supports it, else fp32."""
+    val_check_interval: int = 50
+    """Validate every this many optimizer steps (and after the last one)."""
+    save_interval: int = 100
+    """Save a resumable checkpoint every this many optimizer steps."""
+    keep_last: int = 2
+    """Keep only this many newest checkpoints."""
+    resume: bool = False
+    """Continue from the latest checkpoint in <output-dir>/checkpoints."""
+    stop_at_step: int | None = None
+    """Stop after this step with a checkpoint, as if interrupted (time-boxed jobs; resume tests)."""
+    report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
+    """Metric sinks; metrics.jsonl is always written. wandb honours WANDB_MODE=offline."""
+    project: str = "rlhf-kit"
+    """wandb project."""
+    run_name: str | None = None
+    """wandb run name / tensorboard label."""
+    seed: int = 0
+    """Seed for data order, validation split and initialisation."""
+
+
+def check_config(cfg: Config) -> int:
+    """Every check that needs no model: paths, sizes, batch arithmetic. Returns gradient accumulation."""
+    if cfg.model is not None:
+        check_model_path(cfg.model)
+    for name, what in (
+        ("train_data", "training data"),
+        ("val_data", "validation data"),
+        ("test_data", "test data"),
+    ):
+        if getattr(cfg, name) is not None:
+            check_path_exists(getattr(cfg, name), what)
+    check_positive(
+        max_length=cfg.max_length,
+        eval_batch_size=cfg.eval_batch_size,
+        max_steps=cfg.max_steps,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        val_check_interval=cfg.val_check_interval,
+        save_interval=cfg.save_interval,
+        keep_last=cfg.keep_last,
+    )
+    if cfg.val_data is None and cfg.val_size < 1:
+        raise ValueError("--val-size must be > 0 when no --val-data is given")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    return resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, env_world_size())
+
+
+def load_items(path: Path, data_format: str) -> list:
+    """SFT items of a file: chosen texts of comparisons, or text / prompt+response / messages records."""
+    if data_format == "comparisons":
+        return [chosen for chosen, _ in load_comparisons(path)]
+    items: list = []
+    for lineno, rec in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        if isinstance(rec.get("text"), str):
+            items.append(rec["text"])
+        elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
+            items.append((rec["prompt"], rec["response"]))
+        elif isinstance(rec.get("messages"), list):
+            items.append(rec["messages"])
+        else:
+            raise ValueError(
+                f"{where}: expected a string field 'text', 'prompt'+'response' or a 'messages' list"
+            )
+    if not items:
+        raise ValueError(f"{path}: empty file (no records)")
+    return items
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[list, list, list | None]:
+    """Tokenised (train, validation, test) examples; validation held out of train if not given."""
+    marker = cfg.response_marker or None
+
+    def tokenize(path):
+        return tokenize_sft(
+            load_items(path, cfg.data_format), tokenizer, cfg.max_length, cfg.too_long, marker
+        )[0]
+
+    train = tokenize(cfg.train_data)
+    if cfg.val_data is not None:
+        val = tokenize(cfg.val_data)
+    else:
+        if len(train) <= cfg.val_size:
+            raise ValueError(
+                f"{cfg.train_data}: {len(train)} usable examples, too few to hold out --val-size {cfg.val_size}"
+            )
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held = set(order[: cfg.val_size])
+        val = [train[i] for i in sorted(held)]
+        train = [e for i, e in enumerate(train) if i not in held]
+    test = tokenize(cfg.test_data) if cfg.test_data is not None else None
+    return train, val, test
+
+
+def main(cfg: Config) -> None:
+    prog = "sft.py"
+    with one_line_errors(prog):
+        check_config(cfg)  # also checks that the global batch divides (micro_batches splits it)
+        accelerator = make_accelerator(cfg.mixed_precision)
+        resume_from = resume_point(cfg.output_dir, cfg.resume)
+        seed_everything(cfg.seed)
+        tiny = cfg.model is None
+        if tiny:
+            cfg.model = default_model(cfg.output_dir, "causal_lm", cfg.seed)
+        if cfg.train_data is None:
+            files = default_data(cfg.output_dir)
+            cfg.train_data, cfg.data_format = Path(files["train_comparisons"]), "comparisons"
+            cfg.test_data = cfg.test_data or Path(files["test_comparisons"])
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"{cfg.model}: tokenizer has no pad token; set one (distinct from EOS)")
+        cfg.max_length = cfg.max_length or (TINY_MAX_LENGTH if tiny else PRETRAINED_MAX_LENGTH)
+        train, val, test = load_data(cfg, tokenizer)
+        lr = cfg.lr or (TINY_LR if tiny else PRETRAINED_LR)
+        plan = BatchPlan(len(train), cfg.global_batch_size, cfg.seed)
+        total = cfg.max_steps or max(1, math.floor(cfg.epochs * plan.steps_per_epoch))
+
+    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    model = load_for_training(cfg.model, "causal_lm", lora, cfg.gradient_checkpointing)
+    optimizer = build_optimizer(model, lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = cosine_schedule(optimizer, min(cfg.warmup_steps, total), total, lr * cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    raw_opt = optimizer.optimizer
+
+    step = 0
+    if resume_from is not None:
+        step, extra = load_checkpoint(
+            resume_from,
+            models={"model": model},
+            optimizers={"model": raw_opt},
+            schedulers={"model": scheduler},
+        )
+        if extra["global_batch_size"] != cfg.global_batch_size or extra["seed"] != cfg.seed:
+            raise SystemExit(f"{prog}: error: --global-batch-size and --seed must match the resumed run")
+        prepare_metrics_for_resume(cfg.output_dir, step)
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+
+    config_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    logger = MetricsLogger(cfg.output_dir, cfg.report_to, cfg.project, cfg.run_name, config_dict)
+    collate = PackedSFTCollator() if cfg.packing else SFTCollator(tokenizer.pad_token_id)
+    eval_collate = SFTCollator(tokenizer.pad_token_id)
+
+    def validate(split: str, examples: list, at: int) -> dict[str, float]:
+        metrics = evaluate_lm(model, examples, eval_collate, cfg.eval_batch_size, device)
+        logger.log({f"{split}/{k}": v for k, v in metrics.items()}, at)
+        return metrics
+
+    last = min(total, cfg.stop_at_step or total)
+    bar = progress(total=total, initial=step, desc="sft")
+    model.train()
+    while step < last:
+        avg = Averager()
+        batches = [
+            collate([train[j] for j in idx])
+            for idx in plan.micro_batches(step, cfg.micro_batch_size, rank, world)
+        ]
+        # Every micro-batch is divided by the global token count: accumulation == one big batch.
+        tokens = all_reduce_sum([sum(count_label_tokens(b["labels"]) for b in batches)], device)[0]
+        loss_sum = 0.0
+        for batch in accumulate(accelerator, model, batches):
+            loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()}, max(tokens, 1.0) / world)
+            accelerator.backward(loss)
+            loss_sum += float(loss.detach())
+        avg.add("loss", loss_sum)
+        update = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        step += 1
+        logs = {f"train/{k}": v for k, v in avg.reduce(device).items()}
+        logs.update({f"train/{k}": v for k, v in update.items()})
+        logs.update({"train/tokens": tokens, "train/epoch": step / plan.steps_per_epoch})
+        logger.log(logs, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+        if step % cfg.val_check_interval == 0 and step < total:
+            validate("val", val, step)
+        if step % cfg.save_interval == 0 or step == last < total:
+            save_checkpoint(
+                cfg.output_dir / CHECKPOINTS,
+                step,
+                models={"model": model},
+                optimizers={"model": raw_opt},
+                schedulers={"model": scheduler},
+                extra={
+                    "global_batch_size": cfg.global_batch_size,
+                    "seed": cfg.seed,
+                    "examples_seen": step * cfg.global_batch_size,
+                },
+                keep_last=cfg.keep_last,
+            )
+    bar.close()
+    if step < total:
+        accelerator.print(f"stopped at step {step} of {total} (--stop-at-step); continue with --resume")
+        logger.close()
+        return
+
+    results = {"val": validate("val", val, step)}
+    if test is not None:
+        results["test"] = validate("test", test, step)
+    save_hf_model(model, cfg.output_dir / "final", tokenizer)
+    if accelerator.is_main_process:
+        write_json(cfg.output_dir / "eval_results.json", results)
+        accelerator.print(results)
+    logger.close()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))

@@ -1,0 +1,40 @@
+"""The optimizer-step pieces every recipe repeats: gradient-accumulation sync and the update itself."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from typing import Any, TypeVar
+
+from torch import nn
+
+from rlhf_kit.training.optim import clip_grad_norm
+
+T = TypeVar("T")
+
+
+def accumulate(accelerator: Any, model: nn.Module, micro_batches: Sequence[T]) -> Iterator[T]:
+    """Yield micro-batches; gradients are synchronised across processes only for the last one (DDP).
+
+    Run forward *and* backward inside the loop body: the no-sync context is open while it runs.
+    """
+    for i, mb in enumerate(micro_batches):
+        ctx = accelerator.no_sync(model) if i < len(micro_batches) - 1 else nullcontext()
+        with ctx:
+            yield mb
+
+
+def optimizer_step(
+    accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any, max_grad_norm: float
+) -> dict:
+    """Unscale (fp16), clip, step the optimizer and the schedule, zero grads.
+
+    Returns ``{"grad_norm": pre-clip norm, "lr": learning rate used for this step}``.
+    """
+    accelerator.unscale_gradients()
+    grad_norm = clip_grad_norm(model, max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": grad_norm, "lr": lr}

@@ -1,0 +1,286 @@
+"""The reward-model recipe through its real CLI, on a tiny model and synthetic comparisons."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from rlhf_kit.data import write_comparisons
+from rlhf_kit.training import read_metrics
+from tests.conftest import make_reward_model
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(ROOT / "recipes" / "reward_model.py")
+WORDS = ["the", "dog", "water", "red", "blue", "happy", "apple", "okay", "no", "maybe", "sure", "cat"]
+MARKERS = ["thanks", "banana", "purple", "seven", "yellow", "hello", "apple maybe"]
+
+
+def run(*args: str, check: bool = True, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = (launcher or [sys.executable]) + [SCRIPT, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def marker_pairs(n: int, seed: int, marker: str) -> list[tuple[str, str]]:
+    """Chosen and rejected responses differ in one word: the marker in the chosen, another in the rejected."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = "User: " + " ".join(rng.choices(WORDS, k=3)) + "\n\nAssistant:"
+        words = rng.choices(WORDS, k=rng.randint(2, 5))
+        k = rng.randint(0, len(words))
+        chosen = words[:k] + [marker] + words[k:]
+        rejected = words[:k] + [rng.choice(WORDS)] + words[k:]
+        pairs.append((prompt + " " + " ".join(chosen), prompt + " " + " ".join(rejected)))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("rm")
+    model_dir = root / "tiny_rm"
+    make_reward_model(tokenizer, "llama", seed=0, hidden_size=32, intermediate_size=64).save_pretrained(
+        model_dir
+    )
+    tokenizer.save_pretrained(model_dir)
+    # The marker the random-init model ranks worst, so that the rule must be learnt (not there by chance).
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    init_acc = {m: pair_accuracy(model, tokenizer, marker_pairs(64, 0, m)) for m in MARKERS}
+    marker = min(init_acc, key=init_acc.get)
+    assert init_acc[marker] < 0.6, init_acc
+    write_comparisons(root / "train.jsonl", marker_pairs(256, 1, marker))
+    write_comparisons(root / "val.jsonl", marker_pairs(64, 2, marker))
+    common = [
+        "--model",
+        str(model_dir),
+        "--train-data",
+        str(root / "train.jsonl"),
+        "--val-data",
+        str(root / "val.jsonl"),
+        "--max-length",
+        "48",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+    ]
+    return root, common, marker
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    """6 steps of micro batch 4 x accumulation 1, validated every 3 steps."""
+    root, common, marker = setup
+    out = root / "full"
+    run(
+        *common,
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "4",
+        "--val-check-interval",
+        "3",
+        "--save-interval",
+        "3",
+    )
+    return out
+
+
+@torch.no_grad()
+def pair_accuracy(model, tokenizer, pairs) -> float:
+    chosen, rejected = zip(*pairs)
+    enc = tokenizer(list(chosen) + list(rejected), return_tensors="pt", padding=True)
+    scores = model(**enc).logits[:, 0]
+    return (scores[: len(chosen)] > scores[len(chosen) :]).float().mean().item()
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def train_losses(out: Path) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
+
+
+def test_learns_marker_rule_and_writes_a_loadable_model(setup):
+    root, common, marker = setup
+    out = root / "learn"
+    run(
+        *common,
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "40",
+        "--micro-batch-size",
+        "8",
+        "--global-batch-size",
+        "16",
+        "--val-check-interval",
+        "20",
+        "--save-interval",
+        "20",
+        "--test-data",
+        str(root / "val.jsonl"),
+        "--report-to",
+        "jsonl",
+        "tensorboard",
+    )
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["val"]["accuracy"] > 0.95 and results["test"]["accuracy"] > 0.95
+    rows = read_metrics(out)
+    assert rows[0]["train/accuracy"] < 0.7  # the rule is learnt, not there from the start
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 41))
+    val_rows = [r for r in rows if "val/accuracy" in r]
+    assert [r["step"] for r in val_rows] == [20, 40]
+    assert {"val/loss", "val/chosen_reward", "val/rejected_reward"} <= set(val_rows[0])
+    assert any("test/accuracy" in r for r in rows)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_20", "step_40"]
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    stats = json.loads((out / "final" / "reward_stats.json").read_text())
+    assert stats["mean"] == pytest.approx(results["val"]["reward_mean"])
+    assert model.config.reward_mean == pytest.approx(stats["mean"]) and model.config.reward_std > 0
+    # the loaded model ranks fresh pairs by the rule
+    from transformers import AutoTokenizer
+
+    assert (
+        pair_accuracy(model, AutoTokenizer.from_pretrained(out / "final"), marker_pairs(32, 3, marker)) > 0.9
+    )
+
+
+def test_resume_equals_uninterrupted(setup, uninterrupted):
+    root, common, marker = setup
+    out = root / "resumed"
+    args = [
+        *common,
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "4",
+        "--val-check-interval",
+        "3",
+        "--save-interval",
+        "3",
+    ]
+    first = run(*args, "--stop-at-step", "3")
+    assert "stopped at step 3" in first.stdout and not (out / "final").exists()
+    run(*args, "--resume")
+    assert train_losses(out) == train_losses(uninterrupted)
+    a, b = final_weights(out), final_weights(uninterrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    val = [r["val/accuracy"] for r in read_metrics(out) if "val/accuracy" in r]
+    assert val == [r["val/accuracy"] for r in read_metrics(uninterrupted) if "val/accuracy" in r]
+
+
+def test_micro_batch_times_accumulation_is_equivalent(setup, uninterrupted):
+    root, common, marker = setup
+    out = root / "micro1"
+    run(
+        *common,
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "4",
+        "--val-check-interval",
+        "3",
+        "--save-interval",
+        "100",
+    )
+    assert train_losses(out) == pytest.approx(train_losses(uninterrupted), abs=1e-5)
+    a, b = final_weights(out), final_weights(uninterrupted)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+def test_two_processes_match_one(setup, uninterrupted):
+    """accelerate launch with 2 CPU processes (DDP over gloo), micro 2 each: same as 1 process x micro 4."""
+    root, common, marker = setup
+    out = root / "ddp"
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    run(
+        *common,
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--val-check-interval",
+        "3",
+        "--save-interval",
+        "100",
+        launcher=launcher,
+    )
+    assert train_losses(out) == pytest.approx(train_losses(uninterrupted), abs=1e-5)
+    val = [r["val/accuracy"] for r in read_metrics(out) if "val/accuracy" in r]
+    assert val == pytest.approx(
+        [r["val/accuracy"] for r in read_metrics(uninterrupted) if "val/accuracy" in r]
+    )
+    a, b = final_weights(out), final_weights(uninterrupted)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--global-batch-size", "10", "--micro-batch-size", "4"],
+            "global batch 10 is not divisible by micro batch 4 x world size 1 = 4",
+        ),
+        (["--train-data", "/nonexistent/train.jsonl"], "training data not found: /nonexistent/train.jsonl"),
+        (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
+    ],
+)
+def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = run("--output-dir", str(out), *args, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"reward_model.py: error: {message}"), proc.stderr
+    assert not (out / "tiny_reward").exists()  # stopped before any model was built or loaded
+
+
+def test_existing_run_needs_resume(setup, uninterrupted):
+    proc = run("--output-dir", str(uninterrupted), check=False)
+    assert (
+        proc.returncode == 2 and "pass --resume" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    )

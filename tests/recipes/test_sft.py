@@ -1,0 +1,241 @@
+"""The SFT recipe through its real CLI, on a tiny causal LM and synthetic data."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf_kit.data import write_comparisons, write_jsonl
+from rlhf_kit.training import read_metrics
+from tests.conftest import make_causal_lm
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(ROOT / "recipes" / "sft.py")
+WORDS = ["the", "dog", "water", "red", "blue", "happy", "apple", "no", "maybe", "sure", "cat"]
+ANSWER = " okay thanks"
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sft.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def prompt(rng: random.Random) -> str:
+    return "User: " + " ".join(rng.choices(WORDS, k=rng.randint(2, 6))) + "\n\nAssistant:"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("sft")
+    model_dir = root / "tiny_lm"
+    make_causal_lm(tokenizer, "llama", seed=0, hidden_size=32, intermediate_size=64).save_pretrained(
+        model_dir
+    )
+    tokenizer.save_pretrained(model_dir)
+    rng = random.Random(0)
+    # text records in the three accepted shapes; the response is always ANSWER
+    records = []
+    for i in range(160):
+        p = prompt(rng)
+        if i % 3 == 0:
+            records.append({"text": p + ANSWER})
+        elif i % 3 == 1:
+            records.append({"prompt": p, "response": ANSWER})
+        else:
+            records.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": p[6:-12]},
+                        {"role": "assistant", "content": ANSWER[1:]},
+                    ]
+                }
+            )
+    write_jsonl(root / "train.jsonl", records)
+    write_jsonl(root / "val.jsonl", [{"prompt": prompt(rng), "response": ANSWER} for _ in range(32)])
+    # comparison data (chosen responses of varied length) for the resume / equivalence runs
+    pairs = [
+        (prompt(rng) + " " + " ".join(rng.choices(WORDS, k=rng.randint(1, 8))), prompt(rng) + " no")
+        for _ in range(96)
+    ]
+    write_comparisons(root / "pairs.jsonl", pairs)
+    common = [
+        "--model",
+        str(model_dir),
+        "--max-length",
+        "48",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--val-size",
+        "16",
+    ]
+    return root, common
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    """6 steps on comparison data, micro batch 4 x accumulation 1."""
+    root, common = setup
+    out = root / "full"
+    run(
+        *common,
+        "--train-data",
+        str(root / "pairs.jsonl"),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "4",
+        "--val-check-interval",
+        "3",
+        "--save-interval",
+        "3",
+    )
+    return out
+
+
+def equivalent_run(setup, name: str, *args: str) -> Path:
+    root, common = setup
+    out = root / name
+    run(
+        *common,
+        "--train-data",
+        str(root / "pairs.jsonl"),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--global-batch-size",
+        "4",
+        "--val-check-interval",
+        "3",
+        *args,
+    )
+    return out
+
+
+def losses(out: Path, key: str = "train/loss") -> list[float]:
+    return [r[key] for r in read_metrics(out) if key in r]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def test_learns_the_response_and_writes_a_loadable_model(setup):
+    root, common = setup
+    out = root / "learn"
+    run(
+        *common,
+        "--train-data",
+        str(root / "train.jsonl"),
+        "--val-data",
+        str(root / "val.jsonl"),
+        "--test-data",
+        str(root / "val.jsonl"),
+        "--data-format",
+        "text",
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "30",
+        "--micro-batch-size",
+        "8",
+        "--global-batch-size",
+        "16",
+        "--val-check-interval",
+        "15",
+        "--packing",
+        "--lr",
+        "1e-2",
+    )
+    results = json.loads((out / "eval_results.json").read_text())
+    train = losses(out)
+    assert len(train) == 30 and train[-1] < 0.2 * train[0]
+    assert results["val"]["loss"] < 0.5 and results["test"]["loss"] == pytest.approx(results["val"]["loss"])
+    assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == [15, 30]
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("User: red dog\n\nAssistant:", return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).startswith(ANSWER)
+
+
+def test_resume_equals_uninterrupted(setup, uninterrupted):
+    args = ["--micro-batch-size", "4", "--save-interval", "3"]
+    out = equivalent_run(setup, "resumed", *args, "--stop-at-step", "3")
+    assert not (out / "final").exists()
+    equivalent_run(setup, "resumed", *args, "--resume")
+    assert losses(out) == losses(uninterrupted)
+    assert losses(out, "val/loss") == losses(uninterrupted, "val/loss")
+    a, b = weights(out), weights(uninterrupted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [["--micro-batch-size", "1"], ["--micro-batch-size", "4", "--packing"]],
+    ids=["micro1_accum4", "packed"],
+)
+def test_token_weighted_accumulation_and_packing_match(setup, uninterrupted, variant):
+    out = equivalent_run(setup, "variant_" + "_".join(variant).replace("-", ""), *variant)
+    assert losses(out) == pytest.approx(losses(uninterrupted), abs=1e-5)
+    a, b = weights(out), weights(uninterrupted)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--global-batch-size", "6", "--micro-batch-size", "4"],
+            "global batch 6 is not divisible by micro batch 4 x world size 1 = 4",
+        ),
+        (["--val-data", "/nonexistent/val.jsonl"], "validation data not found: /nonexistent/val.jsonl"),
+        (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
+    ],
+)
+def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
+    proc = run("--output-dir", str(tmp_path / "out"), *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"sft.py: error: {message}"), (
+        proc.stderr
+    )
+    assert not (tmp_path / "out" / "tiny_causal_lm").exists()
+
+
+def test_bad_record_names_file_and_line(setup, tmp_path):
+    root, common = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "User: hi\\n\\nAssistant: yo"}\n{"response": "no prompt"}\n')
+    proc = run(
+        *common,
+        "--train-data",
+        str(bad),
+        "--data-format",
+        "text",
+        "--output-dir",
+        str(tmp_path / "o"),
+        check=False,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"sft.py: error: {bad}:2: expected a string field 'text', 'prompt'+'response' or a 'messages' list"
+    ]
