@@ -115,6 +115,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         score_rollouts,
     )
     from rlhf_kit.rollout import RolloutBuffer
+    from rlhf_kit.training.offload import offload_model, offloaded
     from rlhf_kit.training.optim import build_optimizer
 
     device = _device(args)
@@ -140,6 +141,9 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     collate = PromptCollator(tok.pad_token_id)
     policy_loss, value_loss = PPOPolicyLoss(0.2), ValueLoss(0.2)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    idle = [ref, rm] if args.offload_idle else []  # as recipes/ppo.py --offload-idle-models
+    for m in idle:
+        offload_model(m)
     clock = PhaseClock(device)
     steps: list[dict[str, Any]] = []
     reset_peak_memory(device)
@@ -147,13 +151,15 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     def one_step(step: int) -> dict[str, Any]:
         clock.start()
         batch = stream.next_batch(sh["batch"])
-        with torch.no_grad():
+        with torch.no_grad(), offloaded(*idle, device=device):  # idle models come back for scoring
             gens = generate_rollouts(backend, batch, collate, params, sh["batch"], device)
         clock.lap("generate")
         with autocast:
             data = score_rollouts(
                 gens, actor, ref, critic, RewardModelScorer(rm), exp_cfg, None, tok.pad_token_id
             )
+        for m in idle:  # on the host again until the next scoring phase
+            offload_model(m)
         data, stats = compute_advantages(data, 0.05, exp_cfg)
         clock.lap("score")
         buffer = RolloutBuffer(pad_token_id=tok.pad_token_id, seed=step)
@@ -184,6 +190,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res = summarize(steps, args.warmup)
     res.update(mem)
     res["backend_mode"] = backend.mode
+    res["offload_idle"] = bool(args.offload_idle)
     if args.profile and device.type == "cuda":
         res["profile"] = profile_step(one_step, args.steps, device)
     return res
@@ -367,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--score-micro", type=int, default=0, help="ours: scoring micro-batch (0: whole batch)")
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--profile", action="store_true", help="ours: one more step under torch.profiler")
+    ap.add_argument(
+        "--offload-idle", action="store_true", help="ours: reference and RM on the host except while scoring"
+    )
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per worker")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -415,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         passthrough.append("--tiny")
     if args.profile:
         passthrough.append("--profile")
+    if args.offload_idle:
+        passthrough.append("--offload-idle")
     for config in args.configs:
         entry: dict[str, Any] = {"config": config}
         for system in args.systems:

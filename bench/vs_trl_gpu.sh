@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The TRL comparisons on the GPU machine, in one call (see bench/README.md).
+#   bash bench/vs_trl_gpu.sh a    # PPO config A (+ profile of our step) and the reward-model benchmark
+#   bash bench/vs_trl_gpu.sh b    # PPO config B (ours with and without --offload-idle)
+# Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
+# installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
+set -u
+phase=${1:-a}
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false
+pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
+pipi /tmp/site .whl/*.whl || exit 1
+pipi /tmp/site112 .whl112/*.whl || exit 1
+if ! python3 -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)"; then
+  pipi /tmp/site .whl_pa/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, transformers, accelerate, datasets, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__, 'trl', trl.__version__)"
+WORK=/tmp/bench_work
+if [ "$phase" = a ]; then
+  python3 bench/ppo_vs_trl.py --configs A --trl-site /tmp/site112 --profile --timeout 240 --work $WORK --out "$OUT" 2>&1 | tee "$OUT/ppo_log.txt"
+  python3 bench/rm_vs_trl.py --timeout 150 --work $WORK --out "$OUT" 2>&1 | tee "$OUT/rm_log.txt"
+else
+  python3 bench/ppo_vs_trl.py --configs B --systems trl ours --trl-site /tmp/site112 --timeout 200 --work $WORK --out "$OUT" 2>&1 | tee "$OUT/ppo_log.txt"
+  mv "$OUT/ppo_vs_trl.json" "$OUT/ppo_b.json"
+  python3 bench/ppo_vs_trl.py --configs B --systems ours --offload-idle --timeout 150 --work $WORK --out "$OUT" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  mv "$OUT/ppo_vs_trl.json" "$OUT/ppo_b_offload.json"
+fi
+python3 bench/common.py chart "$OUT" "$OUT/benchmarks_vs_trl.png" || true
+cat "$OUT"/*.md
