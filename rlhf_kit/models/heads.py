@@ -52,7 +52,8 @@ def per_token_scores(
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
-    return head(hidden)[..., 0].float()
+    # a copy, not a view: FSDP2 hooks the module output for backward and in-place ops on views drop it
+    return head(hidden)[..., 0].float().clone()
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

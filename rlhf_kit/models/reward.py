@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForSequenceClassification
 
-from rlhf_kit.models.heads import backbone_and_head, last_token_index, position_ids_from_mask
+from rlhf_kit.models.heads import position_ids_from_mask
 
 REWARD_STATS_FILE = "reward_stats.json"
 
@@ -29,21 +29,23 @@ def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """Score each sequence at its last real token.
 
     Args:
-        input_ids, attention_mask: ``(b, t)``, left or right padded.
+        input_ids, attention_mask: ``(b, t)``, left or right padded (position ids are derived from the
+            mask, so left padding does not shift positions).
 
     Returns:
-        ``(b,)`` float32 rewards. Only the last token's hidden state goes through the head.
+        ``(b,)`` float32 rewards. The call goes through the model's own ``forward`` (so FSDP2 / DDP
+        hooks run); HF pools at the last token that is not ``config.pad_token_id``, which is the last
+        real token because rlhf_kit requires a pad token distinct from every content token and EOS.
     """
-    backbone, head = backbone_and_head(model)
-    hidden = backbone(
+    if getattr(model.config, "pad_token_id", None) is None:
+        raise ValueError("reward model config has no pad_token_id; set one distinct from EOS")
+    out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
-    ).last_hidden_state
-    idx = last_token_index(attention_mask)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-    return head(last)[:, 0].float()
+    )
+    return out.logits[:, 0].float()
 
 
 def save_reward_stats(path: str, mean: float, std: float, **extra) -> None:
