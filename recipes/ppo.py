@@ -101,7 +101,7 @@ class PPOConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
-    lora_rank: int = 0
+    lora_r: int = 0
     """>0 trains LoRA adapters on the actor; the reference is then the actor with adapters disabled."""
     lora_alpha: int = 16
     gradient_checkpointing: bool = False
@@ -118,7 +118,7 @@ class PPOConfig:
     save_interval: int = 2
     resume: bool = False
     """Continue from the latest checkpoint in output_dir."""
-    keep_last_checkpoints: int = 2
+    keep_last: int = 2
     report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
     run_name: str | None = None
     seed: int = 0
@@ -222,11 +222,11 @@ def main(cfg: PPOConfig) -> dict:
         raise ValueError(f"{cfg.actor}: the tokenizer needs a pad token distinct from EOS")
     actor = AutoModelForCausalLM.from_pretrained(cfg.actor)
     reference = None
-    if cfg.lora_rank > 0:
+    if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
         actor = get_peft_model(
-            actor, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules="all-linear")
+            actor, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear")
         )
     else:
         reference = AutoModelForCausalLM.from_pretrained(cfg.actor).eval().requires_grad_(False).to(device)
@@ -409,19 +409,19 @@ def main(cfg: PPOConfig) -> dict:
                 optimizers={"actor": actor_opt, "critic": critic_opt},
                 schedulers={"actor": actor_sched, "critic": critic_sched},
                 extra={"kl_controller": kl_ctl.state_dict(), "prompt_stream": stream.state_dict()},
-                keep_last=cfg.keep_last_checkpoints,
+                keep_last=cfg.keep_last,
             )
     bar.close()
 
     # 8. Final models as standard HF directories.
     acc.wait_for_everyone()
     final_actor = acc.unwrap_model(actor)
-    if cfg.lora_rank > 0:
+    if cfg.lora_r > 0:
         final_actor = final_actor.merge_and_unload()
     actor_sd, critic_sd = acc.get_state_dict(actor), acc.get_state_dict(critic)
     if acc.is_main_process:
         final_actor.save_pretrained(
-            os.path.join(cfg.output_dir, "final"), state_dict=None if cfg.lora_rank else actor_sd
+            os.path.join(cfg.output_dir, "final"), state_dict=None if cfg.lora_r else actor_sd
         )
         tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
         critic_sd = {k.removeprefix("model."): v for k, v in critic_sd.items()}
