@@ -67,15 +67,24 @@ def apply_fsdp2(
 ) -> nn.Module:
     """Shard ``model`` in place with FSDP2: each decoder layer, then the root. Returns ``model``.
 
-    ``mesh`` defaults to a 1-D mesh over all ranks on the current device type; ``mixed_precision`` is
+    ``mesh`` defaults to a 1-D mesh over all ranks on the device type of the model's parameters
+    (so a CPU model shards over gloo even on a machine with GPUs); ``mixed_precision`` is
     a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 params, fp32 reduce) or None.
     Needs an initialised process group.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kw: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
-    if mesh is not None:
-        kw["mesh"] = mesh
+    if (
+        mesh is None
+    ):  # one data-parallel dimension on the device the model lives on (gloo on CPU, nccl on GPU)
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        first = next(model.parameters(), None)
+        device_type = first.device.type if first is not None and first.device.type != "meta" else None
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    kw: dict[str, Any] = {"reshard_after_forward": reshard_after_forward, "mesh": mesh}
     kw["mp_policy"] = mixed_precision if mixed_precision is not None else MixedPrecisionPolicy()
     for layer in find_decoder_layers(model):
         fully_shard(layer, **kw)
