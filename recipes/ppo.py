@@ -13,7 +13,6 @@ NeMo-Aligner where they fit a CPU demo; see docs/ppo.md for the full-scale value
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -167,7 +166,7 @@ def load_reward_fn(spec: str):
 
 
 def main(cfg: PPOConfig) -> dict:
-    from accelerate import Accelerator
+    from accelerate import DistributedType
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
@@ -192,6 +191,7 @@ def main(cfg: PPOConfig) -> dict:
     from rlhf_kit.rollout import RolloutBuffer
     from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rlhf_kit.training.dist import seed_everything
+    from rlhf_kit.training.hf import LoraSettings, load_for_training, make_accelerator, save_hf_model
     from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
     from rlhf_kit.training.offload import (
         offload_model,
@@ -200,14 +200,12 @@ def main(cfg: PPOConfig) -> dict:
         onload_optimizer_state,
     )
     from rlhf_kit.training.optim import build_optimizer, cosine_schedule
+    from rlhf_kit.training.run import prepare_metrics_for_resume, write_json
 
     # 1. Check the configuration before touching any model.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    acc = Accelerator(mixed_precision=mp)
+    acc = make_accelerator(cfg.mixed_precision)
     device = acc.device
     seed_everything(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -220,17 +218,15 @@ def main(cfg: PPOConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.actor)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{cfg.actor}: the tokenizer needs a pad token distinct from EOS")
-    actor = AutoModelForCausalLM.from_pretrained(cfg.actor)
-    reference = None
-    if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        actor = get_peft_model(
-            actor, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear")
-        )
-    else:
+    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
+    actor = load_for_training(cfg.actor, "causal_lm", lora, cfg.gradient_checkpointing)
+    reference = None  # with LoRA the reference is the actor with its adapters disabled
+    if cfg.lora_r == 0:
         reference = AutoModelForCausalLM.from_pretrained(cfg.actor).eval().requires_grad_(False).to(device)
-    critic = TokenValueModel.from_pretrained(cfg.critic or cfg.reward_model)
+    critic_model = load_for_training(
+        cfg.critic or cfg.reward_model, "reward", None, cfg.gradient_checkpointing
+    )
+    critic = TokenValueModel(critic_model)
     if critic.config.vocab_size < len(tokenizer):
         raise ValueError(
             f"critic vocabulary ({critic.config.vocab_size}) is smaller than the actor's tokenizer"
@@ -247,9 +243,6 @@ def main(cfg: PPOConfig) -> dict:
     for m in (actor, critic, reference, reward_model):
         if m is not None:
             disable_dropout(m)
-    for m in (actor, critic):
-        if cfg.gradient_checkpointing:
-            m.gradient_checkpointing_enable()
     train_ids, _ = tokenize_prompts(load_prompts(cfg.train_prompts), tokenizer, cfg.max_prompt_length)
     val_ids, _ = tokenize_prompts(
         load_prompts(cfg.val_prompts)[: cfg.num_val_samples], tokenizer, cfg.max_prompt_length
@@ -265,6 +258,10 @@ def main(cfg: PPOConfig) -> dict:
     actor_sched = cosine_schedule(actor_opt, cfg.warmup_steps, total, cfg.actor_min_lr)
     critic_sched = cosine_schedule(critic_opt, cfg.warmup_steps, total, cfg.critic_min_lr)
     actor, critic, actor_opt, critic_opt = acc.prepare(actor, critic, actor_opt, critic_opt)
+    if acc.num_processes > 1 and acc.distributed_type == DistributedType.FSDP:  # shard the frozen ones too
+        reference = acc.prepare(reference) if reference is not None else None
+        reward_model = acc.prepare(reward_model) if reward_model is not None else None
+        scorer = scorer if reward_model is None else RewardModelScorer(reward_model)
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if cfg.adaptive_kl
@@ -296,7 +293,7 @@ def main(cfg: PPOConfig) -> dict:
         from rlhf_kit.generation.compiled import CompiledBackend
 
         # A dedicated inference copy (bf16 on GPU); weights stream in from the trainer after each step.
-        dtype = torch.bfloat16 if mp == "bf16" else torch.float32
+        dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
         infer = AutoModelForCausalLM.from_pretrained(cfg.actor, dtype=dtype).to(device)
         backend = CompiledBackend(
             infer, max_batch_size=cfg.rollout_micro_batch_size,
@@ -323,6 +320,7 @@ def main(cfg: PPOConfig) -> dict:
         )
         kl_ctl.load_state_dict(extra["kl_controller"])
         stream.load_state_dict(extra["prompt_stream"])
+        prepare_metrics_for_resume(cfg.output_dir, step)  # rows past the checkpoint are logged again
         sync_weights()
         acc.print(f"resumed from step {step}")
     logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=asdict(cfg))
@@ -413,32 +411,19 @@ def main(cfg: PPOConfig) -> dict:
             )
     bar.close()
 
-    # 8. Final models as standard HF directories.
-    acc.wait_for_everyone()
-    final_actor = acc.unwrap_model(actor)
-    if cfg.lora_r > 0:
-        final_actor = final_actor.merge_and_unload()
-    actor_sd, critic_sd = acc.get_state_dict(actor), acc.get_state_dict(critic)
+    # 8. Final models as standard HF directories (FSDP2 shards gathered, LoRA merged).
+    save_hf_model(actor, os.path.join(cfg.output_dir, "final"), tokenizer)
+    save_hf_model(acc.unwrap_model(critic).model, os.path.join(cfg.output_dir, "critic"), tokenizer)
     if acc.is_main_process:
-        final_actor.save_pretrained(
-            os.path.join(cfg.output_dir, "final"), state_dict=None if cfg.lora_r else actor_sd
-        )
-        tokenizer.save_pretrained(os.path.join(cfg.output_dir, "final"))
-        critic_sd = {k.removeprefix("model."): v for k, v in critic_sd.items()}
-        acc.unwrap_model(critic).model.save_pretrained(
-            os.path.join(cfg.output_dir, "critic"), state_dict=critic_sd
-        )
-        with open(os.path.join(cfg.output_dir, "final", "ppo_config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
+        write_json(os.path.join(cfg.output_dir, "final", "ppo_config.json"), asdict(cfg))
     logger.close()
     return result
 
 
 if __name__ == "__main__":
+    from rlhf_kit.training.run import one_line_errors
+
     config = tyro.cli(PPOConfig)
-    try:  # configuration errors stop here with one line, before any model is loaded
+    with one_line_errors("ppo.py"):  # configuration errors: one line, before any model is loaded
         validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     main(config)
