@@ -185,12 +185,13 @@ def main(cfg: PPOConfig) -> dict:
         compute_advantages,
         decode_samples,
         generate_rollouts,
+        mean_over_ranks,
         ppo_update,
         score_rollouts,
     )
     from rlhf_kit.rollout import RolloutBuffer
     from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from rlhf_kit.training.dist import seed_everything
+    from rlhf_kit.training.dist import all_reduce_sum, seed_everything
     from rlhf_kit.training.hf import LoraSettings, load_for_training, make_accelerator, save_hf_model
     from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
     from rlhf_kit.training.offload import (
@@ -375,9 +376,9 @@ def main(cfg: PPOConfig) -> dict:
         step += 1
         sync_weights()
         times = timer.summary()
+        n_tokens = all_reduce_sum([n_tokens], device)[0]
         result = {
-            **exp_stats,
-            **train_stats,
+            **mean_over_ranks({**exp_stats, **train_stats}, device),
             **times,
             "throughput/generated_tokens_per_s": n_tokens / max(times.get("time/generate", 0.0), 1e-9),
             "lr/actor": actor_sched.get_last_lr()[0],
@@ -393,7 +394,7 @@ def main(cfg: PPOConfig) -> dict:
             vdata, _ = rollout(val_ids[acc.process_index :: acc.num_processes])
             vdata, vstats = compute_advantages(vdata, kl_ctl.value, exp_cfg)
             keep = ("reward/score_mean", "reward/raw_score_mean", "kl/seq_mean", "response/length_mean")
-            logger.log({"val/" + k: vstats[k] for k in keep}, step)
+            logger.log(mean_over_ranks({"val/" + k: vstats[k] for k in keep}, device), step)
             rows = [[step, *row] for row in decode_samples(tokenizer, vdata)]
             logger.log_table("val/samples", rows, ["step", "prompt", "response", "score"], step)
             actor.train()

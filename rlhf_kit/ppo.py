@@ -343,6 +343,20 @@ class PromptStream:
         self._order = self._make_order()
 
 
+def mean_over_ranks(stats: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Average scalar statistics over data-parallel ranks (one all-reduce; identity on one process).
+
+    Each rank's statistic is already a mean over its own samples; ranks hold equal sample counts.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(stats)
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
 def generate_rollouts(
     backend,
     prompts: Sequence[Sequence[int]],

@@ -181,3 +181,20 @@ def test_evaluate_recipe_on_the_ppo_run(default_run, tmp_path):
     assert 0.0 <= summary["win_rate_vs_baseline"] <= 1.0
     assert "kl_to_reference_mean" in summary and "win_rate_vs_baseline" in proc.stdout
     assert all("baseline_response" in s for s in report["samples"])
+
+
+def test_two_processes_under_accelerate_launch(tmp_path):
+    """accelerate launch --cpu with 2 processes (DDP over gloo): the run completes, each rank takes half of
+    the rollout, and the logged statistics are the all-rank means."""
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    proc = subprocess.run(
+        [*launcher, str(RECIPE), "--output-dir", str(out), *FAST, "--max-steps", "2"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(out)
+    assert len(series(rows, "reward/score_mean")) == 2  # rank 0 logs once per step
+    assert all(0 < x <= 8 for x in series(rows, "response/length_mean"))
+    AutoModelForCausalLM.from_pretrained(out / "final")
