@@ -110,10 +110,10 @@ def micro_batches(examples: list[dict], idx: list[int], budget: int, packed: boo
 def run_ours(args: argparse.Namespace, examples: list[dict], packed: bool) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from rlhf_kit.data import LengthGroupedSampler, PackedPairCollator, PairCollator, packed_sequence_scores
+    from rlhf_kit.data import LengthGroupedSampler, PackedPairCollator, PairCollator
     from rlhf_kit.data.sampling import pair_lengths
     from rlhf_kit.losses import PairwiseRewardLoss
-    from rlhf_kit.models import disable_dropout
+    from rlhf_kit.models import disable_dropout, packed_sequence_scores
     from rlhf_kit.training.evaluation import pair_scores
     from rlhf_kit.training.optim import build_optimizer, clip_grad_norm
 

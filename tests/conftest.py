@@ -23,6 +23,15 @@ def left_tokenizer(tokenizer):
     return tok
 
 
+@pytest.fixture(scope="session")
+def hh_processed():
+    """``(comparisons, prompts, counts)`` of the shipped HH sample."""
+    from rlhf_kit import default_hh_file
+    from rlhf_kit.data.hh import process_hh_file
+
+    return process_hh_file(default_hh_file())
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

@@ -24,11 +24,6 @@ from rlhf_kit.data.formats import (
     write_jsonl,
     write_prompts,
 )
-from rlhf_kit.data.packing import (
-    PACKING_MODEL_TYPES,
-    packed_sequence_scores,
-    sequence_classifier_parts,
-)
 from rlhf_kit.data.sampling import LengthGroupedSampler, pair_lengths
 from rlhf_kit.data.tokenize import (
     IGNORE_INDEX,
@@ -42,7 +37,6 @@ from rlhf_kit.data.tokenize import (
 
 __all__ = [
     "IGNORE_INDEX",
-    "PACKING_MODEL_TYPES",
     "LengthGroupedSampler",
     "PackedPairCollator",
     "PackedSFTCollator",
@@ -58,12 +52,10 @@ __all__ = [
     "load_prompts",
     "load_prompts_dataset",
     "pack",
-    "packed_sequence_scores",
     "pad_left",
     "pad_right",
     "pair_lengths",
     "render",
-    "sequence_classifier_parts",
     "tokenize_pairs",
     "tokenize_prompts",
     "tokenize_sft",

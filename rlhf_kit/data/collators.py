@@ -5,7 +5,7 @@ scores both in one forward pass. Packed batches concatenate all sequences into o
 ``position_ids`` restarting at 0 for each sequence: transformers builds a block-diagonal causal mask
 from restarting positions (sdpa/eager/flex) or uses variable-length kernels (flash attention), so no
 token attends across a sequence boundary and no compute is spent on padding. See
-:mod:`rlhf_kit.data.packing` for the forward pass and the model families it is verified on.
+:mod:`rlhf_kit.models.packing` for the forward pass and the model families it is verified on.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class PackedPairCollator:
     """Pair examples -> one padding-free row (chosen sequences first, then rejected).
 
     Returns ``{"input_ids": (1, T), "position_ids": (1, T), "last_index": (2b,)}``; score it with
-    :func:`rlhf_kit.data.packing.packed_sequence_scores`. There is no attention mask: it must stay
+    :func:`rlhf_kit.models.packing.packed_sequence_scores`. There is no attention mask: it must stay
     absent so that transformers derives the per-sequence mask from ``position_ids``.
     """
 

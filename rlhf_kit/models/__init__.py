@@ -7,6 +7,7 @@ from rlhf_kit.models.heads import (
     per_token_scores,
     position_ids_from_mask,
 )
+from rlhf_kit.models.packing import PACKING_MODEL_TYPES, packed_sequence_scores, sequence_classifier_parts
 from rlhf_kit.models.reward import (
     load_reward_model,
     load_reward_stats,
@@ -16,6 +17,9 @@ from rlhf_kit.models.reward import (
 from rlhf_kit.models.value import CausalLMWithValueHead, TokenValueModel, response_values
 
 __all__ = [
+    "PACKING_MODEL_TYPES",
+    "packed_sequence_scores",
+    "sequence_classifier_parts",
     "CausalLMWithValueHead",
     "TokenValueModel",
     "backbone_and_head",

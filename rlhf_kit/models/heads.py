@@ -6,17 +6,24 @@ import torch
 import torch.nn as nn
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model under DDP / accelerate (``.module``) and peft (``get_base_model``) wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """``(backbone, score_head)`` of an ``AutoModelForSequenceClassification`` decoder model.
 
     The backbone returns hidden states ``(b, t, h)``; the head maps them to ``(b, t, num_labels)``.
     Works for every family whose sequence-classification class keeps its backbone under
     ``base_model_prefix`` and its head as ``score`` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, ...),
-    and through a peft wrapper.
+    and through DDP and peft wrappers.
     """
-    inner = model
-    if hasattr(inner, "get_base_model"):  # peft PeftModel
-        inner = inner.get_base_model()
+    inner = unwrap(model)
     head = getattr(inner, "score", None)
     backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     if head is None or backbone is None or backbone is inner:

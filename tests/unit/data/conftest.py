@@ -1,19 +1,10 @@
-"""Fixtures of the data tests: the shipped HH sample processed once, and helpers to write JSONL."""
+"""Fixtures of the data tests: helpers to write JSONL (the processed HH sample is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-
-from rlhf_kit import default_hh_file
-from rlhf_kit.data.hh import process_hh_file
-
-
-@pytest.fixture(scope="session")
-def hh_processed():
-    """``(comparisons, prompts, counts)`` of the shipped HH sample."""
-    return process_hh_file(default_hh_file())
 
 
 @pytest.fixture

@@ -2,14 +2,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from rlhf_kit.data import (
-    PACKING_MODEL_TYPES,
-    PackedPairCollator,
-    PairCollator,
-    packed_sequence_scores,
-    sequence_classifier_parts,
-    tokenize_pairs,
-)
+from rlhf_kit.data import PackedPairCollator, PairCollator, tokenize_pairs
+from rlhf_kit.models import PACKING_MODEL_TYPES, packed_sequence_scores, sequence_classifier_parts
 from rlhf_kit.tiny import FAMILIES
 from tests.conftest import make_reward_model
 

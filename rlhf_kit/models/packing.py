@@ -19,41 +19,25 @@ from typing import Any
 
 import torch
 
+from rlhf_kit.models.heads import backbone_and_head, unwrap
+
 #: Model types whose packed scores are tested against the padded path (tests/unit/data/test_packing.py).
 PACKING_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
 
 
-def unwrap(model: Any) -> Any:
-    """The plain transformers model under DDP/accelerate (``.module``) and PEFT (``get_base_model``)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
 def sequence_classifier_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(backbone, score_head)`` of an ``AutoModelForSequenceClassification`` of a supported family.
+    """``(backbone, score_head)`` of a sequence-classification model of a family verified for packing.
 
-    The backbone maps ``input_ids`` to per-token hidden states ``(b, t, h)``; the head maps hidden
-    states to scores ``(..., num_labels)``. Raises ``ValueError`` for families not verified for
-    packing (see :data:`PACKING_MODEL_TYPES`) and for models without a ``score`` head.
+    Raises ``ValueError`` for other families (see :data:`PACKING_MODEL_TYPES`); the parts themselves
+    come from :func:`rlhf_kit.models.heads.backbone_and_head` (DDP / peft wrappers unwrapped).
     """
-    model = unwrap(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
     if model_type not in PACKING_MODEL_TYPES:
         raise ValueError(
             f"packed (padding-free) scoring is not supported for model type {model_type!r}; "
             f"supported: {', '.join(PACKING_MODEL_TYPES)}. Use the padded PairCollator instead."
         )
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = getattr(model, "score", None)
-    if not isinstance(backbone, torch.nn.Module) or not isinstance(head, torch.nn.Module):
-        raise ValueError(
-            f"{type(model).__name__} is not a sequence-classification model with a backbone and a "
-            "'score' head (build it with AutoModelForSequenceClassification, num_labels=1)"
-        )
-    return backbone, head
+    return backbone_and_head(model)
 
 
 def packed_hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
