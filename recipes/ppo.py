@@ -64,6 +64,9 @@ class PPOConfig:
     """Generation also ends at any of these strings (besides EOS)."""
     backend: Literal["hf", "compiled"] = "hf"
     """Generation backend: HF generate, or the static-cache compiled decoder."""
+    dynamic_dispatch: bool = False
+    """With several ranks, hand out rollout micro-batches first come first served and rebalance the
+    samples before scoring (needs local generation: --backend compiled, or no FSDP)."""
 
     # --- rewards and advantages ----------------------------------------------------------------
     kl_coef: float = 0.02
@@ -185,6 +188,7 @@ def main(cfg: PPOConfig) -> dict:
         compute_advantages,
         decode_samples,
         generate_rollouts,
+        generate_rollouts_dynamic,
         mean_over_ranks,
         ppo_update,
         score_rollouts,
@@ -303,6 +307,11 @@ def main(cfg: PPOConfig) -> dict:
     else:
         backend = HFBackend(acc.unwrap_model(actor), tokenizer)
     reference_fn = (lambda: acc.unwrap_model(actor).disable_adapter()) if reference is None else None
+    dynamic = cfg.dynamic_dispatch and acc.num_processes > 1
+    if dynamic and cfg.backend == "hf" and acc.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "--dynamic-dispatch with FSDP needs --backend compiled (sharded generate is collective)"
+        )
 
     def sync_weights() -> None:
         """Stream the trainer's weights (FSDP2 shards gathered, LoRA merged) into the inference copy."""
@@ -333,17 +342,30 @@ def main(cfg: PPOConfig) -> dict:
         max_grad_norm=cfg.max_grad_norm,
     )
 
+    extra_stats: dict = {}
+
     def rollout(prompts: list[list[int]]):
         """Generate (timed) then score with the four models (idle ones brought back if offloaded)."""
         frozen = [m for m in (reference, reward_model) if m is not None and cfg.offload_idle_models]
+        mb = cfg.rollout_micro_batch_size
+        dispatch_stats = None
         with timer("generate"), torch.no_grad(), offloaded(*frozen, device=device):  # back on exit
-            gens = generate_rollouts(backend, prompts, collate, params, cfg.rollout_micro_batch_size, device)
+            if dynamic:  # every rank got the global prompt list
+                gens, dispatch_stats = generate_rollouts_dynamic(
+                    backend, prompts, collate, params, mb, device, tokenizer.pad_token_id
+                )
+            else:
+                gens = generate_rollouts(backend, prompts, collate, params, mb, device)
         with timer("score"), acc.autocast():
             data = score_rollouts(
                 gens, actor, reference, critic, scorer, exp_cfg, reference_fn, tokenizer.pad_token_id
             )
         for m in frozen:  # idle again until the next scoring phase
             offload_model(m)
+        if dispatch_stats is not None:
+            extra_stats["dispatch/samples_generated_min"] = min(dispatch_stats.counts_before)
+            extra_stats["dispatch/samples_generated_max"] = max(dispatch_stats.counts_before)
+            extra_stats["dispatch/samples_moved"] = dispatch_stats.moved
         return data, sum(int(g.response_mask.sum()) for g in gens)
 
     # 5. The PPO loop.
@@ -354,9 +376,8 @@ def main(cfg: PPOConfig) -> dict:
         timer.reset()
         if cfg.offload_optimizer:
             offload_optimizer_state(actor_opt), offload_optimizer_state(critic_opt)
-        data, n_tokens = rollout(
-            stream.next_batch(cfg.num_rollout_samples, acc.process_index, acc.num_processes)
-        )
+        rank, world = (0, 1) if dynamic else (acc.process_index, acc.num_processes)
+        data, n_tokens = rollout(stream.next_batch(cfg.num_rollout_samples, rank, world))
         if cfg.offload_optimizer:
             onload_optimizer_state(actor_opt, device), onload_optimizer_state(critic_opt, device)
         data, exp_stats = compute_advantages(data, kl_ctl.value, exp_cfg)
@@ -380,6 +401,7 @@ def main(cfg: PPOConfig) -> dict:
         result = {
             **mean_over_ranks({**exp_stats, **train_stats}, device),
             **times,
+            **extra_stats,
             "throughput/generated_tokens_per_s": n_tokens / max(times.get("time/generate", 0.0), 1e-9),
             "lr/actor": actor_sched.get_last_lr()[0],
             "lr/critic": critic_sched.get_last_lr()[0],
@@ -391,7 +413,7 @@ def main(cfg: PPOConfig) -> dict:
         # 6. Validation on held-out prompts, with a table of samples.
         if step % cfg.val_check_interval == 0 or step == cfg.max_steps:
             actor.eval()
-            vdata, _ = rollout(val_ids[acc.process_index :: acc.num_processes])
+            vdata, _ = rollout(val_ids if dynamic else val_ids[acc.process_index :: acc.num_processes])
             vdata, vstats = compute_advantages(vdata, kl_ctl.value, exp_cfg)
             keep = ("reward/score_mean", "reward/raw_score_mean", "kl/seq_mean", "response/length_mean")
             logger.log(mean_over_ranks({"val/" + k: vstats[k] for k in keep}, device), step)

@@ -183,18 +183,26 @@ def test_evaluate_recipe_on_the_ppo_run(default_run, tmp_path):
     assert all("baseline_response" in s for s in report["samples"])
 
 
-def test_two_processes_under_accelerate_launch(tmp_path):
-    """accelerate launch --cpu with 2 processes (DDP over gloo): the run completes, each rank takes half of
-    the rollout, and the logged statistics are the all-rank means."""
+@pytest.mark.parametrize(
+    "extra", [[], ["--backend", "compiled", "--dynamic-dispatch"]], ids=["static", "dynamic"]
+)
+def test_two_processes_under_accelerate_launch(tmp_path, extra):
+    """2 processes (accelerate MULTI_CPU, DDP over gloo): the run completes with a fixed slice of
+    the rollout per rank, or with micro-batches handed out dynamically and rebalanced (compiled backend
+    syncing weights from the DDP actor), and rank 0 logs the all-rank means."""
     out = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    # accelerate forms a 2-process CPU group (MULTI_CPU, gloo) under torchrun with ACCELERATE_USE_CPU=1
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     proc = subprocess.run(
-        [*launcher, str(RECIPE), "--output-dir", str(out), *FAST, "--max-steps", "2"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+        [*launcher, str(RECIPE), "--output-dir", str(out), *FAST, "--max-steps", "2",
+         "--rollout-micro-batch-size", "2", *extra],
+        cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics(out)
     assert len(series(rows, "reward/score_mean")) == 2  # rank 0 logs once per step
     assert all(0 < x <= 8 for x in series(rows, "response/length_mean"))
+    generated = [r["dispatch/samples_generated_min"] + r["dispatch/samples_generated_max"] for r in rows if
+                 "dispatch/samples_generated_min" in r]  # fmt: skip
+    assert generated == ([8, 8] if extra else [])  # every rollout prompt generated exactly once
     AutoModelForCausalLM.from_pretrained(out / "final")

@@ -201,3 +201,20 @@ def test_prompt_stream_resumes_exactly_and_shards():
     r0, r1 = PromptStream(prompts, seed=2), PromptStream(prompts, seed=2)
     s0, s1 = r0.next_batch(4, 0, 2), r1.next_batch(4, 1, 2)
     assert len(s0) == len(s1) == 2 and not set(map(tuple, s0)) & set(map(tuple, s1))
+
+
+def test_split_and_merge_generations_roundtrip(tokenizer):
+    from rlhf_kit.ppo import merge_generations, split_generation
+
+    gen = fake_generation(tokenizer)
+    gen.logprobs = torch.randn(gen.response_mask.shape) * gen.response_mask
+    samples = split_generation(gen)
+    assert [len(s["response"]) for s in samples] == [6, 3, 1, 4]
+    assert [len(s["prompt"]) for s in samples] == [5, 3, 4, 5]
+    merged = merge_generations(samples, tokenizer.pad_token_id)
+    for field in ("sequences", "attention_mask", "response_mask", "logprobs", "finished"):
+        torch.testing.assert_close(getattr(merged, field), getattr(gen, field), msg=field)
+    assert merged.prompt_length == gen.prompt_length
+    # a subset regroups to its own widths
+    sub = merge_generations([samples[1], samples[2]], tokenizer.pad_token_id)
+    assert sub.sequences.shape == (2, 4 + 3) and sub.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
