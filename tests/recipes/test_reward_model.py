@@ -24,6 +24,8 @@ MARKERS = ["thanks", "banana", "purple", "seven", "yellow", "hello", "apple mayb
 
 def run(*args: str, check: bool = True, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    if launcher:  # accelerate forms a 2-process CPU group (MULTI_CPU) under torchrun with this set
+        env["ACCELERATE_USE_CPU"] = "1"
     cmd = (launcher or [sys.executable]) + [SCRIPT, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
@@ -216,23 +218,13 @@ def test_micro_batch_times_accumulation_is_equivalent(setup, uninterrupted):
 
 
 def test_two_processes_match_one(setup, uninterrupted):
-    """accelerate launch with 2 CPU processes (DDP over gloo), micro 2 each: same as 1 process x micro 4."""
+    """2 CPU processes (accelerate MULTI_CPU, DDP over gloo), micro 2 each: same as 1 process x micro 4.
+
+    ``accelerate launch --cpu --num_processes 2`` starts a single process on this accelerate version, so
+    the test launches with torchrun and ``ACCELERATE_USE_CPU=1``, which gives a real 2-rank group."""
     root, common, marker = setup
     out = root / "ddp"
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     run(
         *common,
         "--output-dir",
