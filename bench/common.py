@@ -250,7 +250,7 @@ def make_chart(ppo: dict | None, rm: dict | None, png: str) -> None:
         mem_ax = axes[1]
         for cfg in ppo.get("configs", []):
             ours, trl = cfg.get("ours", {}), cfg.get("trl", {})
-            if "median_step_s" in trl:
+            if "median_step_s" in trl and not cfg.get("trl_shared"):  # one TRL bar per config
                 ax.bar(x, trl["median_step_s"], color="#999999")
                 mem_ax.bar(x, trl["peak_allocated_gib"], color="#999999")
                 labels.append(f"TRL {cfg['config']}")

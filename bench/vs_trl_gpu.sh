@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The TRL comparisons on the GPU machine, in one call (see bench/README.md).
 #   bash bench/vs_trl_gpu.sh a    # PPO config A (+ profile of our step) and the reward-model benchmark
-#   bash bench/vs_trl_gpu.sh b    # PPO config B (ours with and without --offload-idle)
+#   bash bench/vs_trl_gpu.sh b    # PPO config B (ours with and without --offload-idle), RM at lower budgets
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -23,10 +23,16 @@ if [ "$phase" = a ]; then
   python3 bench/ppo_vs_trl.py --configs A --trl-site /tmp/site112 --profile --timeout 240 --work $WORK --out "$OUT" 2>&1 | tee "$OUT/ppo_log.txt"
   python3 bench/rm_vs_trl.py --timeout 150 --work $WORK --out "$OUT" 2>&1 | tee "$OUT/rm_log.txt"
 else
-  python3 bench/ppo_vs_trl.py --configs B --systems trl ours --trl-site /tmp/site112 --timeout 200 --work $WORK --out "$OUT" 2>&1 | tee "$OUT/ppo_log.txt"
+  python3 bench/ppo_vs_trl.py --configs B --systems trl ours --trl-site /tmp/site112 --timeout 180 --work $WORK --out "$OUT" 2>&1 | tee "$OUT/ppo_log.txt"
   mv "$OUT/ppo_vs_trl.json" "$OUT/ppo_b.json"
-  python3 bench/ppo_vs_trl.py --configs B --systems ours --offload-idle --timeout 150 --work $WORK --out "$OUT" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  for budget in 4096 2048; do  # our RM at lower activation memory (TRL's default uses gradient checkpointing)
+    python3 bench/rm_vs_trl.py --systems ours_grouped --token-budget $budget --timeout 90 --work $WORK --out "$OUT" 2>&1 | tee -a "$OUT/rm_log.txt"
+    mv "$OUT/rm_vs_trl.json" "$OUT/rm_budget_$budget.json"
+  done
+  python3 bench/ppo_vs_trl.py --configs B --systems ours --offload-idle --timeout 130 --work $WORK --out "$OUT" 2>&1 | tee -a "$OUT/ppo_log.txt"
   mv "$OUT/ppo_vs_trl.json" "$OUT/ppo_b_offload.json"
+  cat "$OUT"/*.md; rm -f "$OUT"/*.md
+  exit 0
 fi
 python3 bench/common.py chart "$OUT" "$OUT/benchmarks_vs_trl.png" || true
 cat "$OUT"/*.md
