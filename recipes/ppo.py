@@ -178,30 +178,28 @@ def main(cfg: PPOConfig) -> dict:
     from rlhf_kit.generation.resharding import iter_full_params
     from rlhf_kit.kl import AdaptiveKLController, FixedKLController
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
-    from rlhf_kit.models import TokenValueModel, disable_dropout, load_reward_model, load_reward_stats
+    from rlhf_kit.models import load_reward_stats
     from rlhf_kit.ppo import (
         ExperienceConfig,
         FunctionScorer,
+        PPOModels,
         PromptStream,
         RewardModelScorer,
         UpdateConfig,
+        collect_experience,
         compute_advantages,
         decode_samples,
-        generate_rollouts,
-        generate_rollouts_dynamic,
+        load_ppo_models,
         mean_over_ranks,
         ppo_update,
-        score_rollouts,
     )
     from rlhf_kit.rollout import RolloutBuffer
     from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rlhf_kit.training.dist import all_reduce_sum, seed_everything
-    from rlhf_kit.training.hf import LoraSettings, load_for_training, make_accelerator, save_hf_model
+    from rlhf_kit.training.hf import LoraSettings, make_accelerator, save_hf_model
     from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
     from rlhf_kit.training.offload import (
-        offload_model,
         offload_optimizer_state,
-        offloaded,
         onload_optimizer_state,
     )
     from rlhf_kit.training.optim import build_optimizer, cosine_schedule
@@ -224,30 +222,21 @@ def main(cfg: PPOConfig) -> dict:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{cfg.actor}: the tokenizer needs a pad token distinct from EOS")
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
-    actor = load_for_training(cfg.actor, "causal_lm", lora, cfg.gradient_checkpointing)
-    reference = None  # with LoRA the reference is the actor with its adapters disabled
-    if cfg.lora_r == 0:
-        reference = AutoModelForCausalLM.from_pretrained(cfg.actor).eval().requires_grad_(False).to(device)
-    critic_model = load_for_training(
-        cfg.critic or cfg.reward_model, "reward", None, cfg.gradient_checkpointing
+    models = load_ppo_models(
+        cfg.actor, cfg.critic or cfg.reward_model, None if cfg.reward_fn else cfg.reward_model, tokenizer,
+        lora=lora, gradient_checkpointing=cfg.gradient_checkpointing, device=device,
+    )  # fmt: skip
+    actor, critic, reference, reward_model = (
+        models.actor,
+        models.critic,
+        models.reference,
+        models.reward_model,
     )
-    critic = TokenValueModel(critic_model)
-    if critic.config.vocab_size < len(tokenizer):
-        raise ValueError(
-            f"critic vocabulary ({critic.config.vocab_size}) is smaller than the actor's tokenizer"
-        )
     if cfg.reward_fn is not None:
-        scorer = FunctionScorer(load_reward_fn(cfg.reward_fn), tokenizer)
-        reward_model, stats = None, None
+        scorer, stats = FunctionScorer(load_reward_fn(cfg.reward_fn), tokenizer), None
     else:
-        reward_model = load_reward_model(cfg.reward_model).eval().requires_grad_(False).to(device)
-        if reward_model.config.vocab_size < len(tokenizer):
-            raise ValueError("the reward model does not share the actor's tokenizer (vocabulary too small)")
         scorer = RewardModelScorer(reward_model)
         stats = load_reward_stats(cfg.reward_model) if cfg.standardize_scores else None
-    for m in (actor, critic, reference, reward_model):
-        if m is not None:
-            disable_dropout(m)
     train_ids, _ = tokenize_prompts(load_prompts(cfg.train_prompts), tokenizer, cfg.max_prompt_length)
     val_ids, _ = tokenize_prompts(
         load_prompts(cfg.val_prompts)[: cfg.num_val_samples], tokenizer, cfg.max_prompt_length
@@ -306,7 +295,6 @@ def main(cfg: PPOConfig) -> dict:
         )  # fmt: skip
     else:
         backend = HFBackend(acc.unwrap_model(actor), tokenizer)
-    reference_fn = (lambda: acc.unwrap_model(actor).disable_adapter()) if reference is None else None
     dynamic = cfg.dynamic_dispatch and acc.num_processes > 1
     if dynamic and cfg.backend == "hf" and acc.distributed_type == DistributedType.FSDP:
         raise ValueError(
@@ -342,31 +330,15 @@ def main(cfg: PPOConfig) -> dict:
         max_grad_norm=cfg.max_grad_norm,
     )
 
-    extra_stats: dict = {}
+    models = PPOModels(actor, critic, reference, reward_model, models.reference_fn)  # prepared ones
 
     def rollout(prompts: list[list[int]]):
-        """Generate (timed) then score with the four models (idle ones brought back if offloaded)."""
-        frozen = [m for m in (reference, reward_model) if m is not None and cfg.offload_idle_models]
-        mb = cfg.rollout_micro_batch_size
-        dispatch_stats = None
-        with timer("generate"), torch.no_grad(), offloaded(*frozen, device=device):  # back on exit
-            if dynamic:  # every rank got the global prompt list
-                gens, dispatch_stats = generate_rollouts_dynamic(
-                    backend, prompts, collate, params, mb, device, tokenizer.pad_token_id
-                )
-            else:
-                gens = generate_rollouts(backend, prompts, collate, params, mb, device)
-        with timer("score"), acc.autocast():
-            data = score_rollouts(
-                gens, actor, reference, critic, scorer, exp_cfg, reference_fn, tokenizer.pad_token_id
-            )
-        for m in frozen:  # idle again until the next scoring phase
-            offload_model(m)
-        if dispatch_stats is not None:
-            extra_stats["dispatch/samples_generated_min"] = min(dispatch_stats.counts_before)
-            extra_stats["dispatch/samples_generated_max"] = max(dispatch_stats.counts_before)
-            extra_stats["dispatch/samples_moved"] = dispatch_stats.moved
-        return data, sum(int(g.response_mask.sum()) for g in gens)
+        return collect_experience(
+            backend, prompts, collate, params, models, scorer, exp_cfg,
+            generation_batch_size=cfg.rollout_micro_batch_size, device=device,
+            pad_token_id=tokenizer.pad_token_id, dynamic=dynamic, offload_frozen=cfg.offload_idle_models,
+            phase=timer, autocast=acc.autocast,
+        )  # fmt: skip
 
     # 5. The PPO loop.
     actor.train(), critic.train()
@@ -377,7 +349,7 @@ def main(cfg: PPOConfig) -> dict:
         if cfg.offload_optimizer:
             offload_optimizer_state(actor_opt), offload_optimizer_state(critic_opt)
         rank, world = (0, 1) if dynamic else (acc.process_index, acc.num_processes)
-        data, n_tokens = rollout(stream.next_batch(cfg.num_rollout_samples, rank, world))
+        data, rollout_stats = rollout(stream.next_batch(cfg.num_rollout_samples, rank, world))
         if cfg.offload_optimizer:
             onload_optimizer_state(actor_opt, device), onload_optimizer_state(critic_opt, device)
         data, exp_stats = compute_advantages(data, kl_ctl.value, exp_cfg)
@@ -397,11 +369,11 @@ def main(cfg: PPOConfig) -> dict:
         step += 1
         sync_weights()
         times = timer.summary()
-        n_tokens = all_reduce_sum([n_tokens], device)[0]
+        n_tokens = all_reduce_sum([rollout_stats.pop("rollout/generated_tokens")], device)[0]
         result = {
             **mean_over_ranks({**exp_stats, **train_stats}, device),
             **times,
-            **extra_stats,
+            **rollout_stats,
             "throughput/generated_tokens_per_s": n_tokens / max(times.get("time/generate", 0.0), 1e-9),
             "lr/actor": actor_sched.get_last_lr()[0],
             "lr/critic": critic_sched.get_last_lr()[0],

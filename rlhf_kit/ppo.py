@@ -490,3 +490,122 @@ def generate_rollouts_dynamic(
     samples = [{k: v.to(device) for k, v in s.items()} for s in samples]
     groups = [samples[s : s + micro_batch_size] for s in range(0, len(samples), micro_batch_size)]
     return [merge_generations(g, pad_token_id) for g in groups], stats
+
+
+@dataclass
+class PPOModels:
+    """The four PPO models. ``reference`` is None with LoRA, where ``reference_fn()`` returns a context
+    manager that disables the actor's adapters; ``reward_model`` is None when a reward function scores."""
+
+    actor: nn.Module
+    critic: nn.Module
+    reference: nn.Module | None = None
+    reward_model: nn.Module | None = None
+    reference_fn: Callable[[], object] | None = None
+
+    def frozen(self) -> list[nn.Module]:
+        return [m for m in (self.reference, self.reward_model) if m is not None]
+
+
+def collect_experience(
+    backend,
+    prompts: Sequence[Sequence[int]],
+    collate: Callable[[list], dict],
+    params,
+    models: PPOModels,
+    scorer: Callable[..., torch.Tensor],
+    cfg: ExperienceConfig,
+    *,
+    generation_batch_size: int,
+    device: torch.device | str,
+    pad_token_id: int,
+    dynamic: bool = False,
+    offload_frozen: bool = False,
+    phase: Callable[[str], object] | None = None,
+    autocast: Callable[[], object] | None = None,
+) -> tuple[Rollout, dict]:
+    """Generate for ``prompts`` and score with the four models: the experience half of a PPO step.
+
+    Args:
+        dynamic: every rank passes the same global ``prompts`` and micro-batches are handed out first
+            come, first served, then rebalanced (:func:`generate_rollouts_dynamic`); otherwise each rank
+            passes its own share.
+        offload_frozen: reference and reward model stay on CPU except while scoring.
+        phase: ``phase(name)`` returns a context manager timing ``"generate"`` and ``"score"``
+            (e.g. :class:`rlhf_kit.training.metrics.StepTimer`); ``autocast()`` one for mixed precision.
+
+    Returns the rollout (advantages not yet computed) and statistics (generated tokens, dispatch).
+    """
+    from contextlib import nullcontext
+
+    from rlhf_kit.training.offload import offload_model, offloaded
+
+    phase = phase or (lambda name: nullcontext())
+    autocast = autocast or nullcontext
+    frozen = models.frozen() if offload_frozen else []
+    stats: dict = {}
+    with phase("generate"), torch.no_grad(), offloaded(*frozen, device=device):  # frozen back on exit
+        if dynamic:
+            gens, dispatch = generate_rollouts_dynamic(
+                backend, prompts, collate, params, generation_batch_size, device, pad_token_id
+            )
+            stats["dispatch/samples_generated_min"] = min(dispatch.counts_before)
+            stats["dispatch/samples_generated_max"] = max(dispatch.counts_before)
+            stats["dispatch/samples_moved"] = dispatch.moved
+        else:
+            gens = generate_rollouts(backend, prompts, collate, params, generation_batch_size, device)
+    with phase("score"), autocast():
+        m = models
+        rollout = score_rollouts(
+            gens, m.actor, m.reference, m.critic, scorer, cfg, m.reference_fn, pad_token_id
+        )
+    for model in frozen:  # idle again until the next scoring phase
+        offload_model(model)
+    stats["rollout/generated_tokens"] = sum(int(g.response_mask.sum()) for g in gens)
+    return rollout, stats
+
+
+def load_ppo_models(
+    actor: str,
+    critic: str,
+    reward_model: str | None,
+    tokenizer,
+    *,
+    lora=None,
+    gradient_checkpointing: bool = False,
+    device: torch.device | str = "cpu",
+) -> PPOModels:
+    """Load the four models from HF directories (or hub names), dropout off everywhere.
+
+    The actor is trainable (``lora``: a :class:`rlhf_kit.training.hf.LoraSettings`; with ``r > 0`` only
+    the adapters train and the reference is the actor with adapters disabled, no second copy);
+    otherwise the reference is a frozen copy of ``actor`` on ``device``. The critic is a
+    :class:`TokenValueModel` of ``critic`` (a reward model: its score head becomes the value head). The
+    reward model, if given, is frozen on ``device``. Raises ``ValueError`` when a model's vocabulary
+    cannot hold the actor tokenizer's ids.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_kit.models import TokenValueModel, disable_dropout, load_reward_model
+    from rlhf_kit.training.hf import load_for_training
+
+    policy = load_for_training(actor, "causal_lm", lora, gradient_checkpointing)
+    reference, reference_fn = None, None
+    if lora is not None and lora.r > 0:
+        reference_fn = policy.disable_adapter
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(actor).eval().requires_grad_(False).to(device)
+    value = TokenValueModel(load_for_training(critic, "reward", None, gradient_checkpointing))
+    rm = None
+    if reward_model is not None:
+        rm = load_reward_model(reward_model).eval().requires_grad_(False).to(device)
+    for name, model in (("critic", value), ("reward model", rm)):
+        if model is not None and model.config.vocab_size < len(tokenizer):
+            raise ValueError(
+                f"the {name} has a vocabulary of {model.config.vocab_size}, smaller than the actor "
+                f"tokenizer's {len(tokenizer)}: it does not share the actor's tokenizer"
+            )
+    for model in (policy, value, reference, rm):
+        if model is not None:
+            disable_dropout(model)
+    return PPOModels(policy, value, reference, rm, reference_fn)

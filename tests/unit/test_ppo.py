@@ -218,3 +218,44 @@ def test_split_and_merge_generations_roundtrip(tokenizer):
     # a subset regroups to its own widths
     sub = merge_generations([samples[1], samples[2]], tokenizer.pad_token_id)
     assert sub.sequences.shape == (2, 4 + 3) and sub.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_load_ppo_models_lora_reference_and_vocab_check(tokenizer, tmp_path):
+    from rlhf_kit.ppo import load_ppo_models
+    from rlhf_kit.tiny import save_tiny_pretrained
+    from rlhf_kit.training.hf import LoraSettings
+
+    actor_dir = save_tiny_pretrained(
+        str(tmp_path / "actor"), "causal_lm", tokenizer=tokenizer, resid_pdrop=0.3
+    )
+    rm_dir = save_tiny_pretrained(str(tmp_path / "rm"), "reward", tokenizer=tokenizer)
+    full = load_ppo_models(actor_dir, rm_dir, rm_dir, tokenizer)
+    assert full.reference is not None and not any(p.requires_grad for p in full.reference.parameters())
+    dropouts = [
+        m
+        for m in load_ppo_models(gpt2_dir, rm_dir, None, tokenizer).actor.modules()
+        if isinstance(m, torch.nn.Dropout)
+    ]
+    assert dropouts and all(m.p == 0 for m in dropouts)  # the config asked for 0.3
+    lora = load_ppo_models(actor_dir, rm_dir, None, tokenizer, lora=LoraSettings(r=4))
+    assert lora.reference is None and lora.reward_model is None
+    ids = torch.randint(3, 500, (2, 8))
+    mask = torch.ones_like(ids)
+    torch.nn.init.normal_(next(p for n, p in lora.actor.named_parameters() if "lora_B" in n))
+    with torch.no_grad():
+        adapted = sequence_logprobs(lora.actor, ids, mask, 4)
+        with lora.reference_fn():
+            base = sequence_logprobs(lora.actor, ids, mask, 4)
+        plain = sequence_logprobs(full.reference, ids, mask, 4)
+    torch.testing.assert_close(base, plain)  # adapters off = the initial actor
+    assert not torch.allclose(adapted, base)
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_kit.tiny import tiny_config
+
+    small = str(tmp_path / "small")
+    AutoModelForSequenceClassification.from_config(
+        tiny_config("llama", vocab_size=100, num_labels=1)
+    ).save_pretrained(small)
+    with pytest.raises(ValueError, match="does not share the actor's tokenizer"):
+        load_ppo_models(actor_dir, small, None, tokenizer)
