@@ -225,9 +225,8 @@ def test_load_ppo_models_lora_reference_and_vocab_check(tokenizer, tmp_path):
     from rlhf_kit.tiny import save_tiny_pretrained
     from rlhf_kit.training.hf import LoraSettings
 
-    actor_dir = save_tiny_pretrained(
-        str(tmp_path / "actor"), "causal_lm", tokenizer=tokenizer, resid_pdrop=0.3
-    )
+    actor_dir = save_tiny_pretrained(str(tmp_path / "actor"), "causal_lm", tokenizer=tokenizer)
+    gpt2_dir = save_tiny_pretrained(str(tmp_path / "gpt2"), "causal_lm", "gpt2", tokenizer, resid_pdrop=0.3)
     rm_dir = save_tiny_pretrained(str(tmp_path / "rm"), "reward", tokenizer=tokenizer)
     full = load_ppo_models(actor_dir, rm_dir, rm_dir, tokenizer)
     assert full.reference is not None and not any(p.requires_grad for p in full.reference.parameters())
