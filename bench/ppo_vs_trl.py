@@ -102,6 +102,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
 
     from rlhf_kit.data import PromptCollator
     from rlhf_kit.generation import CompiledBackend, SamplingParams
+    from rlhf_kit.generation.resharding import iter_full_params
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import TokenValueModel, disable_dropout
     from rlhf_kit.ppo import (
@@ -132,6 +133,19 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         max_batch_size=sh["batch"],
         max_seq_len=sh["prompt_len"] + sh["new_tokens"],
     )
+    fsdp_bf16 = bool(args.fsdp_bf16)
+    if fsdp_bf16:  # bf16 compute weights, fp32 master weights and gradient reduction (FSDP2, world 1)
+        import torch.distributed as dist
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from rlhf_kit.training.fsdp import apply_fsdp2
+
+        if not dist.is_initialized():
+            backend_name = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend_name, init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        apply_fsdp2(actor, mixed_precision=policy)
+        apply_fsdp2(critic, mixed_precision=policy)
     actor_opt = build_optimizer(actor, args.lr, 0.0)
     critic_opt = build_optimizer(critic, args.lr, 0.0)
     exp_cfg = ExperienceConfig(temperature=1.0, micro_batch_size=args.score_micro or sh["batch"])
@@ -140,7 +154,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     stream = PromptStream(prompts, seed=0)
     collate = PromptCollator(tok.pad_token_id)
     policy_loss, value_loss = PPOPolicyLoss(0.2), ValueLoss(0.2)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp_bf16)
     idle = [ref, rm] if args.offload_idle else []  # as recipes/ppo.py --offload-idle-models
     for m in idle:
         offload_model(m)
@@ -152,7 +166,9 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         clock.start()
         batch = stream.next_batch(sh["batch"])
         with torch.no_grad(), offloaded(*idle, device=device):  # idle models come back for scoring
-            gens = generate_rollouts(backend, batch, collate, params, sh["batch"], device)
+            gens = generate_rollouts(
+                backend, batch, collate, params, sh["batch"], device, release=not args.keep_cache
+            )
         clock.lap("generate")
         with autocast:
             data = score_rollouts(
@@ -169,7 +185,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
                 actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, upd_cfg, exp_cfg
             )
         clock.lap("train")
-        backend.update_weights(actor)
+        backend.update_weights(iter_full_params(actor) if fsdp_bf16 else actor)
         clock.lap("sync")
         n_tok = sum(int(g.response_mask.sum()) for g in gens)
         return {
@@ -191,6 +207,8 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res.update(mem)
     res["backend_mode"] = backend.mode
     res["offload_idle"] = bool(args.offload_idle)
+    res["fsdp_bf16"] = fsdp_bf16
+    res["keep_cache"] = bool(args.keep_cache)
     if args.profile and device.type == "cuda":
         res["profile"] = profile_step(one_step, args.steps, device)
     return res
@@ -377,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--offload-idle", action="store_true", help="ours: reference and RM on the host except while scoring"
     )
+    ap.add_argument("--fsdp-bf16", action="store_true", help="ours: FSDP2 bf16 params, fp32 master weights")
+    ap.add_argument(
+        "--keep-cache", action="store_true", help="ours: keep KV cache and CUDA graphs between steps"
+    )
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per worker")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -427,6 +449,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         passthrough.append("--profile")
     if args.offload_idle:
         passthrough.append("--offload-idle")
+    passthrough += [f for f, on in (("--fsdp-bf16", args.fsdp_bf16), ("--keep-cache", args.keep_cache)) if on]
     for config in args.configs:
         entry: dict[str, Any] = {"config": config}
         for system in args.systems:

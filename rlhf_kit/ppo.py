@@ -364,9 +364,12 @@ def generate_rollouts(
     params,
     micro_batch_size: int,
     device: torch.device | str,
+    release: bool = True,
 ) -> list:
     """Generate for ``prompts`` in micro-batches of ``micro_batch_size`` (left-padded by ``collate``),
-    waking the backend's KV cache for the duration. Returns one ``GenerationOutput`` per micro-batch."""
+    waking the backend's KV cache for the duration; ``release=False`` keeps the cache (and the compiled
+    backend's captured graphs) for the next rollout when memory allows. Returns one ``GenerationOutput``
+    per micro-batch."""
     outs = []
     backend.wake()
     try:
@@ -376,7 +379,8 @@ def generate_rollouts(
                 backend.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), params)
             )
     finally:
-        backend.sleep()
+        if release:
+            backend.sleep()
     return outs
 
 
