@@ -109,6 +109,8 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """auto: bf16 when the accelerator supports it."""
+    fsdp: bool = False
+    """Shard the four models with FSDP2 when several processes run (implied by accelerate/fsdp.yaml)."""
     offload_idle_models: bool = False
     """Keep reference and reward model on CPU (pinned) except while scoring."""
     offload_optimizer: bool = False
@@ -170,6 +172,7 @@ def load_reward_fn(spec: str):
 
 def main(cfg: PPOConfig) -> dict:
     from accelerate import DistributedType
+    from torch.distributed.fsdp import MixedPrecisionPolicy
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
@@ -196,13 +199,14 @@ def main(cfg: PPOConfig) -> dict:
     from rlhf_kit.rollout import RolloutBuffer
     from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rlhf_kit.training.dist import all_reduce_sum, seed_everything
+    from rlhf_kit.training.fsdp import apply_fsdp2
     from rlhf_kit.training.hf import LoraSettings, make_accelerator, save_hf_model
     from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
     from rlhf_kit.training.offload import (
         offload_optimizer_state,
         onload_optimizer_state,
     )
-    from rlhf_kit.training.optim import build_optimizer, cosine_schedule
+    from rlhf_kit.training.optim import build_optimizer, clip_grad_norm, cosine_schedule
     from rlhf_kit.training.run import prepare_metrics_for_resume, write_json
 
     # 1. Check the configuration before touching any model.
@@ -247,15 +251,25 @@ def main(cfg: PPOConfig) -> dict:
     # 3. Optimizers, schedules, accelerate (FSDP2 when launched with recipes/accelerate/fsdp.yaml).
     updates_per_step = cfg.ppo_epochs * cfg.num_rollout_samples // cfg.global_batch_size
     total = cfg.max_steps * updates_per_step
+    # FSDP2 (recipes/accelerate/fsdp.yaml or --fsdp): accelerate prepares a single model per FSDP2 run,
+    # so the four models are sharded here with torch's fully_shard: bf16 compute weights, fp32 master
+    # weights and gradient reduction. Optimizers are built after sharding (it replaces the parameters).
+    shard = acc.num_processes > 1 and (cfg.fsdp or acc.distributed_type == DistributedType.FSDP)
+    if shard:
+        bf16 = torch.bfloat16 if acc.mixed_precision == "bf16" else None
+        policy = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=torch.float32)
+        for m in (actor.to(device), critic.to(device), reference, reward_model):
+            if m is not None:
+                apply_fsdp2(m, mixed_precision=policy)
     actor_opt = build_optimizer(actor, cfg.actor_lr, cfg.weight_decay, betas=(0.9, 0.98))
     critic_opt = build_optimizer(critic, cfg.critic_lr, cfg.weight_decay, betas=(0.9, 0.98))
     actor_sched = cosine_schedule(actor_opt, cfg.warmup_steps, total, cfg.actor_min_lr)
     critic_sched = cosine_schedule(critic_opt, cfg.warmup_steps, total, cfg.critic_min_lr)
-    actor, critic, actor_opt, critic_opt = acc.prepare(actor, critic, actor_opt, critic_opt)
-    if acc.num_processes > 1 and acc.distributed_type == DistributedType.FSDP:  # shard the frozen ones too
-        reference = acc.prepare(reference) if reference is not None else None
-        reward_model = acc.prepare(reward_model) if reward_model is not None else None
-        scorer = scorer if reward_model is None else RewardModelScorer(reward_model)
+    if shard:
+        backward, clip = (lambda loss: loss.backward()), clip_grad_norm
+    else:  # one device, DDP or CPU processes: accelerate wraps the trainable models
+        actor, critic, actor_opt, critic_opt = acc.prepare(actor, critic, actor_opt, critic_opt)
+        backward, clip = acc.backward, (lambda m, n: float(acc.clip_grad_norm_(m.parameters(), n)))
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if cfg.adaptive_kl
@@ -359,7 +373,7 @@ def main(cfg: PPOConfig) -> dict:
         with timer("train"), acc.autocast():
             train_stats = ppo_update(
                 actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, update_cfg, exp_cfg,
-                backward=acc.backward, clip_grad=lambda m, n: float(acc.clip_grad_norm_(m.parameters(), n)),
+                backward=backward, clip_grad=clip,
             )  # fmt: skip
         for _ in range(updates_per_step):
             if update_cfg.train_actor:

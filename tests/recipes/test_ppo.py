@@ -184,9 +184,15 @@ def test_evaluate_recipe_on_the_ppo_run(default_run, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["--backend", "compiled", "--dynamic-dispatch"]], ids=["static", "dynamic"]
+    "extra",
+    [
+        [],
+        ["--backend", "compiled", "--dynamic-dispatch"],
+        ["--fsdp", "--backend", "compiled", "--dynamic-dispatch"],
+    ],
+    ids=["ddp-static", "ddp-dynamic", "fsdp2-dynamic"],
 )
-def test_two_processes_under_accelerate_launch(tmp_path, extra):
+def test_two_processes(tmp_path, extra):
     """2 processes (accelerate MULTI_CPU, DDP over gloo): the run completes with a fixed slice of
     the rollout per rank, or with micro-batches handed out dynamically and rebalanced (compiled backend
     syncing weights from the DDP actor), and rank 0 logs the all-rank means."""
@@ -204,5 +210,7 @@ def test_two_processes_under_accelerate_launch(tmp_path, extra):
     assert all(0 < x <= 8 for x in series(rows, "response/length_mean"))
     generated = [r["dispatch/samples_generated_min"] + r["dispatch/samples_generated_max"] for r in rows if
                  "dispatch/samples_generated_min" in r]  # fmt: skip
-    assert generated == ([8, 8] if extra else [])  # every rollout prompt generated exactly once
+    assert generated == (
+        [8, 8] if "--dynamic-dispatch" in extra else []
+    )  # every rollout prompt generated exactly once
     AutoModelForCausalLM.from_pretrained(out / "final")
