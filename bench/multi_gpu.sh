@@ -40,7 +40,7 @@ import json, os
 def rows(d):
     p = os.path.join("$W", d, "metrics.jsonl")
     return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
-def col(rs, k): return [round(r[k], 4) for r in rs if k in r]
+def col(rs, k): return [round(r[k], 4) if isinstance(r[k], float) else r[k] for r in rs if k in r]
 out = {}
 for d in ("rm1", "rmN"):
     out[d] = {"train/loss": col(rows(d), "train/loss"), "train/accuracy": col(rows(d), "train/accuracy")}
