@@ -482,11 +482,11 @@ def generate_rollouts_dynamic(
 
     chunks = [list(prompts[s : s + micro_batch_size]) for s in range(0, len(prompts), micro_batch_size)]
     samples: list[dict] = []
-    backend.wake()
     try:
         for i in DynamicDispatcher(len(chunks)):
-            batch = collate(chunks[i])
-            gen = backend.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), params)
+            (gen,) = generate_rollouts(
+                backend, chunks[i], collate, params, micro_batch_size, device, release=False
+            )
             samples += [{k: v.cpu() for k, v in s.items()} for s in split_generation(gen)]
     finally:
         backend.sleep()
