@@ -135,7 +135,9 @@ def sequence_logprobs(
         supports ``logits_to_keep``.
     """
     n = input_ids.shape[1] - response_start
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    from rlhf_kit.models.heads import position_ids_from_mask
+
+    position_ids = position_ids_from_mask(attention_mask)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -52,7 +52,7 @@ def sample_policy(
     """Generate for ``prompts`` with ``backend``, score them, and (with ``policy`` and ``reference``)
     measure the KL of each response to the reference."""
     from rlhf_kit.data import PromptCollator
-    from rlhf_kit.ppo import generate_rollouts
+    from rlhf_kit.ppo import decode_prompts_and_responses, generate_rollouts
 
     collate = PromptCollator(tokenizer.pad_token_id)
     out = {k: [] for k in ("prompts", "responses", "scores", "kl", "lengths", "finished")}
@@ -65,12 +65,9 @@ def sample_policy(
             out["kl"].append(((lp - ref) * rmask).sum(-1).cpu())
         out["lengths"].append(rmask.sum(-1).cpu())
         out["finished"].append(gen.finished.cpu())
-        out["prompts"] += tokenizer.batch_decode(
-            [s[:p][m[:p].bool()] for s, m in zip(seq, am)], skip_special_tokens=True
-        )
-        out["responses"] += tokenizer.batch_decode(
-            [s[p:][m.bool()] for s, m in zip(seq, rmask)], skip_special_tokens=True
-        )
+        prompts_text, responses_text = decode_prompts_and_responses(tokenizer, seq, am, p, rmask)
+        out["prompts"] += prompts_text
+        out["responses"] += responses_text
     return PolicySamples(
         prompts=out["prompts"],
         responses=out["responses"],

@@ -64,6 +64,24 @@ class RewardModelScorer:
         return reward_scores(self.model, sequences, attention_mask)
 
 
+def decode_prompts_and_responses(
+    tokenizer,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    response_mask: torch.Tensor,
+) -> tuple[list[str], list[str]]:
+    """Decoded prompt and response texts (padding and special tokens removed) of a ``(b, p + n)`` batch."""
+    p = prompt_length
+    prompts = tokenizer.batch_decode(
+        [s[:p][m[:p].bool()] for s, m in zip(sequences, attention_mask)], skip_special_tokens=True
+    )
+    responses = tokenizer.batch_decode(
+        [s[p:][r.bool()] for s, r in zip(sequences, response_mask)], skip_special_tokens=True
+    )
+    return prompts, responses
+
+
 class FunctionScorer:
     """Wraps a Python reward function ``fn(prompts: list[str], responses: list[str]) -> list[float]``
     (verifiable rewards) so it stands in for a reward model. Texts are decoded without special tokens.
@@ -76,12 +94,8 @@ class FunctionScorer:
     def __call__(
         self, sequences: torch.Tensor, attention_mask: torch.Tensor, *, prompt_length: int, response_mask
     ) -> torch.Tensor:
-        prompts = self.tokenizer.batch_decode(
-            [s[:prompt_length][m[:prompt_length].bool()] for s, m in zip(sequences, attention_mask)],
-            skip_special_tokens=True,
-        )
-        responses = self.tokenizer.batch_decode(
-            [s[prompt_length:][r.bool()] for s, r in zip(sequences, response_mask)], skip_special_tokens=True
+        prompts, responses = decode_prompts_and_responses(
+            self.tokenizer, sequences, attention_mask, prompt_length, response_mask
         )
         scores = self.fn(prompts, responses)
         if len(scores) != len(prompts):
@@ -348,13 +362,11 @@ def mean_over_ranks(stats: dict[str, float], device: torch.device | str = "cpu")
 
     Each rank's statistic is already a mean over its own samples; ranks hold equal sample counts.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return dict(stats)
+    from rlhf_kit.training.dist import all_reduce_sum, world_size
+
     keys = sorted(stats)
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    sums = all_reduce_sum([float(stats[k]) for k in keys], device)
+    return {k: v / world_size() for k, v in zip(keys, sums)}
 
 
 def generate_rollouts(
@@ -403,15 +415,11 @@ def score_rollouts(
 
 def decode_samples(tokenizer, rollout: Rollout, n: int = 4, prompt_chars: int = 200) -> list[list]:
     """``[prompt tail, response, score]`` rows of the first ``n`` samples, for a log table."""
-    rows = []
-    p = rollout.prompt_length
-    for i in range(min(n, rollout.batch_size)):
-        prompt = tokenizer.decode(rollout.sequences[i, :p], skip_special_tokens=True)
-        response = tokenizer.decode(
-            rollout.sequences[i, p:][rollout.response_mask[i].bool()], skip_special_tokens=True
-        )
-        rows.append([prompt[-prompt_chars:], response, float(rollout.scores[i])])
-    return rows
+    r = rollout[:n]
+    prompts, responses = decode_prompts_and_responses(
+        tokenizer, r.sequences, r.attention_mask, r.prompt_length, r.response_mask
+    )
+    return [[p[-prompt_chars:], resp, float(s)] for p, resp, s in zip(prompts, responses, r.scores)]
 
 
 def split_generation(gen) -> list[dict[str, torch.Tensor]]:

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row of ``mask`` ``(b, t)``; rows of zeros give 0. Returns ``(b,)``."""
-    t = mask.shape[-1]
-    pos = torch.arange(t, device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), pos, torch.zeros_like(pos)).max(dim=-1).values
+from rlhf_kit.models.heads import last_token_index
 
 
 def standardize_scores(scores: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -56,7 +51,7 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     """
     m = mask.float()
     rewards = -kl_coef * kl.float() * m
-    idx = last_index(mask)
+    idx = last_token_index(mask)
     has_tokens = m.sum(-1) > 0
     add = torch.where(has_tokens, scores.float(), torch.zeros_like(scores.float()))
     return rewards.scatter_add(1, idx[:, None], add[:, None])

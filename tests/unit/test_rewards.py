@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from rlhf_kit.rewards import last_index, penalize_missing_eos, shape_rewards, standardize_scores
+from rlhf_kit.models.heads import last_token_index
+from rlhf_kit.rewards import penalize_missing_eos, shape_rewards, standardize_scores
 
 
 def test_shape_rewards_places_score_on_last_response_token():
@@ -15,7 +16,7 @@ def test_shape_rewards_places_score_on_last_response_token():
 
 def test_empty_response_gets_no_score_and_last_index():
     mask = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 1]])
-    assert last_index(mask).tolist() == [0, 0, 2]
+    assert last_token_index(mask).tolist() == [0, 0, 2]
     r = shape_rewards(torch.tensor([5.0, 1.0, 2.0]), torch.zeros(3, 3), mask, 0.1)
     assert r[0].abs().sum() == 0 and r[1, 0] == 1.0 and r[2, 2] == 2.0
 
