@@ -172,16 +172,7 @@ def trim_responses(r: Rollout) -> Rollout:
     if n_keep == n:
         return r
     cut = n - n_keep
-    return Rollout(
-        **{
-            f.name: (
-                getattr(r, f.name)[:, : getattr(r, f.name).shape[1] - cut]
-                if getattr(r, f.name).dim() == 2
-                else getattr(r, f.name)
-            )
-            for f in dataclasses.fields(r)
-        }
-    )
+    return r.map(lambda x: x[:, : x.shape[1] - cut] if x.dim() == 2 else x)
 
 
 def split_rollout(r: Rollout, micro_batch_size: int) -> list[Rollout]:
