@@ -24,6 +24,7 @@ from rlhf_kit.advantages import GAE, masked_mean, whiten
 from rlhf_kit.kl import kl_penalty
 from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss, explained_variance
+from rlhf_kit.models.attention import padding_safe_sdpa
 from rlhf_kit.models.reward import reward_scores
 from rlhf_kit.models.value import response_values
 from rlhf_kit.rewards import penalize_missing_eos, shape_rewards, standardize_scores
@@ -267,26 +268,33 @@ def ppo_update(
         p_tokens = _global_count(_policy_mask(mb, exp_cfg).sum()).clamp(min=1)
         v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
         for micro in split_rollout(mb, cfg.micro_batch_size):
-            p = micro.prompt_length
-            pm = _policy_mask(micro, exp_cfg)
-            vm = micro.response_mask.float()
-            if cfg.train_actor and actor_opt is not None:
-                lp, ent = sequence_logprobs(
-                    actor, micro.sequences, micro.attention_mask, p, exp_cfg.temperature, with_entropy=True
-                )
-                loss, ps = policy_loss(lp, micro.logprobs, micro.advantages, pm, ent)
-                backward(loss * (pm.sum() * world / p_tokens))
-                add("policy/loss", ps.loss)
-                add("policy/clip_fraction", ps.clip_fraction)
-                add("policy/approx_kl", ps.approx_kl)
-                add("policy/ratio_mean", ps.ratio_mean)
-                add("policy/entropy", ps.entropy)
-            values = response_values(critic, micro.sequences, micro.attention_mask, p)
-            vloss, vs = value_loss(values, micro.values, micro.returns, vm)
-            backward(vloss * (vm.sum() * world / v_tokens))
-            add("value/loss", vs.loss)
-            add("value/clip_fraction", vs.clip_fraction)
-            add("value/mean", vs.value_mean)
+            # cuDNN's SDPA backward is NaN on the left-padding rows: see rlhf_kit.models.attention
+            with padding_safe_sdpa():
+                p = micro.prompt_length
+                pm = _policy_mask(micro, exp_cfg)
+                vm = micro.response_mask.float()
+                if cfg.train_actor and actor_opt is not None:
+                    lp, ent = sequence_logprobs(
+                        actor,
+                        micro.sequences,
+                        micro.attention_mask,
+                        p,
+                        exp_cfg.temperature,
+                        with_entropy=True,
+                    )
+                    loss, ps = policy_loss(lp, micro.logprobs, micro.advantages, pm, ent)
+                    backward(loss * (pm.sum() * world / p_tokens))
+                    add("policy/loss", ps.loss)
+                    add("policy/clip_fraction", ps.clip_fraction)
+                    add("policy/approx_kl", ps.approx_kl)
+                    add("policy/ratio_mean", ps.ratio_mean)
+                    add("policy/entropy", ps.entropy)
+                values = response_values(critic, micro.sequences, micro.attention_mask, p)
+                vloss, vs = value_loss(values, micro.values, micro.returns, vm)
+                backward(vloss * (vm.sum() * world / v_tokens))
+                add("value/loss", vs.loss)
+                add("value/clip_fraction", vs.clip_fraction)
+                add("value/mean", vs.value_mean)
             n_micro += 1
         if cfg.train_actor and actor_opt is not None:
             add("policy/grad_norm", clip_grad(actor, cfg.max_grad_norm))

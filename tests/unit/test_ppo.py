@@ -258,3 +258,26 @@ def test_load_ppo_models_lora_reference_and_vocab_check(tokenizer, tmp_path):
     ).save_pretrained(small)
     with pytest.raises(ValueError, match="does not share the actor's tokenizer"):
         load_ppo_models(actor_dir, small, None, tokenizer)
+
+
+def test_update_forwards_run_without_cudnn_sdpa(tokenizer, four_models):
+    """cuDNN's SDPA backward is NaN on left-padding rows (rlhf_kit.models.attention): every training
+    forward of the actor and critic must run with that kernel excluded, and the choice must not leak."""
+    from rlhf_kit.models.attention import cudnn_sdpa_enabled
+
+    actor, ref, critic, rm = four_models
+    cfg = ExperienceConfig(temperature=0.8)
+    r, _ = compute_advantages(
+        make_experience(fake_generation(tokenizer), actor, ref, critic, RewardModelScorer(rm), cfg), 0.05, cfg
+    )
+    seen = []
+    hooks = [
+        m.register_forward_pre_hook(lambda *_: seen.append(cudnn_sdpa_enabled())) for m in (actor, critic)
+    ]
+    assert cudnn_sdpa_enabled()
+    _update(actor, critic, r, micro=2, mini=4)
+    for h in hooks:
+        h.remove()
+    assert seen and not any(seen), seen
+    assert len(seen) == 4  # 2 micro-batches x (actor + critic)
+    assert cudnn_sdpa_enabled()
