@@ -118,6 +118,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     from rlhf_kit.rollout import RolloutBuffer
     from rlhf_kit.training.offload import offload_model, offloaded
     from rlhf_kit.training.optim import build_optimizer
+    from rlhf_kit.training.precision import build_master_weight_optimizer
 
     device = _device(args)
     sh = shape(args)
@@ -146,15 +147,20 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         apply_fsdp2(actor, mixed_precision=policy)
         apply_fsdp2(critic, mixed_precision=policy)
-    actor_opt = build_optimizer(actor, args.lr, 0.0)
-    critic_opt = build_optimizer(critic, args.lr, 0.0)
+    master = bool(args.master_weights) and not fsdp_bf16
+    if master:  # bf16 weights in the models, fp32 master weights in AdamW (rlhf_kit.training.precision)
+        actor_opt = build_master_weight_optimizer(actor, args.lr, 0.0)
+        critic_opt = build_master_weight_optimizer(critic, args.lr, 0.0)
+    else:
+        actor_opt = build_optimizer(actor, args.lr, 0.0)
+        critic_opt = build_optimizer(critic, args.lr, 0.0)
     exp_cfg = ExperienceConfig(temperature=1.0, micro_batch_size=args.score_micro or sh["batch"])
     upd_cfg = UpdateConfig(mini_batch_size=sh["batch"], micro_batch_size=sh["micro"], ppo_epochs=1)
     params = SamplingParams(max_new_tokens=sh["new_tokens"], temperature=1.0, ignore_eos=True)
     stream = PromptStream(prompts, seed=0)
     collate = PromptCollator(tok.pad_token_id)
     policy_loss, value_loss = PPOPolicyLoss(0.2), ValueLoss(0.2)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp_bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not (fsdp_bf16 or master))
     idle = [ref, rm] if args.offload_idle else []  # as recipes/ppo.py --offload-idle-models
     for m in idle:
         offload_model(m)
@@ -208,6 +214,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["backend_mode"] = backend.mode
     res["offload_idle"] = bool(args.offload_idle)
     res["fsdp_bf16"] = fsdp_bf16
+    res["master_weights"] = master
     res["keep_cache"] = bool(args.keep_cache)
     if args.profile and device.type == "cuda":
         res["profile"] = profile_step(one_step, args.steps, device)
@@ -397,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--fsdp-bf16", action="store_true", help="ours: FSDP2 bf16 params, fp32 master weights")
     ap.add_argument(
+        "--master-weights",
+        action="store_true",
+        help="ours: bf16 model weights, fp32 masters in AdamW, no autocast",
+    )
+    ap.add_argument(
         "--keep-cache", action="store_true", help="ours: keep KV cache and CUDA graphs between steps"
     )
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
@@ -449,7 +461,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         passthrough.append("--profile")
     if args.offload_idle:
         passthrough.append("--offload-idle")
-    passthrough += [f for f, on in (("--fsdp-bf16", args.fsdp_bf16), ("--keep-cache", args.keep_cache)) if on]
+    flags = (
+        ("--fsdp-bf16", args.fsdp_bf16),
+        ("--keep-cache", args.keep_cache),
+        ("--master-weights", args.master_weights),
+    )
+    passthrough += [f for f, on in flags if on]
     for config in args.configs:
         entry: dict[str, Any] = {"config": config}
         for system in args.systems:

@@ -115,6 +115,8 @@ class PPOConfig:
     """Keep reference and reward model on CPU (pinned) except while scoring."""
     offload_optimizer: bool = False
     """Move optimizer state to CPU during generation and scoring."""
+    master_weights: bool = False
+    """bf16 actor/critic weights with fp32 master weights in AdamW (one process; faster than autocast)."""
 
     # --- bookkeeping ---------------------------------------------------------------------------
     val_check_interval: int = 2
@@ -158,6 +160,8 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
         and cfg.actor is not None
     ):
         raise ValueError("--reward-fn needs --critic (or --reward-model) to initialise the critic")
+    if cfg.master_weights and (world_size > 1 or cfg.fsdp):
+        raise ValueError("--master-weights is for one process; with several, FSDP2 keeps the fp32 masters")
     if cfg.temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.max_new_tokens < cfg.min_new_tokens:
@@ -207,6 +211,7 @@ def main(cfg: PPOConfig) -> dict:
         onload_optimizer_state,
     )
     from rlhf_kit.training.optim import build_optimizer, clip_grad_norm, cosine_schedule
+    from rlhf_kit.training.precision import build_master_weight_optimizer
     from rlhf_kit.training.run import prepare_metrics_for_resume, write_json
 
     # 1. Check the configuration before touching any model.
@@ -261,8 +266,11 @@ def main(cfg: PPOConfig) -> dict:
         for m in (actor.to(device), critic.to(device), reference, reward_model):
             if m is not None:
                 apply_fsdp2(m, mixed_precision=policy)
-    actor_opt = build_optimizer(actor, cfg.actor_lr, cfg.weight_decay, betas=(0.9, 0.98))
-    critic_opt = build_optimizer(critic, cfg.critic_lr, cfg.weight_decay, betas=(0.9, 0.98))
+    else:  # on the device before the optimizers: fused AdamW on GPU, master weights beside the weights
+        actor.to(device), critic.to(device)
+    make_opt = build_master_weight_optimizer if cfg.master_weights else build_optimizer
+    actor_opt = make_opt(actor, cfg.actor_lr, cfg.weight_decay, betas=(0.9, 0.98))
+    critic_opt = make_opt(critic, cfg.critic_lr, cfg.weight_decay, betas=(0.9, 0.98))
     actor_sched = cosine_schedule(actor_opt, cfg.warmup_steps, total, cfg.actor_min_lr)
     critic_sched = cosine_schedule(critic_opt, cfg.warmup_steps, total, cfg.critic_min_lr)
     if shard:

@@ -29,6 +29,7 @@ from rlhf_kit.models.reward import reward_scores
 from rlhf_kit.models.value import response_values
 from rlhf_kit.rewards import penalize_missing_eos, shape_rewards, standardize_scores
 from rlhf_kit.rollout import Rollout, RolloutBuffer, split_rollout
+from rlhf_kit.training.precision import grad_holder
 
 
 @dataclass
@@ -297,10 +298,10 @@ def ppo_update(
                 add("value/mean", vs.value_mean)
             n_micro += 1
         if cfg.train_actor and actor_opt is not None:
-            add("policy/grad_norm", clip_grad(actor, cfg.max_grad_norm))
+            add("policy/grad_norm", clip_grad(grad_holder(actor, actor_opt), cfg.max_grad_norm))
             actor_opt.step()
             actor_opt.zero_grad(set_to_none=True)
-        add("value/grad_norm", clip_grad(critic, cfg.max_grad_norm))
+        add("value/grad_norm", clip_grad(grad_holder(critic, critic_opt), cfg.max_grad_norm))
         critic_opt.step()
         critic_opt.zero_grad(set_to_none=True)
         add("_steps", 1)

@@ -122,6 +122,31 @@ def test_resume_equals_uninterrupted(default_run, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
+def test_master_weights_run_resumes_exactly(default_run, tmp_path):
+    """--master-weights: bf16 actor/critic, fp32 masters in the optimizer state; a resumed run ends
+    with the uninterrupted run's weights, and the masters are what the final actor was saved from."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    for out in (full, resumed):
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(default_run / "init", out / "init")
+        shutil.copytree(default_run / "data", out / "data")
+    run("--output-dir", str(full), *FAST, "--master-weights")
+    shutil.copytree(full / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
+    (resumed / "checkpoints" / "latest").write_text("step_2\n")
+    run("--output-dir", str(resumed), *FAST, "--master-weights", "--resume")
+    assert series(metrics(resumed), "value/loss") == pytest.approx(
+        series(metrics(full), "value/loss")[2:], rel=1e-5
+    )
+    a = AutoModelForCausalLM.from_pretrained(full / "final")
+    b = AutoModelForCausalLM.from_pretrained(resumed / "final")
+    assert a.dtype == torch.bfloat16
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    # training moved the policy away from its initial weights
+    init = AutoModelForCausalLM.from_pretrained(full / "init" / "actor", dtype=torch.bfloat16).state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in a.state_dict().items())
+
+
 @pytest.fixture(scope="module")
 def learning_runs(tmp_path_factory):
     free = tmp_path_factory.mktemp("ppo_free")
@@ -158,6 +183,7 @@ def test_large_kl_coefficient_keeps_policy_close(learning_runs):
         (["--train-prompts", "/nonexistent/prompts.jsonl"], "/nonexistent/prompts.jsonl"),
         (["--actor", "/nonexistent/actor"], "/nonexistent/actor"),
         (["--reward-fn", "no_colon_here"], "module:function"),
+        (["--master-weights", "--fsdp"], "--master-weights is for one process"),
     ],
 )
 def test_bad_configuration_stops_with_one_line(tmp_path, args, message):

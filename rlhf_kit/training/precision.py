@@ -1,0 +1,117 @@
+"""bf16 compute weights with fp32 master weights held by the optimizer (one process).
+
+Under ``torch.autocast`` with fp32 weights every linear re-casts its weight to bf16 on every call and
+the residual stream, norms and elementwise ops run in fp32; on a 205M Llama that traffic was most of a
+PPO training step (docs/benchmarks.md). Here the model itself holds bf16 parameters, and AdamW steps
+fp32 copies (the master weights), as in mixed-precision training with a separate master copy
+(Micikevicius et al., 2018, "Mixed Precision Training"):
+
+* backward produces bf16 grads; a post-accumulate hook adds each one into the fp32 master's ``.grad``
+  and frees it, so gradient accumulation over micro-batches happens in fp32;
+* ``optimizer.step()`` updates the masters, then a step hook copies them into the bf16 parameters;
+* the masters travel in ``optimizer.state_dict()`` (key ``"master_weights"``), so resume is exact.
+
+Memory per trainable parameter: 2 (bf16 weight) + 4 (master) + 4 (fp32 grad) + 8 (AdamW) = 18 bytes,
+against 16 for fp32 weights under autocast. For several processes use FSDP2's ``MixedPrecisionPolicy``
+instead: the hook moves a gradient before DDP could reduce it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlhf_kit.training.optim import param_groups
+
+_KEY = "master_weights"
+
+
+def build_master_weight_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    dtype: torch.dtype = torch.bfloat16,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """Cast ``model``'s trainable parameters to ``dtype`` and return an AdamW over fp32 copies of them.
+
+    Same parameter groups as :func:`rlhf_kit.training.optim.build_optimizer` (no decay on biases and
+    norms). Frozen parameters and buffers keep their dtype. The returned optimizer is a plain
+    ``torch.optim.AdamW`` (schedulers, accelerate's wrapper and checkpointing work unchanged) with one
+    extra attribute, ``master_weights``: an ``nn.ParameterList`` of the masters (in the order of
+    ``model.parameters()``), which is where the
+    gradients are (clip them there: :func:`grad_holder`).
+    """
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise ValueError("build_master_weight_optimizer: no trainable parameters")
+    pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
+    master_groups = []
+    for g in groups:
+        masters = []
+        for p in g["params"]:
+            m = nn.Parameter(p.detach().to(torch.float32, copy=True))
+            pairs.append((p, m))
+            masters.append(m)
+        master_groups.append({**g, "params": masters})
+    for p, m in pairs:
+        p.data = p.data.to(dtype)
+        p.register_post_accumulate_grad_hook(_accumulate_into(m))
+    if fused is None:
+        fused = all(m.is_cuda for _, m in pairs)
+    opt = torch.optim.AdamW(
+        master_groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused or None
+    )
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    pairs.sort(key=lambda pm: order[id(pm[0])])  # masters in the model's parameter order
+    opt.master_weights = nn.ParameterList([m for _, m in pairs])
+    params, masters = [p for p, _ in pairs], [m for _, m in pairs]
+
+    @torch.no_grad()
+    def copy_to_model(*_):
+        torch._foreach_copy_(params, masters)
+
+    def save_masters(_, state: dict) -> dict:
+        state[_KEY] = [m.detach() for m in masters]
+        return state
+
+    def load_masters(_, state: dict) -> dict:
+        state = dict(state)
+        saved = state.pop(_KEY, None)
+        if saved is None:
+            raise KeyError(f"optimizer state has no {_KEY!r}: it was not saved by a master-weight optimizer")
+        if len(saved) != len(masters):
+            raise ValueError(f"{_KEY}: {len(saved)} saved tensors for {len(masters)} parameters")
+        with torch.no_grad():
+            for m, s in zip(masters, saved):
+                m.copy_(s)
+        copy_to_model()
+        return state
+
+    opt.register_step_post_hook(copy_to_model)
+    opt.register_state_dict_post_hook(save_masters)
+    opt.register_load_state_dict_pre_hook(load_masters)
+    return opt
+
+
+def _accumulate_into(master: nn.Parameter):
+    def hook(p: torch.Tensor) -> None:
+        g = p.grad.to(torch.float32)
+        if master.grad is None:
+            master.grad = g
+        else:
+            master.grad.add_(g)
+        p.grad = None
+
+    return hook
+
+
+def grad_holder(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> nn.Module:
+    """The module whose ``.parameters()`` carry ``model``'s gradients: the optimizer's masters for a
+    :func:`build_master_weight_optimizer` optimizer (accelerate's wrapper is looked through), else
+    ``model``. Pass it to gradient clipping."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    masters = getattr(inner, "master_weights", None)
+    return model if masters is None else masters
