@@ -105,6 +105,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     from rlhf_kit.generation.resharding import iter_full_params
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import TokenValueModel, disable_dropout
+    from rlhf_kit.models.compile import compile_blocks
     from rlhf_kit.ppo import (
         ExperienceConfig,
         PromptStream,
@@ -147,6 +148,9 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         apply_fsdp2(actor, mixed_precision=policy)
         apply_fsdp2(critic, mixed_precision=policy)
+    if args.compile_blocks:  # regional torch.compile of every transformer block of the four models
+        for m in (actor, ref, critic, rm):
+            compile_blocks(m)
     master = bool(args.master_weights) and not fsdp_bf16
     if master:  # bf16 weights in the models, fp32 master weights in AdamW (rlhf_kit.training.precision)
         actor_opt = build_master_weight_optimizer(actor, args.lr, 0.0)
@@ -215,6 +219,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["offload_idle"] = bool(args.offload_idle)
     res["fsdp_bf16"] = fsdp_bf16
     res["master_weights"] = master
+    res["compile_blocks"] = bool(args.compile_blocks)
     res["keep_cache"] = bool(args.keep_cache)
     if args.profile and device.type == "cuda":
         res["profile"] = profile_step(one_step, args.steps, device)
@@ -404,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--fsdp-bf16", action="store_true", help="ours: FSDP2 bf16 params, fp32 master weights")
     ap.add_argument(
+        "--compile-blocks", action="store_true", help="ours: torch.compile each transformer block"
+    )
+    ap.add_argument(
         "--master-weights",
         action="store_true",
         help="ours: bf16 model weights, fp32 masters in AdamW, no autocast",
@@ -465,6 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--fsdp-bf16", args.fsdp_bf16),
         ("--keep-cache", args.keep_cache),
         ("--master-weights", args.master_weights),
+        ("--compile-blocks", args.compile_blocks),
     )
     passthrough += [f for f, on in flags if on]
     for config in args.configs:

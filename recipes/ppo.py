@@ -115,6 +115,8 @@ class PPOConfig:
     """Keep reference and reward model on CPU (pinned) except while scoring."""
     offload_optimizer: bool = False
     """Move optimizer state to CPU during generation and scoring."""
+    compile_blocks: bool = False
+    """torch.compile each transformer block of the four models (GPU: fewer, fused kernels per layer)."""
     master_weights: bool = False
     """bf16 actor/critic weights with fp32 master weights in AdamW (one process; faster than autocast)."""
 
@@ -186,6 +188,7 @@ def main(cfg: PPOConfig) -> dict:
     from rlhf_kit.kl import AdaptiveKLController, FixedKLController
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import load_reward_stats
+    from rlhf_kit.models.compile import compile_blocks
     from rlhf_kit.ppo import (
         ExperienceConfig,
         FunctionScorer,
@@ -252,6 +255,11 @@ def main(cfg: PPOConfig) -> dict:
     )
     stream = PromptStream(train_ids, seed=cfg.seed)
     collate = PromptCollator(tokenizer.pad_token_id)
+
+    if cfg.compile_blocks:
+        for m in (actor, critic, reference, reward_model):
+            if m is not None:
+                compile_blocks(m)
 
     # 3. Optimizers, schedules, accelerate (FSDP2 when launched with recipes/accelerate/fsdp.yaml).
     updates_per_step = cfg.ppo_epochs * cfg.num_rollout_samples // cfg.global_batch_size

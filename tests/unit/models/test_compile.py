@@ -1,0 +1,49 @@
+import copy
+
+import pytest
+import torch
+
+from rlhf_kit.logprobs import sequence_logprobs
+from rlhf_kit.models import TokenValueModel
+from rlhf_kit.models.compile import compile_blocks, decoder_blocks
+from rlhf_kit.models.value import response_values
+from tests.conftest import make_causal_lm, make_reward_model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_compiled_blocks_match_eager_forward_and_backward(tokenizer, family):
+    eager = make_causal_lm(tokenizer, family, seed=2)
+    compiled = copy.deepcopy(eager)
+    n = compile_blocks(compiled, backend="aot_eager")
+    assert n == eager.config.num_hidden_layers
+    assert all(b._compiled_call_impl is not None for b in decoder_blocks(compiled))
+    assert all(b._compiled_call_impl is None for b in decoder_blocks(eager))
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep their names
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 400, (3, 14), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding, as in PPO
+    for width in (14, 10):  # a second shape recompiles the block, it must still agree
+        a = sequence_logprobs(eager, ids[:, :width], mask[:, :width], 6)
+        b = sequence_logprobs(compiled, ids[:, :width], mask[:, :width], 6)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    a.sum().backward()
+    b.sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_blocks_are_found_through_the_critic_wrapper(tokenizer):
+    critic = TokenValueModel(make_reward_model(tokenizer, seed=3))
+    blocks = decoder_blocks(critic)
+    assert blocks is critic.model.model.layers
+    ref = copy.deepcopy(critic)
+    compile_blocks(critic, backend="aot_eager")
+    ids = torch.randint(3, 400, (2, 9))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(response_values(critic, ids, mask, 4), response_values(ref, ids, mask, 4))
+
+
+def test_model_without_blocks_is_refused():
+    with pytest.raises(ValueError, match="no ModuleList"):
+        compile_blocks(torch.nn.Linear(2, 2))
