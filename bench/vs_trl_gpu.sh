@@ -2,7 +2,7 @@
 # The TRL comparisons on the GPU machine, in one call (see bench/README.md).
 #   bash bench/vs_trl_gpu.sh a    # PPO config A (+ profile of our step) and the reward-model benchmark
 #   bash bench/vs_trl_gpu.sh b    # PPO config B (ours with and without --offload-idle), RM at lower budgets
-#   bash bench/vs_trl_gpu.sh c|d  # PPO config A | B with --master-weights (session 3)
+#   bash bench/vs_trl_gpu.sh c|d  # PPO config A | B with --compile-blocks / --master-weights (session 3)
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -20,14 +20,17 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, accelerate, datasets, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__, 'trl', trl.__version__)"
 WORK=/tmp/bench_work
-if [ "$phase" = c ]; then  # session 3: --master-weights against the session-2 best (--keep-cache), config A
-  python3 bench/ppo_vs_trl.py --configs A --systems trl ours --keep-cache --trl-site /tmp/site112 --timeout 240 --work $WORK/k --out "$OUT/keep" 2>&1 | tee "$OUT/ppo_log.txt"
-  python3 bench/ppo_vs_trl.py --configs A --systems ours --keep-cache --master-weights --profile --timeout 240 --work $WORK/m --out "$OUT/master" 2>&1 | tee -a "$OUT/ppo_log.txt"
+if [ "$phase" = c ]; then  # session 3, config A: TRL, ours --keep-cache, + --compile-blocks, + --master-weights
+  A="python3 bench/ppo_vs_trl.py --configs A --keep-cache --timeout 240"
+  $A --systems trl ours --trl-site /tmp/site112 --work $WORK/k --out "$OUT/keep" 2>&1 | tee "$OUT/ppo_log.txt"
+  $A --systems ours --compile-blocks --work $WORK/c --out "$OUT/compile" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  $A --systems ours --compile-blocks --master-weights --profile --work $WORK/cm --out "$OUT/compile_master" 2>&1 | tee -a "$OUT/ppo_log.txt"
   cat "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = d ]; then  # session 3: config B with --master-weights (+ --offload-idle), TRL in the same call
-  python3 bench/ppo_vs_trl.py --configs B --systems trl ours --keep-cache --master-weights --trl-site /tmp/site112 --timeout 240 --work $WORK/b --out "$OUT/b" 2>&1 | tee "$OUT/ppo_log.txt"
-  python3 bench/ppo_vs_trl.py --configs B --systems ours --keep-cache --master-weights --offload-idle --timeout 200 --work $WORK/bo --out "$OUT/b_offload" 2>&1 | tee -a "$OUT/ppo_log.txt"
+if [ "$phase" = d ]; then  # session 3, config B: TRL and ours --keep-cache --compile-blocks --master-weights (+ --offload-idle)
+  B="python3 bench/ppo_vs_trl.py --configs B --keep-cache --compile-blocks --master-weights --timeout 240"
+  $B --systems trl ours --trl-site /tmp/site112 --work $WORK/b --out "$OUT/b" 2>&1 | tee "$OUT/ppo_log.txt"
+  $B --systems ours --offload-idle --work $WORK/bo --out "$OUT/b_offload" 2>&1 | tee -a "$OUT/ppo_log.txt"
   cat "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = a ]; then
