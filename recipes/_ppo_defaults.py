@@ -10,8 +10,9 @@ def fill_defaults(cfg, is_main: bool):
     """Return ``cfg`` with missing models and prompt files replaced by embedded defaults.
 
     Missing actor -> a tiny random Llama (and its BPE tokenizer) under ``<output_dir>/init/actor``;
-    missing reward model (and no reward function) -> a tiny random RM sharing that tokenizer; missing
-    prompts -> the shipped HH sample split into train/test prompt files under ``<output_dir>/data``.
+    missing reward model (and no reward function or critic server) -> a tiny random RM sharing that
+    tokenizer (:func:`default_reward_model`); missing prompts -> the shipped HH sample split into
+    train/test prompt files under ``<output_dir>/data``.
     Only the main process writes; others wait at the caller's barrier.
     """
     from rlhf_kit.tiny import save_tiny_pretrained, train_tokenizer
@@ -25,14 +26,12 @@ def fill_defaults(cfg, is_main: bool):
             tokenizer = train_tokenizer()
             save_tiny_pretrained(updates["actor"], "causal_lm", tokenizer=tokenizer, seed=cfg.seed)
             print(f"embedded default: tiny random actor written to {updates['actor']}")
-    if cfg.reward_model is None and cfg.reward_fn is None:
+    remote = getattr(cfg, "critic_server", None) is not None  # the server holds critic and RM
+    if cfg.reward_model is None and cfg.reward_fn is None and not remote:
         if cfg.actor is not None:
             raise ValueError("--actor was given without --reward-model or --reward-fn")
-        updates["reward_model"] = os.path.join(init, "reward_model")
-        if is_main and not os.path.exists(os.path.join(updates["reward_model"], "config.json")):
-            tokenizer = tokenizer or train_tokenizer()
-            save_tiny_pretrained(updates["reward_model"], "reward", tokenizer=tokenizer, seed=cfg.seed + 1)
-    if cfg.reward_fn is not None and cfg.critic is None and cfg.reward_model is None:
+        updates["reward_model"] = default_reward_model(cfg.output_dir, cfg.seed, is_main, tokenizer)
+    if cfg.reward_fn is not None and cfg.critic is None and cfg.reward_model is None and not remote:
         updates["critic"] = os.path.join(init, "critic")
         if is_main and not os.path.exists(os.path.join(updates["critic"], "config.json")):
             from transformers import AutoTokenizer
@@ -54,3 +53,15 @@ def fill_defaults(cfg, is_main: bool):
         if cfg.val_prompts is None:
             updates["val_prompts"] = paths["test_prompts"]
     return dataclasses.replace(cfg, **updates)
+
+
+def default_reward_model(output_dir: str, seed: int, is_main: bool = True, tokenizer=None) -> str:
+    """``<output_dir>/init/reward_model``: the embedded tiny random RM (weights from ``seed + 1``, the
+    embedded BPE tokenizer unless ``tokenizer`` is given), written by the main process if missing.
+    The PPO recipe and recipes/critic_server.py share it, so their embedded defaults pair up."""
+    from rlhf_kit.tiny import save_tiny_pretrained, train_tokenizer
+
+    path = os.path.join(output_dir, "init", "reward_model")
+    if is_main and not os.path.exists(os.path.join(path, "config.json")):
+        save_tiny_pretrained(path, "reward", tokenizer=tokenizer or train_tokenizer(), seed=seed + 1)
+    return path

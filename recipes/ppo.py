@@ -38,6 +38,9 @@ class PPOConfig:
     """Critic initialisation (a sequence-classification checkpoint). None: the reward model."""
     reward_fn: str | None = None
     """'module:function' scoring decoded text, fn(prompts, responses) -> list[float]; replaces the RM."""
+    critic_server: str | None = None
+    """URL of a critic server (recipes/critic_server.py): critic and RM live in that separate job, which
+    also owns the critic's optimisation settings (--critic, --critic-lr, ... do not apply here)."""
     train_prompts: str | None = None
     """Prompt file ({"text"} / {"prompt"} / chat messages per line). None: the shipped HH sample."""
     val_prompts: str | None = None
@@ -155,11 +158,14 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
             check_path_exists(getattr(cfg, name), f"--{name.replace('_', '-')}")
     if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
         raise ValueError(f"--reward-fn must look like 'module:function', got {cfg.reward_fn!r}")
+    if cfg.critic_server is not None and world_size > 1:
+        raise ValueError(f"--critic-server takes a single actor process, got WORLD_SIZE={world_size}")
     if (
         cfg.reward_fn is not None
         and cfg.critic is None
         and cfg.reward_model is None
         and cfg.actor is not None
+        and cfg.critic_server is None
     ):
         raise ValueError("--reward-fn needs --critic (or --reward-model) to initialise the critic")
     if cfg.master_weights and (world_size > 1 or cfg.fsdp):
@@ -204,6 +210,7 @@ def main(cfg: PPOConfig) -> dict:
         ppo_update,
     )
     from rlhf_kit.rollout import RolloutBuffer
+    from rlhf_kit.serving import connect_critic_server
     from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rlhf_kit.training.dist import all_reduce_sum, seed_everything
     from rlhf_kit.training.fsdp import apply_fsdp2
@@ -234,8 +241,17 @@ def main(cfg: PPOConfig) -> dict:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{cfg.actor}: the tokenizer needs a pad token distinct from EOS")
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
+    updates_per_step = cfg.ppo_epochs * cfg.num_rollout_samples // cfg.global_batch_size
+    total = cfg.max_steps * updates_per_step
+    remote, server = (None, {})  # with --critic-server, critic and RM live in that job
+    if cfg.critic_server is not None:
+        remote, server = connect_critic_server(
+            cfg.critic_server, vocab_size=len(tokenizer), total_steps=total, value_clip=cfg.value_clip,
+            need_scores=cfg.reward_fn is None,
+        )  # fmt: skip
     models = load_ppo_models(
-        cfg.actor, cfg.critic or cfg.reward_model, None if cfg.reward_fn else cfg.reward_model, tokenizer,
+        cfg.actor, None if remote else cfg.critic or cfg.reward_model,
+        None if cfg.reward_fn or remote else cfg.reward_model, tokenizer,
         lora=lora, gradient_checkpointing=cfg.gradient_checkpointing, device=device,
     )  # fmt: skip
     actor, critic, reference, reward_model = (
@@ -246,9 +262,10 @@ def main(cfg: PPOConfig) -> dict:
     )
     if cfg.reward_fn is not None:
         scorer, stats = FunctionScorer(load_reward_fn(cfg.reward_fn), tokenizer), None
-    else:
-        scorer = RewardModelScorer(reward_model)
-        stats = load_reward_stats(cfg.reward_model) if cfg.standardize_scores else None
+    else:  # the server scores with its reward model and knows its statistics
+        scorer = None if remote else RewardModelScorer(reward_model)
+        stats = server.get("reward_stats") if remote else load_reward_stats(cfg.reward_model)
+        stats = stats if cfg.standardize_scores else None
     train_ids, _ = tokenize_prompts(load_prompts(cfg.train_prompts), tokenizer, cfg.max_prompt_length)
     val_ids, _ = tokenize_prompts(
         load_prompts(cfg.val_prompts)[: cfg.num_val_samples], tokenizer, cfg.max_prompt_length
@@ -262,8 +279,6 @@ def main(cfg: PPOConfig) -> dict:
                 compile_blocks(m)
 
     # 3. Optimizers, schedules, accelerate (FSDP2 when launched with recipes/accelerate/fsdp.yaml).
-    updates_per_step = cfg.ppo_epochs * cfg.num_rollout_samples // cfg.global_batch_size
-    total = cfg.max_steps * updates_per_step
     # FSDP2 (recipes/accelerate/fsdp.yaml or --fsdp): accelerate prepares a single model per FSDP2 run,
     # so the four models are sharded here with torch's fully_shard: bf16 compute weights, fp32 master
     # weights and gradient reduction. Optimizers are built after sharding (it replaces the parameters).
@@ -275,12 +290,14 @@ def main(cfg: PPOConfig) -> dict:
             if m is not None:
                 apply_fsdp2(m, mixed_precision=policy)
     else:  # on the device before the optimizers: fused AdamW on GPU, master weights beside the weights
-        actor.to(device), critic.to(device)
+        for m in (actor, critic):
+            if m is not None:
+                m.to(device)
     make_opt = build_master_weight_optimizer if cfg.master_weights else build_optimizer
     actor_opt = make_opt(actor, cfg.actor_lr, cfg.weight_decay, betas=(0.9, 0.98))
-    critic_opt = make_opt(critic, cfg.critic_lr, cfg.weight_decay, betas=(0.9, 0.98))
+    critic_opt = make_opt(critic, cfg.critic_lr, cfg.weight_decay, betas=(0.9, 0.98)) if critic else None
     actor_sched = cosine_schedule(actor_opt, cfg.warmup_steps, total, cfg.actor_min_lr)
-    critic_sched = cosine_schedule(critic_opt, cfg.warmup_steps, total, cfg.critic_min_lr)
+    critic_sched = cosine_schedule(critic_opt, cfg.warmup_steps, total, cfg.critic_min_lr) if critic else None
     if shard:
         backward, clip = (lambda loss: loss.backward()), clip_grad_norm
     else:  # one device, DDP or CPU processes: accelerate wraps the trainable models
@@ -339,13 +356,16 @@ def main(cfg: PPOConfig) -> dict:
     # 4. Resume.
     step = 0
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+    ckpt = {
+        "models": {"actor": actor, "critic": critic},
+        "optimizers": {"actor": actor_opt, "critic": critic_opt},
+        "schedulers": {"actor": actor_sched, "critic": critic_sched},
+    }
+    ckpt = {k: {n: x for n, x in v.items() if x is not None} for k, v in ckpt.items()}  # no remote critic
     if cfg.resume and latest_checkpoint(ckpt_dir) is not None:
-        step, extra = load_checkpoint(
-            ckpt_dir,
-            models={"actor": actor, "critic": critic},
-            optimizers={"actor": actor_opt, "critic": critic_opt},
-            schedulers={"actor": actor_sched, "critic": critic_sched},
-        )
+        step, extra = load_checkpoint(ckpt_dir, **ckpt)
+        if remote:  # the server's state saved with this step (paths under its --output-dir)
+            remote.load(f"checkpoints/step_{step}")
         kl_ctl.load_state_dict(extra["kl_controller"])
         stream.load_state_dict(extra["prompt_stream"])
         prepare_metrics_for_resume(cfg.output_dir, step)  # rows past the checkpoint are logged again
@@ -358,6 +378,7 @@ def main(cfg: PPOConfig) -> dict:
         micro_batch_size=cfg.micro_batch_size,
         ppo_epochs=cfg.ppo_epochs,
         max_grad_norm=cfg.max_grad_norm,
+        train_critic=remote is None,
     )
 
     models = PPOModels(actor, critic, reference, reward_model, models.reference_fn)  # prepared ones
@@ -367,21 +388,23 @@ def main(cfg: PPOConfig) -> dict:
             backend, prompts, collate, params, models, scorer, exp_cfg,
             generation_batch_size=cfg.rollout_micro_batch_size, device=device,
             pad_token_id=tokenizer.pad_token_id, dynamic=dynamic, offload_frozen=cfg.offload_idle_models,
-            phase=timer, autocast=acc.autocast,
+            phase=timer, autocast=acc.autocast, remote=remote,
         )  # fmt: skip
 
     # 5. The PPO loop.
-    actor.train(), critic.train()
+    actor.train(), critic.train() if critic else None
     result: dict = {}
     bar = progress(total=cfg.max_steps, initial=step, desc="ppo")
     while step < cfg.max_steps:
         timer.reset()
         if cfg.offload_optimizer:
-            offload_optimizer_state(actor_opt), offload_optimizer_state(critic_opt)
+            for opt in ckpt["optimizers"].values():
+                offload_optimizer_state(opt)
         rank, world = (0, 1) if dynamic else (acc.process_index, acc.num_processes)
         data, rollout_stats = rollout(stream.next_batch(cfg.num_rollout_samples, rank, world))
         if cfg.offload_optimizer:
-            onload_optimizer_state(actor_opt, device), onload_optimizer_state(critic_opt, device)
+            for opt in ckpt["optimizers"].values():
+                onload_optimizer_state(opt, device)
         data, exp_stats = compute_advantages(data, kl_ctl.value, exp_cfg)
         buffer = RolloutBuffer(pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + step)
         buffer.set_data(data)
@@ -391,10 +414,13 @@ def main(cfg: PPOConfig) -> dict:
                 actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, update_cfg, exp_cfg,
                 backward=backward, clip_grad=clip,
             )  # fmt: skip
+            if remote:  # the critic half of the update, on the server (same mini-batch order)
+                train_stats |= remote.train_rollout(data, update_cfg, seed=cfg.seed + step)
         for _ in range(updates_per_step):
             if update_cfg.train_actor:
                 actor_sched.step()
-            critic_sched.step()
+            if critic_sched:
+                critic_sched.step()
         kl_ctl.update(exp_stats["kl/seq_mean"], cfg.num_rollout_samples)
         step += 1
         sync_weights()
@@ -406,7 +432,7 @@ def main(cfg: PPOConfig) -> dict:
             **rollout_stats,
             "throughput/generated_tokens_per_s": n_tokens / max(times.get("time/generate", 0.0), 1e-9),
             "lr/actor": actor_sched.get_last_lr()[0],
-            "lr/critic": critic_sched.get_last_lr()[0],
+            **({"lr/critic": critic_sched.get_last_lr()[0]} if critic_sched else {}),  # else from the server
         }
         logger.log(result, step)
         bar.update(1)
@@ -425,20 +451,20 @@ def main(cfg: PPOConfig) -> dict:
 
         # 7. Checkpoint everything an exact resume needs.
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
+            if remote:  # first, so `latest` never points at a step the server has not saved
+                remote.save(f"checkpoints/step_{step}", keep_last=cfg.keep_last)
             save_checkpoint(
-                ckpt_dir,
-                step,
-                models={"actor": actor, "critic": critic},
-                optimizers={"actor": actor_opt, "critic": critic_opt},
-                schedulers={"actor": actor_sched, "critic": critic_sched},
+                ckpt_dir, step, **ckpt, keep_last=cfg.keep_last,
                 extra={"kl_controller": kl_ctl.state_dict(), "prompt_stream": stream.state_dict()},
-                keep_last=cfg.keep_last,
-            )
+            )  # fmt: skip
     bar.close()
 
     # 8. Final models as standard HF directories (FSDP2 shards gathered, LoRA merged).
     save_hf_model(actor, os.path.join(cfg.output_dir, "final"), tokenizer)
-    save_hf_model(acc.unwrap_model(critic).model, os.path.join(cfg.output_dir, "critic"), tokenizer)
+    if remote:
+        remote.save("final")  # <server --output-dir>/final/critic
+    else:
+        save_hf_model(acc.unwrap_model(critic).model, os.path.join(cfg.output_dir, "critic"), tokenizer)
     if acc.is_main_process:
         write_json(os.path.join(cfg.output_dir, "final", "ppo_config.json"), asdict(cfg))
     logger.close()

@@ -7,6 +7,10 @@ A custom loop composes them (``recipes/ppo.py`` is one such loop)::
     rollout = compute_advantages(rollout, kl_coef, cfg)                 # rewards, GAE, whitening
     stats = ppo_update(actor, critic, ..., RolloutBuffer with rollout)  # clipped losses, accumulation
 
+The critic and reward model can also live in a separate job (``rlhf_kit.serving``): ``make_experience``
+then takes values and scores from it, ``ppo_update`` runs actor-only (``UpdateConfig.train_critic=False``)
+and the server trains the critic with the same ``ppo_update``, critic-only.
+
 Alignment: response position ``i`` holds the log-prob of response token ``i`` and the critic's value of
 the state that generates it (hidden state one position earlier); ``response_mask`` includes EOS.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,6 +35,9 @@ from rlhf_kit.models.value import response_values
 from rlhf_kit.rewards import penalize_missing_eos, shape_rewards, standardize_scores
 from rlhf_kit.rollout import Rollout, RolloutBuffer, split_rollout
 from rlhf_kit.training.precision import grad_holder
+
+if TYPE_CHECKING:
+    from rlhf_kit.serving import CriticRewardService, RemoteCritic
 
 
 @dataclass
@@ -110,10 +118,11 @@ def make_experience(
     generation,
     actor: nn.Module,
     reference: nn.Module | None,
-    critic: nn.Module,
-    scorer: Callable[..., torch.Tensor],
+    critic: nn.Module | None,
+    scorer: Callable[..., torch.Tensor] | None,
     cfg: ExperienceConfig,
     reference_fn: Callable[[], object] | None = None,
+    remote: CriticRewardService | RemoteCritic | None = None,
 ) -> Rollout:
     """Score one batch of generations with the four models.
 
@@ -123,12 +132,18 @@ def make_experience(
         actor: causal LM being trained; its log-probs are recomputed here (the old policy).
         reference: frozen initial policy; ``None`` with ``reference_fn`` for LoRA, where
             ``reference_fn()`` returns a context manager that disables the adapter on ``actor``.
-        critic: per-token value model (``TokenValueModel``).
-        scorer: ``RewardModelScorer`` or ``FunctionScorer``.
+        critic: per-token value model (``TokenValueModel``); None with ``remote``.
+        scorer: ``RewardModelScorer`` or ``FunctionScorer``; None when ``remote`` scores with its
+            reward model.
+        remote: a critic server client (:class:`rlhf_kit.serving.RemoteCritic`, or an in-process
+            :class:`~rlhf_kit.serving.CriticRewardService`): values, and scores unless ``scorer`` is
+            given, come from one ``remote.infer`` call per micro-batch instead of ``critic``.
 
     Returns:
         A :class:`Rollout` with rewards/advantages/returns still zero (see :func:`compute_advantages`).
     """
+    if critic is None and remote is None:
+        raise ValueError("make_experience: pass a critic, or a remote critic (remote=)")
     seq, am, rmask = generation.sequences, generation.attention_mask, generation.response_mask
     p = generation.prompt_length
     lps, refs, vals, scores = [], [], [], []
@@ -140,8 +155,17 @@ def make_experience(
         else:
             with reference_fn():
                 refs.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
-        vals.append(response_values(critic, seq[sl], am[sl], p))
-        scores.append(scorer(seq[sl], am[sl], prompt_length=p, response_mask=rmask[sl]).float())
+        score = None
+        if remote is not None:
+            value, score = remote.infer(seq[sl], am[sl], p, rmask[sl], with_scores=scorer is None)
+        else:
+            value = response_values(critic, seq[sl], am[sl], p)
+        if score is None:
+            if scorer is None:
+                raise ValueError("make_experience: no scorer given and the critic server has no reward model")
+            score = scorer(seq[sl], am[sl], prompt_length=p, response_mask=rmask[sl])
+        vals.append(value)
+        scores.append(score.float())
     m = rmask.float()
     logprobs = torch.cat(lps) * m
     raw_scores = torch.cat(scores)
@@ -230,16 +254,18 @@ class UpdateConfig:
     max_grad_norm: float = 1.0
     train_actor: bool = True
     """False during critic warm-up."""
+    train_critic: bool = True
+    """False when the critic trains elsewhere (a critic server, ``rlhf_kit.serving``): actor-only update."""
 
 
 def ppo_update(
-    actor: nn.Module,
-    critic: nn.Module,
+    actor: nn.Module | None,
+    critic: nn.Module | None,
     actor_opt: torch.optim.Optimizer | None,
-    critic_opt: torch.optim.Optimizer,
+    critic_opt: torch.optim.Optimizer | None,
     buffer: RolloutBuffer,
-    policy_loss: PPOPolicyLoss,
-    value_loss: ValueLoss,
+    policy_loss: PPOPolicyLoss | None,
+    value_loss: ValueLoss | None,
     cfg: UpdateConfig,
     exp_cfg: ExperienceConfig,
     backward: Callable[[torch.Tensor], None] | None = None,
@@ -253,9 +279,21 @@ def ppo_update(
     all ranks), so the accumulated gradient equals that of one token-level mean over the whole
     mini-batch: micro 1 x accumulation 4 gives the same step as micro 4 x accumulation 1.
 
+    The actor trains when ``cfg.train_actor`` and ``actor_opt`` is given; the critic when
+    ``cfg.train_critic`` (a critic server runs this function critic-only, the actor job actor-only,
+    and the mini-batch order depends only on the buffer's seed, so the split run equals the joint one).
     ``backward`` defaults to ``loss.backward()`` (pass ``accelerator.backward``); ``clip_grad`` to
     ``torch.nn.utils.clip_grad_norm_``. Returns mean statistics over all micro-batches.
     """
+    train_actor = cfg.train_actor and actor_opt is not None
+    train_critic = cfg.train_critic
+    if train_actor and (actor is None or policy_loss is None):
+        raise ValueError("ppo_update: training the actor needs actor and policy_loss")
+    if train_critic and (critic is None or critic_opt is None or value_loss is None):
+        raise ValueError(
+            "ppo_update: training the critic needs critic, critic_opt and value_loss "
+            "(UpdateConfig.train_critic=False trains the actor only)"
+        )
     backward = backward or (lambda loss: loss.backward())
     clip_grad = clip_grad or (lambda m, n: float(torch.nn.utils.clip_grad_norm_(m.parameters(), n)))
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -266,15 +304,16 @@ def ppo_update(
         totals[key] = totals.get(key, 0.0) + float(value)
 
     for mb in buffer.minibatches(cfg.mini_batch_size, epochs=cfg.ppo_epochs, device=device):
-        p_tokens = _global_count(_policy_mask(mb, exp_cfg).sum()).clamp(min=1)
-        v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
+        if train_actor:
+            p_tokens = _global_count(_policy_mask(mb, exp_cfg).sum()).clamp(min=1)
+        if train_critic:
+            v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
         for micro in split_rollout(mb, cfg.micro_batch_size):
             # cuDNN's SDPA backward is NaN on the left-padding rows: see rlhf_kit.models.attention
             with padding_safe_sdpa():
                 p = micro.prompt_length
-                pm = _policy_mask(micro, exp_cfg)
-                vm = micro.response_mask.float()
-                if cfg.train_actor and actor_opt is not None:
+                if train_actor:
+                    pm = _policy_mask(micro, exp_cfg)
                     lp, ent = sequence_logprobs(
                         actor,
                         micro.sequences,
@@ -290,20 +329,23 @@ def ppo_update(
                     add("policy/approx_kl", ps.approx_kl)
                     add("policy/ratio_mean", ps.ratio_mean)
                     add("policy/entropy", ps.entropy)
-                values = response_values(critic, micro.sequences, micro.attention_mask, p)
-                vloss, vs = value_loss(values, micro.values, micro.returns, vm)
-                backward(vloss * (vm.sum() * world / v_tokens))
-                add("value/loss", vs.loss)
-                add("value/clip_fraction", vs.clip_fraction)
-                add("value/mean", vs.value_mean)
+                if train_critic:
+                    vm = micro.response_mask.float()
+                    values = response_values(critic, micro.sequences, micro.attention_mask, p)
+                    vloss, vs = value_loss(values, micro.values, micro.returns, vm)
+                    backward(vloss * (vm.sum() * world / v_tokens))
+                    add("value/loss", vs.loss)
+                    add("value/clip_fraction", vs.clip_fraction)
+                    add("value/mean", vs.value_mean)
             n_micro += 1
-        if cfg.train_actor and actor_opt is not None:
+        if train_actor:
             add("policy/grad_norm", clip_grad(grad_holder(actor, actor_opt), cfg.max_grad_norm))
             actor_opt.step()
             actor_opt.zero_grad(set_to_none=True)
-        add("value/grad_norm", clip_grad(grad_holder(critic, critic_opt), cfg.max_grad_norm))
-        critic_opt.step()
-        critic_opt.zero_grad(set_to_none=True)
+        if train_critic:
+            add("value/grad_norm", clip_grad(grad_holder(critic, critic_opt), cfg.max_grad_norm))
+            critic_opt.step()
+            critic_opt.zero_grad(set_to_none=True)
         add("_steps", 1)
     steps = max(totals.pop("_steps", 1), 1)
     out = {}
@@ -409,16 +451,19 @@ def score_rollouts(
     generations: Sequence,
     actor: nn.Module,
     reference: nn.Module | None,
-    critic: nn.Module,
-    scorer: Callable[..., torch.Tensor],
+    critic: nn.Module | None,
+    scorer: Callable[..., torch.Tensor] | None,
     cfg: ExperienceConfig,
     reference_fn: Callable[[], object] | None = None,
     pad_token_id: int = 0,
+    remote: CriticRewardService | RemoteCritic | None = None,
 ) -> Rollout:
     """:func:`make_experience` on every generation batch, concatenated into one rollout."""
     from rlhf_kit.rollout import concat_rollouts
 
-    parts = [make_experience(g, actor, reference, critic, scorer, cfg, reference_fn) for g in generations]
+    parts = [
+        make_experience(g, actor, reference, critic, scorer, cfg, reference_fn, remote) for g in generations
+    ]
     return concat_rollouts(parts, pad_token_id)
 
 
@@ -516,10 +561,11 @@ def generate_rollouts_dynamic(
 @dataclass
 class PPOModels:
     """The four PPO models. ``reference`` is None with LoRA, where ``reference_fn()`` returns a context
-    manager that disables the actor's adapters; ``reward_model`` is None when a reward function scores."""
+    manager that disables the actor's adapters; ``reward_model`` is None when a reward function or a
+    critic server scores; ``critic`` is None when a critic server holds it."""
 
     actor: nn.Module
-    critic: nn.Module
+    critic: nn.Module | None
     reference: nn.Module | None = None
     reward_model: nn.Module | None = None
     reference_fn: Callable[[], object] | None = None
@@ -534,7 +580,7 @@ def collect_experience(
     collate: Callable[[list], dict],
     params,
     models: PPOModels,
-    scorer: Callable[..., torch.Tensor],
+    scorer: Callable[..., torch.Tensor] | None,
     cfg: ExperienceConfig,
     *,
     generation_batch_size: int,
@@ -544,6 +590,7 @@ def collect_experience(
     offload_frozen: bool = False,
     phase: Callable[[str], object] | None = None,
     autocast: Callable[[], object] | None = None,
+    remote: CriticRewardService | RemoteCritic | None = None,
 ) -> tuple[Rollout, dict]:
     """Generate for ``prompts`` and score with the four models: the experience half of a PPO step.
 
@@ -554,6 +601,8 @@ def collect_experience(
         offload_frozen: reference and reward model stay on CPU except while scoring.
         phase: ``phase(name)`` returns a context manager timing ``"generate"`` and ``"score"``
             (e.g. :class:`rlhf_kit.training.metrics.StepTimer`); ``autocast()`` one for mixed precision.
+        remote: a critic server client; values and (with ``scorer=None``) scores come from it
+            (see :func:`make_experience`).
 
     Returns the rollout (advantages not yet computed) and statistics (generated tokens, dispatch).
     """
@@ -578,7 +627,7 @@ def collect_experience(
     with phase("score"), autocast():
         m = models
         rollout = score_rollouts(
-            gens, m.actor, m.reference, m.critic, scorer, cfg, m.reference_fn, pad_token_id
+            gens, m.actor, m.reference, m.critic, scorer, cfg, m.reference_fn, pad_token_id, remote
         )
     for model in frozen:  # idle again until the next scoring phase
         offload_model(model)
@@ -586,9 +635,43 @@ def collect_experience(
     return rollout, stats
 
 
+def load_critic_and_reward_model(
+    critic: str | None,
+    reward_model: str | None,
+    *,
+    vocab_size: int | None = None,
+    gradient_checkpointing: bool = False,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module | None, nn.Module | None]:
+    """The trainable critic and the frozen reward model from HF directories (either may be None), dropout
+    off: the critic is a :class:`TokenValueModel` of ``critic`` (a reward model: its score head becomes the
+    value head), left on CPU for the caller to place; the reward model is frozen on ``device``. With
+    ``vocab_size`` (the actor tokenizer's size), raises ``ValueError`` when a vocabulary is smaller.
+    """
+    from rlhf_kit.models import TokenValueModel, disable_dropout, load_reward_model
+    from rlhf_kit.training.hf import load_for_training
+
+    value = None
+    if critic is not None:
+        value = TokenValueModel(load_for_training(critic, "reward", None, gradient_checkpointing))
+    rm = None
+    if reward_model is not None:
+        rm = load_reward_model(reward_model).eval().requires_grad_(False).to(device)
+    for name, model in (("critic", value), ("reward model", rm)):
+        if model is None:
+            continue
+        if vocab_size is not None and model.config.vocab_size < vocab_size:
+            raise ValueError(
+                f"the {name} has a vocabulary of {model.config.vocab_size}, smaller than the actor "
+                f"tokenizer's {vocab_size}: it does not share the actor's tokenizer"
+            )
+        disable_dropout(model)
+    return value, rm
+
+
 def load_ppo_models(
     actor: str,
-    critic: str,
+    critic: str | None,
     reward_model: str | None,
     tokenizer,
     *,
@@ -600,14 +683,14 @@ def load_ppo_models(
 
     The actor is trainable (``lora``: a :class:`rlhf_kit.training.hf.LoraSettings`; with ``r > 0`` only
     the adapters train and the reference is the actor with adapters disabled, no second copy);
-    otherwise the reference is a frozen copy of ``actor`` on ``device``. The critic is a
-    :class:`TokenValueModel` of ``critic`` (a reward model: its score head becomes the value head). The
-    reward model, if given, is frozen on ``device``. Raises ``ValueError`` when a model's vocabulary
-    cannot hold the actor tokenizer's ids.
+    otherwise the reference is a frozen copy of ``actor`` on ``device``. The critic and the reward model
+    come from :func:`load_critic_and_reward_model`; ``critic`` is None when a critic server holds it,
+    ``reward_model`` None when a reward function or a critic server scores. Raises ``ValueError`` when a
+    model's vocabulary cannot hold the actor tokenizer's ids.
     """
     from transformers import AutoModelForCausalLM
 
-    from rlhf_kit.models import TokenValueModel, disable_dropout, load_reward_model
+    from rlhf_kit.models import disable_dropout
     from rlhf_kit.training.hf import load_for_training
 
     policy = load_for_training(actor, "causal_lm", lora, gradient_checkpointing)
@@ -616,17 +699,11 @@ def load_ppo_models(
         reference_fn = policy.disable_adapter
     else:
         reference = AutoModelForCausalLM.from_pretrained(actor).eval().requires_grad_(False).to(device)
-    value = TokenValueModel(load_for_training(critic, "reward", None, gradient_checkpointing))
-    rm = None
-    if reward_model is not None:
-        rm = load_reward_model(reward_model).eval().requires_grad_(False).to(device)
-    for name, model in (("critic", value), ("reward model", rm)):
-        if model is not None and model.config.vocab_size < len(tokenizer):
-            raise ValueError(
-                f"the {name} has a vocabulary of {model.config.vocab_size}, smaller than the actor "
-                f"tokenizer's {len(tokenizer)}: it does not share the actor's tokenizer"
-            )
-    for model in (policy, value, reference, rm):
+    value, rm = load_critic_and_reward_model(
+        critic, reward_model, vocab_size=len(tokenizer), gradient_checkpointing=gradient_checkpointing,
+        device=device,
+    )  # fmt: skip
+    for model in (policy, reference):
         if model is not None:
             disable_dropout(model)
     return PPOModels(policy, value, reference, rm, reference_fn)

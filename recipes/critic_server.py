@@ -1,0 +1,156 @@
+"""Serve the PPO critic and reward model from their own job, as NeMo-Aligner's critic server does.
+
+    python recipes/critic_server.py                     # embedded default: the PPO recipe's tiny RM
+    python recipes/ppo.py --critic-server http://127.0.0.1:5567              # in another shell
+    python recipes/critic_server.py --critic rm/final --reward-model rm/final --host 0.0.0.0 \
+        --total-steps 80 --lr 9e-6 --min-lr 9e-7 --output-dir out/critic_server
+
+The actor job (recipes/ppo.py --critic-server URL) sends /infer (critic values and RM scores of each
+rollout micro-batch) and /train (one critic update on the rollout) requests; /save and /load keep the
+critic's checkpoints in step with the actor's, under --output-dir. Serves until killed or until a
+/shutdown request (rlhf_kit.serving). HTTP without authentication: use a trusted network.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, replace
+from typing import Literal
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import tyro
+
+
+@dataclass
+class CriticServerConfig:
+    """Critic server. Every field is a command-line flag (``--field-name``)."""
+
+    critic: str | None = None
+    """Critic initialisation (a sequence-classification checkpoint, e.g. the reward model). None: the
+    reward model."""
+    reward_model: str | None = None
+    """Reward model dir (output of recipes/reward_model.py) scored in /infer. None with --critic: no reward
+    model (the actor job scores with --reward-fn). None with neither: the PPO recipe's embedded tiny
+    reward model, made under <output-dir>/init."""
+    total_steps: int = 8
+    """Optimizer steps the critic's LR schedule spans: the PPO run's max_steps x ppo_epochs x
+    num_rollout_samples / global_batch_size (recipes/ppo.py checks it; 8 matches its defaults)."""
+    lr: float = 1e-5
+    """Peak critic learning rate (AdamW, betas 0.9/0.98 as in recipes/ppo.py)."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (optimizer steps)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (none on biases and norms)."""
+    value_clip: float = 0.2
+    """Critic loss clip (0: plain squared error); must equal the PPO run's --value-clip (it checks)."""
+    micro_batch_size: int = 8
+    """Most samples per forward in /infer (larger requests are split)."""
+    gradient_checkpointing: bool = False
+    """Recompute the critic's activations in the backward pass to save memory."""
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    """auto: bf16 when the GPU supports it."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0: every interface; no authentication, so a trusted network only)."""
+    port: int = 5567
+    """TCP port; 0 picks a free one (the URL is printed either way)."""
+    output_dir: str = "outputs/critic_server"
+    """Relative /save and /load paths land here (recipes/ppo.py saves checkpoints/step_N and final)."""
+    seed: int = 0
+    """Seeds torch/numpy/python, and the embedded default's tiny reward model (as recipes/ppo.py does)."""
+    verbose: bool = False
+    """Log every request on stderr."""
+
+
+def validate(cfg: CriticServerConfig) -> None:
+    """Check the configuration before loading anything."""
+    from rlhf_kit.training.run import check_positive
+    from rlhf_kit.training.validate import check_model_path
+
+    for name in ("critic", "reward_model"):
+        if getattr(cfg, name) is not None:
+            check_model_path(getattr(cfg, name))
+    check_positive(total_steps=cfg.total_steps, lr=cfg.lr, micro_batch_size=cfg.micro_batch_size)
+    if not 0 <= cfg.warmup_steps <= cfg.total_steps:
+        raise ValueError(f"--warmup-steps {cfg.warmup_steps} must be in [0, --total-steps {cfg.total_steps}]")
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"--min-lr {cfg.min_lr} is larger than --lr {cfg.lr}")
+    if not 0 <= cfg.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {cfg.port}")
+
+
+def main(cfg: CriticServerConfig) -> None:
+    from transformers import AutoTokenizer
+
+    from rlhf_kit.losses import ValueLoss
+    from rlhf_kit.models import load_reward_stats
+    from rlhf_kit.ppo import load_critic_and_reward_model
+    from rlhf_kit.serving import CriticRewardService, CriticServer
+    from rlhf_kit.training.dist import seed_everything
+    from rlhf_kit.training.hf import resolve_mixed_precision
+    from rlhf_kit.training.optim import build_optimizer, cosine_schedule
+    from rlhf_kit.training.run import one_line_errors
+
+    validate(cfg)
+    seed_everything(cfg.seed)
+    if cfg.critic is None and cfg.reward_model is None:  # embedded default, shared with recipes/ppo.py
+        from recipes._ppo_defaults import default_reward_model
+
+        cfg = replace(cfg, reward_model=default_reward_model(cfg.output_dir, cfg.seed))
+    critic_path = cfg.critic or cfg.reward_model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    critic, reward_model = load_critic_and_reward_model(
+        critic_path, cfg.reward_model, gradient_checkpointing=cfg.gradient_checkpointing, device=device
+    )
+    # on the device first, as in recipes/ppo.py: the fused AdamW kernel on GPU
+    critic.to(device)
+    optimizer = build_optimizer(critic, cfg.lr, cfg.weight_decay, betas=(0.9, 0.98))
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.total_steps, cfg.min_lr)
+    precision = resolve_mixed_precision(cfg.mixed_precision) or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(critic_path)  # saved with the critic's HF directory
+    except (OSError, ValueError):
+        tokenizer = None
+    service = CriticRewardService(
+        critic,
+        optimizer,
+        scheduler,
+        ValueLoss(cfg.value_clip),
+        reward_model,
+        device=device,
+        infer_micro_batch_size=cfg.micro_batch_size,
+        autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+        tokenizer=tokenizer,
+        output_dir=cfg.output_dir,
+        info={
+            "total_steps": cfg.total_steps,
+            "reward_stats": load_reward_stats(cfg.reward_model) if cfg.reward_model else None,
+            "critic_path": critic_path,
+            "reward_model_path": cfg.reward_model,
+        },
+    )
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with one_line_errors("critic_server.py"):
+        try:
+            server = CriticServer(service, cfg.host, cfg.port, verbose=cfg.verbose)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    print(f"critic server listening on {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    print("critic server stopped", flush=True)
+
+
+if __name__ == "__main__":
+    from rlhf_kit.training.run import one_line_errors
+
+    config = tyro.cli(CriticServerConfig)
+    with one_line_errors("critic_server.py"):  # configuration errors: one line, before any model is loaded
+        validate(config)
+    main(config)
