@@ -184,7 +184,6 @@ def load_reward_fn(spec: str):
 
 def main(cfg: PPOConfig) -> dict:
     from accelerate import DistributedType
-    from torch.distributed.fsdp import MixedPrecisionPolicy
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
@@ -194,7 +193,6 @@ def main(cfg: PPOConfig) -> dict:
     from rlhf_kit.kl import AdaptiveKLController, FixedKLController
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import load_reward_stats
-    from rlhf_kit.models.compile import compile_blocks
     from rlhf_kit.ppo import (
         ExperienceConfig,
         FunctionScorer,
@@ -213,15 +211,13 @@ def main(cfg: PPOConfig) -> dict:
     from rlhf_kit.serving import connect_critic_server
     from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rlhf_kit.training.dist import all_reduce_sum, seed_everything
-    from rlhf_kit.training.fsdp import apply_fsdp2
     from rlhf_kit.training.hf import LoraSettings, make_accelerator, save_hf_model
     from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
     from rlhf_kit.training.offload import (
         offload_optimizer_state,
         onload_optimizer_state,
     )
-    from rlhf_kit.training.optim import build_optimizer, clip_grad_norm, cosine_schedule
-    from rlhf_kit.training.precision import build_master_weight_optimizer
+    from rlhf_kit.training.placement import OptimSettings, place_models
     from rlhf_kit.training.run import prepare_metrics_for_resume, write_json
 
     # 1. Check the configuration before touching any model.
@@ -273,36 +269,17 @@ def main(cfg: PPOConfig) -> dict:
     stream = PromptStream(train_ids, seed=cfg.seed)
     collate = PromptCollator(tokenizer.pad_token_id)
 
-    if cfg.compile_blocks:
-        for m in (actor, critic, reference, reward_model):
-            if m is not None:
-                compile_blocks(m)
-
-    # 3. Optimizers, schedules, accelerate (FSDP2 when launched with recipes/accelerate/fsdp.yaml).
-    # FSDP2 (recipes/accelerate/fsdp.yaml or --fsdp): accelerate prepares a single model per FSDP2 run,
-    # so the four models are sharded here with torch's fully_shard: bf16 compute weights, fp32 master
-    # weights and gradient reduction. Optimizers are built after sharding (it replaces the parameters).
-    shard = acc.num_processes > 1 and (cfg.fsdp or acc.distributed_type == DistributedType.FSDP)
-    if shard:
-        bf16 = torch.bfloat16 if acc.mixed_precision == "bf16" else None
-        policy = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=torch.float32)
-        for m in (actor.to(device), critic.to(device), reference, reward_model):
-            if m is not None:
-                apply_fsdp2(m, mixed_precision=policy)
-    else:  # on the device before the optimizers: fused AdamW on GPU, master weights beside the weights
-        for m in (actor, critic):
-            if m is not None:
-                m.to(device)
-    make_opt = build_master_weight_optimizer if cfg.master_weights else build_optimizer
-    actor_opt = make_opt(actor, cfg.actor_lr, cfg.weight_decay, betas=(0.9, 0.98))
-    critic_opt = make_opt(critic, cfg.critic_lr, cfg.weight_decay, betas=(0.9, 0.98)) if critic else None
-    actor_sched = cosine_schedule(actor_opt, cfg.warmup_steps, total, cfg.actor_min_lr)
-    critic_sched = cosine_schedule(critic_opt, cfg.warmup_steps, total, cfg.critic_min_lr) if critic else None
-    if shard:
-        backward, clip = (lambda loss: loss.backward()), clip_grad_norm
-    else:  # one device, DDP or CPU processes: accelerate wraps the trainable models
-        actor, critic, actor_opt, critic_opt = acc.prepare(actor, critic, actor_opt, critic_opt)
-        backward, clip = acc.backward, (lambda m, n: float(acc.clip_grad_norm_(m.parameters(), n)))
+    # 3. Compile, shard (FSDP2 with --fsdp or accelerate/fsdp.yaml) or prepare; optimizers and schedules.
+    trainable = {"actor": (actor, OptimSettings(cfg.actor_lr, cfg.actor_min_lr, cfg.weight_decay))}
+    if critic is not None:  # else it trains in the --critic-server job
+        trainable["critic"] = (critic, OptimSettings(cfg.critic_lr, cfg.critic_min_lr, cfg.weight_decay))
+    placed = place_models(
+        acc, trainable, [reference, reward_model], warmup_steps=cfg.warmup_steps, total_steps=total,
+        fsdp=cfg.fsdp, master_weights=cfg.master_weights, compile_blocks=cfg.compile_blocks,
+    )  # fmt: skip
+    actor, critic = placed.models["actor"], placed.models.get("critic")
+    actor_opt, critic_opt = placed.optimizers["actor"], placed.optimizers.get("critic")
+    actor_sched, critic_sched = placed.schedulers["actor"], placed.schedulers.get("critic")
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if cfg.adaptive_kl
@@ -356,12 +333,7 @@ def main(cfg: PPOConfig) -> dict:
     # 4. Resume.
     step = 0
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
-    ckpt = {
-        "models": {"actor": actor, "critic": critic},
-        "optimizers": {"actor": actor_opt, "critic": critic_opt},
-        "schedulers": {"actor": actor_sched, "critic": critic_sched},
-    }
-    ckpt = {k: {n: x for n, x in v.items() if x is not None} for k, v in ckpt.items()}  # no remote critic
+    ckpt = {"models": placed.models, "optimizers": placed.optimizers, "schedulers": placed.schedulers}
     if cfg.resume and latest_checkpoint(ckpt_dir) is not None:
         step, extra = load_checkpoint(ckpt_dir, **ckpt)
         if remote:  # the server's state saved with this step (paths under its --output-dir)
@@ -392,7 +364,8 @@ def main(cfg: PPOConfig) -> dict:
         )  # fmt: skip
 
     # 5. The PPO loop.
-    actor.train(), critic.train() if critic else None
+    for m in placed.models.values():
+        m.train()
     result: dict = {}
     bar = progress(total=cfg.max_steps, initial=step, desc="ppo")
     while step < cfg.max_steps:
@@ -412,7 +385,7 @@ def main(cfg: PPOConfig) -> dict:
         with timer("train"), acc.autocast():
             train_stats = ppo_update(
                 actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, update_cfg, exp_cfg,
-                backward=backward, clip_grad=clip,
+                backward=placed.backward, clip_grad=placed.clip_grad,
             )  # fmt: skip
             if remote:  # the critic half of the update, on the server (same mini-batch order)
                 train_stats |= remote.train_rollout(data, update_cfg, seed=cfg.seed + step)
