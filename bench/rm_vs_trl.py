@@ -114,18 +114,27 @@ def run_ours(args: argparse.Namespace, examples: list[dict], packed: bool) -> di
     from rlhf_kit.data.sampling import pair_lengths
     from rlhf_kit.losses import PairwiseRewardLoss
     from rlhf_kit.models import disable_dropout, packed_sequence_scores
+    from rlhf_kit.models.compile import compile_blocks
     from rlhf_kit.training.evaluation import pair_scores
     from rlhf_kit.training.optim import build_optimizer, clip_grad_norm
+    from rlhf_kit.training.precision import build_master_weight_optimizer, grad_holder
 
     device = _device(args)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     model = disable_dropout(_model(args.config, tok, device)).train()
-    opt = build_optimizer(model, args.lr, 0.0)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile_blocks:
+        compile_blocks(model)
+    if args.master_weights:  # bf16 weights, fp32 masters in AdamW (rlhf_kit.training.precision)
+        opt = build_master_weight_optimizer(model, args.lr, 0.0)
+    else:
+        opt = build_optimizer(model, args.lr, 0.0)
     loss_fn = PairwiseRewardLoss()
     pad_collate, pack_collate = PairCollator(tok.pad_token_id), PackedPairCollator()
     sampler = LengthGroupedSampler(pair_lengths(examples), batch_size=args.batch, seed=0)
     bf16 = device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not args.master_weights)
 
     def batches():
         epoch = 0
@@ -160,7 +169,7 @@ def run_ours(args: argparse.Namespace, examples: list[dict], packed: bool) -> di
                 loss, _ = loss_fn(chosen, rejected)
             (loss * (len(mb) / len(idx))).backward()
             real += sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in exs)
-        clip_grad_norm(model, 1.0)
+        clip_grad_norm(grad_holder(model, opt), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
@@ -171,6 +180,8 @@ def run_ours(args: argparse.Namespace, examples: list[dict], packed: bool) -> di
     res = summarize(steps, args.warmup)
     res.update(memory_stats(device))
     res["token_budget"] = args.token_budget
+    res.update(gradient_checkpointing=args.gradient_checkpointing, compile_blocks=args.compile_blocks,
+               master_weights=args.master_weights)  # fmt: skip
     return res
 
 
@@ -330,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=36, help="timed optimizer steps")
     ap.add_argument("--token-budget", type=int, default=16384, help="ours: tokens per micro-batch")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="ours: recompute activations")
+    ap.add_argument("--compile-blocks", action="store_true", help="ours: torch.compile each block")
+    ap.add_argument("--master-weights", action="store_true", help="ours: bf16 weights, fp32 AdamW masters")
     ap.add_argument("--trl-micro", type=int, default=16, help="TRL per-device batch (pairs)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per worker")
@@ -375,6 +389,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "--tokenizer", tok_dir, "--pairs", pairs_path]  # fmt: skip
     if args.tiny:
         passthrough.append("--tiny")
+    for flag in ("gradient_checkpointing", "compile_blocks", "master_weights"):
+        if getattr(args, flag):
+            passthrough.append("--" + flag.replace("_", "-"))
     for system in args.systems:
         env = env_for_trl(None) if system.startswith("trl") else {}
         results["systems"][system] = run_worker(
@@ -385,16 +402,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             env,
         )
         write_json(os.path.join(args.out, "rm_vs_trl.json"), results)
-    trl = results["systems"].get("trl", {})
     ratios = {}
-    for name, r in results["systems"].items():
-        if name.startswith("ours") and "pairs_per_s" in r and "pairs_per_s" in trl:
-            ratios[f"{name} / trl"] = {
-                "speedup": r["pairs_per_s"] / trl["pairs_per_s"],
-                "memory_ratio": r["peak_allocated_gib"] / trl["peak_allocated_gib"]
-                if trl.get("peak_allocated_gib")
-                else float("nan"),
-            }
+    for base in ("trl", "trl_default"):
+        trl = results["systems"].get(base, {})
+        for name, r in results["systems"].items():
+            if name.startswith("ours") and "pairs_per_s" in r and "pairs_per_s" in trl:
+                ratios[f"{name} / {base}"] = {
+                    "speedup": r["pairs_per_s"] / trl["pairs_per_s"],
+                    "memory_ratio": r["peak_allocated_gib"] / trl["peak_allocated_gib"]
+                    if trl.get("peak_allocated_gib")
+                    else float("nan"),
+                }
     results["ratios"] = ratios
     write_json(os.path.join(args.out, "rm_vs_trl.json"), results)
     table = markdown(results)

@@ -3,6 +3,7 @@
 #   bash bench/vs_trl_gpu.sh a    # PPO config A (+ profile of our step) and the reward-model benchmark
 #   bash bench/vs_trl_gpu.sh b    # PPO config B (ours with and without --offload-idle), RM at lower budgets
 #   bash bench/vs_trl_gpu.sh c|d  # PPO config A | B with --compile-blocks / --master-weights (session 3)
+#   bash bench/vs_trl_gpu.sh e    # RM: ours with gradient checkpointing / master weights / compiled blocks (session 3)
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -31,6 +32,14 @@ if [ "$phase" = d ]; then  # session 3, config B: TRL and ours --keep-cache --co
   B="python3 bench/ppo_vs_trl.py --configs B --keep-cache --compile-blocks --master-weights --timeout 240"
   $B --systems trl ours --trl-site /tmp/site112 --work $WORK/b --out "$OUT/b" 2>&1 | tee "$OUT/ppo_log.txt"
   $B --systems ours --offload-idle --work $WORK/bo --out "$OUT/b_offload" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  cat "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile
+  R="python3 bench/rm_vs_trl.py --timeout 150"
+  $R --systems trl trl_default ours_grouped --gradient-checkpointing --work $WORK/r1 --out "$OUT/rm_ckpt" 2>&1 | tee "$OUT/rm_log.txt"
+  $R --systems ours_grouped --gradient-checkpointing --master-weights --work $WORK/r2 --out "$OUT/rm_ckpt_master" 2>&1 | tee -a "$OUT/rm_log.txt"
+  $R --systems ours_grouped --gradient-checkpointing --master-weights --compile-blocks --work $WORK/r3 --out "$OUT/rm_ckpt_master_compile" 2>&1 | tee -a "$OUT/rm_log.txt"
+  $R --systems ours_grouped --master-weights --compile-blocks --work $WORK/r4 --out "$OUT/rm_master_compile" 2>&1 | tee -a "$OUT/rm_log.txt"
   cat "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = a ]; then
