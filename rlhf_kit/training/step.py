@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from rlhf_kit.training.optim import clip_grad_norm
+from rlhf_kit.training.precision import grad_holder
 
 T = TypeVar("T")
 
@@ -29,10 +30,12 @@ def optimizer_step(
 ) -> dict:
     """Unscale (fp16), clip, step the optimizer and the schedule, zero grads.
 
+    With a master-weight optimizer (:mod:`rlhf_kit.training.precision`) the fp32 masters are clipped.
+
     Returns ``{"grad_norm": pre-clip norm, "lr": learning rate used for this step}``.
     """
     accelerator.unscale_gradients()
-    grad_norm = clip_grad_norm(model, max_grad_norm)
+    grad_norm = clip_grad_norm(grad_holder(model, optimizer), max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

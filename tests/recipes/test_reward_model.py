@@ -276,3 +276,19 @@ def test_existing_run_needs_resume(setup, uninterrupted):
     assert (
         proc.returncode == 2 and "pass --resume" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     )
+
+
+def test_master_weights_resume_exactly_and_save_bf16(setup):
+    """--master-weights: bf16 weights, fp32 masters in the optimizer state; a stop at step 3 and a resume
+    end with the uninterrupted run's weights and losses (the masters travel in the checkpoint)."""
+    root, common, _ = setup
+    args = [*common, "--max-steps", "6", "--micro-batch-size", "4", "--global-batch-size", "4",
+            "--val-check-interval", "3", "--save-interval", "3", "--master-weights"]  # fmt: skip
+    full, resumed = root / "master_full", root / "master_resumed"
+    run(*args, "--output-dir", str(full))
+    run(*args, "--output-dir", str(resumed), "--stop-at-step", "3")
+    run(*args, "--output-dir", str(resumed), "--resume")
+    assert train_losses(resumed) == train_losses(full) and len(train_losses(full)) == 6
+    a, b = final_weights(full), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {v.dtype for v in a.values()} == {torch.bfloat16}

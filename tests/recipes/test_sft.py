@@ -239,3 +239,16 @@ def test_bad_record_names_file_and_line(setup, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"sft.py: error: {bad}:2: expected a string field 'text', 'prompt'+'response' or a 'messages' list"
     ]
+
+
+def test_master_weights_resume_exactly_and_track_the_fp32_run(setup, uninterrupted):
+    """--master-weights: bf16 weights saved, exact resume, and losses close to the fp32 run's."""
+    args = ["--micro-batch-size", "4", "--save-interval", "3", "--master-weights"]
+    full = equivalent_run(setup, "master_full", *args)
+    out = equivalent_run(setup, "master_resumed", *args, "--stop-at-step", "3")
+    equivalent_run(setup, "master_resumed", *args, "--resume")
+    assert losses(out) == losses(full)
+    a, b = weights(out), weights(full)
+    assert all(torch.equal(a[k], b[k]) for k in a) and {v.dtype for v in a.values()} == {torch.bfloat16}
+    assert losses(full) == pytest.approx(losses(uninterrupted), rel=0.05)
+    assert losses(full) != losses(uninterrupted)  # bf16 weights really were used
