@@ -282,7 +282,7 @@ def make_chart(ppo: dict | None, rm: dict | None, png: str) -> None:
             if "pairs_per_s" in r:
                 names.append(f"{name}\n{r['peak_allocated_gib']:.1f} GiB")
                 vals.append(r["pairs_per_s"])
-                colors.append("#999999" if name.startswith("trl") else "#4c72b0")
+                colors.append("#999999" if name.lower().startswith("trl") else "#4c72b0")
         ax.bar(range(len(vals)), vals, color=colors)
         ax.set_xticks(range(len(vals)), names, fontsize=8)
         ax.set_ylabel("pairs / s")

@@ -3,19 +3,7 @@
 # (a second process on the same GPU); config A widths, random init. Metrics under $OUT.
 #   bash bench/critic_server_gpu.sh      (carry .whl and .whl_pa)
 set -u
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-python3 -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_pa/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-critic_server_out}; W=/tmp/cs; mkdir -p $W "$OUT"
-python3 recipes/download_and_process.py --source default --output-dir $W/data > /dev/null
-python3 - <<PY
-from rlhf_kit.tiny import save_tiny_pretrained, train_tokenizer
-tok = train_tokenizer(vocab_size=8192)
-kw = dict(hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=8, intermediate_size=2816, max_positions=2048)
-save_tiny_pretrained("$W/lm", "causal_lm", tokenizer=tok, **kw)
-save_tiny_pretrained("$W/rm", "reward", tokenizer=tok, seed=1, **kw)
-PY
+OUT=${OUT:-critic_server_out}; W=/tmp/cs; mkdir -p "$OUT"; source bench/gpu_setup.sh
 STEPS=6
 PPO="recipes/ppo.py --actor $W/lm --train-prompts $W/data/train_prompts.jsonl --val-prompts $W/data/test_prompts.jsonl
     --backend compiled --num-rollout-samples 64 --global-batch-size 64 --micro-batch-size 16 --rollout-micro-batch-size 32

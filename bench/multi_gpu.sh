@@ -5,21 +5,8 @@
 set -u
 N=${1:-2}
 OUT=${OUT:-multi_gpu_out}; W=/tmp/mg; mkdir -p "$OUT" $W
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-if ! python3 -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_pa/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source bench/gpu_setup.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 recipes/download_and_process.py --source default --output-dir $W/data > /dev/null
-python3 - <<PY
-from rlhf_kit.tiny import save_tiny_pretrained, train_tokenizer
-tok = train_tokenizer(vocab_size=8192)
-kw = dict(hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=8, intermediate_size=2816, max_positions=2048)
-save_tiny_pretrained("$W/lm", "causal_lm", tokenizer=tok, **kw)
-save_tiny_pretrained("$W/rm", "reward", tokenizer=tok, seed=1, **kw)
-PY
 L1="accelerate launch --config_file recipes/accelerate/single.yaml"
 LN="accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes $N"
 RM="recipes/reward_model.py --model $W/lm --train-data $W/data/train_comparisons.jsonl --test-data $W/data/test_comparisons.jsonl

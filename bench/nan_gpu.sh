@@ -1,21 +1,10 @@
+#!/usr/bin/env bash
 set -u
 # GPU check of issue 5's NaN (bench/nan_probe.py) and of the PPO recipe on 1 GPU, config A widths.
 #   STEPS=8 FAST=1 [NO_PROBE=1] bash bench/nan_gpu.sh   (carry .whl and .whl_pa)
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-python3 -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_pa/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+W=/tmp/w; source bench/gpu_setup.sh
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
 [ -n "${NO_PROBE:-}" ] || python3 bench/nan_probe.py --out $OUT/probe.jsonl 2>&1 | grep -v Warning
-W=/tmp/w; mkdir -p $W
-python3 recipes/download_and_process.py --source default --output-dir $W/data > /dev/null
-python3 - <<PY
-from rlhf_kit.tiny import save_tiny_pretrained, train_tokenizer
-tok = train_tokenizer(vocab_size=8192)
-kw = dict(hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=8, intermediate_size=2816, max_positions=2048)
-save_tiny_pretrained("$W/lm", "causal_lm", tokenizer=tok, **kw)
-save_tiny_pretrained("$W/rm", "reward", tokenizer=tok, seed=1, **kw)
-PY
 PPO="recipes/ppo.py --actor $W/lm --reward-model $W/rm --train-prompts $W/data/train_prompts.jsonl --val-prompts $W/data/test_prompts.jsonl
     --backend compiled --num-rollout-samples 64 --global-batch-size 64 --micro-batch-size 16 --rollout-micro-batch-size 32
     --max-new-tokens 64 --max-steps ${STEPS:-2} --val-check-interval 1000 --save-interval 1000 --mixed-precision bf16 "
