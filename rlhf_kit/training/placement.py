@@ -59,11 +59,13 @@ def place_models(
     fsdp: bool = False,
     master_weights: bool = False,
     compile_blocks: bool = False,
+    compile_kwargs: dict | None = None,
 ) -> PlacedModels:
     """Compile, shard or prepare ``trainable`` (name -> (model, settings)) and ``frozen`` models.
 
     ``fsdp`` shards only when ``accelerator.num_processes > 1`` (or accelerate was launched with an
     FSDP config). ``master_weights`` needs a single process (:mod:`rlhf_kit.training.precision`).
+    ``compile_kwargs`` go to ``torch.compile`` (e.g. ``{"backend": "aot_eager"}`` without a compiler).
     Frozen models are compiled and sharded with the others; placing them on the device is the caller's.
     """
     from accelerate import DistributedType
@@ -76,10 +78,8 @@ def place_models(
     if compile_blocks:
         from rlhf_kit.models.compile import compile_blocks as compile_model_blocks
 
-        for m, _ in trainable.values():
-            compile_model_blocks(m)
-        for m in frozen:
-            compile_model_blocks(m)
+        for m in [m for m, _ in trainable.values()] + frozen:
+            compile_model_blocks(m, **(compile_kwargs or {}))
     if shard:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
