@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rlhf_kit.generation.dispatch import DynamicDispatcher, _plan, iterate_dynamic, rebalance_rollouts
+from tests.gloo import spawn_ranks
 
 
 def _worker(rank: int, store: str, errors) -> None:
@@ -59,18 +58,7 @@ def _worker(rank: int, store: str, errors) -> None:
 
 
 def test_dynamic_dispatch_and_rebalance(tmp_path):
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "store"), errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    msgs = []
-    while not errors.empty():
-        msgs.append(errors.get())
-    assert all(p.exitcode == 0 for p in procs), "\n".join(msgs)
+    spawn_ranks(_worker, str(tmp_path / "store"))
 
 
 def test_plan_balances_counts_and_tokens():

@@ -4,12 +4,10 @@ engine names, TP splits that re-concatenate to the original and reproduce the un
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
@@ -24,6 +22,7 @@ from rlhf_kit.generation.resharding import (
     tp_split,
 )
 from rlhf_kit.tiny import tiny_config
+from tests.gloo import spawn_ranks
 
 VOCAB = 97  # odd on purpose: FSDP2 shards unevenly, vocab-parallel splits need padding
 
@@ -123,19 +122,7 @@ def _worker(rank: int, store: str, errors) -> None:
 
 
 def test_fsdp2_streaming_lora_merge_and_tp_shards(tmp_path):
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    store = str(tmp_path / "store")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [ctx.Process(target=_worker, args=(r, store, errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    msgs = []
-    while not errors.empty():
-        msgs.append(errors.get())
-    assert all(p.exitcode == 0 for p in procs), "\n".join(msgs)
+    spawn_ranks(_worker, str(tmp_path / "store"))
 
 
 def test_plain_model_streaming_and_lora_names():
