@@ -49,27 +49,32 @@ def main() -> None:
     ap.add_argument("--out", default="nan_probe.jsonl")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--tiny", action="store_true", help="hidden 64, vocab 512, 4 x 24 tokens (CPU smoke test)"
+    )
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(0)
     dev = args.device
-    kw = dict(
-        hidden_size=1024,
-        num_hidden_layers=args.layers,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        intermediate_size=2816,
-        vocab_size=8192,
-        max_position_embeddings=2048,
-        pad_token_id=0,
+    width = dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=512
     )
+    if not args.tiny:  # config A widths
+        width = dict(
+            hidden_size=1024,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            intermediate_size=2816,
+            vocab_size=8192,
+        )
+    kw = dict(width, num_hidden_layers=args.layers, max_position_embeddings=2048, pad_token_id=0)
     lm = LlamaForCausalLM(LlamaConfig(**kw)).to(dev)
     critic = LlamaForSequenceClassification(LlamaConfig(num_labels=1, **kw)).to(dev)
     print("attn_implementation", lm.config._attn_implementation, torch.__version__, flush=True)
-    p, n = 128, 64
-    ids, mask = make_batch(8192, 16, p, n, dev)
+    p, n, b = (16, 8, 4) if args.tiny else (128, 64, 16)
+    ids, mask = make_batch(kw["vocab_size"], b, p, n, dev)
     resp_real = mask[:, p:].bool()
     all_real = mask.bool()
     backends = {

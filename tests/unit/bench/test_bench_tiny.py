@@ -93,3 +93,31 @@ def test_rm_ours_tiny_runs(tok_dir, pairs, packed):
 def test_median_after_warmup():
     assert median_after_warmup([9.0, 1.0, 3.0, 2.0], 1) == 2.0
     assert math.isnan(median_after_warmup([1.0], 1))
+
+
+def test_nan_probe_runs_every_backend_on_cpu(tmp_path):
+    """bench/nan_probe.py (the GPU NaN diagnosis of issue 5) on CPU: one row per SDPA kernel and grad
+    mode; kernels CPU lacks are recorded as errors, the math kernel and the padding-safe choice are finite."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    out = tmp_path / "probe.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "nan_probe.py"), "--device", "cpu", "--layers", "1", "--tiny", "--out", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["backend"], r["grad"]) for r in rows} == {
+        (b, g)
+        for b in ("default", "flash", "efficient", "cudnn", "math", "padding_safe_sdpa")
+        for g in (False, True)
+    }
+    for r in rows:
+        if r["backend"] in ("math", "padding_safe_sdpa"):
+            assert "error" not in r and r["lp_nonfinite_real"] == 0 and r["val_nonfinite_real"] == 0, r
+            if r["grad"]:
+                assert r["grad_nonfinite_params"] == 0, r
