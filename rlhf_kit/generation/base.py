@@ -291,7 +291,9 @@ def load_weights_(model: nn.Module, weights: Weights) -> int:
 
     Accepts a model, a state dict or an iterable of ``(hf_name, tensor)`` (e.g. the stream of
     :func:`rlhf_kit.generation.resharding.iter_full_params`). Names may carry wrapper prefixes
-    (``module.``, ``_orig_mod.``); DTensors are gathered with ``full_tensor()``. Partial updates are
+    (``module.``, ``_orig_mod.``); DTensor sources are gathered with ``full_tensor()``, and DTensor
+    targets (a tensor-parallel model, e.g. HF ``tp_plan="auto"``) take their own shard of the full
+    tensor, cut locally on every rank (every rank must pass the same full tensors). Partial updates are
     allowed; an unknown name or a shape mismatch raises ``ValueError``. Returns the number copied.
     """
     targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
@@ -310,7 +312,10 @@ def load_weights_(model: nn.Module, weights: Weights) -> int:
             raise ValueError(
                 f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(dst.shape)}"
             )
-        dst.copy_(tensor)
+        if hasattr(dst, "device_mesh"):  # a tensor-parallel model (HF tp_plan): this rank's shard
+            _copy_into_dtensor_(dst, tensor)
+        else:
+            dst.copy_(tensor)
         count += 1
     if unknown:
         raise ValueError(
@@ -318,3 +323,13 @@ def load_weights_(model: nn.Module, weights: Weights) -> int:
             f"e.g. {unknown[:5]} (merge LoRA / strip peft prefixes with resharding.iter_full_params)"
         )
     return count
+
+
+@torch.no_grad()
+def _copy_into_dtensor_(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy rank's shard of ``full`` (the global tensor, the same on every rank) into DTensor ``dst``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    src = full.to(device=dst.device, dtype=dst.dtype)
+    shard = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)  # no communication
+    dst.to_local().copy_(shard.to_local())
