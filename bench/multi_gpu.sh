@@ -22,6 +22,9 @@ run rm_1gpu 150 $L1 $RM --micro-batch-size 16 --output-dir $W/rm1
 run rm_${N}gpu 150 $LN $RM --micro-batch-size $((64 / N / 2)) --output-dir $W/rmN
 run ppo_1gpu 170 $L1 $PPO --output-dir $W/ppo1
 run ppo_${N}gpu 170 $LN $PPO --output-dir $W/ppoN
+# TP=N generation refit from the FSDP2 layout vs one GPU with the same weights (fp32 greedy)
+timeout 300 torchrun --nproc_per_node $N bench/tp_generation.py --out "$OUT/tp_generation.json" > $W/tp.log 2>&1
+echo "tp_generation rc=$?" | tee -a "$OUT/runs.txt"; tail -3 $W/tp.log | cut -c1-300 >> "$OUT/tails.txt"
 python3 - <<PY | tee "$OUT/summary.md"
 import json, os
 def rows(d):
