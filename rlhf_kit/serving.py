@@ -447,12 +447,21 @@ class _HTTPServer(ThreadingHTTPServer):
             kwargs["max_grad_norm"] = float(_field(meta, "max_grad_norm", "field"))
             return svc.train(*args, int(_field(meta, "prompt_length", "field")), **kwargs), {}
         if endpoint == "/save":
-            return {"path": svc.save(_field(meta, "path", "field"), meta.get("keep_last"))}, {}
+            return {"path": svc.save(_request_path(meta), meta.get("keep_last"))}, {}
         if endpoint == "/load":
-            return {"train_calls": svc.load(_field(meta, "path", "field"))}, {}
+            return {"train_calls": svc.load(_request_path(meta))}, {}
         raise ValueError(
             f"unknown endpoint {endpoint} (POST /infer, /train, /save, /load, /health, /shutdown)"
         )
+
+
+def _request_path(meta: dict) -> str:
+    """A ``/save`` or ``/load`` path from a request: relative and inside the server's output dir, so a
+    client cannot write or prune directories elsewhere on the server's machine."""
+    path = Path(str(_field(meta, "path", "field")))
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"path {str(path)!r}: requests may only name paths inside the server's --output-dir")
+    return str(path)
 
 
 class CriticServer:

@@ -226,8 +226,11 @@ def test_bad_requests_give_clear_client_errors(tokenizer, models):
             remote.train(
                 seq, am, rmask, rmask.float(), rmask.float(), 5, mini_batch_size=0, micro_batch_size=1
             )
-        with pytest.raises(CriticServerError, match=r"/load .*no critic server checkpoint at /nonexistent"):
-            remote.load("/nonexistent/step_1")
+        with pytest.raises(CriticServerError, match=r"/load .*no critic server checkpoint at .*nonexistent"):
+            remote.load("nonexistent/step_1")
+        for bad in ("/tmp/elsewhere", "../outside"):  # requests stay inside the server's output dir
+            with pytest.raises(CriticServerError, match=r"/save .*inside the server's --output-dir"):
+                remote.save(bad)
         with pytest.raises(CriticServerError, match=r"/nope .*unknown endpoint /nope"):
             remote._call("/nope")
         request = urllib.request.Request(server.url + "/train", data=b"\x05", method="POST")
