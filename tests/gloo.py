@@ -1,23 +1,38 @@
-"""Run a test worker on several CPU processes (gloo), collecting each rank's traceback."""
+"""Run a test body on several CPU processes (a gloo group), collecting each rank's traceback."""
 
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Callable
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def spawn_ranks(worker: Callable, store: str, world: int = 2, timeout: float = 120) -> None:
-    """Start ``worker(rank, store, errors)`` on ``world`` spawned processes and wait for them.
+def _run_rank(body: Callable[[int], None], rank: int, store: str, world: int, errors) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        body(rank)
+    except Exception:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
 
-    The worker initialises its process group from ``file://{store}`` and puts a traceback on ``errors``
-    when it fails; a non-zero exit of any rank fails the calling test with those tracebacks.
+
+def spawn_ranks(body: Callable[[int], None], store: str, world: int = 2, timeout: float = 120) -> None:
+    """Run ``body(rank)`` on ``world`` spawned processes inside one gloo group (``file://{store}``).
+
+    ``body`` must be a module-level function (it is pickled by reference). A failing rank's traceback
+    fails the calling test.
     """
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [ctx.Process(target=worker, args=(r, store, errors)) for r in range(world)]
+    procs = [ctx.Process(target=_run_rank, args=(body, r, store, world, errors)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

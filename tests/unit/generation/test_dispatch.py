@@ -11,50 +11,38 @@ from rlhf_kit.generation.dispatch import DynamicDispatcher, _plan, iterate_dynam
 from tests.gloo import spawn_ranks
 
 
-def _worker(rank: int, store: str, errors) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        # rank 1 is slow: it must end up with fewer micro-batches; together they cover 0..19 exactly once
-        mine = []
-        for i in DynamicDispatcher(20):
-            time.sleep(0.08 if rank == 1 else 0.005)
-            mine.append(i)
-        got = [None, None]
-        dist.all_gather_object(got, mine)
-        assert sorted(got[0] + got[1]) == list(range(20)), got
-        assert len(got[1]) < len(got[0]), got
-        # a second round uses a fresh counter
-        again = [i for i, _ in iterate_dynamic(list("abcde"))]
-        both = [None, None]
-        dist.all_gather_object(both, again)
-        assert sorted(both[0] + both[1]) == [0, 1, 2, 3, 4]
+def _worker(rank: int) -> None:
+    # rank 1 is slow: it must end up with fewer micro-batches; together they cover 0..19 exactly once
+    mine = []
+    for i in DynamicDispatcher(20):
+        time.sleep(0.08 if rank == 1 else 0.005)
+        mine.append(i)
+    got = [None, None]
+    dist.all_gather_object(got, mine)
+    assert sorted(got[0] + got[1]) == list(range(20)), got
+    assert len(got[1]) < len(got[0]), got
+    # a second round uses a fresh counter
+    again = [i for i, _ in iterate_dynamic(list("abcde"))]
+    both = [None, None]
+    dist.all_gather_object(both, again)
+    assert sorted(both[0] + both[1]) == [0, 1, 2, 3, 4]
 
-        # rollouts: rank 0 has 13, rank 1 has 8 (21 in all) with varying token counts
-        n = 13 if rank == 0 else 8
-        samples = [
-            {"id": (rank, i), "response_mask": torch.ones(1 + (7 * i + 3 * rank) % 11)} for i in range(n)
-        ]
-        out, stats = rebalance_rollouts(samples)
-        assert len(out) == 10 and stats.counts_after == [10, 10] and stats.counts_before == [13, 8]
-        assert stats.dropped == 1 and stats.moved >= 2
-        ids = [None, None]
-        dist.all_gather_object(ids, [s["id"] for s in out])
-        everything = {(r, i) for r, k in ((0, 13), (1, 8)) for i in range(k)}
-        assert len(set(ids[0]) | set(ids[1])) == 20 and set(ids[0]).isdisjoint(ids[1])
-        assert set(ids[0]) | set(ids[1]) <= everything
-        tokens = sum(int(s["response_mask"].sum()) for s in out)
-        assert tokens == stats.tokens_after[rank]
-        # keep the remainder instead: 11 / 10
-        out, stats = rebalance_rollouts(samples, drop_remainder=False)
-        assert stats.counts_after == [11, 10] and stats.dropped == 0 and len(out) == [11, 10][rank]
-    except Exception:
-        import traceback
-
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    # rollouts: rank 0 has 13, rank 1 has 8 (21 in all) with varying token counts
+    n = 13 if rank == 0 else 8
+    samples = [{"id": (rank, i), "response_mask": torch.ones(1 + (7 * i + 3 * rank) % 11)} for i in range(n)]
+    out, stats = rebalance_rollouts(samples)
+    assert len(out) == 10 and stats.counts_after == [10, 10] and stats.counts_before == [13, 8]
+    assert stats.dropped == 1 and stats.moved >= 2
+    ids = [None, None]
+    dist.all_gather_object(ids, [s["id"] for s in out])
+    everything = {(r, i) for r, k in ((0, 13), (1, 8)) for i in range(k)}
+    assert len(set(ids[0]) | set(ids[1])) == 20 and set(ids[0]).isdisjoint(ids[1])
+    assert set(ids[0]) | set(ids[1]) <= everything
+    tokens = sum(int(s["response_mask"].sum()) for s in out)
+    assert tokens == stats.tokens_after[rank]
+    # keep the remainder instead: 11 / 10
+    out, stats = rebalance_rollouts(samples, drop_remainder=False)
+    assert stats.counts_after == [11, 10] and stats.dropped == 0 and len(out) == [11, 10][rank]
 
 
 def test_dynamic_dispatch_and_rebalance(tmp_path):

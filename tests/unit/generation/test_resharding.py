@@ -4,6 +4,7 @@ engine names, TP splits that re-concatenate to the original and reproduce the un
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import pytest
@@ -75,51 +76,41 @@ def _concat_shards(name: str, shards: list[torch.Tensor], heads: HeadLayout, ful
     return torch.cat([torch.cat(qs), k, v])
 
 
-def _worker(rank: int, store: str, errors) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        from rlhf_kit.training.fsdp import apply_fsdp2
+def _worker(rank: int) -> None:
+    from rlhf_kit.training.fsdp import apply_fsdp2
 
-        ref = _tiny()
-        expected = {n: p.detach().clone() for n, p in ref.named_parameters()}
-        sharded = apply_fsdp2(copy.deepcopy(ref))
-        assert all(_dim0_sharded(p) for p in sharded.parameters())  # the batched-gather path runs
-        for bucket in (1, 4096, 1 << 30):  # one tensor per bucket, several, everything at once
-            got = dict(iter_full_params(sharded, bucket_bytes=bucket))
-            assert list(got) == list(expected), bucket
-            for n, t in expected.items():
-                assert torch.equal(got[n], t), (bucket, n)
+    ref = _tiny()
+    expected = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    sharded = apply_fsdp2(copy.deepcopy(ref))
+    assert all(_dim0_sharded(p) for p in sharded.parameters())  # the batched-gather path runs
+    for bucket in (1, 4096, 1 << 30):  # one tensor per bucket, several, everything at once
+        got = dict(iter_full_params(sharded, bucket_bytes=bucket))
+        assert list(got) == list(expected), bucket
+        for n, t in expected.items():
+            assert torch.equal(got[n], t), (bucket, n)
 
-        peft = _lora(_tiny(seed=1))
-        merged = copy.deepcopy(peft).merge_and_unload()
-        merged_sd = {n: p.detach() for n, p in merged.named_parameters()}
-        got = dict(iter_full_params(apply_fsdp2(copy.deepcopy(peft)), bucket_bytes=8192))
-        assert set(got) == set(merged_sd)
-        for n, t in merged_sd.items():
-            assert torch.allclose(got[n], t, atol=1e-6), n
-        assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], _tiny(seed=1).state_dict()[
-            "model.layers.0.self_attn.q_proj.weight"
-        ])  # fmt: skip
+    peft = _lora(_tiny(seed=1))
+    merged = copy.deepcopy(peft).merge_and_unload()
+    merged_sd = {n: p.detach() for n, p in merged.named_parameters()}
+    got = dict(iter_full_params(apply_fsdp2(copy.deepcopy(peft)), bucket_bytes=8192))
+    assert set(got) == set(merged_sd)
+    for n, t in merged_sd.items():
+        assert torch.allclose(got[n], t, atol=1e-6), n
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], _tiny(seed=1).state_dict()[
+        "model.layers.0.self_attn.q_proj.weight"
+    ])  # fmt: skip
 
-        # TP=2 shards straight from the FSDP stream; all ranks' shards re-concatenate to the unsplit engine
-        cfg = ref.config
-        mine = dict(reshard_for_tp(iter_full_params(sharded, bucket_bytes=4096), "llama", cfg, rank, 2))
-        both = [None, None]
-        dist.all_gather_object(both, mine)
-        engine = _engine_reference(expected, cfg)
-        heads = HeadLayout.from_config(cfg)
-        assert set(both[0]) == set(engine)
-        for name, full in engine.items():
-            rebuilt = _concat_shards(name, [both[0][name], both[1][name]], heads, full.shape[0])
-            assert torch.equal(rebuilt, full), name
-    except Exception as e:  # surface the child's failure in the parent
-        import traceback
-
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise e
-    finally:
-        dist.destroy_process_group()
+    # TP=2 shards straight from the FSDP stream; all ranks' shards re-concatenate to the unsplit engine
+    cfg = ref.config
+    mine = dict(reshard_for_tp(iter_full_params(sharded, bucket_bytes=4096), "llama", cfg, rank, 2))
+    both = [None, None]
+    dist.all_gather_object(both, mine)
+    engine = _engine_reference(expected, cfg)
+    heads = HeadLayout.from_config(cfg)
+    assert set(both[0]) == set(engine)
+    for name, full in engine.items():
+        rebuilt = _concat_shards(name, [both[0][name], both[1][name]], heads, full.shape[0])
+        assert torch.equal(rebuilt, full), name
 
 
 def test_fsdp2_streaming_lora_merge_and_tp_shards(tmp_path):
@@ -226,51 +217,41 @@ def test_tp_split_reproduces_unsplit_layer_outputs():
         split_qkv(att.q_proj.weight, att.k_proj.weight, att.v_proj.weight, HeadLayout(6, 4, 8), 0, 3)
 
 
-def _tp_generation_worker(rank: int, store: str, errors) -> None:
+def _tp_generation_worker(rank: int, workdir: str) -> None:
     """Weights trained under FSDP2 stream into an HF tensor-parallel model (``tp_plan="auto"``, TP=2
     over the same 2 ranks); its greedy generations equal a single-process model with the same weights."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        from rlhf_kit.generation import HFBackend, SamplingParams
-        from rlhf_kit.training.fsdp import apply_fsdp2
+    from rlhf_kit.generation import HFBackend, SamplingParams
+    from rlhf_kit.training.fsdp import apply_fsdp2
 
-        path = os.path.join(os.path.dirname(store), "init")
-        if rank == 0:
-            _tiny(seed=3).save_pretrained(path)
-        dist.barrier()
-        trained = apply_fsdp2(AutoModelForCausalLM.from_pretrained(path))
-        opt = torch.optim.SGD(trained.parameters(), lr=0.5)  # the training side moves away from `init`
-        ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
-        trained(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
-        opt.step()
-        full = dict(iter_full_params(trained))
+    path = os.path.join(workdir, "init")
+    if rank == 0:
+        _tiny(seed=3).save_pretrained(path)
+    dist.barrier()
+    trained = apply_fsdp2(AutoModelForCausalLM.from_pretrained(path))
+    opt = torch.optim.SGD(trained.parameters(), lr=0.5)  # the training side moves away from `init`
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    trained(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+    opt.step()
+    full = dict(iter_full_params(trained))
 
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")  # as torchrun sets them
-        tp = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")  # sharded with the initial weights
-        q = tp.model.layers[0].self_attn.q_proj.weight
-        assert hasattr(q, "device_mesh") and q.to_local().shape[0] == q.shape[0] // 2  # really split
-        backend = HFBackend(tp)
-        assert backend.update_weights(full.items()) == len(full)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")  # as torchrun sets them
+    tp = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")  # sharded with the initial weights
+    q = tp.model.layers[0].self_attn.q_proj.weight
+    assert hasattr(q, "device_mesh") and q.to_local().shape[0] == q.shape[0] // 2  # really split
+    backend = HFBackend(tp)
+    assert backend.update_weights(full.items()) == len(full)
 
-        single = _tiny(seed=99)  # different init: every weight must come from the stream
-        single.load_state_dict(full, strict=False)
-        prompt = torch.tensor([[0, 5, 6, 7, 8], [9, 10, 11, 12, 13]])
-        mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-        params = SamplingParams(max_new_tokens=6, greedy=True, ignore_eos=True, pad_token_id=0)
-        got = backend.generate(prompt, mask, params).sequences
-        want = HFBackend(single).generate(prompt, mask, params).sequences
-        assert torch.equal(got, want), (got, want)
-        init = HFBackend(AutoModelForCausalLM.from_pretrained(path)).generate(prompt, mask, params).sequences
-        assert not torch.equal(init, want)  # the refit mattered
-    except Exception as e:
-        import traceback
-
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise e
-    finally:
-        dist.destroy_process_group()
+    single = _tiny(seed=99)  # different init: every weight must come from the stream
+    single.load_state_dict(full, strict=False)
+    prompt = torch.tensor([[0, 5, 6, 7, 8], [9, 10, 11, 12, 13]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    params = SamplingParams(max_new_tokens=6, greedy=True, ignore_eos=True, pad_token_id=0)
+    got = backend.generate(prompt, mask, params).sequences
+    want = HFBackend(single).generate(prompt, mask, params).sequences
+    assert torch.equal(got, want), (got, want)
+    init = HFBackend(AutoModelForCausalLM.from_pretrained(path)).generate(prompt, mask, params).sequences
+    assert not torch.equal(init, want)  # the refit mattered
 
 
 def test_tp2_generation_from_fsdp2_weights_equals_single_process(tmp_path):
-    spawn_ranks(_tp_generation_worker, str(tmp_path / "store"))
+    spawn_ranks(functools.partial(_tp_generation_worker, workdir=str(tmp_path)), str(tmp_path / "store"))
