@@ -183,7 +183,6 @@ def load_reward_fn(spec: str):
 
 
 def main(cfg: PPOConfig) -> dict:
-    from accelerate import DistributedType
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
@@ -320,7 +319,7 @@ def main(cfg: PPOConfig) -> dict:
     else:
         backend = HFBackend(acc.unwrap_model(actor), tokenizer)
     dynamic = cfg.dynamic_dispatch and acc.num_processes > 1
-    if dynamic and cfg.backend == "hf" and acc.distributed_type == DistributedType.FSDP:
+    if dynamic and cfg.backend == "hf" and placed.sharded:
         raise ValueError(
             "--dynamic-dispatch with FSDP needs --backend compiled (sharded generate is collective)"
         )

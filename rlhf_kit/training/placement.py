@@ -15,7 +15,7 @@ One call that the PPO recipe (and a user's own loop) makes after loading its mod
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ class PlacedModels:
     backward: Callable[[torch.Tensor], None]
     clip_grad: Callable[[nn.Module, float], float]
     sharded: bool = False
-    frozen: list[nn.Module] = field(default_factory=list)
+    """Whether the models were sharded with FSDP2 (generation through them is then collective)."""
 
 
 def place_models(
@@ -111,4 +111,4 @@ def place_models(
         def clip(module: nn.Module, max_norm: float) -> float:
             return float(accelerator.clip_grad_norm_(module.parameters(), max_norm))
 
-    return PlacedModels(models, optimizers, schedulers, backward, clip, shard, frozen)
+    return PlacedModels(models, optimizers, schedulers, backward, clip, shard)

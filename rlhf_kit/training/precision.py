@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_kit.training.optim import param_groups
+from rlhf_kit.training.optim import build_optimizer, param_groups
 
 _KEY = "master_weights"
 
@@ -41,8 +41,7 @@ def build_master_weight_optimizer(
     norms). Frozen parameters and buffers keep their dtype. The returned optimizer is a plain
     ``torch.optim.AdamW`` (schedulers, accelerate's wrapper and checkpointing work unchanged) with one
     extra attribute, ``master_weights``: an ``nn.ParameterList`` of the masters (in the order of
-    ``model.parameters()``), which is where the
-    gradients are (clip them there: :func:`grad_holder`).
+    ``model.parameters()``), which is where the gradients are (clip them there: :func:`grad_holder`).
     """
     groups = param_groups(model, weight_decay)
     if not groups:
@@ -59,11 +58,7 @@ def build_master_weight_optimizer(
     for p, m in pairs:
         p.data = p.data.to(dtype)
         p.register_post_accumulate_grad_hook(_accumulate_into(m))
-    if fused is None:
-        fused = all(m.is_cuda for _, m in pairs)
-    opt = torch.optim.AdamW(
-        master_groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused or None
-    )
+    opt = build_optimizer(master_groups, lr, weight_decay, betas, eps, fused)  # fused when on CUDA
     order = {id(p): i for i, p in enumerate(model.parameters())}
     pairs.sort(key=lambda pm: order[id(pm[0])])  # masters in the model's parameter order
     opt.master_weights = nn.ParameterList([m for _, m in pairs])
