@@ -118,3 +118,22 @@ def test_ppo_recipe_with_a_critic_server(tmp_path, tokenizer):
         for proc in procs:
             proc.kill()
             proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--critic", "/nonexistent/critic"], "/nonexistent/critic"),
+        (["--warmup-steps", "9", "--total-steps", "8"], "--warmup-steps 9 must be in [0, --total-steps 8]"),
+        (["--min-lr", "1e-3", "--lr", "1e-4"], "--min-lr 0.001 is larger than --lr 0.0001"),
+        (["--port", "70000"], "--port must be in [0, 65535]"),
+    ],
+)
+def test_bad_server_configuration_stops_with_one_line(tmp_path, args, message):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "critic_server.py"), "--output-dir", str(tmp_path / "s"), *args],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and message in err[0], proc.stderr
+    assert not (tmp_path / "s").exists()  # nothing was built or loaded
