@@ -183,9 +183,10 @@ def load_reward_fn(spec: str):
 
 
 def main(cfg: PPOConfig) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
+    from rlhf_kit.data.tokenizer import load_tokenizer, stop_token_ids
     from rlhf_kit.generation.base import SamplingParams
     from rlhf_kit.generation.hf import HFBackend
     from rlhf_kit.generation.resharding import iter_full_params
@@ -232,9 +233,7 @@ def main(cfg: PPOConfig) -> dict:
 
     cfg = fill_defaults(cfg, acc.is_main_process)
     acc.wait_for_everyone()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.actor)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"{cfg.actor}: the tokenizer needs a pad token distinct from EOS")
+    tokenizer = load_tokenizer(cfg.actor, padding_side="left")  # pads with EOS if it has no pad token
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
     updates_per_step = cfg.ppo_epochs * cfg.num_rollout_samples // cfg.global_batch_size
     total = cfg.max_steps * updates_per_step
@@ -303,7 +302,7 @@ def main(cfg: PPOConfig) -> dict:
         top_k=cfg.top_k,
         top_p=cfg.top_p,
         stop_strings=cfg.stop_strings,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),  # the chat template's end of turn, and EOS
         pad_token_id=tokenizer.pad_token_id,
     )
     if cfg.backend == "compiled":
