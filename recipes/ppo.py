@@ -212,7 +212,7 @@ def main(cfg: PPOConfig) -> dict:
     from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rlhf_kit.training.dist import all_reduce_sum, seed_everything
     from rlhf_kit.training.hf import LoraSettings, make_accelerator, save_hf_model
-    from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
+    from rlhf_kit.training.metrics import MetricsLogger, StepTimer, device_memory_stats, progress
     from rlhf_kit.training.offload import (
         offload_optimizer_state,
         onload_optimizer_state,
@@ -404,6 +404,7 @@ def main(cfg: PPOConfig) -> dict:
             "throughput/generated_tokens_per_s": n_tokens / max(times.get("time/generate", 0.0), 1e-9),
             "lr/actor": actor_sched.get_last_lr()[0],
             **({"lr/critic": critic_sched.get_last_lr()[0]} if critic_sched else {}),  # else from the server
+            **device_memory_stats(),
         }
         logger.log(result, step)
         bar.update(1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -54,7 +55,7 @@ from rlhf_kit.training.hf import (
     make_accelerator,
     save_hf_model,
 )
-from rlhf_kit.training.metrics import Averager
+from rlhf_kit.training.metrics import Averager, device_memory_stats
 from rlhf_kit.training.precision import build_master_weight_optimizer
 from rlhf_kit.training.run import (
     CHECKPOINTS,
@@ -271,6 +272,7 @@ def main(cfg: Config) -> None:
     bar = progress(total=total, initial=step, desc="reward model")
     model.train()
     while step < last:
+        started = time.perf_counter()
         avg = Averager()
         micro = plan.micro_batches(step, cfg.micro_batch_size, rank, world)
         for idx in accumulate(accelerator, model, micro):
@@ -285,6 +287,11 @@ def main(cfg: Config) -> None:
         logs = {f"train/{k}": v for k, v in avg.reduce(device).items()}
         logs.update({f"train/{k}": v for k, v in update.items()})
         logs["train/epoch"] = step / plan.steps_per_epoch
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        logs["time/step_s"] = time.perf_counter() - started
+        logs["throughput/pairs_per_s"] = cfg.global_batch_size / logs["time/step_s"]
+        logs.update(device_memory_stats())
         logger.log(logs, step)
         bar.update(1)
         bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/accuracy']:.2f}")
