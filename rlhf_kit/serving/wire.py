@@ -24,7 +24,13 @@ MASK_DTYPES = (torch.int64, torch.int32, torch.bool)
 def encode(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bytes:
     """``meta`` (JSON scalars) and ``tensors`` as one message: length, JSON, safetensors bytes."""
     head = json.dumps(meta).encode()
-    body = save_tensors({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()})
+    out, seen = {}, set()
+    for k, v in (tensors or {}).items():
+        v = v.detach().cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v  # safetensors refuses tensors that share memory
+        seen.add(ptr)
+    body = save_tensors(out)
     return struct.pack("<Q", len(head)) + head + body
 
 
