@@ -129,14 +129,18 @@ class _App:
         got = request.headers.get("authorization", "")
         scheme, _, value = got.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
-            raise _HTTPError(401, "unauthorized: send 'Authorization: Bearer <token>' (RLHF_KIT_SERVER_TOKEN)")
+            raise _HTTPError(
+                401, "unauthorized: send 'Authorization: Bearer <token>' (RLHF_KIT_SERVER_TOKEN)"
+            )
 
     async def _read(self, request) -> tuple[dict, dict]:
         from starlette.requests import ClientDisconnect
 
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            raise _HTTPError(413, f"request body of {length} bytes is over the {self.max_body_bytes}-byte limit")
+            raise _HTTPError(
+                413, f"request body of {length} bytes is over the {self.max_body_bytes}-byte limit"
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.read_timeout
         stream = request.stream().__aiter__()

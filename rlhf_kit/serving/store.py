@@ -37,7 +37,9 @@ class CheckpointStore:
         ``ValueError`` otherwise, or when a symlink or a non-directory sits on the way."""
         text = str(path)
         parts = text.split("/")
-        ok = (parts == ["final"]) or (len(parts) == 2 and parts[0] == CHECKPOINTS and _NAME.fullmatch(parts[1]))
+        ok = (parts == ["final"]) or (
+            len(parts) == 2 and parts[0] == CHECKPOINTS and _NAME.fullmatch(parts[1])
+        )
         if not ok:
             raise ValueError(
                 f"path {text!r}: a critic server saves only to 'final' or '{CHECKPOINTS}/<name>' "
@@ -58,7 +60,9 @@ class CheckpointStore:
         ``path`` is replaced only when the server wrote it. With ``keep_last`` (``checkpoints/`` paths
         only), older server-written siblings beyond the newest ``keep_last`` are deleted."""
         target = self.resolve(path)
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        if keep_last is not None and (
+            isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
+        ):
             raise ValueError(f"keep_last must be a positive integer or null, got {keep_last!r}")
         if keep_last is not None and target.parent == self.root:
             raise ValueError(f"keep_last applies to '{CHECKPOINTS}/<name>' saves, not to {str(path)!r}")

@@ -45,7 +45,9 @@ def decode(message: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         meta = json.loads(message[8 : 8 + n])
         tensors = load_tensors(message[8 + n :])
     except Exception as e:  # json / safetensors errors of a corrupt body
-        raise ValueError(f"malformed message: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ValueError(
+            f"malformed message: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if not isinstance(meta, dict):
         raise ValueError("malformed message: the JSON header is not an object")
     return meta, tensors

@@ -114,7 +114,10 @@ def test_slow_body_gets_408(service):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda s, a, r: (s.clone().fill_(600), a, r), r"token id 600 outside the models' vocabulary \[0, 512\)"),
+        (
+            lambda s, a, r: (s.clone().fill_(600), a, r),
+            r"token id 600 outside the models' vocabulary \[0, 512\)",
+        ),
         (lambda s, a, r: (s.clone().fill_(-1), a, r), "token id -1 outside"),
         (lambda s, a, r: (s.to(torch.int8), a, r), "sequences must be int64 or int32 token ids"),
         (lambda s, a, r: (s.float(), a, r), "sequences must be int64 or int32 token ids"),
@@ -149,7 +152,11 @@ def test_bad_fields_get_400(service, batch):
         ]:
             status, text = post(server.url + "/infer", encode(meta, tensors))
             assert status == 400 and message in text, text
-        nan = {**tensors, "values": torch.full(rmask.shape, float("nan")), "returns": torch.zeros(rmask.shape)}
+        nan = {
+            **tensors,
+            "values": torch.full(rmask.shape, float("nan")),
+            "returns": torch.zeros(rmask.shape),
+        }
         meta = {"prompt_length": p, "mini_batch_size": 2, "micro_batch_size": 1, "ppo_epochs": 1,
                 "max_grad_norm": 1.0, "seed": 0}  # fmt: skip
         status, text = post(server.url + "/train", encode(meta, nan))
@@ -178,8 +185,12 @@ def test_client_timeout_notices_and_retries(service, capsys):
         start = time.monotonic()
         with pytest.raises(TimeoutError):
             RemoteCritic(url, timeout=0.3, retries=3, backoff=5).train(
-                *[torch.zeros(1, 2, dtype=torch.long)] * 3, torch.zeros(1, 1), torch.zeros(1, 1), 1,
-                mini_batch_size=1, micro_batch_size=1,
+                *[torch.zeros(1, 2, dtype=torch.long)] * 3,
+                torch.zeros(1, 1),
+                torch.zeros(1, 1),
+                1,
+                mini_batch_size=1,
+                micro_batch_size=1,
             )
         assert time.monotonic() - start < 3
     # an idempotent call retries with back-off until a server that starts late answers
