@@ -71,7 +71,8 @@ class CriticServerConfig:
     max_body_mb: int = 1024
     """Largest request body in MiB (413 past it)."""
     max_connections: int = 64
-    """Most open connections (503 past it); model work runs one request at a time regardless."""
+    """Most open connections (503 past it; keep it above the actor job's ranks, each holds one while
+    waiting in /train); model work runs one request at a time regardless."""
     gather_timeout: float = 600.0
     """Seconds /train waits for the other ranks of a multi-rank actor job's global batch (504 after)."""
     port: int = 5567

@@ -78,8 +78,8 @@ class _GlobalBatches:
             buf.set_data(share.rollout())
             self.buffers.append(buf)
 
-    def minibatches(self, batch_size: int, epochs: int = 1, device=None):
-        streams = [b.minibatches(batch_size, epochs=epochs) for b in self.buffers]
+    def minibatches(self, batch_size: int, epochs: int = 1, device=None, **kwargs):
+        streams = [b.minibatches(batch_size, epochs=epochs, **kwargs) for b in self.buffers]
         for parts in zip(*streams):
             mb = parts[0] if len(parts) == 1 else concat_rollouts(list(parts))
             yield mb.to(device) if device is not None else mb
