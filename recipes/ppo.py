@@ -439,8 +439,9 @@ def main(cfg: PPOConfig) -> dict:
 
     # 8. Final models as standard HF directories (FSDP2 shards gathered, LoRA merged).
     save_hf_model(actor, os.path.join(cfg.output_dir, "final"), tokenizer)
-    if remote and acc.is_main_process:
-        remote.save("final")  # <server --output-dir>/final/critic
+    if remote:
+        if acc.is_main_process:
+            remote.save("final")  # <server --output-dir>/final/critic
     else:
         save_hf_model(acc.unwrap_model(critic).model, os.path.join(cfg.output_dir, "critic"), tokenizer)
     if acc.is_main_process:

@@ -68,6 +68,7 @@ class _Round:
         self.world, self.knobs = world, knobs
         self.shares: dict[int, TrainShare] = {}
         self.result: asyncio.Future = loop.create_future()
+        self.task: asyncio.Future | None = None  # the update, once every share is in
 
 
 class _App:
@@ -202,14 +203,17 @@ class _App:
         if rank in rnd.shares:
             raise _HTTPError(409, f"rank {rank} already sent its share of this global batch")
         rnd.shares[rank] = share
-        if len(rnd.shares) == rnd.world:
+        if len(rnd.shares) == rnd.world:  # complete: train in a task of its own, whoever disconnects
             self.round = None
-            shares = [rnd.shares[r] for r in range(rnd.world)]
-            try:
-                rnd.result.set_result(await self._work(self.service.train_shares, shares, **knobs))
-            except Exception as e:
-                rnd.result.set_exception(e)
+            rnd.task = asyncio.ensure_future(self._train_round(rnd, knobs))
         return await asyncio.shield(rnd.result), {}
+
+    async def _train_round(self, rnd: _Round, knobs: dict) -> None:
+        shares = [rnd.shares[r] for r in range(rnd.world)]
+        try:
+            rnd.result.set_result(await self._work(self.service.train_shares, shares, **knobs))
+        except Exception as e:
+            rnd.result.set_exception(e)
 
     def _expire(self, rnd: _Round) -> None:
         if self.round is rnd and not rnd.result.done():

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from rlhf_kit.serving import RemoteCritic
 from rlhf_kit.tiny import save_tiny_pretrained
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,6 +127,20 @@ def test_ppo_recipe_with_a_critic_server(tmp_path, tokenizer):
         refinal = AutoModelForSequenceClassification.from_pretrained(served / "final" / "critic").state_dict()
         for name, p in final.items():
             torch.testing.assert_close(refinal[name], p, rtol=0, atol=0)
+
+        # an actor job of 2 ranks (DDP over gloo): each rank sends its share, one update per global batch
+        remote = RemoteCritic(url, token=TOKEN_ENV["RLHF_KIT_SERVER_TOKEN"])
+        before = remote.health()["train_calls"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        two = subprocess.run(
+            [*launcher, str(ROOT / "recipes" / "ppo.py"), "--output-dir", str(tmp_path / "ddp"), *PPO_ARGS, *data,
+             "--critic-server", url],
+            cwd=ROOT, env={**TOKEN_ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert two.returncode == 0, two.stderr[-3000:]
+        rows = [r for r in metrics(tmp_path / "ddp") if "value/loss" in r]
+        assert len(rows) == 2 and all(math.isfinite(r["value/loss"]) for r in rows)
+        assert remote.health()["train_calls"] == before + 2  # 2 steps, not 2 steps x 2 ranks
     finally:  # the server always goes, whatever failed
         for proc in procs:
             proc.kill()
