@@ -352,7 +352,7 @@ class CriticServer:
     @property
     def url(self) -> str:
         host = socket.gethostname() if self.host in ("", "0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def _stop(self) -> None:
         self.uvicorn.should_exit = True
