@@ -207,3 +207,12 @@ def test_client_timeout_notices_and_retries(service, capsys):
     finally:
         late.join()
         late.server.shutdown()
+
+
+def test_messages_carry_tensors_that_share_memory():
+    from rlhf_kit.serving import decode
+
+    mask = torch.ones(2, 3, dtype=torch.long)
+    meta, out = decode(encode({"a": 1}, {"values": mask.float(), "x": mask, "y": mask, "z": mask[:, 1:]}))
+    assert meta == {"a": 1} and torch.equal(out["x"], mask) and torch.equal(out["y"], mask)
+    assert torch.equal(out["z"], mask[:, 1:])
