@@ -7,8 +7,11 @@
 
 The actor job (recipes/ppo.py --critic-server URL) sends /infer (critic values and RM scores of each
 rollout micro-batch) and /train (one critic update on the rollout) requests; /save and /load keep the
-critic's checkpoints in step with the actor's, under --output-dir. Serves until killed or until a
-/shutdown request (rlhf_kit.serving). HTTP without authentication: use a trusted network.
+critic's checkpoints in step with the actor's, under --output-dir. An actor job of N ranks sends N
+shares of each global batch; the server updates once per global batch. Serves until killed or until a
+/shutdown request (rlhf_kit.serving). Every request needs ``Authorization: Bearer <token>`` when a token
+is set (--auth-token or RLHF_KIT_SERVER_TOKEN, which recipes/ppo.py sends), and a token is required to
+listen beyond loopback. Plain HTTP, no TLS: see docs/server.md for what is and is not protected.
 """
 
 from __future__ import annotations
@@ -55,7 +58,23 @@ class CriticServerConfig:
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """auto: bf16 when the GPU supports it."""
     host: str = "127.0.0.1"
-    """Interface to listen on (0.0.0.0: every interface; no authentication, so a trusted network only)."""
+    """Interface to listen on (0.0.0.0: every interface, which needs an auth token)."""
+    auth_token: str | None = None
+    """Shared secret clients send as 'Authorization: Bearer <token>'. None: $RLHF_KIT_SERVER_TOKEN (prefer
+    the variable: a flag is visible to other users in the process list). Required off loopback."""
+    allow_unauthenticated: bool = False
+    """Listen beyond loopback without a token (anyone who reaches the port can train, save and stop)."""
+    read_timeout: float = 60.0
+    """Seconds a client has to send a request's head, and then its body (408 and closed after)."""
+    idle_timeout: float = 30.0
+    """Seconds an idle keep-alive connection stays open."""
+    max_body_mb: int = 1024
+    """Largest request body in MiB (413 past it)."""
+    max_connections: int = 64
+    """Most open connections (503 past it; keep it above the actor job's ranks, each holds one while
+    waiting in /train); model work runs one request at a time regardless."""
+    gather_timeout: float = 600.0
+    """Seconds /train waits for the other ranks of a multi-rank actor job's global batch (504 after)."""
     port: int = 5567
     """TCP port; 0 picks a free one (the URL is printed either way)."""
     output_dir: str = "outputs/critic_server"
@@ -68,6 +87,8 @@ class CriticServerConfig:
 
 def validate(cfg: CriticServerConfig) -> None:
     """Check the configuration before loading anything."""
+    from rlhf_kit.serving.client import TOKEN_ENV
+    from rlhf_kit.serving.server import is_loopback
     from rlhf_kit.training.run import check_positive
     from rlhf_kit.training.validate import check_model_path
 
@@ -81,6 +102,18 @@ def validate(cfg: CriticServerConfig) -> None:
         raise ValueError(f"--min-lr {cfg.min_lr} is larger than --lr {cfg.lr}")
     if not 0 <= cfg.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {cfg.port}")
+    check_positive(read_timeout=cfg.read_timeout, idle_timeout=cfg.idle_timeout, max_body_mb=cfg.max_body_mb,
+                   max_connections=cfg.max_connections, gather_timeout=cfg.gather_timeout)  # fmt: skip
+    if auth_token(cfg) is None and not is_loopback(cfg.host) and not cfg.allow_unauthenticated:
+        raise ValueError(
+            f"--host {cfg.host} is not loopback: set --auth-token or {TOKEN_ENV} (or --allow-unauthenticated)"
+        )
+
+
+def auth_token(cfg: CriticServerConfig) -> str | None:
+    from rlhf_kit.serving.client import TOKEN_ENV
+
+    return cfg.auth_token if cfg.auth_token is not None else os.environ.get(TOKEN_ENV) or None
 
 
 def main(cfg: CriticServerConfig) -> None:
@@ -136,10 +169,16 @@ def main(cfg: CriticServerConfig) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     with one_line_errors("critic_server.py"):
         try:
-            server = CriticServer(service, cfg.host, cfg.port, verbose=cfg.verbose)
+            server = CriticServer(
+                service, cfg.host, cfg.port, verbose=cfg.verbose, auth_token=auth_token(cfg),
+                allow_unauthenticated=cfg.allow_unauthenticated, read_timeout=cfg.read_timeout,
+                idle_timeout=cfg.idle_timeout, max_body_bytes=cfg.max_body_mb << 20,
+                max_connections=cfg.max_connections, gather_timeout=cfg.gather_timeout,
+            )  # fmt: skip
         except OSError as e:
             raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
-    print(f"critic server listening on {server.url}", flush=True)
+    auth = "token required" if auth_token(cfg) else "no authentication (loopback only)"
+    print(f"critic server listening on {server.url} ({auth})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

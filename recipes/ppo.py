@@ -40,7 +40,10 @@ class PPOConfig:
     """'module:function' scoring decoded text, fn(prompts, responses) -> list[float]; replaces the RM."""
     critic_server: str | None = None
     """URL of a critic server (recipes/critic_server.py): critic and RM live in that separate job, which
-    also owns the critic's optimisation settings (--critic, --critic-lr, ... do not apply here)."""
+    also owns the critic's optimisation settings (--critic, --critic-lr, ... do not apply here). Its
+    token, if any, is read from $RLHF_KIT_SERVER_TOKEN; each rank of a multi-rank job sends its share."""
+    critic_server_timeout: float = 600.0
+    """Seconds the critic server may stay silent during one request before it fails (naming the URL)."""
     train_prompts: str | None = None
     """Prompt file ({"text"} / {"prompt"} / chat messages per line). None: the shipped HH sample."""
     val_prompts: str | None = None
@@ -158,8 +161,6 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
             check_path_exists(getattr(cfg, name), f"--{name.replace('_', '-')}")
     if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
         raise ValueError(f"--reward-fn must look like 'module:function', got {cfg.reward_fn!r}")
-    if cfg.critic_server is not None and world_size > 1:
-        raise ValueError(f"--critic-server takes a single actor process, got WORLD_SIZE={world_size}")
     if (
         cfg.reward_fn is not None
         and cfg.critic is None
@@ -241,7 +242,7 @@ def main(cfg: PPOConfig) -> dict:
     if cfg.critic_server is not None:
         remote, server = connect_critic_server(
             cfg.critic_server, vocab_size=len(tokenizer), total_steps=total, value_clip=cfg.value_clip,
-            need_scores=cfg.reward_fn is None,
+            need_scores=cfg.reward_fn is None, timeout=cfg.critic_server_timeout,
         )  # fmt: skip
     models = load_ppo_models(
         cfg.actor, None if remote else cfg.critic or cfg.reward_model,
@@ -334,8 +335,9 @@ def main(cfg: PPOConfig) -> dict:
     ckpt = {"models": placed.models, "optimizers": placed.optimizers, "schedulers": placed.schedulers}
     if cfg.resume and latest_checkpoint(ckpt_dir) is not None:
         step, extra = load_checkpoint(ckpt_dir, **ckpt)
-        if remote:  # the server's state saved with this step (paths under its --output-dir)
+        if remote and acc.is_main_process:  # the server's state saved with this step (under its --output-dir)
             remote.load(f"checkpoints/step_{step}")
+        acc.wait_for_everyone()  # no rank asks for values before the server has reloaded
         kl_ctl.load_state_dict(extra["kl_controller"])
         stream.load_state_dict(extra["prompt_stream"])
         prepare_metrics_for_resume(cfg.output_dir, step)  # rows past the checkpoint are logged again
@@ -381,12 +383,16 @@ def main(cfg: PPOConfig) -> dict:
         buffer.set_data(data)
         update_cfg.train_actor = step >= cfg.critic_warmup_steps
         with timer("train"), acc.autocast():
+            # the critic half of the update, on the server (same mini-batch order), while the actor trains
+            critic_update = remote.submit_train_rollout(
+                data, update_cfg, seed=cfg.seed + step, rank=acc.process_index, world_size=acc.num_processes
+            ) if remote else None  # fmt: skip
             train_stats = ppo_update(
                 actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, update_cfg, exp_cfg,
                 backward=placed.backward, clip_grad=placed.clip_grad,
             )  # fmt: skip
-            if remote:  # the critic half of the update, on the server (same mini-batch order)
-                train_stats |= remote.train_rollout(data, update_cfg, seed=cfg.seed + step)
+            if critic_update is not None:
+                train_stats |= critic_update.result()
         for _ in range(updates_per_step):
             if update_cfg.train_actor:
                 actor_sched.step()
@@ -423,7 +429,7 @@ def main(cfg: PPOConfig) -> dict:
 
         # 7. Checkpoint everything an exact resume needs.
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            if remote:  # first, so `latest` never points at a step the server has not saved
+            if remote and acc.is_main_process:  # first, so `latest` never points at a step the server lacks
                 remote.save(f"checkpoints/step_{step}", keep_last=cfg.keep_last)
             save_checkpoint(
                 ckpt_dir, step, **ckpt, keep_last=cfg.keep_last,
@@ -434,7 +440,8 @@ def main(cfg: PPOConfig) -> dict:
     # 8. Final models as standard HF directories (FSDP2 shards gathered, LoRA merged).
     save_hf_model(actor, os.path.join(cfg.output_dir, "final"), tokenizer)
     if remote:
-        remote.save("final")  # <server --output-dir>/final/critic
+        if acc.is_main_process:
+            remote.save("final")  # <server --output-dir>/final/critic
     else:
         save_hf_model(acc.unwrap_model(critic).model, os.path.join(cfg.output_dir, "critic"), tokenizer)
     if acc.is_main_process:

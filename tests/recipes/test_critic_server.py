@@ -16,10 +16,16 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from rlhf_kit.serving import RemoteCritic
 from rlhf_kit.tiny import save_tiny_pretrained
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k != "RLHF_KIT_SERVER_TOKEN"},
+    "PYTHONPATH": str(ROOT),
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
 PROMPTS = ["Human: How do I bake bread?\n\nAssistant:", "Human: What is a prime number?\n\nAssistant:",
            "Human: Tell me a joke.\n\nAssistant:", "Human: Why is the sky blue?\n\nAssistant:"]  # fmt: skip
 # 2 steps x (4 samples / global batch 2) = 4 optimizer steps: the server's --total-steps
@@ -28,14 +34,17 @@ PPO_ARGS = ["--max-steps", "2", "--num-rollout-samples", "4", "--global-batch-si
             "--val-check-interval", "2", "--save-interval", "1", "--critic-lr", "1e-3", "--mixed-precision", "no"]  # fmt: skip
 
 
-def start_server(out: Path, *args: str) -> tuple[subprocess.Popen, str]:
+TOKEN_ENV = {**ENV, "RLHF_KIT_SERVER_TOKEN": "recipe-test-token"}
+
+
+def start_server(out: Path, *args: str, env: dict = ENV) -> tuple[subprocess.Popen, str]:
     """Start the server on a free port (--port 0) and read the URL it prints."""
     log = out / "server.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "recipes" / "critic_server.py"), "--port", "0", "--output-dir",
              str(out / "server"), "--mixed-precision", "no", *args],
-            cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -50,10 +59,10 @@ def start_server(out: Path, *args: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"critic server did not start:\n{log.read_text()[-3000:]}")
 
 
-def ppo(out: Path, *args: str) -> subprocess.Popen:
+def ppo(out: Path, *args: str, env: dict = ENV) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "recipes" / "ppo.py"), "--output-dir", str(out), *PPO_ARGS, *args],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
@@ -68,7 +77,8 @@ def metrics(out: Path) -> list[dict]:
 
 def test_ppo_recipe_with_a_critic_server(tmp_path, tokenizer):
     """2 PPO steps with the critic and RM on a server equal the same run with all four models local
-    (metrics and final weights), the server writes its critic, and resume reloads the server's state."""
+    (metrics and final weights), the server writes its critic, and resume reloads the server's state.
+    Both sides read the shared token from RLHF_KIT_SERVER_TOKEN."""
     actor = save_tiny_pretrained(str(tmp_path / "actor"), "causal_lm", tokenizer=tokenizer, seed=0)
     rm = save_tiny_pretrained(str(tmp_path / "rm"), "reward", tokenizer=tokenizer, seed=1)
     prompts = tmp_path / "prompts.jsonl"
@@ -77,10 +87,13 @@ def test_ppo_recipe_with_a_critic_server(tmp_path, tokenizer):
     local = ppo(tmp_path / "local", *data, "--reward-model", rm)  # runs while the server starts
     procs = [local]
     try:
-        server, url = start_server(tmp_path, "--reward-model", rm, "--total-steps", "4", "--lr", "1e-3")
+        server, url = start_server(
+            tmp_path, "--reward-model", rm, "--total-steps", "4", "--lr", "1e-3", env=TOKEN_ENV
+        )
         procs.append(server)
+        assert "(token required)" in (tmp_path / "server.log").read_text()
         finish(local)
-        finish(ppo(tmp_path / "ppo", *data, "--critic-server", url))
+        finish(ppo(tmp_path / "ppo", *data, "--critic-server", url, env=TOKEN_ENV))
         rows = [r for r in metrics(tmp_path / "ppo") if "value/loss" in r]
         assert len(rows) == 2
         for r in rows:
@@ -107,13 +120,27 @@ def test_ppo_recipe_with_a_critic_server(tmp_path, tokenizer):
         resumed = tmp_path / "resumed"
         shutil.copytree(tmp_path / "ppo" / "checkpoints" / "step_1", resumed / "checkpoints" / "step_1")
         (resumed / "checkpoints" / "latest").write_text("step_1\n")
-        finish(ppo(resumed, *data, "--critic-server", url, "--resume"))
+        finish(ppo(resumed, *data, "--critic-server", url, "--resume", env=TOKEN_ENV))
         again = [r for r in metrics(resumed) if "value/loss" in r]
         for key in ("value/loss", "value/grad_norm", "policy/loss", "reward/score_mean", "lr/critic"):
             assert again[-1][key] == pytest.approx(rows[-1][key], rel=1e-6, abs=1e-9), key
         refinal = AutoModelForSequenceClassification.from_pretrained(served / "final" / "critic").state_dict()
         for name, p in final.items():
             torch.testing.assert_close(refinal[name], p, rtol=0, atol=0)
+
+        # an actor job of 2 ranks (DDP over gloo): each rank sends its share, one update per global batch
+        remote = RemoteCritic(url, token=TOKEN_ENV["RLHF_KIT_SERVER_TOKEN"])
+        before = remote.health()["train_calls"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        two = subprocess.run(
+            [*launcher, str(ROOT / "recipes" / "ppo.py"), "--output-dir", str(tmp_path / "ddp"), *PPO_ARGS, *data,
+             "--critic-server", url],
+            cwd=ROOT, env={**TOKEN_ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert two.returncode == 0, two.stderr[-3000:]
+        rows = [r for r in metrics(tmp_path / "ddp") if "value/loss" in r]
+        assert len(rows) == 2 and all(math.isfinite(r["value/loss"]) for r in rows)
+        assert remote.health()["train_calls"] == before + 2  # 2 steps, not 2 steps x 2 ranks
     finally:  # the server always goes, whatever failed
         for proc in procs:
             proc.kill()
@@ -127,6 +154,7 @@ def test_ppo_recipe_with_a_critic_server(tmp_path, tokenizer):
         (["--warmup-steps", "9", "--total-steps", "8"], "--warmup-steps 9 must be in [0, --total-steps 8]"),
         (["--min-lr", "1e-3", "--lr", "1e-4"], "--min-lr 0.001 is larger than --lr 0.0001"),
         (["--port", "70000"], "--port must be in [0, 65535]"),
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 is not loopback: set --auth-token or RLHF_KIT_SERVER_TOKEN"),
     ],
 )
 def test_bad_server_configuration_stops_with_one_line(tmp_path, args, message):

@@ -197,18 +197,18 @@ def test_save_load_round_trip_resumes_exactly(tmp_path, tokenizer, models, rollo
 def test_save_keep_last_prunes_older_saves(tmp_path, models, rollouts):
     _, _, critic, _ = models
     svc = make_service(critic, output_dir=tmp_path)
-    (tmp_path / "ckpt" / "unrelated").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "unrelated").mkdir(parents=True)
     for step in (1, 2, 3):
         svc.train_rollout(rollouts[0], UpdateConfig(mini_batch_size=4, micro_batch_size=4), seed=step)
-        svc.save(f"ckpt/step_{step}", keep_last=2)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_2", "step_3", "unrelated"]
+        svc.save(f"checkpoints/step_{step}", keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_3", "unrelated"]
 
 
-def test_bad_requests_give_clear_client_errors(tokenizer, models):
+def test_bad_requests_give_clear_client_errors(tmp_path, tokenizer, models):
     _, _, critic, rm = models
     gen = fake_generation(tokenizer)
     seq, am, rmask = gen.sequences, gen.attention_mask, gen.response_mask
-    with CriticServer(make_service(critic, rm)) as server:
+    with CriticServer(make_service(critic, rm, output_dir=tmp_path)) as server:
         remote = RemoteCritic(server.url)
         with pytest.raises(
             CriticServerError, match=r"/infer failed \(400\): ValueError: attention_mask has shape"
@@ -227,7 +227,7 @@ def test_bad_requests_give_clear_client_errors(tokenizer, models):
                 seq, am, rmask, rmask.float(), rmask.float(), 5, mini_batch_size=0, micro_batch_size=1
             )
         with pytest.raises(CriticServerError, match=r"/load .*no critic server checkpoint at .*nonexistent"):
-            remote.load("nonexistent/step_1")
+            remote.load("checkpoints/nonexistent")
         for bad in ("/tmp/elsewhere", "../outside"):  # requests stay inside the server's output dir
             with pytest.raises(CriticServerError, match=r"/save .*inside the server's --output-dir"):
                 remote.save(bad)
@@ -250,13 +250,13 @@ def test_unreachable_or_silent_server_gives_clear_error():
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(ConnectionError, match=f"cannot reach the critic server at {url}"):
-        RemoteCritic(url, timeout=5).health()
+        RemoteCritic(url, timeout=5, retries=0).health()
     with socket.socket() as silent:  # accepts connections (backlog) but never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         with pytest.raises(TimeoutError, match=f"critic server {url} did not answer /health within 0.3 s"):
-            RemoteCritic(url, timeout=0.3).health()
+            RemoteCritic(url, timeout=0.3, retries=0).health()
     with pytest.raises(ValueError, match="must start with http://"):
         RemoteCritic("localhost:5567")
 
