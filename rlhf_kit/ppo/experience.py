@@ -2,15 +2,13 @@
 into a :class:`~rlhf_kit.rollout.Rollout` (rewards and advantages still zero: see ``advantages.py``).
 
 The critic and reward model may live elsewhere (a critic server): anything with the
-:class:`CriticInference` method ``infer`` stands in for them. ``rlhf_kit.ppo`` never imports the
-server code; ``rlhf_kit.serving.RemoteCritic`` and ``CriticRewardService`` satisfy the protocol.
+:class:`~rlhf_kit.ppo.remote.CriticInference` method ``infer`` stands in for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -19,6 +17,7 @@ from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.models.value import response_values
 from rlhf_kit.ppo.generate import generate_rollouts, generate_rollouts_dynamic
 from rlhf_kit.ppo.models import PPOModels
+from rlhf_kit.ppo.remote import CriticInference
 from rlhf_kit.rollout import Rollout
 
 
@@ -43,27 +42,6 @@ class ExperienceConfig:
     """Give responses without EOS no policy gradient (NeMo-Aligner's behaviour)."""
     micro_batch_size: int = 8
     """Samples per forward pass while scoring."""
-
-
-@runtime_checkable
-class CriticInference(Protocol):
-    """A critic (and optionally a reward model) held outside this process, e.g. a critic server client.
-
-    ``infer`` takes ``sequences, attention_mask (b, p + n)``, ``prompt_length`` ``p`` and
-    ``response_mask (b, n)``; it returns ``values (b, n)`` (the critic's value of the state generating
-    each response token, unmasked) and ``scores (b,)``, or None for the scores without a reward model
-    or with ``with_scores=False``.
-    """
-
-    def infer(
-        self,
-        sequences: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_length: int,
-        response_mask: torch.Tensor,
-        *,
-        with_scores: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 @torch.no_grad()
