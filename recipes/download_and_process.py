@@ -54,7 +54,12 @@ class Config:
     """Split of a single `--source` file; unset: `test` if the file name contains "test", else `train`."""
 
     keep_human: bool = False
-    """Keep the original `Human:` label for user turns instead of rewriting it to `User:`."""
+    """Keep the original `Human:` label for user turns instead of rewriting it to `User:` (text format)."""
+
+    format: Literal["text", "messages"] = "text"
+    """text: `User:`/`Assistant:` strings (NeMo `{"text"}` lines; any tokenizer). messages: chat messages
+    (`{"prompt": [...], "chosen", "rejected"}` and `{"messages": [...]}` lines) that the recipes render
+    with the model's chat template: use this for instruct models, so they see their own format."""
 
     test_fraction: float = 0.1
     """With `--source default`: fraction of the shipped pairs that goes to the test split."""
@@ -106,7 +111,7 @@ def process_local(cfg: Config) -> dict[str, tuple[list, list, DropCounts]]:
     for split, files in source_files(Path(cfg.source), cfg.split).items():
         comparisons, prompts, counts = [], [], DropCounts()
         for path in files:
-            c, p, n = process_hh_file(path, cfg.keep_human)
+            c, p, n = process_hh_file(path, cfg.keep_human, cfg.format == "messages")
             print(f"{path}: {n}")
             comparisons += c
             prompts += p
@@ -120,14 +125,19 @@ def process_hub(cfg: Config) -> dict[str, tuple[list, list, DropCounts]]:
     import datasets
 
     dd = datasets.load_dataset(cfg.dataset, data_dir=cfg.hub_data_dir)
-    return {split: process_hh_records(iter(dd[split]), cfg.keep_human) for split in SPLITS if split in dd}
+    messages = cfg.format == "messages"
+    return {
+        split: process_hh_records(iter(dd[split]), cfg.keep_human, messages)
+        for split in SPLITS
+        if split in dd
+    }
 
 
 def main(cfg: Config) -> dict[str, str]:
     """Run the preparation; returns the written paths by ``{split}_{kind}`` key."""
     if cfg.source == "default":
         paths, counts = prepare_default_hh_with_counts(
-            cfg.output_dir, cfg.test_fraction, cfg.seed, cfg.keep_human
+            cfg.output_dir, cfg.test_fraction, cfg.seed, cfg.keep_human, cfg.format == "messages"
         )
         print(f"shipped HH sample: {counts}")
     else:

@@ -91,9 +91,10 @@ def validate(cfg: EvalConfig) -> None:
 
 
 def main(cfg: EvalConfig) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from rlhf_kit.data import load_prompts, tokenize_prompts
+    from rlhf_kit.data.tokenizer import load_tokenizer, stop_token_ids
     from rlhf_kit.generation.base import SamplingParams
     from rlhf_kit.generation.hf import HFBackend
     from rlhf_kit.models import load_reward_model
@@ -108,7 +109,7 @@ def main(cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     # 2. Models, scorer and prompts.
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    tokenizer = load_tokenizer(cfg.policy, padding_side="left")  # pads with EOS if it has no pad token
 
     def load_lm(path: str):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device)
@@ -129,7 +130,7 @@ def main(cfg: EvalConfig) -> dict:
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         greedy=cfg.decoding == "greedy",
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
 

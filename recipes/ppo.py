@@ -24,6 +24,7 @@ import tyro
 
 from recipes._ppo_defaults import fill_defaults
 from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
+from rlhf_kit.data.tokenizer import load_tokenizer, stop_token_ids
 from rlhf_kit.generation.base import SamplingParams
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.ppo import (
@@ -33,7 +34,6 @@ from rlhf_kit.ppo import (
     collect_experience,
     compute_advantages,
     load_ppo_models,
-    load_tokenizer,
     make_backend,
     make_kl_controller,
     make_scorer,
@@ -234,8 +234,8 @@ def sampling_params(cfg: PPOConfig, tokenizer) -> SamplingParams:
     """Generation settings of the rollouts (and of validation)."""
     return SamplingParams(
         max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=cfg.stop_strings, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=cfg.stop_strings, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_token_ids(tokenizer),  # the chat template's end of turn, and EOS
     )  # fmt: skip
 
 
@@ -258,7 +258,7 @@ def main(cfg: PPOConfig) -> dict:
     # 2. Models and data; the embedded default makes tiny models and uses the shipped HH sample.
     cfg = fill_defaults(cfg, acc.is_main_process)
     acc.wait_for_everyone()
-    tokenizer = load_tokenizer(cfg.actor)
+    tokenizer = load_tokenizer(cfg.actor, padding_side="left")  # pads with EOS if it has no pad token
     updates_per_step = cfg.ppo_epochs * cfg.num_rollout_samples // cfg.global_batch_size
     total = cfg.max_steps * updates_per_step
     remote, server = (None, {})  # with --critic-server, critic and RM live in that job

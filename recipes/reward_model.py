@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,7 +54,7 @@ from rlhf_kit.training.hf import (
     make_accelerator,
     save_hf_model,
 )
-from rlhf_kit.training.metrics import Averager
+from rlhf_kit.training.metrics import Averager, device_memory_stats
 from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
 from rlhf_kit.training.run import (
@@ -163,12 +164,9 @@ def main(cfg: Config) -> None:
             files = default_data(cfg.output_dir)
             cfg.train_data = Path(files["train_comparisons"])
             cfg.test_data = cfg.test_data or Path(files["test_comparisons"])
-        from transformers import AutoTokenizer
+        from rlhf_kit.data.tokenizer import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        tokenizer.padding_side = "right"
-        if tokenizer.pad_token_id is None:
-            raise ValueError(f"{cfg.model}: tokenizer has no pad token; set one (distinct from EOS)")
+        tokenizer = load_tokenizer(cfg.model, padding_side="right")  # pads with EOS if it has no pad token
         cfg.max_length = cfg.max_length or (TINY_MAX_LENGTH if tiny else PRETRAINED_MAX_LENGTH)
         train, val, test = load_data(cfg, tokenizer)
         lr = cfg.lr or (TINY_LR if tiny else PRETRAINED_LR)
@@ -217,6 +215,7 @@ def main(cfg: Config) -> None:
     bar = progress(total=total, initial=step, desc="reward model")
     model.train()
     while step < last:
+        started = time.perf_counter()
         avg = Averager()
         micro = plan.micro_batches(step, cfg.micro_batch_size, rank, world)
         for idx in accumulate(accelerator, model, micro):
@@ -231,6 +230,11 @@ def main(cfg: Config) -> None:
         logs = {f"train/{k}": v for k, v in avg.reduce(device).items()}
         logs.update({f"train/{k}": v for k, v in update.items()})
         logs["train/epoch"] = step / plan.steps_per_epoch
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        logs["time/step_s"] = time.perf_counter() - started
+        logs["throughput/pairs_per_s"] = cfg.global_batch_size / logs["time/step_s"]
+        logs.update(device_memory_stats())
         logger.log(logs, step)
         bar.update(1)
         bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/accuracy']:.2f}")

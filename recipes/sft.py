@@ -187,12 +187,9 @@ def main(cfg: Config) -> None:
             files = default_data(cfg.output_dir)
             cfg.train_data, cfg.data_format = Path(files["train_comparisons"]), "comparisons"
             cfg.test_data = cfg.test_data or Path(files["test_comparisons"])
-        from transformers import AutoTokenizer
+        from rlhf_kit.data.tokenizer import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        tokenizer.padding_side = "right"
-        if tokenizer.pad_token_id is None:
-            raise ValueError(f"{cfg.model}: tokenizer has no pad token; set one (distinct from EOS)")
+        tokenizer = load_tokenizer(cfg.model, padding_side="right")  # pads with EOS if it has no pad token
         cfg.max_length = cfg.max_length or (TINY_MAX_LENGTH if tiny else PRETRAINED_MAX_LENGTH)
         train, val, test = load_data(cfg, tokenizer)
         lr = cfg.lr or (TINY_LR if tiny else PRETRAINED_LR)

@@ -191,3 +191,80 @@ def save_tiny_pretrained(
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny checkpoints set up the way real hub checkpoints are (SmolLM2-135M-Instruct, Llama 3, Qwen2)
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+#: SmolLM2's ChatML template (with its default system message).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def train_chat_tokenizer(
+    pad: str = "eos", vocab_size: int = 512, texts: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A ChatML BPE tokenizer set up like SmolLM2-135M-Instruct's, in one of its two observed shapes.
+
+    Special tokens: ``<|endoftext|>`` (0, UNK), ``<|im_start|>`` (1), ``<|im_end|>`` (2).
+    ``pad="eos"``: pad == EOS == ``<|im_end|>`` (transformers 5.24). ``pad="none"``: no pad token and
+    EOS == ``<|im_start|>`` (transformers 5.17); the end of an assistant turn is then not EOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[ENDOFTEXT, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts if texts is not None else hh_texts(1000), trainer=trainer)
+    if pad == "eos":
+        kw = dict(eos_token=IM_END, pad_token=IM_END, bos_token=IM_START)
+    elif pad == "none":
+        kw = dict(eos_token=IM_START, bos_token=IM_START)
+    else:
+        raise ValueError(f"pad must be 'eos' or 'none', got {pad!r}")
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=ENDOFTEXT, **kw)
+    hf_tok.chat_template = CHATML_TEMPLATE
+    return hf_tok
+
+
+def save_real_like_checkpoint(
+    output_dir: str,
+    pad: str = "eos",
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    **config_kwargs,
+) -> str:
+    """A tiny Llama causal LM saved the way real checkpoints come, for tests of that world:
+
+    bf16 weights; config ``pad_token_id`` 0 (not the tokenizer's pad, cf. SmolLM2's config 2 vs a
+    tokenizer padding with 0), ``eos_token_id`` 2, ``bos_token_id`` 1; ``attention_dropout`` 0.3; a
+    ``generation_config`` with sampling settings (``repetition_penalty``, ``no_repeat_ngram_size``,
+    ``top_k``, ``temperature``); the ChatML tokenizer of :func:`train_chat_tokenizer` (``pad``).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tokenizer = tokenizer or train_chat_tokenizer(pad)
+    torch.manual_seed(seed)
+    kw = dict(pad_token_id=0, eos_token_id=2, bos_token_id=1, attention_dropout=0.3, tie_word_embeddings=True)
+    kw.update(config_kwargs)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), **kw)).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, do_sample=True, temperature=0.2, top_k=5,
+        repetition_penalty=1.5, no_repeat_ngram_size=2,
+    )  # fmt: skip
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir

@@ -7,6 +7,12 @@ content stripped. The *prompt* is the dialogue up to and including the final ``A
 *response* is ``" " + last assistant turn``, so ``prompt + response`` is the whole rewritten dialogue.
 For user/assistant turns this is exactly what the tiny tokenizer's chat template renders.
 
+With ``messages=True`` (for instruct models, which should see their own chat format) the same turns are
+kept as chat messages instead: the prompt is the message list before the last assistant turn (``user`` /
+``assistant`` roles) and each response the last assistant turn's content; the recipes then render them
+with the model's chat template (prompts with the generation prompt, responses ending at the template's
+end-of-turn token).
+
 A pair is dropped, and counted under its reason in :class:`DropCounts`, when either side is malformed
 (no ``Assistant:`` turn, turns that do not alternate starting with the human, an empty turn), when its
 last response is empty, when the chosen and rejected prompts differ, or when both responses are equal.
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_kit.data.formats import write_comparisons, write_prompts
+from rlhf_kit.data.formats import Text, write_comparisons, write_jsonl, write_prompts
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -121,30 +127,55 @@ def convert_dialogue(dialogue: str, keep_human: bool = False) -> tuple[str, str]
     return prompt, (" " + last if last else "")
 
 
-def convert_pair(chosen: Any, rejected: Any, keep_human: bool = False) -> tuple[str, str, str]:
+def convert_dialogue_messages(dialogue: str) -> tuple[list[dict[str, str]], str]:
+    """A raw HH dialogue as ``(prompt_messages, response)``: the turns before the last as ``user`` /
+    ``assistant`` chat messages, and the last assistant turn's content (``""`` if empty)."""
+    turns = parse_turns(dialogue)
+    prompt = [{"role": "user" if role == "human" else "assistant", "content": c} for role, c in turns[:-1]]
+    return prompt, turns[-1][1]
+
+
+def convert_pair(
+    chosen: Any, rejected: Any, keep_human: bool = False, messages: bool = False
+) -> tuple[Text, Text, Text]:
     """Convert one HH record to ``(prompt, chosen_text, rejected_text)``.
 
+    ``messages=True``: ``prompt`` is a message list and the two texts are the bare responses.
     Raises :class:`MalformedDialogue` (with its drop ``reason``) when the pair must be dropped.
     """
     if not isinstance(chosen, str) or not isinstance(rejected, str):
         raise MalformedDialogue("bad_record", "'chosen' and 'rejected' must be strings")
-    prompt_c, resp_c = convert_dialogue(chosen, keep_human)
-    prompt_r, resp_r = convert_dialogue(rejected, keep_human)
+    if messages:
+        (prompt_c, resp_c), (prompt_r, resp_r) = (
+            convert_dialogue_messages(chosen),
+            convert_dialogue_messages(rejected),
+        )
+    else:
+        (prompt_c, resp_c), (prompt_r, resp_r) = (
+            convert_dialogue(chosen, keep_human),
+            convert_dialogue(rejected, keep_human),
+        )
     if not resp_c or not resp_r:
         raise MalformedDialogue("empty_response", "the last assistant turn is empty")
     if prompt_c != prompt_r:
         raise MalformedDialogue("prompt_mismatch", "chosen and rejected dialogues have different prompts")
     if resp_c == resp_r:
         raise MalformedDialogue("identical_responses", "chosen and rejected responses are equal")
+    if messages:
+        return prompt_c, resp_c, resp_r
     return prompt_c, prompt_c + resp_c, prompt_r + resp_r
 
 
 def process_hh_records(
-    records: Iterable[dict[str, Any] | None], keep_human: bool = False
-) -> tuple[list[tuple[str, str]], list[str], DropCounts]:
-    """Convert HH records (``None`` = an unreadable line) to comparisons, prompts and drop counts."""
-    comparisons: list[tuple[str, str]] = []
-    prompts: list[str] = []
+    records: Iterable[dict[str, Any] | None], keep_human: bool = False, messages: bool = False
+) -> tuple[list[tuple[Text, Text]], list[Text], DropCounts]:
+    """Convert HH records (``None`` = an unreadable line) to comparisons, prompts and drop counts.
+
+    ``messages=True``: comparisons are ``(chosen_response, rejected_response)`` and prompts message lists
+    (see :func:`convert_pair`); :func:`write_split` writes them as ``prompt``/``chosen``/``rejected``.
+    """
+    comparisons: list[tuple[Text, Text]] = []
+    prompts: list[Text] = []
     counts = DropCounts()
     for record in records:
         counts.total += 1
@@ -152,7 +183,9 @@ def process_hh_records(
             counts.dropped["bad_record"] += 1
             continue
         try:
-            prompt, chosen, rejected = convert_pair(record.get("chosen"), record.get("rejected"), keep_human)
+            prompt, chosen, rejected = convert_pair(
+                record.get("chosen"), record.get("rejected"), keep_human, messages
+            )
         except MalformedDialogue as e:
             counts.dropped[e.reason] += 1
             continue
@@ -177,53 +210,71 @@ def _read_raw(path: str | os.PathLike) -> Iterable[dict[str, Any] | None]:
 
 
 def process_hh_file(
-    path: str | os.PathLike, keep_human: bool = False
-) -> tuple[list[tuple[str, str]], list[str], DropCounts]:
+    path: str | os.PathLike, keep_human: bool = False, messages: bool = False
+) -> tuple[list[tuple[Text, Text]], list[Text], DropCounts]:
     """Read one HH release file (``.jsonl`` or ``.jsonl.gz``).
 
     Returns ``(comparisons, prompts, counts)``: ``(chosen_text, rejected_text)`` pairs, the prompt of
     each kept pair (same order), and the :class:`DropCounts`. Lines that are not JSON objects count as
-    ``bad_record``.
+    ``bad_record``. ``messages``: see :func:`process_hh_records`.
     """
-    return process_hh_records(_read_raw(path), keep_human)
+    return process_hh_records(_read_raw(path), keep_human, messages)
 
 
 def write_split(
-    output_dir: str | os.PathLike, split: str, comparisons: list[tuple[str, str]], prompts: list[str]
+    output_dir: str | os.PathLike, split: str, comparisons: list[tuple[Text, Text]], prompts: list[Text]
 ) -> dict[str, str]:
-    """Write ``{split}_comparisons.jsonl`` and ``{split}_prompts.jsonl`` atomically; return their paths."""
+    """Write ``{split}_comparisons.jsonl`` and ``{split}_prompts.jsonl`` atomically; return their paths.
+
+    String comparisons are written in the NeMo ``{"text"}`` format and string prompts as ``{"text"}``;
+    message-list prompts (``messages=True`` processing) as ``{"prompt": messages, "chosen": response,
+    "rejected": response}`` and ``{"messages": messages}``.
+    """
     out = Path(output_dir)
     paths = {
         f"{split}_comparisons": str(out / f"{split}_comparisons.jsonl"),
         f"{split}_prompts": str(out / f"{split}_prompts.jsonl"),
     }
-    write_comparisons(paths[f"{split}_comparisons"], comparisons)
-    write_prompts(paths[f"{split}_prompts"], prompts)
+    if prompts and not isinstance(prompts[0], str):
+        records = ({"prompt": p, "chosen": c, "rejected": r} for p, (c, r) in zip(prompts, comparisons))
+        write_jsonl(paths[f"{split}_comparisons"], records)
+        write_jsonl(paths[f"{split}_prompts"], ({"messages": p} for p in prompts))
+    else:
+        write_comparisons(paths[f"{split}_comparisons"], comparisons)  # type: ignore[arg-type]
+        write_prompts(paths[f"{split}_prompts"], prompts)  # type: ignore[arg-type]
     return paths
 
 
 def prepare_default_hh(
-    output_dir: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0, keep_human: bool = False
+    output_dir: str | os.PathLike,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    keep_human: bool = False,
+    messages: bool = False,
 ) -> dict[str, str]:
     """Process the shipped HH sample (2,312 pairs) and split it into train/test files, offline.
 
     The kept pairs are shuffled with ``seed`` and the first ``round(test_fraction * n)`` go to test
     (deterministic; each split keeps the file order). Returns ``{"train_comparisons": path,
     "train_prompts": ..., "test_comparisons": ..., "test_prompts": ...}``. The recipes' no-argument
-    defaults build their data with this.
+    defaults build their data with this. ``messages=True`` writes chat messages (see the module doc).
     """
-    return prepare_default_hh_with_counts(output_dir, test_fraction, seed, keep_human)[0]
+    return prepare_default_hh_with_counts(output_dir, test_fraction, seed, keep_human, messages)[0]
 
 
 def prepare_default_hh_with_counts(
-    output_dir: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0, keep_human: bool = False
+    output_dir: str | os.PathLike,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    keep_human: bool = False,
+    messages: bool = False,
 ) -> tuple[dict[str, str], DropCounts]:
     """:func:`prepare_default_hh`, also returning the :class:`DropCounts` of the shipped sample."""
     from rlhf_kit import default_hh_file
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    comparisons, prompts, counts = process_hh_file(default_hh_file(), keep_human)
+    comparisons, prompts, counts = process_hh_file(default_hh_file(), keep_human, messages)
     order = list(range(len(comparisons)))
     random.Random(seed).shuffle(order)
     n_test = max(1, round(test_fraction * len(order)))

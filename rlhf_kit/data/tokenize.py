@@ -9,6 +9,11 @@
 
 Strings are tokenised with the tokenizer's own special tokens (e.g. a BOS); chat-message lists are
 rendered with the chat template first and then tokenised without adding special tokens again.
+
+"EOS" here is the token a response ends with (:func:`rlhf_kit.data.tokenizer.response_end_id`): the chat
+template's end-of-turn token when the tokenizer has a template (``<|im_end|>``, ``<|eot_id|>``), else
+``eos_token``. A rendered conversation is cut right after its last end-of-turn token (templates add a
+newline after it), so a reward model reads its score where a PPO response ends.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rlhf_kit.data.formats import Text
+from rlhf_kit.data.tokenizer import response_end_id
 
 logger = logging.getLogger("rlhf_kit.data")
 
@@ -44,9 +50,16 @@ def encode(text: Text, tokenizer: Any, add_generation_prompt: bool = False) -> l
 
 
 def require_eos_id(tokenizer: Any) -> int:
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token_id; comparison and SFT data need one")
-    return int(tokenizer.eos_token_id)
+    """The id comparison and SFT sequences end with (see the module doc)."""
+    return response_end_id(tokenizer)
+
+
+def cut_after_last(ids: list[int], end_id: int) -> list[int]:
+    """``ids`` up to and including the last ``end_id`` (unchanged if it does not occur)."""
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == end_id:
+            return ids[: i + 1]
+    return ids
 
 
 def check_length_policy(too_long: str, max_length: int) -> None:
@@ -124,6 +137,8 @@ def tokenize_pairs(
     dropped = truncated = longest = 0
     for chosen, rejected in pairs:
         c, r = encode(chosen, tokenizer), encode(rejected, tokenizer)
+        if _is_messages(chosen):
+            c, r = cut_after_last(c, eos), cut_after_last(r, eos)
         longest = max(longest, len(c) + 1, len(r) + 1)
         fitted = fit_pair(c, r, eos, max_length, too_long)
         if fitted is None:
@@ -219,7 +234,8 @@ def tokenize_sft(
         # Chat-template renderings carry their own special tokens; a BOS belongs at the very start only.
         specials = not _is_messages(item)
         p_ids = list(tokenizer(prompt, add_special_tokens=specials)["input_ids"]) if prompt else []
-        r_ids = list(tokenizer(response, add_special_tokens=specials and not p_ids)["input_ids"]) + [eos]
+        r_ids = list(tokenizer(response, add_special_tokens=specials and not p_ids)["input_ids"])
+        r_ids = _with_eos(cut_after_last(r_ids, eos) if not specials else r_ids, eos)
         ids = p_ids + r_ids
         labels = [IGNORE_INDEX] * len(p_ids) + r_ids
         longest = max(longest, len(ids))

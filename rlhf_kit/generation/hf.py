@@ -27,18 +27,22 @@ from rlhf_kit.generation.base import (
 
 
 @contextlib.contextmanager
-def _eos_override(model: nn.Module, eos: list[int]) -> Iterator[None]:
-    """``generate`` falls back to ``model.generation_config.eos_token_id`` when given ``None``; to ignore
-    EOS (or use other ids) the model default is swapped for the duration of the call."""
-    gen_cfg = getattr(model, "generation_config", None)
-    saved = getattr(gen_cfg, "eos_token_id", None)
-    if gen_cfg is not None:
-        gen_cfg.eos_token_id = eos or None
+def _neutral_generation_config(model: nn.Module, eos: list[int], pad: int) -> Iterator[None]:
+    """Swap the model's ``generation_config`` for a blank one for the duration of a ``generate`` call.
+
+    ``generate`` fills every field the call leaves at its default from ``model.generation_config``, so a
+    checkpoint's ``repetition_penalty``, ``no_repeat_ngram_size``, ``top_k: 50`` or ``eos_token_id``
+    would otherwise reshape the distribution samples are drawn from, and PPO's ratios and KL would be
+    computed for a policy that did not sample them. With a blank config only :class:`SamplingParams`
+    decides.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft generates with it
+    saved = getattr(inner, "generation_config", None)
+    inner.generation_config = GenerationConfig(eos_token_id=eos or None, pad_token_id=pad)
     try:
         yield
     finally:
-        if gen_cfg is not None:
-            gen_cfg.eos_token_id = saved
+        inner.generation_config = saved
 
 
 class _ResponseStopStrings(StoppingCriteria):
@@ -104,7 +108,7 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            with _eos_override(self.model, eos):
+            with _neutral_generation_config(self.model, eos, pad):
                 out = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,

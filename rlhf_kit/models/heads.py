@@ -63,9 +63,31 @@ def per_token_scores(
     return head(hidden)[..., 0].float().clone()
 
 
+#: Module attributes holding a dropout *probability* (read at forward time by HF attention code).
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "dropout_p", "dropout_prob", "attn_pdrop")
+
+
+def _is_dropout_field(name: str) -> bool:
+    return name.endswith(("dropout", "pdrop", "dropout_prob", "dropout_rate")) and "layer" not in name
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set every dropout probability to 0 (PPO log-prob ratios must not depend on dropout masks)."""
+    """Switch every dropout off, in ``nn.Dropout`` modules and where HF reads it from the config.
+
+    PPO log-prob ratios, values and KL must not depend on dropout masks, and neither may a reward model's
+    scores. Llama, Mistral, Qwen2 and GPT-NeoX attention layers keep ``attention_dropout`` as a float
+    taken from the config (applied in train mode), not as a module, so those floats and every
+    ``*dropout`` / ``*pdrop`` field of the configs are set to 0 too. Returns ``model``.
+    """
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for name, value in config.to_dict().items():
+                if _is_dropout_field(name) and isinstance(value, float) and value:
+                    setattr(config, name, 0.0)
     return model

@@ -3,30 +3,48 @@ last real token, so checkpoints stay standard HF directories."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 from transformers import AutoModelForSequenceClassification
 
-from rlhf_kit.models.heads import position_ids_from_mask
+from rlhf_kit.models.heads import backbone_and_head, last_token_index, position_ids_from_mask, unwrap
 
 REWARD_STATS_FILE = "reward_stats.json"
 
 
 def load_reward_model(path: str, torch_dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
-    """Load an HF sequence-classification model with one label (a local dir or a hub name)."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch_dtype, **kwargs
-    )
-    if model.config.pad_token_id is None:
-        raise ValueError(f"{path}: config has no pad_token_id; set one (distinct from EOS) before RM use")
-    return model
+    """Load an HF sequence-classification model with one label (a local dir or a hub name).
+
+    ``config.pad_token_id`` may be anything (or unset): :func:`reward_scores` reads the score at the last
+    position of the attention mask, never where HF's classifier looks for the pad id.
+    """
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype, **kwargs)
+
+
+@contextlib.contextmanager
+def _head_output(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Capture the score head's per-token output ``(b, t, labels)`` during a forward of ``model``."""
+    _, head = backbone_and_head(model)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    config = unwrap(model).config
+    saved = config.pad_token_id
+    if saved is None:  # HF refuses batches > 1 without a pad id; its own pooling is not used here
+        config.pad_token_id = 0
+    try:
+        yield seen
+    finally:
+        handle.remove()
+        config.pad_token_id = saved
 
 
 def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Score each sequence at its last real token.
+    """Score each sequence at its last real token: the last position where ``attention_mask`` is 1.
 
     Args:
         input_ids, attention_mask: ``(b, t)``, left or right padded (position ids are derived from the
@@ -34,18 +52,23 @@ def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
     Returns:
         ``(b,)`` float32 rewards. The call goes through the model's own ``forward`` (so FSDP2 / DDP
-        hooks run); HF pools at the last token that is not ``config.pad_token_id``, which is the last
-        real token because rlhf_kit requires a pad token distinct from every content token and EOS.
+        hooks run) and takes the score head's per-token output from a forward hook. HF's classifier
+        pools at the last token that differs from ``config.pad_token_id``; that is wrong whenever the
+        config's pad id is not the tokenizer's, or pad == EOS (SmolLM2, Llama 3: the real last token is
+        then taken for padding), so its pooled ``logits`` are not used.
     """
-    if getattr(model.config, "pad_token_id", None) is None:
-        raise ValueError("reward model config has no pad_token_id; set one distinct from EOS")
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    return out.logits[:, 0].float()
+    with _head_output(model) as seen:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+    per_token = seen[-1]  # (b, t, 1)
+    if per_token.shape[-1] != 1:
+        raise ValueError(f"expected a reward model with num_labels=1, got {per_token.shape[-1]} labels")
+    rows = torch.arange(per_token.shape[0], device=per_token.device)
+    return per_token[rows, last_token_index(attention_mask).to(per_token.device), 0].float()
 
 
 def save_reward_stats(path: str, mean: float, std: float, **extra) -> None:

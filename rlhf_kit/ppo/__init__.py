@@ -16,8 +16,8 @@ protocols of ``remote.py``.
 One file per step: ``generate.py`` (prompts -> backend -> generations, dynamic dispatch),
 ``experience.py`` (generations -> four-model scores -> ``Rollout``), ``advantages.py`` (shaped
 rewards, GAE), ``update.py`` (``ppo_update``), with ``scorers.py`` (reward model or function),
-``prompts.py`` (``PromptStream``), ``models.py`` (loading the four models), ``setup.py`` (tokenizer,
-scorer, KL controller, placement, backend) and ``run.py`` (resume, checkpoints, metrics, final save).
+``prompts.py`` (``PromptStream``), ``models.py`` (loading the four models), ``setup.py`` (scorer,
+KL controller, placement, backend) and ``run.py`` (resume, checkpoints, metrics, final save).
 Every public name is importable from ``rlhf_kit.ppo``.
 
 Alignment: response position ``i`` holds the log-prob of response token ``i`` and the critic's value of
@@ -57,7 +57,6 @@ from rlhf_kit.ppo.scorers import (
 )
 from rlhf_kit.ppo.setup import (
     load_reward_fn,
-    load_tokenizer,
     make_backend,
     make_kl_controller,
     make_scorer,
@@ -83,7 +82,6 @@ __all__ = [
     "load_critic_and_reward_model",
     "load_ppo_models",
     "load_reward_fn",
-    "load_tokenizer",
     "make_backend",
     "make_experience",
     "make_kl_controller",

@@ -1,6 +1,6 @@
 """Setting up a PPO run: the pieces a PPO loop (``recipes/ppo.py``) calls before and around its steps.
 
-Tokenizer check, scorer and its score statistics, KL controller, placing the four models (compile,
+The scorer and its score statistics, KL controller, placing the four models (compile,
 FSDP2 or accelerate; optimizers and schedules) and the generation backend with its weight sync. Each
 is a plain function of explicit arguments, so a loop of one's own can take the same pieces; what a
 loop calls during the run (resume, checkpoints, metrics) is in ``rlhf_kit.ppo.run``.
@@ -16,17 +16,6 @@ import torch
 
 from rlhf_kit.ppo.models import PPOModels
 from rlhf_kit.ppo.scorers import FunctionScorer, RewardModelScorer
-
-
-def load_tokenizer(path: str):
-    """The actor's tokenizer; ``ValueError`` unless it has a pad token distinct from EOS (PPO pads
-    prompts on the left and responses on the right, and must tell padding from a finished response)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"{path}: the tokenizer needs a pad token distinct from EOS")
-    return tokenizer
 
 
 def load_reward_fn(spec: str) -> Callable:

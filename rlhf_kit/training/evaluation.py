@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf_kit.models.reward import reward_scores
 from rlhf_kit.training import dist as D
 
 IGNORE_INDEX = -100
@@ -22,10 +23,11 @@ IGNORE_INDEX = -100
 def pair_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Reward-model scores of a pair batch (chosen rows ``[0, b)``, rejected ``[b, 2b)``).
 
-    ``batch``: ``input_ids``, ``attention_mask`` ``(2b, t)``, right padded. The HF sequence classifier
-    reads the score at the last non-pad token. Returns ``(chosen (b,), rejected (b,))`` in float32.
+    ``batch``: ``input_ids``, ``attention_mask`` ``(2b, t)``, right padded. Each row is scored at the last
+    position of its attention mask (:func:`rlhf_kit.models.reward.reward_scores`), whatever the
+    config's pad id. Returns ``(chosen (b,), rejected (b,))`` in float32.
     """
-    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
     b = scores.shape[0] // 2
     return scores[:b], scores[b:]
 

@@ -67,17 +67,23 @@ def load_for_training(
     kind: Literal["reward", "causal_lm"],
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = torch.float32,
 ) -> nn.Module:
     """Load a reward model (sequence classification, 1 label) or a causal LM from ``path`` for training.
 
-    A causal-LM checkpoint loads as a reward model with a fresh ``score`` head. Optional gradient
+    Trainable weights are loaded in ``dtype``, float32 by default, whatever the checkpoint stores:
+    transformers 5 keeps a checkpoint's dtype (hub checkpoints are bf16), and AdamW on bf16 weights
+    rounds most small updates away (use ``--master-weights`` for bf16 weights with fp32 masters).
+    ``dtype=None`` keeps the stored dtype. A causal-LM checkpoint loads as a reward model with a fresh
+    ``score`` head. Reward models get dropout switched off (:func:`rlhf_kit.models.disable_dropout`,
+    ``attention_dropout`` included), so pairs are scored deterministically. Optional gradient
     checkpointing (non-reentrant) and LoRA (see :func:`apply_lora`).
     """
     if kind == "reward":
+        from rlhf_kit.models import disable_dropout
         from rlhf_kit.models.reward import load_reward_model
 
-        model = load_reward_model(path, torch_dtype=dtype)
+        model = disable_dropout(load_reward_model(path, torch_dtype=dtype))
     else:
         from transformers import AutoModelForCausalLM
 

@@ -253,3 +253,14 @@ class Averager:
         self.sums.clear()
         self.weights.clear()
         return out
+
+
+def device_memory_stats(prefix: str = "memory/") -> dict[str, float]:
+    """Peak GPU memory of this process so far (GiB): allocated by tensors and reserved by the caching
+    allocator. Empty on CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        f"{prefix}peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        f"{prefix}peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+    }

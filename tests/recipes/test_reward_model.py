@@ -292,3 +292,37 @@ def test_master_weights_resume_exactly_and_save_bf16(setup):
     a, b = final_weights(full), final_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert {v.dtype for v in a.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("pad", ["eos", "none"])
+def test_learns_on_a_checkpoint_set_up_like_a_real_one(tmp_path, pad):
+    """SmolLM2-like: bf16 on disk, config pad id 0 != the tokenizer's, pad == EOS or no pad token at all,
+    attention dropout 0.3, a ChatML template; chat-message data. The recipe pads safely, trains in fp32
+    and learns the rule."""
+    from rlhf_kit.data.formats import write_jsonl
+    from rlhf_kit.tiny import save_real_like_checkpoint
+
+    model_dir = save_real_like_checkpoint(str(tmp_path / "m"), pad=pad, hidden_size=32, intermediate_size=64)
+
+    def chat(n, seed):
+        return [
+            {"prompt": [{"role": "user", "content": c.split("\n\nAssistant:")[0][6:]}],
+             "chosen": c.split("Assistant: ")[1], "rejected": r.split("Assistant: ")[1]}
+            for c, r in marker_pairs(n, seed, "banana")
+        ]  # fmt: skip
+
+    write_jsonl(tmp_path / "train.jsonl", chat(256, 1))
+    write_jsonl(tmp_path / "val.jsonl", chat(64, 2))
+    out = tmp_path / "out"
+    proc = run(
+        "--model", model_dir, "--train-data", str(tmp_path / "train.jsonl"), "--val-data",
+        str(tmp_path / "val.jsonl"), "--max-length", "96", "--lr", "3e-3", "--warmup-steps", "2",
+        "--output-dir", str(out), "--max-steps", "40", "--micro-batch-size", "8", "--global-batch-size", "16",
+        "--val-check-interval", "100",
+    )  # fmt: skip
+    if pad == "none":
+        assert "no pad token; padding with its EOS" in proc.stdout
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["val"]["accuracy"] > 0.9, results
+    saved = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert saved.dtype == torch.float32  # trained (and saved) in fp32, not the checkpoint's bf16

@@ -10,7 +10,6 @@ from rlhf_kit.ppo import (
     CriticTrainer,
     FunctionScorer,
     RewardModelScorer,
-    load_tokenizer,
     make_backend,
     make_kl_controller,
     make_scorer,
@@ -30,16 +29,6 @@ def test_serving_classes_satisfy_the_protocols_ppo_defines():
             return torch.zeros(1, 1), None
 
     assert isinstance(OnlyInfer(), CriticInference) and not isinstance(OnlyInfer(), CriticTrainer)
-
-
-def test_load_tokenizer_needs_pad_distinct_from_eos(tokenizer, tmp_path):
-    tokenizer.save_pretrained(tmp_path / "ok")
-    assert load_tokenizer(str(tmp_path / "ok")).pad_token_id == tokenizer.pad_token_id
-    bad = tokenizer.__class__.from_pretrained(tmp_path / "ok")
-    bad.pad_token = bad.eos_token
-    bad.save_pretrained(tmp_path / "bad")
-    with pytest.raises(ValueError, match="pad token distinct from EOS"):
-        load_tokenizer(str(tmp_path / "bad"))
 
 
 def test_make_scorer_picks_scorer_and_statistics(tokenizer, tmp_path):

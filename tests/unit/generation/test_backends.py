@@ -208,3 +208,29 @@ def test_input_validation(left_tokenizer, batch):
         SamplingParams(max_new_tokens=4, min_new_tokens=5)
     with pytest.raises(ValueError, match="cuda_graphs"):
         CompiledBackend(make_causal_lm(left_tokenizer, "llama"), cuda_graphs=True)
+
+
+def test_hf_backend_ignores_the_checkpoints_generation_config(left_tokenizer, batch):
+    """A checkpoint's generation_config (repetition penalty, no-repeat n-grams, top-k, temperature) must
+    not reshape what HFBackend samples from: greedy output equals the compiled backend's, and sampled
+    log-probs equal the policy's recomputed ones."""
+    from transformers import GenerationConfig
+
+    ids, mask = batch
+    model, hf, compiled = _backends(left_tokenizer, "llama", seed=2)
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.05, top_k=3, repetition_penalty=3.0, no_repeat_ngram_size=1,
+        eos_token_id=left_tokenizer.pad_token_id,
+    )  # fmt: skip
+    saved = model.generation_config.to_dict()
+    params = SamplingParams(max_new_tokens=24, greedy=True, ignore_eos=True)
+    a, b = hf.generate(ids, mask, params), compiled.generate(ids, mask, params)
+    _assert_same(a, b)
+    assert model.generation_config.to_dict() == saved  # restored after the call
+    out = hf.generate(ids, mask, SamplingParams(max_new_tokens=16, temperature=1.0, seed=3, ignore_eos=True))
+    re = sequence_logprobs(model, out.sequences, out.attention_mask, out.prompt_length)
+    assert ((re - out.logprobs) * out.response_mask).abs().max() < 1e-4
+    # with no filter the sampled tokens cover more than the checkpoint's top-3 would allow ...
+    logits = model(out.sequences, attention_mask=out.attention_mask).logits[:, out.prompt_length - 1 : -1]
+    rank = (logits > logits.gather(-1, out.responses[..., None])).sum(-1)
+    assert int(rank.max()) >= 3
