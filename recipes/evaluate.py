@@ -93,14 +93,13 @@ def validate(cfg: EvalConfig) -> None:
 def main(cfg: EvalConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from recipes.ppo import load_reward_fn
     from rlhf_kit.data import load_prompts, tokenize_prompts
     from rlhf_kit.data.tokenizer import load_tokenizer, stop_token_ids
     from rlhf_kit.generation.base import SamplingParams
     from rlhf_kit.generation.hf import HFBackend
     from rlhf_kit.models import load_reward_model
     from rlhf_kit.policy_eval import format_table, sample_policy, summarize
-    from rlhf_kit.ppo import FunctionScorer, RewardModelScorer
+    from rlhf_kit.ppo import FunctionScorer, RewardModelScorer, load_reward_fn
 
     # 1. Resolve the default run and check every path before loading.
     cfg = fill_defaults(cfg)

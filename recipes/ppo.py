@@ -12,21 +12,55 @@ NeMo-Aligner where they fit a CPU demo; see docs/ppo.md for the full-scale value
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
 import tyro
+
+from recipes._ppo_defaults import fill_defaults
+from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
+from rlhf_kit.data.tokenizer import load_tokenizer, stop_token_ids
+from rlhf_kit.generation.base import SamplingParams
+from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
+from rlhf_kit.ppo import (
+    ExperienceConfig,
+    PromptStream,
+    UpdateConfig,
+    collect_experience,
+    compute_advantages,
+    load_ppo_models,
+    make_backend,
+    make_kl_controller,
+    make_scorer,
+    optimizer_state_offloaded,
+    place_ppo_models,
+    ppo_update,
+    resume_ppo,
+    save_final_models,
+    save_ppo_checkpoint,
+    step_metrics,
+    step_schedules,
+    validation_metrics,
+)
+from rlhf_kit.rollout import RolloutBuffer
+from rlhf_kit.serving import connect_critic_server
+from rlhf_kit.training.checkpoint import latest_checkpoint
+from rlhf_kit.training.dist import env_world_size, seed_everything
+from rlhf_kit.training.hf import LoraSettings, make_accelerator
+from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
+from rlhf_kit.training.options import TrainingOptions
+from rlhf_kit.training.placement import OptimSettings
 
 
 @dataclass
-class PPOConfig:
-    """PPO training. Every field is a command-line flag (``--field-name``)."""
+class PPOConfig(TrainingOptions):
+    """PPO training. Every field is a command-line flag (``--field-name``); the shared optimisation and
+    bookkeeping fields come first (rlhf_kit.training.options.TrainingOptions)."""
 
     # --- models and data ----------------------------------------------------------------------
     actor: str | None = None
@@ -61,11 +95,15 @@ class PPOConfig:
     max_prompt_length: int = 128
     """Prompts are left-truncated to this many tokens (the end of the dialogue is kept)."""
     max_new_tokens: int = 24
+    """Longest response in tokens (EOS included)."""
     min_new_tokens: int = 1
+    """EOS is masked out until a response has this many tokens."""
     temperature: float = 1.0
+    """Sampling temperature (log-probs of actor and reference are recomputed with it)."""
     top_k: int = 0
     """0 disables top-k."""
     top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 disables it."""
     stop_strings: tuple[str, ...] = ()
     """Generation also ends at any of these strings (besides EOS)."""
     backend: Literal["hf", "compiled"] = "hf"
@@ -78,41 +116,51 @@ class PPOConfig:
     kl_coef: float = 0.02
     """Initial KL coefficient (NeMo-Aligner 0.01-0.02, TRL 0.05)."""
     kl_estimator: Literal["k1", "abs", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward (see rlhf_kit.kl.kl_penalty)."""
     adaptive_kl: bool = False
     """Ziegler et al. adaptive controller instead of a fixed coefficient."""
     kl_target: float = 6.0
+    """Target KL per sequence of the adaptive controller."""
     kl_horizon: int = 10000
+    """Horizon (in samples) of the adaptive controller."""
     standardize_scores: bool = True
     """Use the RM's saved reward_stats.json (mean, std) to standardise scores."""
     missing_eos_penalty: float | None = None
     """Subtract this from the score of responses that never emitted EOS."""
     gamma: float = 1.0
+    """GAE discount."""
     lam: float = 0.95
+    """GAE lambda."""
     normalize_advantages: bool = True
+    """Whiten advantages over all valid tokens (statistics over all ranks)."""
 
-    # --- optimisation --------------------------------------------------------------------------
+    # --- optimisation (batch sizes, AdamW, LoRA, bookkeeping: rlhf_kit.training.options) -------
     global_batch_size: int = 8
     """Samples per optimizer step across all ranks (NeMo-Aligner: 64)."""
     micro_batch_size: int = 4
     """Samples per forward/backward on one rank."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps of actor and critic."""
+    weight_decay: float = 0.1
+    """AdamW weight decay of actor and critic (never applied to biases and norms)."""
     ppo_epochs: int = 1
+    """Passes over each rollout."""
     ratio_eps: float = 0.2
+    """Clip range of the policy ratio."""
     value_clip: float = 0.2
     """Critic loss clip (0: plain squared error)."""
     entropy_coef: float = 0.0
+    """Weight of the entropy bonus in the policy loss."""
     critic_warmup_steps: int = 0
     """Steps that train only the critic."""
     actor_lr: float = 1e-5
+    """Peak learning rate of the actor."""
     actor_min_lr: float = 1e-6
+    """The actor's cosine schedule ends here."""
     critic_lr: float = 1e-5
+    """Peak learning rate of the critic."""
     critic_min_lr: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    max_grad_norm: float = 1.0
-    lora_r: int = 0
-    """>0 trains LoRA adapters on the actor; the reference is then the actor with adapters disabled."""
-    lora_alpha: int = 16
-    gradient_checkpointing: bool = False
+    """The critic's cosine schedule ends here."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """auto: bf16 when the accelerator supports it."""
     fsdp: bool = False
@@ -123,19 +171,14 @@ class PPOConfig:
     """Move optimizer state to CPU during generation and scoring."""
     compile_blocks: bool = False
     """torch.compile each transformer block of the four models (GPU: fewer, fused kernels per layer)."""
-    master_weights: bool = False
-    """bf16 actor/critic weights with fp32 master weights in AdamW (one process; faster than autocast)."""
 
     # --- bookkeeping ---------------------------------------------------------------------------
     val_check_interval: int = 2
+    """Validate on held-out prompts every this many steps (and after the last one)."""
     num_val_samples: int = 8
+    """Held-out prompts per validation."""
     save_interval: int = 2
-    resume: bool = False
-    """Continue from the latest checkpoint in output_dir."""
-    keep_last: int = 2
-    report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
-    run_name: str | None = None
-    seed: int = 0
+    """Save a resumable checkpoint every this many steps (and after the last one)."""
 
 
 def validate(cfg: PPOConfig, world_size: int) -> int:
@@ -178,64 +221,45 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
     return accum
 
 
-def load_reward_fn(spec: str):
-    module, _, fn = spec.partition(":")
-    return getattr(importlib.import_module(module), fn)
+def experience_config(cfg: PPOConfig, stats: dict | None) -> ExperienceConfig:
+    """Scoring and advantage settings; ``stats`` (``{"mean", "std"}``) standardise the scores."""
+    return ExperienceConfig(
+        temperature=cfg.temperature, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
+        normalize_advantages=cfg.normalize_advantages, missing_eos_penalty=cfg.missing_eos_penalty,
+        score_mean=stats["mean"] if stats else 0.0, score_std=stats["std"] if stats else 1.0,
+        micro_batch_size=cfg.rollout_micro_batch_size,
+    )  # fmt: skip
+
+
+def sampling_params(cfg: PPOConfig, tokenizer) -> SamplingParams:
+    """Generation settings of the rollouts (and of validation)."""
+    return SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature,
+        top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=cfg.stop_strings, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_token_ids(tokenizer),  # the chat template's end of turn, and EOS
+    )  # fmt: skip
+
+
+def update_config(cfg: PPOConfig, world_size: int, train_critic: bool) -> UpdateConfig:
+    """Update settings; the critic trains here unless a critic server holds it."""
+    return UpdateConfig(
+        mini_batch_size=cfg.global_batch_size // world_size, micro_batch_size=cfg.micro_batch_size,
+        ppo_epochs=cfg.ppo_epochs, max_grad_norm=cfg.max_grad_norm, train_critic=train_critic,
+    )  # fmt: skip
 
 
 def main(cfg: PPOConfig) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
-    from rlhf_kit.data.tokenizer import load_tokenizer, stop_token_ids
-    from rlhf_kit.generation.base import SamplingParams
-    from rlhf_kit.generation.hf import HFBackend
-    from rlhf_kit.generation.resharding import iter_full_params
-    from rlhf_kit.kl import AdaptiveKLController, FixedKLController
-    from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
-    from rlhf_kit.models import load_reward_stats
-    from rlhf_kit.ppo import (
-        ExperienceConfig,
-        FunctionScorer,
-        PPOModels,
-        PromptStream,
-        RewardModelScorer,
-        UpdateConfig,
-        collect_experience,
-        compute_advantages,
-        decode_samples,
-        load_ppo_models,
-        mean_over_ranks,
-        ppo_update,
-    )
-    from rlhf_kit.rollout import RolloutBuffer
-    from rlhf_kit.serving import connect_critic_server
-    from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from rlhf_kit.training.dist import all_reduce_sum, seed_everything
-    from rlhf_kit.training.hf import LoraSettings, make_accelerator, save_hf_model
-    from rlhf_kit.training.metrics import MetricsLogger, StepTimer, device_memory_stats, progress
-    from rlhf_kit.training.offload import (
-        offload_optimizer_state,
-        onload_optimizer_state,
-    )
-    from rlhf_kit.training.placement import OptimSettings, place_models
-    from rlhf_kit.training.run import prepare_metrics_for_resume, write_json
-
-    # 1. Check the configuration before touching any model.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world)
+    # 1. Check the configuration before touching any model; accelerator and seeds.
+    validate(cfg, env_world_size())
     acc = make_accelerator(cfg.mixed_precision)
     device = acc.device
     seed_everything(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
 
     # 2. Models and data; the embedded default makes tiny models and uses the shipped HH sample.
-    from recipes._ppo_defaults import fill_defaults
-
     cfg = fill_defaults(cfg, acc.is_main_process)
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.actor, padding_side="left")  # pads with EOS if it has no pad token
-    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
     updates_per_step = cfg.ppo_epochs * cfg.num_rollout_samples // cfg.global_batch_size
     total = cfg.max_steps * updates_per_step
     remote, server = (None, {})  # with --critic-server, critic and RM live in that job
@@ -247,137 +271,65 @@ def main(cfg: PPOConfig) -> dict:
     models = load_ppo_models(
         cfg.actor, None if remote else cfg.critic or cfg.reward_model,
         None if cfg.reward_fn or remote else cfg.reward_model, tokenizer,
-        lora=lora, gradient_checkpointing=cfg.gradient_checkpointing, device=device,
+        lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha), gradient_checkpointing=cfg.gradient_checkpointing,
+        device=device,
     )  # fmt: skip
-    actor, critic, reference, reward_model = (
-        models.actor,
-        models.critic,
-        models.reference,
-        models.reward_model,
-    )
-    if cfg.reward_fn is not None:
-        scorer, stats = FunctionScorer(load_reward_fn(cfg.reward_fn), tokenizer), None
-    else:  # the server scores with its reward model and knows its statistics
-        scorer = None if remote else RewardModelScorer(reward_model)
-        stats = server.get("reward_stats") if remote else load_reward_stats(cfg.reward_model)
-        stats = stats if cfg.standardize_scores else None
+    scorer, stats = make_scorer(
+        tokenizer, reward_fn=cfg.reward_fn, reward_model=models.reward_model, reward_model_path=cfg.reward_model,
+        remote=remote is not None, server_stats=server.get("reward_stats"), standardize=cfg.standardize_scores,
+    )  # fmt: skip
     train_ids, _ = tokenize_prompts(load_prompts(cfg.train_prompts), tokenizer, cfg.max_prompt_length)
-    val_ids, _ = tokenize_prompts(
-        load_prompts(cfg.val_prompts)[: cfg.num_val_samples], tokenizer, cfg.max_prompt_length
-    )
+    val_prompts = load_prompts(cfg.val_prompts)[: cfg.num_val_samples]
+    val_ids, _ = tokenize_prompts(val_prompts, tokenizer, cfg.max_prompt_length)
     stream = PromptStream(train_ids, seed=cfg.seed)
-    collate = PromptCollator(tokenizer.pad_token_id)
 
     # 3. Compile, shard (FSDP2 with --fsdp or accelerate/fsdp.yaml) or prepare; optimizers and schedules.
-    trainable = {"actor": (actor, OptimSettings(cfg.actor_lr, cfg.actor_min_lr, cfg.weight_decay))}
-    if critic is not None:  # else it trains in the --critic-server job
-        trainable["critic"] = (critic, OptimSettings(cfg.critic_lr, cfg.critic_min_lr, cfg.weight_decay))
-    placed = place_models(
-        acc, trainable, [reference, reward_model], warmup_steps=cfg.warmup_steps, total_steps=total,
-        fsdp=cfg.fsdp, master_weights=cfg.master_weights, compile_blocks=cfg.compile_blocks,
+    models, placed = place_ppo_models(
+        acc, models, OptimSettings(cfg.actor_lr, cfg.actor_min_lr, cfg.weight_decay),
+        OptimSettings(cfg.critic_lr, cfg.critic_min_lr, cfg.weight_decay), warmup_steps=cfg.warmup_steps,
+        total_steps=total, fsdp=cfg.fsdp, master_weights=cfg.master_weights, compile_blocks=cfg.compile_blocks,
     )  # fmt: skip
-    actor, critic = placed.models["actor"], placed.models.get("critic")
-    actor_opt, critic_opt = placed.optimizers["actor"], placed.optimizers.get("critic")
-    actor_sched, critic_sched = placed.schedulers["actor"], placed.schedulers.get("critic")
-    kl_ctl = (
-        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        if cfg.adaptive_kl
-        else FixedKLController(cfg.kl_coef)
-    )
-    exp_cfg = ExperienceConfig(
-        temperature=cfg.temperature,
-        kl_estimator=cfg.kl_estimator,
-        gamma=cfg.gamma,
-        lam=cfg.lam,
-        normalize_advantages=cfg.normalize_advantages,
-        missing_eos_penalty=cfg.missing_eos_penalty,
-        score_mean=stats["mean"] if stats else 0.0,
-        score_std=stats["std"] if stats else 1.0,
-        micro_batch_size=cfg.rollout_micro_batch_size,
-    )
+    actor, critic, opts, scheds = models.actor, models.critic, placed.optimizers, placed.schedulers
+
+    # 4. The step's pieces: KL controller, scoring, losses, generation backend (and its weight sync).
+    kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+    exp_cfg = experience_config(cfg, stats)
     policy_loss, value_loss = PPOPolicyLoss(cfg.ratio_eps, cfg.entropy_coef), ValueLoss(cfg.value_clip)
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens,
-        min_new_tokens=cfg.min_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        stop_strings=cfg.stop_strings,
-        eos_token_id=stop_token_ids(tokenizer),  # the chat template's end of turn, and EOS
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if cfg.backend == "compiled":
-        from rlhf_kit.generation.compiled import CompiledBackend
-
-        # A dedicated inference copy (bf16 on GPU); weights stream in from the trainer after each step.
-        dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
-        infer = AutoModelForCausalLM.from_pretrained(cfg.actor, dtype=dtype).to(device)
-        backend = CompiledBackend(
-            infer, max_batch_size=cfg.rollout_micro_batch_size,
-            max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens, tokenizer=tokenizer,
-        )  # fmt: skip
-    else:
-        backend = HFBackend(acc.unwrap_model(actor), tokenizer)
     dynamic = cfg.dynamic_dispatch and acc.num_processes > 1
-    if dynamic and cfg.backend == "hf" and placed.sharded:
-        raise ValueError(
-            "--dynamic-dispatch with FSDP needs --backend compiled (sharded generate is collective)"
-        )
+    backend, sync_weights = make_backend(
+        cfg.backend, actor, tokenizer, actor_path=cfg.actor, accelerator=acc, dynamic=dynamic,
+        max_batch_size=cfg.rollout_micro_batch_size, max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens,
+        sharded=placed.sharded,
+    )  # fmt: skip
+    timer = StepTimer()
+    rollout = partial(
+        collect_experience, backend, collate=PromptCollator(tokenizer.pad_token_id),
+        params=sampling_params(cfg, tokenizer), models=models, scorer=scorer, cfg=exp_cfg,
+        generation_batch_size=cfg.rollout_micro_batch_size, device=device, pad_token_id=tokenizer.pad_token_id,
+        dynamic=dynamic, offload_frozen=cfg.offload_idle_models, phase=timer, autocast=acc.autocast, remote=remote,
+    )  # fmt: skip
 
-    def sync_weights() -> None:
-        """Stream the trainer's weights (FSDP2 shards gathered, LoRA merged) into the inference copy."""
-        if cfg.backend == "compiled":
-            backend.update_weights(iter_full_params(actor))
-
-    # 4. Resume.
-    step = 0
-    ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
-    ckpt = {"models": placed.models, "optimizers": placed.optimizers, "schedulers": placed.schedulers}
+    # 5. Resume: weights, optimizers, schedules, KL controller, data position (and the server's state).
+    step, ckpt_dir = 0, os.path.join(cfg.output_dir, "checkpoints")
+    ckpt = {"models": placed.models, "optimizers": opts, "schedulers": scheds}
+    state = {"kl_controller": kl_ctl, "prompt_stream": stream, "remote": remote}
     if cfg.resume and latest_checkpoint(ckpt_dir) is not None:
-        step, extra = load_checkpoint(ckpt_dir, **ckpt)
-        if remote and acc.is_main_process:  # the server's state saved with this step (under its --output-dir)
-            remote.load(f"checkpoints/step_{step}")
-        acc.wait_for_everyone()  # no rank asks for values before the server has reloaded
-        kl_ctl.load_state_dict(extra["kl_controller"])
-        stream.load_state_dict(extra["prompt_stream"])
-        prepare_metrics_for_resume(cfg.output_dir, step)  # rows past the checkpoint are logged again
+        step = resume_ppo(ckpt_dir, ckpt, output_dir=cfg.output_dir, **state)
         sync_weights()
         acc.print(f"resumed from step {step}")
     logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=asdict(cfg))
-    timer = StepTimer()
-    update_cfg = UpdateConfig(
-        mini_batch_size=cfg.global_batch_size // acc.num_processes,
-        micro_batch_size=cfg.micro_batch_size,
-        ppo_epochs=cfg.ppo_epochs,
-        max_grad_norm=cfg.max_grad_norm,
-        train_critic=remote is None,
-    )
+    update_cfg = update_config(cfg, acc.num_processes, train_critic=remote is None)
 
-    models = PPOModels(actor, critic, reference, reward_model, models.reference_fn)  # prepared ones
-
-    def rollout(prompts: list[list[int]]):
-        return collect_experience(
-            backend, prompts, collate, params, models, scorer, exp_cfg,
-            generation_batch_size=cfg.rollout_micro_batch_size, device=device,
-            pad_token_id=tokenizer.pad_token_id, dynamic=dynamic, offload_frozen=cfg.offload_idle_models,
-            phase=timer, autocast=acc.autocast, remote=remote,
-        )  # fmt: skip
-
-    # 5. The PPO loop.
+    # 6. The PPO loop: rollout, advantages, update (the critic half on the server with --critic-server).
     for m in placed.models.values():
         m.train()
     result: dict = {}
     bar = progress(total=cfg.max_steps, initial=step, desc="ppo")
     while step < cfg.max_steps:
         timer.reset()
-        if cfg.offload_optimizer:
-            for opt in ckpt["optimizers"].values():
-                offload_optimizer_state(opt)
         rank, world = (0, 1) if dynamic else (acc.process_index, acc.num_processes)
-        data, rollout_stats = rollout(stream.next_batch(cfg.num_rollout_samples, rank, world))
-        if cfg.offload_optimizer:
-            for opt in ckpt["optimizers"].values():
-                onload_optimizer_state(opt, device)
+        with optimizer_state_offloaded(opts.values(), device, enabled=cfg.offload_optimizer):
+            data, rollout_stats = rollout(stream.next_batch(cfg.num_rollout_samples, rank, world))
         data, exp_stats = compute_advantages(data, kl_ctl.value, exp_cfg)
         buffer = RolloutBuffer(pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + step)
         buffer.set_data(data)
@@ -388,64 +340,36 @@ def main(cfg: PPOConfig) -> dict:
                 data, update_cfg, seed=cfg.seed + step, rank=acc.process_index, world_size=acc.num_processes
             ) if remote else None  # fmt: skip
             train_stats = ppo_update(
-                actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, update_cfg, exp_cfg,
-                backward=placed.backward, clip_grad=placed.clip_grad,
+                actor, critic, opts["actor"], opts.get("critic"), buffer, policy_loss, value_loss, update_cfg,
+                exp_cfg, backward=placed.backward, clip_grad=placed.clip_grad,
             )  # fmt: skip
             if critic_update is not None:
                 train_stats |= critic_update.result()
-        for _ in range(updates_per_step):
-            if update_cfg.train_actor:
-                actor_sched.step()
-            if critic_sched:
-                critic_sched.step()
+        step_schedules(scheds, updates_per_step, train_actor=update_cfg.train_actor)
         kl_ctl.update(exp_stats["kl/seq_mean"], cfg.num_rollout_samples)
         step += 1
         sync_weights()
-        times = timer.summary()
-        n_tokens = all_reduce_sum([rollout_stats.pop("rollout/generated_tokens")], device)[0]
-        result = {
-            **mean_over_ranks({**exp_stats, **train_stats}, device),
-            **times,
-            **rollout_stats,
-            "throughput/generated_tokens_per_s": n_tokens / max(times.get("time/generate", 0.0), 1e-9),
-            "lr/actor": actor_sched.get_last_lr()[0],
-            **({"lr/critic": critic_sched.get_last_lr()[0]} if critic_sched else {}),  # else from the server
-            **device_memory_stats(),
-        }
+        result = step_metrics(exp_stats, train_stats, rollout_stats, timer.summary(), scheds, device)
         logger.log(result, step)
         bar.update(1)
         bar.set_postfix(score=f"{exp_stats['reward/score_mean']:.3f}", kl=f"{exp_stats['kl/seq_mean']:.3f}")
 
-        # 6. Validation on held-out prompts, with a table of samples.
+        # 7. Validation on held-out prompts, with a table of samples.
         if step % cfg.val_check_interval == 0 or step == cfg.max_steps:
             actor.eval()
-            vdata, _ = rollout(val_ids if dynamic else val_ids[acc.process_index :: acc.num_processes])
-            vdata, vstats = compute_advantages(vdata, kl_ctl.value, exp_cfg)
-            keep = ("reward/score_mean", "reward/raw_score_mean", "kl/seq_mean", "response/length_mean")
-            logger.log(mean_over_ranks({"val/" + k: vstats[k] for k in keep}, device), step)
-            rows = [[step, *row] for row in decode_samples(tokenizer, vdata)]
+            val = val_ids if dynamic else val_ids[acc.process_index :: acc.num_processes]
+            vstats, rows = validation_metrics(rollout, val, kl_ctl.value, exp_cfg, tokenizer, step, device)
+            logger.log(vstats, step)
             logger.log_table("val/samples", rows, ["step", "prompt", "response", "score"], step)
             actor.train()
 
-        # 7. Checkpoint everything an exact resume needs.
+        # 8. Checkpoint everything an exact resume needs (the server's state first).
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            if remote and acc.is_main_process:  # first, so `latest` never points at a step the server lacks
-                remote.save(f"checkpoints/step_{step}", keep_last=cfg.keep_last)
-            save_checkpoint(
-                ckpt_dir, step, **ckpt, keep_last=cfg.keep_last,
-                extra={"kl_controller": kl_ctl.state_dict(), "prompt_stream": stream.state_dict()},
-            )  # fmt: skip
+            save_ppo_checkpoint(ckpt_dir, step, ckpt, keep_last=cfg.keep_last, **state)
     bar.close()
 
-    # 8. Final models as standard HF directories (FSDP2 shards gathered, LoRA merged).
-    save_hf_model(actor, os.path.join(cfg.output_dir, "final"), tokenizer)
-    if remote:
-        if acc.is_main_process:
-            remote.save("final")  # <server --output-dir>/final/critic
-    else:
-        save_hf_model(acc.unwrap_model(critic).model, os.path.join(cfg.output_dir, "critic"), tokenizer)
-    if acc.is_main_process:
-        write_json(os.path.join(cfg.output_dir, "final", "ppo_config.json"), asdict(cfg))
+    # 9. Final models as standard HF directories (FSDP2 shards gathered, LoRA merged).
+    save_final_models(cfg.output_dir, actor, critic, tokenizer, acc, asdict(cfg), remote)
     logger.close()
     return result
 

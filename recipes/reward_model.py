@@ -50,12 +50,12 @@ from rlhf_kit.training.dist import env_world_size
 from rlhf_kit.training.evaluation import evaluate_pairs, pair_scores
 from rlhf_kit.training.hf import (
     LoraSettings,
-    MixedPrecision,
     load_for_training,
     make_accelerator,
     save_hf_model,
 )
 from rlhf_kit.training.metrics import Averager, device_memory_stats
+from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
 from rlhf_kit.training.run import (
     CHECKPOINTS,
@@ -69,7 +69,7 @@ from rlhf_kit.training.step import accumulate, optimizer_step
 
 
 @dataclass
-class Config:
+class Config(SupervisedOptions):
     """Train a reward model (AutoModelForSequenceClassification, one label) on chosen/rejected pairs."""
 
     model: str | None = None
@@ -90,67 +90,10 @@ class Config:
     (keeps the CPU run to minutes), else 1024."""
     too_long: Literal["drop", "truncate"] = "drop"
     """Pairs with a side over --max-length are dropped or truncated (counted and reported either way)."""
-    micro_batch_size: int = 8
-    """Pairs per forward/backward pass on each process."""
-    global_batch_size: int = 32
-    """Pairs per optimizer step over all processes (= micro batch x accumulation steps x world size)."""
-    eval_batch_size: int = 16
-    """Pairs per forward pass during validation and test."""
-    max_steps: int | None = None
-    """Optimizer steps to train. Unset: --epochs passes over the training data."""
-    epochs: float = 1.0
-    """Passes over the training data when --max-steps is not given."""
-    lr: float | None = None
-    """Peak learning rate. Unset: 1e-3 for the embedded tiny model, 1e-5 for a given --model."""
-    min_lr_ratio: float = 0.1
-    """The cosine schedule ends at lr x min-lr-ratio."""
-    warmup_steps: int = 10
-    """Linear warm-up steps (capped at the total)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (never applied to biases and norms)."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient norm to this (0 disables clipping; the norm is still logged)."""
     margin: float = 0.0
     """Margin in the pairwise loss -logsigmoid(r_chosen - r_rejected - margin)."""
     center_coef: float = 0.0
     """Weight of the reward-centring term mean((r_chosen + r_rejected)^2)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, more compute)."""
-    master_weights: bool = False
-    """bf16 model weights with fp32 master weights in AdamW (one process; faster, less memory than
-    fp32 weights under autocast)."""
-    lora_r: int = 0
-    """LoRA rank; 0 trains all weights. With LoRA the score head is still trained in full."""
-    lora_alpha: float = 16.0
-    """LoRA alpha (scale = alpha / r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
-    lora_target_modules: str = "all-linear"
-    """Comma-separated module names to adapt, or "all-linear"."""
-    mixed_precision: MixedPrecision = "auto"
-    """auto: the accelerate config's setting, else bf16 where the GPU supports it, else fp32."""
-    val_check_interval: int = 50
-    """Validate every this many optimizer steps (and after the last one)."""
-    save_interval: int = 100
-    """Save a resumable checkpoint every this many optimizer steps."""
-    keep_last: int = 2
-    """Keep only this many newest checkpoints."""
-    resume: bool = False
-    """Continue from the latest checkpoint in <output-dir>/checkpoints."""
-    stop_at_step: int | None = None
-    """Stop after this step with a checkpoint, as if interrupted (time-boxed jobs; resume tests)."""
-    report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
-    """Metric sinks; metrics.jsonl is always written. wandb honours WANDB_MODE=offline."""
-    project: str = "rlhf-kit"
-    """wandb project."""
-    run_name: str | None = None
-    """wandb run name / tensorboard label."""
-    seed: int = 0
-    """Seed for data order, validation split and initialisation."""
     group_by_length: bool = True
     """Group pairs of similar length into the same global batch (less padding)."""
 

@@ -47,12 +47,12 @@ from rlhf_kit.training.dist import all_reduce_sum, env_world_size
 from rlhf_kit.training.evaluation import count_label_tokens, evaluate_lm, lm_loss
 from rlhf_kit.training.hf import (
     LoraSettings,
-    MixedPrecision,
     load_for_training,
     make_accelerator,
     save_hf_model,
 )
 from rlhf_kit.training.metrics import Averager
+from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
 from rlhf_kit.training.run import (
     CHECKPOINTS,
@@ -66,7 +66,7 @@ from rlhf_kit.training.step import accumulate, optimizer_step
 
 
 @dataclass
-class Config:
+class Config(SupervisedOptions):
     """Supervised fine-tuning of a causal LM with the loss on response tokens only."""
 
     model: str | None = None
@@ -94,63 +94,6 @@ class Config:
     """Examples over --max-length are truncated (keeping the start) or dropped; counted and reported."""
     packing: bool = False
     """Concatenate each micro-batch into one padding-free row (position ids restart per example)."""
-    micro_batch_size: int = 8
-    """Examples per forward/backward pass on each process."""
-    global_batch_size: int = 32
-    """Examples per optimizer step over all processes (= micro batch x accumulation steps x world size)."""
-    eval_batch_size: int = 16
-    """Examples per forward pass during validation and test."""
-    max_steps: int | None = None
-    """Optimizer steps to train. Unset: --epochs passes over the training data."""
-    epochs: float = 1.0
-    """Passes over the training data when --max-steps is not given."""
-    lr: float | None = None
-    """Peak learning rate. Unset: 1e-3 for the embedded tiny model, 1e-5 for a given --model."""
-    min_lr_ratio: float = 0.1
-    """The cosine schedule ends at lr x min-lr-ratio."""
-    warmup_steps: int = 10
-    """Linear warm-up steps (capped at the total)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (never applied to biases and norms)."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient norm to this (0 disables clipping; the norm is still logged)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, more compute)."""
-    master_weights: bool = False
-    """bf16 model weights with fp32 master weights in AdamW (one process; faster, less memory than
-    fp32 weights under autocast)."""
-    lora_r: int = 0
-    """LoRA rank; 0 trains all weights. The final model has the adapter merged in."""
-    lora_alpha: float = 16.0
-    """LoRA alpha (scale = alpha / r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
-    lora_target_modules: str = "all-linear"
-    """Comma-separated module names to adapt, or "all-linear"."""
-    mixed_precision: MixedPrecision = "auto"
-    """auto: the accelerate config's setting, else bf16 where the GPU supports it, else fp32."""
-    val_check_interval: int = 50
-    """Validate every this many optimizer steps (and after the last one)."""
-    save_interval: int = 100
-    """Save a resumable checkpoint every this many optimizer steps."""
-    keep_last: int = 2
-    """Keep only this many newest checkpoints."""
-    resume: bool = False
-    """Continue from the latest checkpoint in <output-dir>/checkpoints."""
-    stop_at_step: int | None = None
-    """Stop after this step with a checkpoint, as if interrupted (time-boxed jobs; resume tests)."""
-    report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
-    """Metric sinks; metrics.jsonl is always written. wandb honours WANDB_MODE=offline."""
-    project: str = "rlhf-kit"
-    """wandb project."""
-    run_name: str | None = None
-    """wandb run name / tensorboard label."""
-    seed: int = 0
-    """Seed for data order, validation split and initialisation."""
 
 
 def check_config(cfg: Config) -> int:

@@ -1,0 +1,102 @@
+"""One PPO step as plain functions: score experience, shape rewards and advantages, update.
+
+A custom loop composes them (``recipes/ppo.py`` is one such loop)::
+
+    gen = backend.generate(prompt_ids, prompt_mask, params)            # rlhf_kit.generation
+    rollout = make_experience(gen, actor, ref, critic, scorer, cfg)     # logprobs, values, scores
+    rollout = compute_advantages(rollout, kl_coef, cfg)                 # rewards, GAE, whitening
+    stats = ppo_update(actor, critic, ..., RolloutBuffer with rollout)  # clipped losses, accumulation
+
+The critic and reward model can also live in a separate job (``rlhf_kit.serving``): ``make_experience``
+then takes values and scores from it, ``ppo_update`` runs actor-only (``UpdateConfig.train_critic=False``)
+and the server trains the critic with the same ``ppo_update``, critic-only. This package never imports
+``rlhf_kit.serving``: the caller builds the client and passes it in (``remote=``), typed by the
+protocols of ``remote.py``.
+
+One file per step: ``generate.py`` (prompts -> backend -> generations, dynamic dispatch),
+``experience.py`` (generations -> four-model scores -> ``Rollout``), ``advantages.py`` (shaped
+rewards, GAE), ``update.py`` (``ppo_update``), with ``scorers.py`` (reward model or function),
+``prompts.py`` (``PromptStream``), ``models.py`` (loading the four models), ``setup.py`` (scorer,
+KL controller, placement, backend) and ``run.py`` (resume, checkpoints, metrics, final save).
+Every public name is importable from ``rlhf_kit.ppo``.
+
+Alignment: response position ``i`` holds the log-prob of response token ``i`` and the critic's value of
+the state that generates it (hidden state one position earlier); ``response_mask`` includes EOS.
+"""
+
+from rlhf_kit.ppo.advantages import compute_advantages
+from rlhf_kit.ppo.experience import (
+    ExperienceConfig,
+    collect_experience,
+    make_experience,
+    score_rollouts,
+)
+from rlhf_kit.ppo.generate import (
+    generate_rollouts,
+    generate_rollouts_dynamic,
+    merge_generations,
+    split_generation,
+)
+from rlhf_kit.ppo.models import PPOModels, load_critic_and_reward_model, load_ppo_models
+from rlhf_kit.ppo.prompts import PromptStream
+from rlhf_kit.ppo.remote import CriticInference, CriticTrainer
+from rlhf_kit.ppo.run import (
+    optimizer_state_offloaded,
+    resume_ppo,
+    save_final_models,
+    save_ppo_checkpoint,
+    step_metrics,
+    step_schedules,
+    validation_metrics,
+)
+from rlhf_kit.ppo.scorers import (
+    FunctionScorer,
+    RewardModelScorer,
+    decode_prompts_and_responses,
+    decode_samples,
+)
+from rlhf_kit.ppo.setup import (
+    load_reward_fn,
+    make_backend,
+    make_kl_controller,
+    make_scorer,
+    place_ppo_models,
+)
+from rlhf_kit.ppo.update import UpdateConfig, mean_over_ranks, ppo_update
+
+__all__ = [
+    "CriticInference",
+    "CriticTrainer",
+    "ExperienceConfig",
+    "FunctionScorer",
+    "PPOModels",
+    "PromptStream",
+    "RewardModelScorer",
+    "UpdateConfig",
+    "collect_experience",
+    "compute_advantages",
+    "decode_prompts_and_responses",
+    "decode_samples",
+    "generate_rollouts",
+    "generate_rollouts_dynamic",
+    "load_critic_and_reward_model",
+    "load_ppo_models",
+    "load_reward_fn",
+    "make_backend",
+    "make_experience",
+    "make_kl_controller",
+    "make_scorer",
+    "mean_over_ranks",
+    "merge_generations",
+    "optimizer_state_offloaded",
+    "place_ppo_models",
+    "ppo_update",
+    "resume_ppo",
+    "save_final_models",
+    "save_ppo_checkpoint",
+    "score_rollouts",
+    "split_generation",
+    "step_metrics",
+    "step_schedules",
+    "validation_metrics",
+]

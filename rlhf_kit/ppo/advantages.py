@@ -1,0 +1,63 @@
+"""Step 3 of PPO, advantages: shaped per-token rewards (score + KL penalty), GAE advantages and returns
+(the math is in ``rlhf_kit.rewards``, ``rlhf_kit.kl`` and ``rlhf_kit.advantages``; this is its wiring).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_kit.advantages import GAE, masked_mean, whiten
+from rlhf_kit.kl import kl_penalty
+from rlhf_kit.losses import explained_variance
+from rlhf_kit.ppo.experience import ExperienceConfig
+from rlhf_kit.rewards import penalize_missing_eos, shape_rewards, standardize_scores
+from rlhf_kit.rollout import Rollout
+
+
+@torch.no_grad()
+def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) -> tuple[Rollout, dict]:
+    """Fill in shaped rewards, GAE advantages and returns (whitened advantages if configured).
+
+    Returns the completed rollout and statistics (mean KL per sequence, score stats, ...).
+    """
+    m = rollout.response_mask
+    kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * m
+    scores = standardize_scores(rollout.scores, cfg.score_mean, cfg.score_std)
+    scores = penalize_missing_eos(scores, rollout.finished, cfg.missing_eos_penalty)
+    rewards = shape_rewards(scores, kl, m, kl_coef)
+    adv, ret = GAE(cfg.gamma, cfg.lam)(rewards, rollout.values, m)
+    if cfg.normalize_advantages:
+        adv = whiten(adv, m)
+    out = Rollout(
+        sequences=rollout.sequences,
+        attention_mask=rollout.attention_mask,
+        response_mask=m,
+        logprobs=rollout.logprobs,
+        ref_logprobs=rollout.ref_logprobs,
+        values=rollout.values,
+        rewards=rewards,
+        advantages=adv,
+        returns=ret,
+        scores=scores,
+        finished=rollout.finished,
+    )
+    lengths = m.float().sum(-1)
+    # true KL (k1 summed over the sequence), whatever estimator shapes the reward
+    seq_kl = ((rollout.logprobs - rollout.ref_logprobs) * m).sum(-1)
+    stats = {
+        "reward/score_mean": scores.mean().item(),
+        "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
+        "reward/raw_score_mean": rollout.scores.mean().item(),
+        "reward/shaped_return_mean": rewards.sum(-1).mean().item(),
+        "kl/seq_mean": seq_kl.mean().item(),
+        "kl/coef": kl_coef,
+        "response/length_mean": lengths.mean().item(),
+        "response/finished_fraction": rollout.finished.float().mean().item(),
+        "advantages/mean": masked_mean(adv, m).item(),
+        "advantages/std": (masked_mean(adv.square(), m) - masked_mean(adv, m).square())
+        .clamp(min=0)
+        .sqrt()
+        .item(),
+        "values/explained_variance": explained_variance(rollout.values, ret, m).item(),
+    }
+    return out, stats

@@ -1,0 +1,197 @@
+"""Steps 1-2 of PPO, experience: generate, then score with actor, reference, critic and reward model
+into a :class:`~rlhf_kit.rollout.Rollout` (rewards and advantages still zero: see ``advantages.py``).
+
+The critic and reward model may live elsewhere (a critic server): anything with the
+:class:`~rlhf_kit.ppo.remote.CriticInference` method ``infer`` stands in for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from rlhf_kit.logprobs import sequence_logprobs
+from rlhf_kit.models.value import response_values
+from rlhf_kit.ppo.generate import generate_rollouts, generate_rollouts_dynamic
+from rlhf_kit.ppo.models import PPOModels
+from rlhf_kit.ppo.remote import CriticInference
+from rlhf_kit.rollout import Rollout
+
+
+@dataclass
+class ExperienceConfig:
+    """How experience is scored and turned into advantages (the knobs of one PPO step)."""
+
+    temperature: float = 1.0
+    """Sampling temperature; log-probs of actor and reference are recomputed with it."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward (see rlhf_kit.kl.kl_penalty)."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    normalize_advantages: bool = True
+    """Whiten advantages over all valid tokens (global statistics across ranks)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses that never emitted EOS (None: off)."""
+    score_mean: float = 0.0
+    score_std: float = 1.0
+    """Scores become (score - mean) / std (e.g. the RM's saved validation statistics)."""
+    mask_truncated_responses: bool = False
+    """Give responses without EOS no policy gradient (NeMo-Aligner's behaviour)."""
+    micro_batch_size: int = 8
+    """Samples per forward pass while scoring."""
+
+
+@torch.no_grad()
+def make_experience(
+    generation,
+    actor: nn.Module,
+    reference: nn.Module | None,
+    critic: nn.Module | None,
+    scorer: Callable[..., torch.Tensor] | None,
+    cfg: ExperienceConfig,
+    reference_fn: Callable[[], object] | None = None,
+    remote: CriticInference | None = None,
+) -> Rollout:
+    """Score one batch of generations with the four models.
+
+    Args:
+        generation: a ``GenerationOutput`` (``sequences (b, p + n)``, ``attention_mask``,
+            ``response_mask (b, n)``, ``finished (b,)``, ``prompt_length``).
+        actor: causal LM being trained; its log-probs are recomputed here (the old policy).
+        reference: frozen initial policy; ``None`` with ``reference_fn`` for LoRA, where
+            ``reference_fn()`` returns a context manager that disables the adapter on ``actor``.
+        critic: per-token value model (``TokenValueModel``); None with ``remote``.
+        scorer: ``RewardModelScorer`` or ``FunctionScorer``; None when ``remote`` scores with its
+            reward model.
+        remote: any :class:`CriticInference` (a critic server client, ``rlhf_kit.serving.RemoteCritic``,
+            or an in-process ``CriticRewardService``): values, and scores unless ``scorer`` is
+            given, come from one ``remote.infer`` call per micro-batch instead of ``critic``.
+
+    Returns:
+        A :class:`Rollout` with rewards/advantages/returns still zero (see :func:`compute_advantages`).
+    """
+    if critic is None and remote is None:
+        raise ValueError("make_experience: pass a critic, or a remote critic (remote=)")
+    seq, am, rmask = generation.sequences, generation.attention_mask, generation.response_mask
+    p = generation.prompt_length
+    lps, refs, vals, scores = [], [], [], []
+    for s in range(0, seq.shape[0], cfg.micro_batch_size):
+        sl = slice(s, s + cfg.micro_batch_size)
+        lps.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
+        if reference is not None:
+            refs.append(sequence_logprobs(reference, seq[sl], am[sl], p, cfg.temperature))
+        else:
+            with reference_fn():
+                refs.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
+        score = None
+        if remote is not None:
+            value, score = remote.infer(seq[sl], am[sl], p, rmask[sl], with_scores=scorer is None)
+        else:
+            value = response_values(critic, seq[sl], am[sl], p)
+        if score is None:
+            if scorer is None:
+                raise ValueError("make_experience: no scorer given and the critic server has no reward model")
+            score = scorer(seq[sl], am[sl], prompt_length=p, response_mask=rmask[sl])
+        vals.append(value)
+        scores.append(score.float())
+    m = rmask.float()
+    logprobs = torch.cat(lps) * m
+    raw_scores = torch.cat(scores)
+    z = torch.zeros_like(logprobs)
+    return Rollout(
+        sequences=seq,
+        attention_mask=am,
+        response_mask=rmask,
+        logprobs=logprobs,
+        ref_logprobs=torch.cat(refs) * m,
+        values=torch.cat(vals) * m,
+        rewards=z,
+        advantages=z.clone(),
+        returns=z.clone(),
+        scores=raw_scores,
+        finished=generation.finished.to(raw_scores.device),
+    )
+
+
+def score_rollouts(
+    generations: Sequence,
+    actor: nn.Module,
+    reference: nn.Module | None,
+    critic: nn.Module | None,
+    scorer: Callable[..., torch.Tensor] | None,
+    cfg: ExperienceConfig,
+    reference_fn: Callable[[], object] | None = None,
+    pad_token_id: int = 0,
+    remote: CriticInference | None = None,
+) -> Rollout:
+    """:func:`make_experience` on every generation batch, concatenated into one rollout."""
+    from rlhf_kit.rollout import concat_rollouts
+
+    parts = [
+        make_experience(g, actor, reference, critic, scorer, cfg, reference_fn, remote) for g in generations
+    ]
+    return concat_rollouts(parts, pad_token_id)
+
+
+def collect_experience(
+    backend,
+    prompts: Sequence[Sequence[int]],
+    collate: Callable[[list], dict],
+    params,
+    models: PPOModels,
+    scorer: Callable[..., torch.Tensor] | None,
+    cfg: ExperienceConfig,
+    *,
+    generation_batch_size: int,
+    device: torch.device | str,
+    pad_token_id: int,
+    dynamic: bool = False,
+    offload_frozen: bool = False,
+    phase: Callable[[str], object] | None = None,
+    autocast: Callable[[], object] | None = None,
+    remote: CriticInference | None = None,
+) -> tuple[Rollout, dict]:
+    """Generate for ``prompts`` and score with the four models: the experience half of a PPO step.
+
+    Args:
+        dynamic: every rank passes the same global ``prompts`` and micro-batches are handed out first
+            come, first served, then rebalanced (:func:`generate_rollouts_dynamic`); otherwise each rank
+            passes its own share.
+        offload_frozen: reference and reward model stay on CPU except while scoring.
+        phase: ``phase(name)`` returns a context manager timing ``"generate"`` and ``"score"``
+            (e.g. :class:`rlhf_kit.training.metrics.StepTimer`); ``autocast()`` one for mixed precision.
+        remote: a critic server client; values and (with ``scorer=None``) scores come from it
+            (see :func:`make_experience`).
+
+    Returns the rollout (advantages not yet computed) and statistics (generated tokens, dispatch).
+    """
+    from contextlib import nullcontext
+
+    from rlhf_kit.training.offload import offload_model, offloaded
+
+    phase = phase or (lambda name: nullcontext())
+    autocast = autocast or nullcontext
+    frozen = models.frozen() if offload_frozen else []
+    stats: dict = {}
+    with phase("generate"), torch.no_grad(), offloaded(*frozen, device=device):  # frozen back on exit
+        if dynamic:
+            gens, dispatch = generate_rollouts_dynamic(
+                backend, prompts, collate, params, generation_batch_size, device, pad_token_id
+            )
+            stats["dispatch/samples_generated_min"] = min(dispatch.counts_before)
+            stats["dispatch/samples_generated_max"] = max(dispatch.counts_before)
+            stats["dispatch/samples_moved"] = dispatch.moved
+        else:
+            gens = generate_rollouts(backend, prompts, collate, params, generation_batch_size, device)
+    with phase("score"), autocast():
+        m = models
+        rollout = score_rollouts(
+            gens, m.actor, m.reference, m.critic, scorer, cfg, m.reference_fn, pad_token_id, remote
+        )
+    for model in frozen:  # idle again until the next scoring phase
+        offload_model(model)
+    stats["rollout/generated_tokens"] = sum(int(g.response_mask.sum()) for g in gens)
+    return rollout, stats

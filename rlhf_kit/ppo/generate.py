@@ -1,0 +1,118 @@
+"""Step 1 of PPO, generate: prompts -> backend -> ``GenerationOutput`` micro-batches, statically split
+over ranks or handed out dynamically and rebalanced (split/merge of generations per sample).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def generate_rollouts(
+    backend,
+    prompts: Sequence[Sequence[int]],
+    collate: Callable[[list], dict],
+    params,
+    micro_batch_size: int,
+    device: torch.device | str,
+    release: bool = True,
+) -> list:
+    """Generate for ``prompts`` in micro-batches of ``micro_batch_size`` (left-padded by ``collate``),
+    waking the backend's KV cache for the duration; ``release=False`` keeps the cache (and the compiled
+    backend's captured graphs) for the next rollout when memory allows. Returns one ``GenerationOutput``
+    per micro-batch."""
+    outs = []
+    backend.wake()
+    try:
+        for s in range(0, len(prompts), micro_batch_size):
+            batch = collate(list(prompts[s : s + micro_batch_size]))
+            outs.append(
+                backend.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), params)
+            )
+    finally:
+        if release:
+            backend.sleep()
+    return outs
+
+
+def split_generation(gen) -> list[dict[str, torch.Tensor]]:
+    """One dict per sample of a ``GenerationOutput``, padding removed: ``prompt (p_i,)``, ``response
+    (n_i,)``, ``response_mask (n_i,)``, ``logprobs (n_i,)``, ``finished ()``. Inverse: :func:`merge_generations`."""
+    p = gen.prompt_length
+    out = []
+    for i in range(gen.sequences.shape[0]):
+        n_i = int(gen.response_mask[i].sum())
+        prompt_mask = gen.attention_mask[i, :p].bool()
+        out.append(
+            {
+                "prompt": gen.sequences[i, :p][prompt_mask],
+                "response": gen.sequences[i, p : p + n_i],
+                "response_mask": gen.response_mask[i, :n_i],
+                "logprobs": gen.logprobs[i, :n_i],
+                "finished": gen.finished[i],
+            }
+        )
+    return out
+
+
+def merge_generations(samples: Sequence[dict[str, torch.Tensor]], pad_token_id: int):
+    """Samples from :func:`split_generation` back into one ``GenerationOutput`` (prompts left-padded,
+    responses right-padded to the longest of the group)."""
+    from rlhf_kit.generation.base import GenerationOutput
+
+    if not samples:
+        raise ValueError("merge_generations: no samples")
+    b = len(samples)
+    p = max(len(s["prompt"]) for s in samples)
+    n = max(1, max(len(s["response"]) for s in samples))
+    ref = samples[0]["prompt"]
+    seq = torch.full((b, p + n), pad_token_id, dtype=ref.dtype, device=ref.device)
+    am = torch.zeros((b, p + n), dtype=torch.long, device=ref.device)
+    rmask = torch.zeros((b, n), dtype=torch.long, device=ref.device)
+    logprobs = torch.zeros((b, n), dtype=torch.float32, device=ref.device)
+    for i, s in enumerate(samples):
+        lp, ln = len(s["prompt"]), len(s["response"])
+        seq[i, p - lp : p] = s["prompt"]
+        seq[i, p : p + ln] = s["response"]
+        am[i, p - lp : p] = 1
+        am[i, p : p + ln] = s["response_mask"]
+        rmask[i, :ln] = s["response_mask"]
+        logprobs[i, :ln] = s["logprobs"]
+    finished = torch.stack([s["finished"].bool() for s in samples])
+    return GenerationOutput(seq, p, rmask, logprobs, finished, am)
+
+
+def generate_rollouts_dynamic(
+    backend,
+    prompts: Sequence[Sequence[int]],
+    collate: Callable[[list], dict],
+    params,
+    micro_batch_size: int,
+    device: torch.device | str,
+    pad_token_id: int,
+) -> tuple[list, object]:
+    """Data-parallel generation with dynamic hand-out (a rank that finishes early takes more), then a
+    rebalance so every rank scores and trains on the same number of samples.
+
+    Every rank passes the same global ``prompts``; micro-batches of ``micro_batch_size`` are claimed
+    first come, first served from a counter in the process group's store. The backend must generate
+    locally (an inference copy, or an unsharded model): FSDP-sharded generation is collective.
+    Returns this rank's generations (micro-batches of ``micro_batch_size``) and the rebalance stats.
+    """
+    from rlhf_kit.generation.dispatch import DynamicDispatcher, rebalance_rollouts
+
+    chunks = [list(prompts[s : s + micro_batch_size]) for s in range(0, len(prompts), micro_batch_size)]
+    samples: list[dict] = []
+    try:
+        for i in DynamicDispatcher(len(chunks)):
+            (gen,) = generate_rollouts(
+                backend, chunks[i], collate, params, micro_batch_size, device, release=False
+            )
+            samples += [{k: v.cpu() for k, v in s.items()} for s in split_generation(gen)]
+    finally:
+        backend.sleep()
+    samples, stats = rebalance_rollouts(samples)
+    samples = [{k: v.to(device) for k, v in s.items()} for s in samples]
+    groups = [samples[s : s + micro_batch_size] for s in range(0, len(samples), micro_batch_size)]
+    return [merge_generations(g, pad_token_id) for g in groups], stats

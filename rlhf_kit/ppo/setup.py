@@ -1,0 +1,112 @@
+"""Setting up a PPO run: the pieces a PPO loop (``recipes/ppo.py``) calls before and around its steps.
+
+The scorer and its score statistics, KL controller, placing the four models (compile,
+FSDP2 or accelerate; optimizers and schedules) and the generation backend with its weight sync. Each
+is a plain function of explicit arguments, so a loop of one's own can take the same pieces; what a
+loop calls during the run (resume, checkpoints, metrics) is in ``rlhf_kit.ppo.run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from rlhf_kit.ppo.models import PPOModels
+from rlhf_kit.ppo.scorers import FunctionScorer, RewardModelScorer
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """The function named by ``'module:function'`` (for :class:`~rlhf_kit.ppo.FunctionScorer`)."""
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def make_scorer(
+    tokenizer,
+    *,
+    reward_fn: str | None,
+    reward_model,
+    reward_model_path: str | None,
+    remote: bool = False,
+    server_stats: dict | None = None,
+    standardize: bool = True,
+):
+    """The scorer of a PPO run and the ``{"mean", "std"}`` that standardise its scores (or None).
+
+    ``reward_fn`` (``'module:function'``) scores decoded text, unstandardised; else the reward model
+    scores with the statistics saved next to it (``reward_model_path``), or, with ``remote``, the
+    critic server scores (the scorer is None) with the statistics it reported (``server_stats``).
+    """
+    from rlhf_kit.models import load_reward_stats
+
+    if reward_fn is not None:
+        return FunctionScorer(load_reward_fn(reward_fn), tokenizer), None
+    scorer = None if remote else RewardModelScorer(reward_model)
+    stats = server_stats if remote else load_reward_stats(reward_model_path)
+    return scorer, stats if standardize else None
+
+
+def make_kl_controller(kl_coef: float, adaptive: bool = False, target: float = 6.0, horizon: int = 10000):
+    """Ziegler et al.'s adaptive KL controller (arXiv:1909.08593) or a fixed coefficient."""
+    from rlhf_kit.kl import AdaptiveKLController, FixedKLController
+
+    return AdaptiveKLController(kl_coef, target, horizon) if adaptive else FixedKLController(kl_coef)
+
+
+def place_ppo_models(
+    accelerator, models: PPOModels, actor_optim, critic_optim, **place_kwargs
+) -> tuple[PPOModels, object]:
+    """:func:`rlhf_kit.training.placement.place_models` for the four models: actor and critic (when held
+    locally) trainable with their ``OptimSettings``, reference and reward model frozen. Returns the
+    models as placed (prepared or sharded) and the ``PlacedModels`` (optimizers, schedulers, backward)."""
+    from rlhf_kit.training.placement import place_models
+
+    trainable = {"actor": (models.actor, actor_optim)}
+    if models.critic is not None:  # else it trains in a critic server's job
+        trainable["critic"] = (models.critic, critic_optim)
+    placed = place_models(accelerator, trainable, [models.reference, models.reward_model], **place_kwargs)
+    out = dataclasses.replace(models, actor=placed.models["actor"], critic=placed.models.get("critic"))
+    return out, placed
+
+
+def make_backend(
+    kind: str,
+    actor,
+    tokenizer,
+    *,
+    actor_path: str,
+    accelerator,
+    max_batch_size: int,
+    max_seq_len: int,
+    dynamic: bool = False,
+    sharded: bool = False,
+):
+    """The generation backend (``"hf"``: generate through the trained actor; ``"compiled"``: a dedicated
+    inference copy of ``actor_path``, bf16 under bf16 mixed precision) and ``sync_weights()``, which
+    streams the trainer's weights (FSDP2 shards gathered, LoRA merged) into that copy after a step.
+
+    ``ValueError`` for dynamic dispatch through FSDP-sharded HF generation (sharded generate is
+    collective, so ranks cannot take different numbers of batches).
+    """
+    if dynamic and kind == "hf" and sharded:
+        raise ValueError(
+            "--dynamic-dispatch with FSDP needs --backend compiled (sharded generate is collective)"
+        )
+    if kind == "compiled":
+        from transformers import AutoModelForCausalLM
+
+        from rlhf_kit.generation.compiled import CompiledBackend
+        from rlhf_kit.generation.resharding import iter_full_params
+
+        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+        infer = AutoModelForCausalLM.from_pretrained(actor_path, dtype=dtype).to(accelerator.device)
+        backend = CompiledBackend(
+            infer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, tokenizer=tokenizer
+        )
+        return backend, lambda: backend.update_weights(iter_full_params(actor))
+    from rlhf_kit.generation.hf import HFBackend
+
+    return HFBackend(accelerator.unwrap_model(actor), tokenizer), lambda: None

@@ -1,0 +1,160 @@
+"""Step 4 of PPO, update: clipped policy and value losses over mini-batches of the rollout, with
+token-weighted gradient accumulation over micro-batches; statistics averaged over ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from rlhf_kit.logprobs import sequence_logprobs
+from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
+from rlhf_kit.models.attention import padding_safe_sdpa
+from rlhf_kit.models.value import response_values
+from rlhf_kit.ppo.experience import ExperienceConfig
+from rlhf_kit.rollout import Rollout, RolloutBuffer, split_rollout
+from rlhf_kit.training.precision import grad_holder
+
+
+def _global_count(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over all ranks (no-op without a process group)."""
+    x = x.detach().float().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+@dataclass
+class UpdateConfig:
+    """How one rollout trains the actor and the critic."""
+
+    mini_batch_size: int = 64
+    """Samples per optimizer step on this rank (global batch / world size)."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward; mini_batch_size / micro_batch_size steps of accumulation."""
+    ppo_epochs: int = 1
+    max_grad_norm: float = 1.0
+    train_actor: bool = True
+    """False during critic warm-up."""
+    train_critic: bool = True
+    """False when the critic trains elsewhere (a critic server, ``rlhf_kit.serving``): actor-only update."""
+
+
+def ppo_update(
+    actor: nn.Module | None,
+    critic: nn.Module | None,
+    actor_opt: torch.optim.Optimizer | None,
+    critic_opt: torch.optim.Optimizer | None,
+    buffer: RolloutBuffer,
+    policy_loss: PPOPolicyLoss | None,
+    value_loss: ValueLoss | None,
+    cfg: UpdateConfig,
+    exp_cfg: ExperienceConfig,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    clip_grad: Callable[[nn.Module, float], float] | None = None,
+    device: torch.device | str | None = None,
+) -> dict:
+    """``ppo_epochs`` passes over the buffer in mini-batches, each one optimizer step per model with
+    gradient accumulation over micro-batches.
+
+    Each micro-batch's loss is weighted by its share of the mini-batch's valid tokens (counted over
+    all ranks), so the accumulated gradient equals that of one token-level mean over the whole
+    mini-batch: micro 1 x accumulation 4 gives the same step as micro 4 x accumulation 1.
+
+    The actor trains when ``cfg.train_actor`` and ``actor_opt`` is given; the critic when
+    ``cfg.train_critic`` (a critic server runs this function critic-only, the actor job actor-only,
+    and the mini-batch order depends only on the buffer's seed, so the split run equals the joint one).
+    ``backward`` defaults to ``loss.backward()`` (pass ``accelerator.backward``); ``clip_grad`` to
+    ``torch.nn.utils.clip_grad_norm_``. Returns mean statistics over all micro-batches.
+    """
+    train_actor = cfg.train_actor and actor_opt is not None
+    train_critic = cfg.train_critic
+    if train_actor and (actor is None or policy_loss is None):
+        raise ValueError("ppo_update: training the actor needs actor and policy_loss")
+    if train_critic and (critic is None or critic_opt is None or value_loss is None):
+        raise ValueError(
+            "ppo_update: training the critic needs critic, critic_opt and value_loss "
+            "(UpdateConfig.train_critic=False trains the actor only)"
+        )
+    backward = backward or (lambda loss: loss.backward())
+    clip_grad = clip_grad or (lambda m, n: float(torch.nn.utils.clip_grad_norm_(m.parameters(), n)))
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    totals: dict[str, float] = {}
+    n_micro = 0
+
+    def add(key: str, value) -> None:
+        totals[key] = totals.get(key, 0.0) + float(value)
+
+    for mb in buffer.minibatches(cfg.mini_batch_size, epochs=cfg.ppo_epochs, device=device):
+        if train_actor:
+            p_tokens = _global_count(_policy_mask(mb, exp_cfg).sum()).clamp(min=1)
+        if train_critic:
+            v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
+        for micro in split_rollout(mb, cfg.micro_batch_size):
+            # cuDNN's SDPA backward is NaN on the left-padding rows: see rlhf_kit.models.attention
+            with padding_safe_sdpa():
+                p = micro.prompt_length
+                if train_actor:
+                    pm = _policy_mask(micro, exp_cfg)
+                    lp, ent = sequence_logprobs(
+                        actor,
+                        micro.sequences,
+                        micro.attention_mask,
+                        p,
+                        exp_cfg.temperature,
+                        with_entropy=True,
+                    )
+                    loss, ps = policy_loss(lp, micro.logprobs, micro.advantages, pm, ent)
+                    backward(loss * (pm.sum() * world / p_tokens))
+                    add("policy/loss", ps.loss)
+                    add("policy/clip_fraction", ps.clip_fraction)
+                    add("policy/approx_kl", ps.approx_kl)
+                    add("policy/ratio_mean", ps.ratio_mean)
+                    add("policy/entropy", ps.entropy)
+                if train_critic:
+                    vm = micro.response_mask.float()
+                    values = response_values(critic, micro.sequences, micro.attention_mask, p)
+                    vloss, vs = value_loss(values, micro.values, micro.returns, vm)
+                    backward(vloss * (vm.sum() * world / v_tokens))
+                    add("value/loss", vs.loss)
+                    add("value/clip_fraction", vs.clip_fraction)
+                    add("value/mean", vs.value_mean)
+            n_micro += 1
+        if train_actor:
+            add("policy/grad_norm", clip_grad(grad_holder(actor, actor_opt), cfg.max_grad_norm))
+            actor_opt.step()
+            actor_opt.zero_grad(set_to_none=True)
+        if train_critic:
+            add("value/grad_norm", clip_grad(grad_holder(critic, critic_opt), cfg.max_grad_norm))
+            critic_opt.step()
+            critic_opt.zero_grad(set_to_none=True)
+        add("_steps", 1)
+    steps = max(totals.pop("_steps", 1), 1)
+    out = {}
+    for k, v in totals.items():
+        out[k] = v / (steps if k.endswith("grad_norm") else max(n_micro, 1))
+    return out
+
+
+def _policy_mask(r: Rollout, cfg: ExperienceConfig) -> torch.Tensor:
+    """Tokens that take policy gradient: the response, minus unfinished responses if configured."""
+    mask = r.response_mask.float()
+    if cfg.mask_truncated_responses:
+        mask = mask * r.finished.float()[:, None]
+    return mask
+
+
+def mean_over_ranks(stats: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Average scalar statistics over data-parallel ranks (one all-reduce; identity on one process).
+
+    Each rank's statistic is already a mean over its own samples; ranks hold equal sample counts.
+    """
+    from rlhf_kit.training.dist import all_reduce_sum, world_size
+
+    keys = sorted(stats)
+    sums = all_reduce_sum([float(stats[k]) for k in keys], device)
+    return {k: v / world_size() for k, v in zip(keys, sums)}

@@ -1,0 +1,85 @@
+"""Optimisation and run fields shared by the recipes' configs (SFT, reward model, PPO).
+
+Plain dataclasses whose field docstrings are the command-line help: a recipe's tyro config inherits
+them (``class Config(SupervisedOptions)``), so each flag is defined and documented once. A recipe that
+needs another default redeclares the field with its own docstring; tyro lists inherited fields first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf_kit.training.hf import MixedPrecision
+
+
+@dataclass
+class TrainingOptions:
+    """Batch sizes, AdamW, LoRA and run bookkeeping: the fields of every training recipe."""
+
+    global_batch_size: int = 32
+    """Samples per optimizer step over all processes (= micro batch x accumulation steps x world size);
+    a sample is an SFT example, a comparison pair or a PPO rollout sample."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward pass on each process."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up steps (capped at the total)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to biases and norms)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 disables clipping; the norm is still logged)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more compute)."""
+    master_weights: bool = False
+    """bf16 model weights with fp32 master weights in AdamW (one process; faster, less memory than
+    fp32 weights under autocast)."""
+    lora_r: int = 0
+    """LoRA rank on the trained model (PPO: the actor); 0 trains all weights. A reward model's score head
+    still trains in full; the PPO reference is then the actor with its adapters disabled; the final
+    model has the adapters merged in."""
+    lora_alpha: float = 16.0
+    """LoRA alpha (scale = alpha / r)."""
+    keep_last: int = 2
+    """Keep only this many newest checkpoints."""
+    resume: bool = False
+    """Continue from the latest checkpoint in <output-dir>/checkpoints."""
+    report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
+    """Metric sinks; metrics.jsonl is always written. wandb honours WANDB_MODE=offline."""
+    run_name: str | None = None
+    """wandb run name / tensorboard label."""
+    seed: int = 0
+    """Seed for initialisation, data order, validation split and sampling."""
+
+
+@dataclass
+class SupervisedOptions(TrainingOptions):
+    """:class:`TrainingOptions` plus the schedule, evaluation and LoRA fields of the SFT and RM recipes."""
+
+    eval_batch_size: int = 16
+    """Samples per forward pass during validation and test."""
+    max_steps: int | None = None
+    """Optimizer steps to train. Unset: --epochs passes over the training data."""
+    epochs: float = 1.0
+    """Passes over the training data when --max-steps is not given."""
+    lr: float | None = None
+    """Peak learning rate. Unset: 1e-3 for the embedded tiny model, 1e-5 for a given --model."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr x min-lr-ratio."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target_modules: str = "all-linear"
+    """Comma-separated module names to adapt, or "all-linear"."""
+    mixed_precision: MixedPrecision = "auto"
+    """auto: the accelerate config's setting, else bf16 where the GPU supports it, else fp32."""
+    val_check_interval: int = 50
+    """Validate every this many optimizer steps (and after the last one)."""
+    save_interval: int = 100
+    """Save a resumable checkpoint every this many optimizer steps."""
+    stop_at_step: int | None = None
+    """Stop after this step with a checkpoint, as if interrupted (time-boxed jobs; resume tests)."""
+    project: str = "rlhf-kit"
+    """wandb project."""

@@ -1,0 +1,78 @@
+"""The set-up and run helpers of rlhf_kit.ppo that recipes/ppo.py calls around its steps."""
+
+import json
+
+import pytest
+import torch
+
+from rlhf_kit.ppo import (
+    CriticInference,
+    CriticTrainer,
+    FunctionScorer,
+    RewardModelScorer,
+    make_backend,
+    make_kl_controller,
+    make_scorer,
+    step_metrics,
+    step_schedules,
+)
+from rlhf_kit.serving import CriticRewardService, RemoteCritic
+from tests.conftest import make_reward_model
+
+
+def test_serving_classes_satisfy_the_protocols_ppo_defines():
+    for cls in (RemoteCritic, CriticRewardService):
+        assert issubclass(cls, CriticInference) and issubclass(cls, CriticTrainer)
+
+    class OnlyInfer:
+        def infer(self, sequences, attention_mask, prompt_length, response_mask, *, with_scores=True):
+            return torch.zeros(1, 1), None
+
+    assert isinstance(OnlyInfer(), CriticInference) and not isinstance(OnlyInfer(), CriticTrainer)
+
+
+def test_make_scorer_picks_scorer_and_statistics(tokenizer, tmp_path):
+    rm = make_reward_model(tokenizer, seed=0)
+    (tmp_path / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0}))
+    kw = dict(reward_model=rm, reward_model_path=str(tmp_path))
+    scorer, stats = make_scorer(tokenizer, reward_fn=None, **kw)
+    assert isinstance(scorer, RewardModelScorer) and stats == {"mean": 0.5, "std": 2.0}
+    assert make_scorer(tokenizer, reward_fn=None, standardize=False, **kw)[1] is None
+    scorer, stats = make_scorer(tokenizer, reward_fn="tests.recipes.reward_fns:space_fraction", **kw)
+    assert isinstance(scorer, FunctionScorer) and stats is None  # text rewards are not standardised
+    server = {"mean": 1.0, "std": 3.0}
+    assert make_scorer(tokenizer, reward_fn=None, remote=True, server_stats=server, **kw) == (None, server)
+
+
+def test_step_schedules_hold_the_actor_during_critic_warmup():
+    def sched():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        s = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        opt.step()  # (no gradients: a no-op) the order torch expects before the schedule steps
+        return s
+
+    scheds = {"actor": sched(), "critic": sched()}
+    step_schedules(scheds, 3, train_actor=False)
+    assert scheds["actor"].last_epoch == 0 and scheds["critic"].last_epoch == 3
+    step_schedules(scheds, 2)
+    assert scheds["actor"].last_epoch == 2 and scheds["critic"].last_epoch == 5
+    row = step_metrics(
+        {"kl/seq_mean": 0.1}, {"policy/loss": 2.0}, {"rollout/generated_tokens": 30, "dispatch/moved": 1},
+        {"time/generate": 2.0}, scheds, "cpu",
+    )  # fmt: skip
+    assert row["throughput/generated_tokens_per_s"] == 15.0 and row["dispatch/moved"] == 1
+    assert row["lr/critic"] == pytest.approx(1 / 6) and row["lr/actor"] == pytest.approx(1 / 3)
+    assert "rollout/generated_tokens" not in row and row["policy/loss"] == 2.0
+
+
+def test_make_backend_refuses_dynamic_dispatch_through_sharded_hf_generate():
+    with pytest.raises(ValueError, match="--dynamic-dispatch with FSDP needs --backend compiled"):
+        make_backend("hf", None, None, actor_path="x", accelerator=None, max_batch_size=1, max_seq_len=8,
+                     dynamic=True, sharded=True)  # fmt: skip
+
+
+def test_make_kl_controller():
+    fixed, adaptive = make_kl_controller(0.1), make_kl_controller(0.1, adaptive=True, target=1.0, horizon=10)
+    fixed.update(50.0, 10)
+    adaptive.update(50.0, 10)  # KL far above target: the coefficient grows
+    assert fixed.value == 0.1 and adaptive.value > 0.1
