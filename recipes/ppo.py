@@ -129,17 +129,36 @@ class PPOConfig:
     save_interval: int = 2
     resume: bool = False
     """Continue from the latest checkpoint in output_dir."""
+    overwrite: bool = False
+    """Start again in an output directory used by an earlier run (its checkpoints and metrics go)."""
+    extend_max_steps: bool = False
+    """With --resume: accept a larger --max-steps than the stored run. The schedule is rebuilt for the
+    new length from the resumed step on, so the result differs from a run started with it."""
+    max_bad_steps: int = 10
+    """Steps with non-finite rewards, losses or gradient norms (skipped, never applied) tolerated."""
     keep_last: int = 2
     report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
     run_name: str | None = None
     seed: int = 0
 
 
+#: Fields checked > 0 / >= 0 before anything is loaded (every float field is also checked finite).
+POSITIVE = ("max_steps", "num_rollout_samples", "rollout_micro_batch_size", "max_prompt_length",
+            "max_new_tokens", "actor_lr", "critic_lr", "ppo_epochs", "val_check_interval", "save_interval")  # fmt: skip
+NON_NEGATIVE = ("actor_min_lr", "critic_min_lr", "kl_coef", "entropy_coef", "ratio_eps", "value_clip",
+                "weight_decay", "max_grad_norm", "warmup_steps", "critic_warmup_steps", "max_bad_steps")  # fmt: skip
+#: Settings that may change on --resume besides output and reporting ones (they change no weights).
+MAY_CHANGE = ("offload_idle_models", "offload_optimizer")
+
+
 def validate(cfg: PPOConfig, world_size: int) -> int:
     """Check the configuration before loading anything; returns gradient-accumulation steps."""
+    from rlhf_kit.data import load_prompts
     from rlhf_kit.training.batching import resolve_batch_sizes
+    from rlhf_kit.training.run import check_numbers
     from rlhf_kit.training.validate import check_model_path, check_path_exists
 
+    check_numbers(cfg, positive=POSITIVE, non_negative=NON_NEGATIVE, unit_interval=("gamma", "lam"))
     accum = resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size)
     if cfg.num_rollout_samples % cfg.global_batch_size:
         raise ValueError(
@@ -156,6 +175,7 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
     for name in ("train_prompts", "val_prompts"):
         if getattr(cfg, name) is not None:
             check_path_exists(getattr(cfg, name), f"--{name.replace('_', '-')}")
+            load_prompts(getattr(cfg, name))  # a bad line: one line now, not a traceback after the models
     if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
         raise ValueError(f"--reward-fn must look like 'module:function', got {cfg.reward_fn!r}")
     if cfg.critic_server is not None and world_size > 1:
@@ -210,6 +230,7 @@ def main(cfg: PPOConfig) -> dict:
     from rlhf_kit.serving import connect_critic_server
     from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from rlhf_kit.training.dist import all_reduce_sum, seed_everything
+    from rlhf_kit.training.guard import NonFiniteGuard
     from rlhf_kit.training.hf import LoraSettings, make_accelerator, save_hf_model
     from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
     from rlhf_kit.training.offload import (
@@ -217,15 +238,19 @@ def main(cfg: PPOConfig) -> dict:
         onload_optimizer_state,
     )
     from rlhf_kit.training.placement import OptimSettings, place_models
-    from rlhf_kit.training.run import prepare_metrics_for_resume, write_json
+    from rlhf_kit.training.run import prepare_metrics_for_resume, start_run, write_json
+    from rlhf_kit.training.validate import check_same_tokenizer
 
     # 1. Check the configuration before touching any model.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
     acc = make_accelerator(cfg.mixed_precision)
     device = acc.device
+    start_run(  # writable, not used by another run, same settings as the run it resumes
+        cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
+        extend_max_steps=cfg.extend_max_steps,
+    )  # fmt: skip
     seed_everything(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
 
     # 2. Models and data; the embedded default makes tiny models and uses the shipped HH sample.
     from recipes._ppo_defaults import fill_defaults
@@ -235,6 +260,7 @@ def main(cfg: PPOConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.actor)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{cfg.actor}: the tokenizer needs a pad token distinct from EOS")
+    check_same_tokenizer(tokenizer, {"--reward-model": cfg.reward_model, "--critic": cfg.critic})
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha)
     updates_per_step = cfg.ppo_epochs * cfg.num_rollout_samples // cfg.global_batch_size
     total = cfg.max_steps * updates_per_step
@@ -344,6 +370,7 @@ def main(cfg: PPOConfig) -> dict:
         acc.print(f"resumed from step {step}")
     logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=asdict(cfg))
     timer = StepTimer()
+    guard = NonFiniteGuard(cfg.max_bad_steps)  # NaN/inf rewards, losses, gradients: skipped, counted
     update_cfg = UpdateConfig(
         mini_batch_size=cfg.global_batch_size // acc.num_processes,
         micro_batch_size=cfg.micro_batch_size,
@@ -377,6 +404,7 @@ def main(cfg: PPOConfig) -> dict:
         if cfg.offload_optimizer:
             for opt in ckpt["optimizers"].values():
                 onload_optimizer_state(opt, device)
+        data = guard.drop_samples(data)  # samples with a NaN/inf score, log-prob or value
         data, exp_stats = compute_advantages(data, kl_ctl.value, exp_cfg)
         buffer = RolloutBuffer(pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + step)
         buffer.set_data(data)
@@ -384,7 +412,7 @@ def main(cfg: PPOConfig) -> dict:
         with timer("train"), acc.autocast():
             train_stats = ppo_update(
                 actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, update_cfg, exp_cfg,
-                backward=placed.backward, clip_grad=placed.clip_grad,
+                backward=placed.backward, clip_grad=guard.clip(placed.clip_grad),
             )  # fmt: skip
             if remote:  # the critic half of the update, on the server (same mini-batch order)
                 train_stats |= remote.train_rollout(data, update_cfg, seed=cfg.seed + step)
@@ -406,6 +434,7 @@ def main(cfg: PPOConfig) -> dict:
             "lr/actor": actor_sched.get_last_lr()[0],
             **({"lr/critic": critic_sched.get_last_lr()[0]} if critic_sched else {}),  # else from the server
         }
+        result |= guard.end_step(step, result, device)  # past --max-bad-steps: stops, naming the step
         logger.log(result, step)
         bar.update(1)
         bar.set_postfix(score=f"{exp_stats['reward/score_mean']:.3f}", kl=f"{exp_stats['kl/seq_mean']:.3f}")
@@ -444,9 +473,11 @@ def main(cfg: PPOConfig) -> dict:
 
 
 if __name__ == "__main__":
+    from rlhf_kit.errors import RunError
     from rlhf_kit.training.run import one_line_errors
 
     config = tyro.cli(PPOConfig)
     with one_line_errors("ppo.py"):  # configuration errors: one line, before any model is loaded
         validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    main(config)
+    with one_line_errors("ppo.py", RunError):  # used output dir, full disk, NaN past the limit: one line
+        main(config)

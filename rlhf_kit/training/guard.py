@@ -134,7 +134,7 @@ class NonFiniteGuard:
             if not math.isfinite(norm):
                 for p in module.parameters():
                     p.grad = None
-                self.skip_update(quantity, norm)
+                self.skip_update(f"{quantity} ({type(module).__name__})", norm)
             return norm
 
         return clip_or_drop

@@ -100,6 +100,24 @@ def check_finite_fields(cfg: Any) -> None:
             _number(f.name, v)
 
 
+def check_numbers(
+    cfg: Any,
+    positive: Iterable[str] = (),
+    non_negative: Iterable[str] = (),
+    unit_interval: Iterable[str] = (),
+) -> None:
+    """Number checks of a config dataclass in one call: every float field finite
+    (:func:`check_finite_fields`), the fields named in ``positive`` > 0, ``non_negative`` >= 0 and
+    ``unit_interval`` in [0, 1] (None values are skipped). One-line ``ConfigError`` for the first bad one."""
+    check_finite_fields(cfg)
+    check_positive(**{n: getattr(cfg, n) for n in positive})
+    check_non_negative(**{n: getattr(cfg, n) for n in non_negative})
+    for n in unit_interval:
+        v = getattr(cfg, n)
+        if v is not None and not 0 <= _number(n, v) <= 1:
+            raise ConfigError(f"{_flag(n)} must be in [0, 1], got {v}")
+
+
 def check_writable(path: str | Path) -> Path:
     """Create ``path`` if needed and write (then delete) a small file in it.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any, TypeVar
@@ -49,8 +50,12 @@ def optimizer_step(
     lr = scheduler.get_last_lr()[0]
     if math.isfinite(grad_norm):
         optimizer.step()
-    elif guard is not None:
-        guard.skip_update("grad_norm", grad_norm)
-    scheduler.step()
+        scheduler.step()
+    else:
+        if guard is not None:
+            guard.skip_update("grad_norm", grad_norm)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": skipped on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": grad_norm, "lr": lr}

@@ -14,7 +14,8 @@ def test_check_path_exists(tmp_path):
 def test_check_model_path(tmp_path):
     good = tmp_path / "model"
     good.mkdir()
-    (good / "config.json").write_text("{}")
+    (good / "config.json").write_text('{"model_type": "llama"}')
+    (good / "model.safetensors").write_bytes(b"")
     assert check_model_path(good) == str(good)
     assert check_model_path("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
     empty = tmp_path / "empty"
@@ -27,6 +28,20 @@ def test_check_model_path(tmp_path):
         check_model_path("not a model")
     with pytest.raises(ValueError, match="is a file"):
         check_model_path(good / "config.json")
+
+
+def test_check_model_path_refuses_directories_that_are_not_models(tmp_path):
+    killed = tmp_path / "killed"  # a config.json cut to 0 bytes by a kill mid-write
+    killed.mkdir()
+    (killed / "config.json").write_text("")
+    with pytest.raises(ValueError, match=r"killed/config.json: unreadable model config"):
+        check_model_path(killed)
+    (killed / "config.json").write_text('{"steps": 3}')
+    with pytest.raises(ValueError, match=r"no 'model_type'"):
+        check_model_path(killed)
+    (killed / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match=r"has no weights"):
+        check_model_path(killed)
     for bad in ("./x/y", "/abs/path"):
         with pytest.raises(ValueError):
             check_model_path(bad)
