@@ -43,14 +43,17 @@ def replace_directory(src: str | Path, dst: str | Path) -> None:
         os.replace(src, dst)
 
 
-def sweep_leftovers(directory: str | Path) -> None:
-    """Remove temporary and trash directories a killed process left in ``directory``."""
+def sweep_leftovers(directory: str | Path, depth: int = 1) -> None:
+    """Remove temporary and trash directories a killed process left in ``directory`` (and in its
+    subdirectories, ``depth`` levels down). Call it where no other process is writing."""
     directory = Path(directory)
     if not directory.is_dir():
         return
     for p in directory.iterdir():
         if p.name.startswith((TMP_TAG, TRASH_TAG)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        elif depth > 1 and p.is_dir() and not p.is_symlink():
+            sweep_leftovers(p, depth - 1)
 
 
 def is_disk_full(error: BaseException, path: str | Path, min_free: int = 1 << 20) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 from rlhf_kit.errors import ConfigError, RunError
 from rlhf_kit.training import dist as D
+from rlhf_kit.training.atomic import remove_directory, sweep_leftovers
 from rlhf_kit.training.checkpoint import checkpoint_meta, latest_checkpoint
 from rlhf_kit.training.metrics import truncate_metrics, truncate_metrics_rows
 
@@ -55,15 +56,21 @@ def one_line_errors(program: str, *kinds: type[BaseException]) -> Iterator[None]
     ``kinds`` defaults to ``ValueError``, ``FileNotFoundError`` and :class:`~rlhf_kit.errors.RunError`
     (bad input, a full disk, a run that keeps producing NaN); wrap a whole training run with
     ``one_line_errors(prog, RunError)`` so only the errors meant for the user lose their traceback.
-    Exit status 2 for bad input, 1 for a run stopped on the way (disk full, non-finite values).
+    Any ``OSError`` of a full disk (``ENOSPC``) is one line too. Exit status 2 for bad input, 1 for a
+    run stopped on the way (disk full, non-finite values).
     """
     kinds = kinds or (ValueError, FileNotFoundError, RunError)
     try:
         yield
-    except kinds as e:
-        text = str(e).strip() or type(e).__name__
+    except BaseException as e:
+        if isinstance(e, kinds):
+            text = str(e).strip() or type(e).__name__
+        elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            text = f"disk full{f' writing {e.filename}' if e.filename else ''} ({e.strerror})"
+        else:
+            raise
         print(f"{program}: error: {text.splitlines()[0]}", file=sys.stderr, flush=True)
-        bad_input = isinstance(e, (ValueError, FileNotFoundError)) or not isinstance(e, RunError)
+        bad_input = isinstance(e, (ValueError, FileNotFoundError)) or not isinstance(e, (RunError, OSError))
         raise SystemExit(2 if bad_input else 1) from None
 
 
@@ -197,6 +204,7 @@ def start_run(
       refused with the fields named (it would change what the run computes). ``extend_max_steps``
       lets ``max_steps`` / ``epochs`` grow; the schedule is then rebuilt for the new length, so the
       run no longer equals one started with that length. The stored configuration is then updated.
+    * Temporary and trash directories a killed run left behind are removed.
     * On resume ``metrics.jsonl`` is truncated to the rows written before the checkpoint was saved
       (to nothing when there is no checkpoint), so no step is logged twice.
     """
@@ -224,9 +232,8 @@ def start_run(
     found = latest_checkpoint(out / CHECKPOINTS) if resume else None
     D.barrier()  # every rank has decided before rank 0 changes anything
     if D.is_main_process():
+        sweep_leftovers(out, depth=2)  # what a killed run was writing (init/.tmp-actor-<pid>, ...)
         if overwrite and not resume:
-            from rlhf_kit.training.atomic import remove_directory
-
             remove_directory(out / CHECKPOINTS)
             for name in (METRICS, RUN_CONFIG):
                 (out / name).unlink(missing_ok=True)

@@ -226,7 +226,18 @@ def test_one_line_errors_exit_codes(capsys):
     with pytest.raises(SystemExit) as e:
         with one_line_errors("prog"):
             raise ConfigError("bad flag")
-    assert e.value.code == 2
+    assert e.value.code == 2 and capsys.readouterr().err == "prog: error: bad flag\n"
+    with pytest.raises(SystemExit) as e:
+        with one_line_errors("prog", NonFiniteError):  # any full-disk OSError is one line too
+            raise OSError(errno.ENOSPC, "No space left on device", "/out/metrics.jsonl")
+    assert e.value.code == 1
+    assert (
+        capsys.readouterr().err
+        == "prog: error: disk full writing /out/metrics.jsonl (No space left on device)\n"
+    )
+    with pytest.raises(KeyError):
+        with one_line_errors("prog", NonFiniteError):
+            raise KeyError("a bug keeps its traceback")
 
 
 def _cfg(**kw):

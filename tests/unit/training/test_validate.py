@@ -45,3 +45,28 @@ def test_check_model_path_refuses_directories_that_are_not_models(tmp_path):
     for bad in ("./x/y", "/abs/path"):
         with pytest.raises(ValueError):
             check_model_path(bad)
+
+
+def test_a_model_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, tokenizer):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from rlhf_kit.training.validate import check_same_tokenizer, tokenizer_fingerprint
+
+    same, other, bare = tmp_path / "same", tmp_path / "other", tmp_path / "bare"
+    tokenizer.save_pretrained(same)
+    tokenizer.save_pretrained(other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]  # two ordinary tokens trade ids: same size, other ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    swapped = AutoTokenizer.from_pretrained(other)
+    assert len(swapped) == len(tokenizer) and tokenizer_fingerprint(swapped) != tokenizer_fingerprint(
+        tokenizer
+    )
+    bare.mkdir()  # no tokenizer files: nothing to compare
+    check_same_tokenizer(tokenizer, {"--reward-model": str(same), "--critic": str(bare), "--x": None})
+    with pytest.raises(ValueError, match=r"--reward-model .*other: its tokenizer differs from the actor's"):
+        check_same_tokenizer(tokenizer, {"--reward-model": str(other)})
