@@ -30,6 +30,7 @@ from _defaults import (
 )
 
 from rlhf_kit.data import PackedSFTCollator, SFTCollator, iter_jsonl, load_comparisons, tokenize_sft
+from rlhf_kit.data.formats import sft_item_from_record
 from rlhf_kit.training import (
     MetricsLogger,
     build_optimizer,
@@ -204,18 +205,8 @@ def load_items(path: Path, data_format: str) -> list:
     if data_format == "comparisons":
         return [chosen for chosen, _ in load_comparisons(path)]
     items: list = []
-    for lineno, rec in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        if isinstance(rec.get("text"), str):
-            items.append(rec["text"])
-        elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
-            items.append((rec["prompt"], rec["response"]))
-        elif isinstance(rec.get("messages"), list):
-            items.append(rec["messages"])
-        else:
-            raise ValueError(
-                f"{where}: expected a string field 'text', 'prompt'+'response' or a 'messages' list"
-            )
+    for lineno, rec in iter_jsonl(path):  # empty texts, unknown chat roles: one line naming the line
+        items.append(sft_item_from_record(rec, f"{path}:{lineno}"))
     if not items:
         raise ValueError(f"{path}: empty file (no records)")
     return items

@@ -209,6 +209,19 @@ def prompt_field(record: dict[str, Any]) -> str:
     return next((k for k in ("text", "prompt", "messages") if k in record), "")
 
 
+def sft_item_from_record(record: dict[str, Any], where: str) -> str | tuple[str, str] | list[dict[str, Any]]:
+    """One SFT example of a text file: ``{"text"}`` (a string), ``{"prompt", "response"}`` (a pair of
+    strings) or ``{"messages"}`` (a chat); the field names the format, as in :func:`prompt_field`."""
+    if "text" in record:
+        return _text_field(record, "text", where, allow_messages=False)  # type: ignore[return-value]
+    if "prompt" in record or "response" in record:
+        prompt = _text_field(record, "prompt", where, allow_messages=False)
+        return prompt, _text_field(record, "response", where, allow_messages=False)  # type: ignore[return-value]
+    if "messages" in record:
+        return check_messages(record["messages"], where, "messages")
+    raise DataError(f"{where}: expected a string field 'text', 'prompt'+'response' or a 'messages' list")
+
+
 def load_comparisons(path: str | os.PathLike) -> list[tuple[Text, Text]]:
     """Read a comparison file into ``(chosen, rejected)`` text pairs (formats: see module docstring).
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -156,9 +157,8 @@ class NonFiniteGuard:
         if skipped or dropped:
             self.bad_steps += 1
             if self.bad_steps > self.max_bad_steps:
-                what = skipped + (
-                    [f"{dropped} samples with non-finite reward/log-prob/value"] if dropped else []
-                )
+                what = [f"{n} x {q}" if n > 1 else q for q, n in Counter(skipped).items()]
+                what += [f"{dropped} samples with non-finite reward/log-prob/value"] if dropped else []
                 seen = nonfinite_names(stats or {})
                 raise NonFiniteError(
                     f"step {step}: non-finite {', '.join(what)}"

@@ -69,8 +69,9 @@ def one_line_errors(program: str, *kinds: type[BaseException]) -> Iterator[None]
             text = f"disk full{f' writing {e.filename}' if e.filename else ''} ({e.strerror})"
         else:
             raise
-        print(f"{program}: error: {text.splitlines()[0]}", file=sys.stderr, flush=True)
         bad_input = isinstance(e, (ValueError, FileNotFoundError)) or not isinstance(e, (RunError, OSError))
+        start = "" if bad_input else "\n"  # a run stopped on the way: off the progress bar's line
+        print(f"{start}{program}: error: {text.splitlines()[0]}", file=sys.stderr, flush=True)
         raise SystemExit(2 if bad_input else 1) from None
 
 

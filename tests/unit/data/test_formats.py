@@ -151,3 +151,16 @@ def test_identical_pairs_are_dropped_counted_and_reported(write_lines, caplog):
     assert load_comparisons(write_lines(nemo, "n.jsonl")) == [("a", "b")]
     with pytest.raises(ValueError, match=r"every pair has chosen identical to rejected \(line 1\)"):
         load_comparisons(write_lines(nemo[:2], "all.jsonl"))
+
+
+def test_sft_records_are_checked_like_the_others():
+    from rlhf_kit.data.formats import sft_item_from_record
+
+    assert sft_item_from_record({"text": "a"}, "f:1") == "a"
+    assert sft_item_from_record({"prompt": "p", "response": "r"}, "f:1") == ("p", "r")
+    with pytest.raises(ValueError, match=r"f:3: field 'response' is empty"):
+        sft_item_from_record({"prompt": "p", "response": ""}, "f:3")
+    with pytest.raises(ValueError, match=r"f:4: field 'messages' message 0 has role 'tool'"):
+        sft_item_from_record({"messages": [{"role": "tool", "content": "x"}]}, "f:4")
+    with pytest.raises(ValueError, match=r"f:5: expected a string field 'text'"):
+        sft_item_from_record({"other": 1}, "f:5")

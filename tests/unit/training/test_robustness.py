@@ -222,7 +222,7 @@ def test_one_line_errors_exit_codes(capsys):
     with pytest.raises(SystemExit) as e:
         with one_line_errors("prog"):
             raise NonFiniteError("step 3: bad\nmore")
-    assert e.value.code == 1 and capsys.readouterr().err == "prog: error: step 3: bad\n"
+    assert e.value.code == 1 and capsys.readouterr().err == "\nprog: error: step 3: bad\n"
     with pytest.raises(SystemExit) as e:
         with one_line_errors("prog"):
             raise ConfigError("bad flag")
@@ -233,7 +233,7 @@ def test_one_line_errors_exit_codes(capsys):
     assert e.value.code == 1
     assert (
         capsys.readouterr().err
-        == "prog: error: disk full writing /out/metrics.jsonl (No space left on device)\n"
+        == "\nprog: error: disk full writing /out/metrics.jsonl (No space left on device)\n"
     )
     with pytest.raises(KeyError):
         with one_line_errors("prog", NonFiniteError):
