@@ -197,8 +197,8 @@ def save_checkpoint(
     if main:
         directory.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(directory)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in directory.glob(".step_*.tmp"):  # a killed save of this or another step
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         _write_checkpoint(tmp, step, models, optimizers, schedulers, extra, rng)
     except BaseException as e:

@@ -290,3 +290,11 @@ def test_resume_truncates_metrics_to_what_the_checkpoint_saw(tmp_path):
     (out2 / "metrics.jsonl").write_text('{"step": 1}\n')
     assert start_run(_cfg(), out2, resume=True) is None
     assert not (out2 / "metrics.jsonl").exists()
+
+
+def test_a_killed_save_leaves_nothing_the_next_save_keeps(tmp_path):
+    model, _, _ = make_model()
+    (tmp_path / ".step_7.tmp" / "models").mkdir(parents=True)  # a save of step 7 killed half-way
+    (tmp_path / ".tmp-final-123").mkdir()
+    save_checkpoint(tmp_path, 3, models={"m": model})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_3"]
