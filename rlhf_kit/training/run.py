@@ -70,9 +70,18 @@ def one_line_errors(program: str, *kinds: type[BaseException]) -> Iterator[None]
         else:
             raise
         bad_input = isinstance(e, (ValueError, FileNotFoundError)) or not isinstance(e, (RunError, OSError))
-        start = "" if bad_input else "\n"  # a run stopped on the way: off the progress bar's line
-        print(f"{start}{program}: error: {text.splitlines()[0]}", file=sys.stderr, flush=True)
+        _close_progress_bars()  # so the message is the last line, not a bar redrawn at exit
+        print(f"{program}: error: {text.splitlines()[0]}", file=sys.stderr, flush=True)
         raise SystemExit(2 if bad_input else 1) from None
+
+
+def _close_progress_bars() -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _flag(name: str) -> str:
