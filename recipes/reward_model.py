@@ -355,7 +355,6 @@ def main(cfg: Config) -> None:
 if __name__ == "__main__":
     from rlhf_kit.errors import RunError
 
-    with one_line_errors(
-        "reward_model.py", RunError
-    ):  # a full disk, a run that keeps producing NaN: one line
+    # a full disk, a run that keeps producing NaN: one line, not a traceback
+    with one_line_errors("reward_model.py", RunError):
         main(tyro.cli(Config))

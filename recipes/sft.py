@@ -364,5 +364,6 @@ def main(cfg: Config) -> None:
 if __name__ == "__main__":
     from rlhf_kit.errors import RunError
 
-    with one_line_errors("sft.py", RunError):  # a full disk, a run that keeps producing NaN: one line
+    # a full disk, a run that keeps producing NaN: one line, not a traceback
+    with one_line_errors("sft.py", RunError):
         main(tyro.cli(Config))
