@@ -307,8 +307,8 @@ def markdown(results: dict[str, Any]) -> str:
     for key, label in (("vs_trl", "ours_grpo vs TRL"), ("vs_ppo", "ours_grpo vs ours_ppo")):
         c = results.get(key)
         if c:
-            lines.append(f"| **{label}** | **{fmt(c['speedup'])}x faster** | | **{fmt(c.get("memory_ratio"))}x "
-                         f"the memory** | |")  # fmt: skip
+            mem = f"{c['memory_ratio']:.2f}x the memory" if "memory_ratio" in c else "memory n/a (CPU)"
+            lines.append(f"| **{label}** | **{c['speedup']:.2f}x faster** | | **{mem}** | |")
     return "\n".join(lines) + "\n"
 
 
