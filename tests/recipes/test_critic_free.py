@@ -3,6 +3,7 @@ exact resume, each estimator runs, and a verifiable reward is learned."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -92,17 +93,19 @@ def test_grpo_learns_a_verifiable_reward(estimator_runs):
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    "kwargs,message",
     [
-        (["--advantage-estimator", "rloo"], "needs --samples-per-prompt >= 2"),
-        (["--samples-per-prompt", "3", "--num-rollout-samples", "4"], "whole groups"),
-        (["--advantage-estimator", "grpo", "--samples-per-prompt", "2", "--critic-warmup-steps", "1"], "needs a critic"),
-        (["--kl-in-loss", "--adaptive-kl"], "--kl-in-loss"),
+        ({"advantage_estimator": "rloo"}, "needs --samples-per-prompt >= 2"),
+        ({"samples_per_prompt": 3, "num_rollout_samples": 4}, "whole groups"),
+        ({"advantage_estimator": "grpo", "samples_per_prompt": 2, "critic_warmup_steps": 1}, "needs a critic"),
+        ({"kl_in_loss": True, "adaptive_kl": True}, "--kl-in-loss"),
+        ({"samples_per_prompt": 2, "dynamic_dispatch": True}, "would split groups"),
+        ({"samples_per_prompt": 2, "num_rollout_samples": 3}, "x --samples-per-prompt 2 must be"),
     ],
 )  # fmt: skip
-def test_bad_estimator_configuration_stops_with_one_line(tmp_path, args, message):
-    proc = run("--output-dir", str(tmp_path / "o"), *FAST, *args, check=False)
-    assert proc.returncode == 2
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and message in err[0], proc.stderr
-    assert not (tmp_path / "o" / "init").exists()
+def test_bad_estimator_configuration_is_refused_before_any_model(kwargs, message):
+    """In-process (the one-line CLI path is tests/recipes/test_ppo.py's): ``validate`` raises first."""
+    from recipes.ppo import PPOConfig, validate
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(PPOConfig(global_batch_size=4, micro_batch_size=2, **kwargs), world_size=1)

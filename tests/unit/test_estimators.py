@@ -199,6 +199,19 @@ def test_sequence_aggregation_micro_times_accumulation_equivalence(tokenizer, ag
 
 
 def _two_rank_body(rank: int) -> None:
+    import torch.distributed as dist
+
+    from rlhf_kit.ppo import PromptStream
+
+    # the recipe's layout: the stream splits a step's prompts over ranks, then each rank repeats its own
+    stream = PromptStream([[i, i + 1] for i in range(10)], seed=0)
+    mine_prompts = repeat_prompts(stream.next_batch(4, rank, 2), 3)
+    gathered = [None, None]
+    dist.all_gather_object(gathered, mine_prompts)
+    assert all(g[j] == g[j - j % 3] for g in gathered for j in range(6))  # whole groups on each rank
+    assert sorted(p[0] for g in gathered for p in g[::3]) == sorted(
+        p[0] for p in PromptStream([[i, i + 1] for i in range(10)], seed=0).next_batch(4)
+    )  # together: the step's 4 prompts, once each
     full = _group_rollout(n_groups=4, k=2, seed=1)
     full.scores = torch.randn(8, generator=torch.Generator().manual_seed(2))
     full.logprobs = torch.randn(full.logprobs.shape, generator=torch.Generator().manual_seed(3))
