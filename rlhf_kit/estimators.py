@@ -6,7 +6,7 @@ layout); their advantage is broadcast to every response token. REINFORCE++ needs
 normalises per-token returns over the whole batch. None of them needs a critic (``values`` stay zero).
 
 Estimators (``ESTIMATORS``): ``gae`` (with a critic, ``rlhf_kit.advantages.GAE``), ``rloo``, ``grpo``,
-``dr_grpo``, ``reinforce_pp``.
+``dr_grpo``, ``reinforce_pp``, ``reinforce_pp_baseline`` (REINFORCE++ on scores minus their group mean).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 from rlhf_kit.advantages import whiten
 
-ESTIMATORS = ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp")
-GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo")
+ESTIMATORS = ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
 

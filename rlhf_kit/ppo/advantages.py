@@ -29,7 +29,8 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
     ``gae``: GAE on the critic's values (whitened advantages if configured). ``rloo`` / ``grpo`` /
     ``dr_grpo``: the group baseline of each sequence's return (score minus ``kl_coef`` times its summed
     KL; ``cfg.group_size`` consecutive samples per prompt), broadcast to its tokens, returns = the
-    sequence return on every token. ``reinforce_pp``: reward-to-go normalised over the global batch.
+    sequence return on every token. ``reinforce_pp``: reward-to-go normalised over the global batch;
+    ``reinforce_pp_baseline``: the same after subtracting each group's mean score (Hu 2025, sec. 3.3).
     With ``cfg.kl_in_loss`` the reward carries no KL (the policy loss does). Returns the completed
     rollout and statistics (mean KL per sequence, score stats, ...).
     """
@@ -43,7 +44,10 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
         adv, ret = GAE(cfg.gamma, cfg.lam)(rewards, rollout.values, m)
         if cfg.normalize_advantages:
             adv = whiten(adv, m)
-    elif est == "reinforce_pp":
+    elif est in ("reinforce_pp", "reinforce_pp_baseline"):
+        if est == "reinforce_pp_baseline":
+            centred = grpo_advantages(scores, cfg.group_size, scale_by_std=False)  # score - group mean
+            rewards = shape_rewards(centred, kl, m, 0.0 if cfg.kl_in_loss else kl_coef)
         adv, ret = reinforce_pp_advantages(rewards, m, cfg.gamma)
     else:
         seq_return = rewards.sum(-1)

@@ -11,12 +11,15 @@ from typing import Literal
 class EstimatorOptions:
     """Advantage estimator and policy-loss shape: PPO with a critic (GAE) or a critic-free estimator."""
 
-    advantage_estimator: Literal["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp"] = "gae"
+    advantage_estimator: Literal[
+        "gae", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"
+    ] = "gae"
     """gae: PPO with a critic. Critic-free (no critic is built, trained or saved): rloo (leave-one-out
     baseline), grpo (group mean / std), dr_grpo (group mean only), reinforce_pp (batch-normalised
-    reward-to-go). See rlhf_kit.estimators and docs/ppo.md."""
+    reward-to-go), reinforce_pp_baseline (the same on scores minus the group mean). See
+    rlhf_kit.estimators and docs/ppo.md."""
     samples_per_prompt: int = 1
-    """Responses sampled per prompt (a group; rloo/grpo/dr_grpo need >= 2). A step has
+    """Responses sampled per prompt (a group; rloo/grpo/dr_grpo/reinforce_pp_baseline need >= 2). A step has
     --num-rollout-samples x this many samples; groups stay whole on one rank and in one mini-batch."""
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
     """Policy loss reduction: token mean over the mini-batch, mean of per-sequence token means (GRPO), or

@@ -135,7 +135,7 @@ def test_buffer_keeps_groups_whole_under_shuffling():
     assert repeat_prompts([[1, 2], [3]], 2) == [[1, 2], [1, 2], [3], [3]]
 
 
-@pytest.mark.parametrize("est", ["rloo", "grpo", "dr_grpo", "reinforce_pp"])
+@pytest.mark.parametrize("est", ["rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"])
 def test_critic_free_experience_and_advantages(tokenizer, est):
     actor, ref = make_causal_lm(tokenizer, seed=1), make_causal_lm(tokenizer, seed=2)
     rm = make_reward_model(tokenizer, seed=3)
@@ -146,7 +146,10 @@ def test_critic_free_experience_and_advantages(tokenizer, est):
     out, stats = compute_advantages(r, 0.0, cfg)
     m = r.response_mask.bool()
     assert torch.equal(out.advantages[~m], torch.zeros(int((~m).sum())))
-    if est != "reinforce_pp":  # the first group's scores are equal: zero advantage
+    if est == "reinforce_pp_baseline":  # the equal-score group's return is 0 (no KL): below the mean
+        assert torch.equal(out.rewards[:2], torch.zeros_like(out.rewards[:2]))
+        assert out.returns[2, 0] == 1.5 and out.returns[3, 0] == -1.5  # 3 - 1.5, 0 - 1.5 to go
+    elif est != "reinforce_pp":  # the first group's scores are equal: zero advantage
         assert torch.equal(out.advantages[:2], torch.zeros_like(out.advantages[:2]))
         expected = {"rloo": 3.0, "grpo": 1.5 / (1.5 * 2**0.5 + 1e-4), "dr_grpo": 1.5}[est]
         assert out.advantages[2, 0].item() == pytest.approx(expected, rel=1e-4)
