@@ -34,7 +34,14 @@ def fill_defaults(cfg, is_main: bool):
         if cfg.actor is not None:
             raise ValueError("--actor was given without --reward-model or --reward-fn")
         updates["reward_model"] = default_reward_model(cfg.output_dir, cfg.seed, is_main, tokenizer)
-    if cfg.reward_fn is not None and cfg.critic is None and cfg.reward_model is None and not remote:
+    critic_free = getattr(cfg, "advantage_estimator", "gae") != "gae"  # nothing to initialise
+    if (
+        cfg.reward_fn is not None
+        and cfg.critic is None
+        and cfg.reward_model is None
+        and not remote
+        and not critic_free
+    ):
         updates["critic"] = os.path.join(init, "critic")
         if is_main and not os.path.exists(os.path.join(updates["critic"], "config.json")):
             from transformers import AutoTokenizer

@@ -1,4 +1,5 @@
-"""PPO with four models: actor, critic, frozen reference and reward model (or a reward function).
+"""PPO with four models: actor, critic, frozen reference and reward model (or a reward function);
+or critic-free (--advantage-estimator rloo|grpo|dr_grpo|reinforce_pp): no critic at all.
 
     python recipes/ppo.py                                  # embedded default: tiny models, shipped HH
     accelerate launch recipes/ppo.py --actor sft/final --reward-model rm/final \
@@ -25,12 +26,15 @@ import tyro
 from recipes._ppo_defaults import fill_defaults
 from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
 from rlhf_kit.data.tokenizer import load_tokenizer, stop_token_ids
+from rlhf_kit.estimators import needs_critic
 from rlhf_kit.generation.base import SamplingParams
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.ppo import (
+    EstimatorOptions,
     ExperienceConfig,
     PromptStream,
     UpdateConfig,
+    check_estimator_options,
     collect_experience,
     compute_advantages,
     load_ppo_models,
@@ -40,6 +44,7 @@ from rlhf_kit.ppo import (
     optimizer_state_offloaded,
     place_ppo_models,
     ppo_update,
+    repeat_prompts,
     resume_ppo,
     save_final_models,
     save_ppo_checkpoint,
@@ -61,9 +66,10 @@ from rlhf_kit.training.validate import check_same_tokenizer
 
 
 @dataclass
-class PPOConfig(TrainingOptions):
+class PPOConfig(TrainingOptions, EstimatorOptions):
     """PPO training. Every field is a command-line flag (``--field-name``); the shared optimisation and
-    bookkeeping fields come first (rlhf_kit.training.options.TrainingOptions)."""
+    bookkeeping fields come first (rlhf_kit.training.options.TrainingOptions), then the estimator's
+    (rlhf_kit.ppo.options.EstimatorOptions)."""
 
     # --- models and data ----------------------------------------------------------------------
     actor: str | None = None
@@ -135,7 +141,7 @@ class PPOConfig(TrainingOptions):
     lam: float = 0.95
     """GAE lambda."""
     normalize_advantages: bool = True
-    """Whiten advantages over all valid tokens (statistics over all ranks)."""
+    """Whiten GAE advantages over all valid tokens (statistics over all ranks; gae only)."""
 
     # --- optimisation (batch sizes, AdamW, LoRA, bookkeeping: rlhf_kit.training.options) -------
     global_batch_size: int = 8
@@ -202,10 +208,11 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
 
     check_numbers(cfg, positive=POSITIVE, non_negative=NON_NEGATIVE, unit_interval=("gamma", "lam"))
     accum = resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size)
-    if cfg.num_rollout_samples % cfg.global_batch_size:
+    check_estimator_options(cfg, world_size)
+    if cfg.num_rollout_samples * cfg.samples_per_prompt % cfg.global_batch_size:
         raise ValueError(
-            f"--num-rollout-samples {cfg.num_rollout_samples} must be a multiple of "
-            f"--global-batch-size {cfg.global_batch_size} (each mini-batch is one optimizer step)"
+            f"--num-rollout-samples {cfg.num_rollout_samples} x --samples-per-prompt {cfg.samples_per_prompt} "
+            f"must be a multiple of --global-batch-size {cfg.global_batch_size} (a mini-batch is one step)"
         )
     if cfg.num_rollout_samples % world_size:
         raise ValueError(
@@ -226,6 +233,7 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
         and cfg.reward_model is None
         and cfg.actor is not None
         and cfg.critic_server is None
+        and needs_critic(cfg.advantage_estimator)
     ):
         raise ValueError("--reward-fn needs --critic (or --reward-model) to initialise the critic")
     if cfg.master_weights and (world_size > 1 or cfg.fsdp):
@@ -243,7 +251,8 @@ def experience_config(cfg: PPOConfig, stats: dict | None) -> ExperienceConfig:
         temperature=cfg.temperature, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
         normalize_advantages=cfg.normalize_advantages, missing_eos_penalty=cfg.missing_eos_penalty,
         score_mean=stats["mean"] if stats else 0.0, score_std=stats["std"] if stats else 1.0,
-        micro_batch_size=cfg.rollout_micro_batch_size,
+        micro_batch_size=cfg.rollout_micro_batch_size, advantage_estimator=cfg.advantage_estimator,
+        group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss,
     )  # fmt: skip
 
 
@@ -257,10 +266,11 @@ def sampling_params(cfg: PPOConfig, tokenizer) -> SamplingParams:
 
 
 def update_config(cfg: PPOConfig, world_size: int, train_critic: bool) -> UpdateConfig:
-    """Update settings; the critic trains here unless a critic server holds it."""
+    """Update settings; the critic trains here unless a critic server holds it (or there is none)."""
     return UpdateConfig(
         mini_batch_size=cfg.global_batch_size // world_size, micro_batch_size=cfg.micro_batch_size,
         ppo_epochs=cfg.ppo_epochs, max_grad_norm=cfg.max_grad_norm, train_critic=train_critic,
+        group_size=cfg.samples_per_prompt,
     )  # fmt: skip
 
 
@@ -280,7 +290,10 @@ def main(cfg: PPOConfig) -> dict:
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.actor, padding_side="left")  # pads with EOS if it has no pad token
     check_same_tokenizer(tokenizer, {"--reward-model": cfg.reward_model, "--critic": cfg.critic})
-    updates_per_step = cfg.ppo_epochs * cfg.num_rollout_samples // cfg.global_batch_size
+    updates_per_step = (
+        cfg.ppo_epochs * cfg.num_rollout_samples * cfg.samples_per_prompt // cfg.global_batch_size
+    )
+    use_critic = needs_critic(cfg.advantage_estimator)  # critic-free estimators build no critic
     total = cfg.max_steps * updates_per_step
     remote, server = (None, {})  # with --critic-server, critic and RM live in that job
     if cfg.critic_server is not None:
@@ -289,7 +302,7 @@ def main(cfg: PPOConfig) -> dict:
             need_scores=cfg.reward_fn is None, timeout=cfg.critic_server_timeout,
         )  # fmt: skip
     models = load_ppo_models(
-        cfg.actor, None if remote else cfg.critic or cfg.reward_model,
+        cfg.actor, None if remote or not use_critic else cfg.critic or cfg.reward_model,
         None if cfg.reward_fn or remote else cfg.reward_model, tokenizer,
         lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha), gradient_checkpointing=cfg.gradient_checkpointing,
         device=device,
@@ -314,7 +327,11 @@ def main(cfg: PPOConfig) -> dict:
     # 4. The step's pieces: KL controller, scoring, losses, generation backend (and its weight sync).
     kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
     exp_cfg = experience_config(cfg, stats)
-    policy_loss, value_loss = PPOPolicyLoss(cfg.ratio_eps, cfg.entropy_coef), ValueLoss(cfg.value_clip)
+    policy_loss = PPOPolicyLoss(
+        cfg.ratio_eps, cfg.entropy_coef, cfg.loss_aggregation, kl_coef=cfg.kl_coef if cfg.kl_in_loss else 0.0,
+        norm_constant=cfg.loss_norm_constant or cfg.max_new_tokens,
+    )  # fmt: skip
+    value_loss = ValueLoss(cfg.value_clip) if use_critic else None
     dynamic = cfg.dynamic_dispatch and acc.num_processes > 1
     backend, sync_weights = make_backend(
         cfg.backend, actor, tokenizer, actor_path=cfg.actor, accelerator=acc, dynamic=dynamic,
@@ -338,7 +355,7 @@ def main(cfg: PPOConfig) -> dict:
         sync_weights()
         acc.print(f"resumed from step {step}")
     logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=asdict(cfg))
-    update_cfg = update_config(cfg, acc.num_processes, train_critic=remote is None)
+    update_cfg = update_config(cfg, acc.num_processes, train_critic=remote is None and use_critic)
     guard = NonFiniteGuard(cfg.max_bad_steps)  # NaN/inf rewards, losses, gradients: skipped, counted
 
     # 6. The PPO loop: rollout, advantages, update (the critic half on the server with --critic-server).
@@ -350,7 +367,8 @@ def main(cfg: PPOConfig) -> dict:
         timer.reset()
         rank, world = (0, 1) if dynamic else (acc.process_index, acc.num_processes)
         with optimizer_state_offloaded(opts.values(), device, enabled=cfg.offload_optimizer):
-            data, rollout_stats = rollout(stream.next_batch(cfg.num_rollout_samples, rank, world))
+            prompts = stream.next_batch(cfg.num_rollout_samples, rank, world)  # then K in a row: groups
+            data, rollout_stats = rollout(repeat_prompts(prompts, cfg.samples_per_prompt))
         data = guard.drop_samples(data)  # samples with a NaN/inf score, log-prob or value
         data, exp_stats = compute_advantages(data, kl_ctl.value, exp_cfg)
         buffer = RolloutBuffer(pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + step)

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlhf_kit.advantages import masked_mean
+from rlhf_kit.estimators import AGGREGATIONS, aggregate_loss
+from rlhf_kit.kl import kl_penalty
 
 
 class PairwiseStats(NamedTuple):
@@ -63,19 +65,41 @@ class PolicyStats(NamedTuple):
     approx_kl: torch.Tensor
     ratio_mean: torch.Tensor
     entropy: torch.Tensor
+    ref_kl: torch.Tensor | None = None
+    """k3 KL to the reference (aggregated like the loss) when it is a loss term, else None."""
 
 
 class PPOPolicyLoss(nn.Module):
     """Clipped surrogate objective (Schulman et al. 2017, arXiv:1707.06347, eq. 7) plus entropy bonus.
 
-    ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))) - entropy_coef * H``
-    with ``ratio = exp(logprobs - old_logprobs)``.
+    ``loss = agg(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))) - entropy_coef * H
+    + kl_coef * agg(k3(logprobs, ref_logprobs))`` with ``ratio = exp(logprobs - old_logprobs)``.
+    ``agg`` is :func:`rlhf_kit.estimators.aggregate_loss` with ``aggregation`` (default the token mean;
+    ``seq_mean_token_sum`` divides by ``norm_constant``); the KL term is GRPO's (Shao et al. 2024,
+    eq. 3-4: k3 against the reference in the loss instead of the reward), off at ``kl_coef = 0``.
     """
 
-    def __init__(self, clip_eps: float = 0.2, entropy_coef: float = 0.0):
+    def __init__(
+        self,
+        clip_eps: float = 0.2,
+        entropy_coef: float = 0.0,
+        aggregation: str = "token_mean",
+        kl_coef: float = 0.0,
+        norm_constant: float | None = None,
+    ):
         super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown loss aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+        if aggregation == "seq_mean_token_sum" and not (norm_constant and norm_constant > 0):
+            raise ValueError("aggregation seq_mean_token_sum needs a positive norm_constant")
         self.clip_eps = clip_eps
         self.entropy_coef = entropy_coef
+        self.aggregation = aggregation
+        self.kl_coef = kl_coef
+        self.norm_constant = norm_constant
+
+    def _agg(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return aggregate_loss(x, mask, self.aggregation, self.norm_constant)
 
     def forward(
         self,
@@ -84,21 +108,29 @@ class PPOPolicyLoss(nn.Module):
         advantages: torch.Tensor,
         mask: torch.Tensor,
         entropy: torch.Tensor | None = None,
+        ref_logprobs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PolicyStats]:
         """Args: all ``(b, t)``; ``mask`` 1 on tokens that take gradient; ``entropy`` optional
-        ``(b, t)`` (required when ``entropy_coef`` is non-zero)."""
+        ``(b, t)`` (required when ``entropy_coef`` is non-zero); ``ref_logprobs`` the reference's
+        log-probs (required when ``kl_coef`` is non-zero)."""
         log_ratio = logprobs - old_logprobs
         ratio = torch.exp(log_ratio)
         unclipped = -advantages * ratio
         clipped = -advantages * ratio.clamp(1.0 - self.clip_eps, 1.0 + self.clip_eps)
-        pg = masked_mean(torch.maximum(unclipped, clipped), mask)
+        pg = self._agg(torch.maximum(unclipped, clipped), mask)
         loss = pg
         ent = torch.zeros((), device=logprobs.device)
         if entropy is not None:
-            ent = masked_mean(entropy, mask)
+            ent = self._agg(entropy, mask)
             loss = loss - self.entropy_coef * ent
         elif self.entropy_coef:
             raise ValueError("entropy_coef is non-zero but no entropy was passed")
+        ref_kl = None
+        if self.kl_coef:
+            if ref_logprobs is None:
+                raise ValueError("kl_coef is non-zero but no ref_logprobs were passed")
+            ref_kl = self._agg(kl_penalty(logprobs, ref_logprobs, "k3"), mask)
+            loss = loss + self.kl_coef * ref_kl
         with torch.no_grad():
             stats = PolicyStats(
                 loss=pg.detach(),
@@ -107,6 +139,7 @@ class PPOPolicyLoss(nn.Module):
                 approx_kl=masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
                 ratio_mean=masked_mean(ratio, mask),
                 entropy=ent.detach(),
+                ref_kl=None if ref_kl is None else ref_kl.detach(),
             )
         return loss, stats
 

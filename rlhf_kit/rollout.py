@@ -147,15 +147,27 @@ class RolloutBuffer:
         shuffle: bool = True,
         device: torch.device | str | None = None,
         drop_last: bool = False,
+        group_size: int = 1,
     ) -> Iterator[Rollout]:
         """Mini-batches of ``batch_size`` samples, ``epochs`` passes, order from the seeded generator.
 
-        Each mini-batch is trimmed to its own widest response (right padding) to save compute.
+        With ``group_size`` K > 1 the data is ``len / K`` consecutive groups (K samples of one prompt)
+        and the shuffle moves whole groups, so a group is never split across mini-batches
+        (``batch_size`` must be a multiple of K). Each mini-batch is trimmed to its own widest
+        response (right padding) to save compute.
         """
         data = self.data()
         total = data.batch_size
+        if group_size < 1 or total % group_size or batch_size % group_size:
+            raise ValueError(
+                f"RolloutBuffer: {total} samples and mini-batches of {batch_size} must both be multiples "
+                f"of the group size {group_size}"
+            )
+        n_groups = total // group_size
+        offsets = torch.arange(group_size)
         for _ in range(epochs):
-            order = torch.randperm(total, generator=self.generator) if shuffle else torch.arange(total)
+            groups = torch.randperm(n_groups, generator=self.generator) if shuffle else torch.arange(n_groups)
+            order = (groups[:, None] * group_size + offsets).reshape(-1)
             for s in range(0, total, batch_size):
                 idx = order[s : s + batch_size]
                 if drop_last and len(idx) < batch_size:

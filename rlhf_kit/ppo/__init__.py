@@ -16,7 +16,7 @@ protocols of ``remote.py``.
 One file per step: ``generate.py`` (prompts -> backend -> generations, dynamic dispatch),
 ``experience.py`` (generations -> four-model scores -> ``Rollout``), ``advantages.py`` (shaped
 rewards, GAE), ``update.py`` (``ppo_update``), with ``scorers.py`` (reward model or function),
-``prompts.py`` (``PromptStream``), ``models.py`` (loading the four models), ``setup.py`` (scorer,
+``prompts.py`` (``PromptStream``, ``repeat_prompts``), ``options.py`` (estimator flags), ``models.py`` (loading the four models), ``setup.py`` (scorer,
 KL controller, placement, backend) and ``run.py`` (resume, checkpoints, metrics, final save).
 Every public name is importable from ``rlhf_kit.ppo``.
 
@@ -38,7 +38,8 @@ from rlhf_kit.ppo.generate import (
     split_generation,
 )
 from rlhf_kit.ppo.models import PPOModels, load_critic_and_reward_model, load_ppo_models
-from rlhf_kit.ppo.prompts import PromptStream
+from rlhf_kit.ppo.options import EstimatorOptions, check_estimator_options
+from rlhf_kit.ppo.prompts import PromptStream, repeat_prompts
 from rlhf_kit.ppo.remote import CriticInference, CriticTrainer
 from rlhf_kit.ppo.run import (
     optimizer_state_offloaded,
@@ -67,12 +68,14 @@ from rlhf_kit.ppo.update import UpdateConfig, mean_over_ranks, ppo_update
 __all__ = [
     "CriticInference",
     "CriticTrainer",
+    "EstimatorOptions",
     "ExperienceConfig",
     "FunctionScorer",
     "PPOModels",
     "PromptStream",
     "RewardModelScorer",
     "UpdateConfig",
+    "check_estimator_options",
     "collect_experience",
     "compute_advantages",
     "decode_prompts_and_responses",
@@ -91,6 +94,7 @@ __all__ = [
     "optimizer_state_offloaded",
     "place_ppo_models",
     "ppo_update",
+    "repeat_prompts",
     "resume_ppo",
     "save_final_models",
     "save_ppo_checkpoint",

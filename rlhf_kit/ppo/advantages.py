@@ -1,5 +1,6 @@
-"""Step 3 of PPO, advantages: shaped per-token rewards (score + KL penalty), GAE advantages and returns
-(the math is in ``rlhf_kit.rewards``, ``rlhf_kit.kl`` and ``rlhf_kit.advantages``; this is its wiring).
+"""Step 3 of PPO, advantages: shaped per-token rewards (score + KL penalty), GAE advantages and returns,
+or a critic-free estimator (RLOO, GRPO, Dr. GRPO, REINFORCE++) (the math is in ``rlhf_kit.rewards``,
+``rlhf_kit.kl``, ``rlhf_kit.advantages`` and ``rlhf_kit.estimators``; this is its wiring).
 """
 
 from __future__ import annotations
@@ -8,6 +9,13 @@ import torch
 import torch.distributed as dist
 
 from rlhf_kit.advantages import GAE, masked_mean, whiten
+from rlhf_kit.estimators import (
+    broadcast_to_tokens,
+    grpo_advantages,
+    needs_critic,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from rlhf_kit.kl import kl_penalty
 from rlhf_kit.losses import explained_variance
 from rlhf_kit.ppo.experience import ExperienceConfig
@@ -26,20 +34,40 @@ def global_mean(x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) -> tuple[Rollout, dict]:
-    """Fill in shaped rewards, GAE advantages and returns (whitened advantages if configured).
+    """Fill in shaped rewards, advantages and returns with ``cfg.advantage_estimator``.
 
-    Returns the completed rollout and statistics (mean KL per sequence, score stats, ...). ``kl/seq_mean``
-    is the mean over all ranks (collective: every rank calls this), because it drives the adaptive KL
-    controller, which must see the same value everywhere; the other statistics are this rank's.
+    ``gae``: GAE on the critic's values (whitened advantages if configured). ``rloo`` / ``grpo`` /
+    ``dr_grpo``: the group baseline of each sequence's return (score minus ``kl_coef`` times its summed
+    KL; ``cfg.group_size`` consecutive samples per prompt), broadcast to its tokens, returns = the
+    sequence return on every token. ``reinforce_pp``: reward-to-go normalised over the global batch;
+    ``reinforce_pp_baseline``: the same after subtracting each group's mean score (Hu 2025, sec. 3.3).
+    With ``cfg.kl_in_loss`` the reward carries no KL (the policy loss does). Returns the completed
+    rollout and statistics (mean KL per sequence, score stats, ...). ``kl/seq_mean`` is the mean over all
+    ranks (collective: every rank calls this), because it drives the adaptive KL controller, which must
+    see the same value everywhere; the other statistics are this rank's.
     """
     m = rollout.response_mask
     kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * m
     scores = standardize_scores(rollout.scores, cfg.score_mean, cfg.score_std)
     scores = penalize_missing_eos(scores, rollout.finished, cfg.missing_eos_penalty)
-    rewards = shape_rewards(scores, kl, m, kl_coef)
-    adv, ret = GAE(cfg.gamma, cfg.lam)(rewards, rollout.values, m)
-    if cfg.normalize_advantages:
-        adv = whiten(adv, m)
+    rewards = shape_rewards(scores, kl, m, 0.0 if cfg.kl_in_loss else kl_coef)
+    est = cfg.advantage_estimator
+    if needs_critic(est):
+        adv, ret = GAE(cfg.gamma, cfg.lam)(rewards, rollout.values, m)
+        if cfg.normalize_advantages:
+            adv = whiten(adv, m)
+    elif est in ("reinforce_pp", "reinforce_pp_baseline"):
+        if est == "reinforce_pp_baseline":
+            centred = grpo_advantages(scores, cfg.group_size, scale_by_std=False)  # score - group mean
+            rewards = shape_rewards(centred, kl, m, 0.0 if cfg.kl_in_loss else kl_coef)
+        adv, ret = reinforce_pp_advantages(rewards, m, cfg.gamma)
+    else:
+        seq_return = rewards.sum(-1)
+        if est == "rloo":
+            seq_adv = rloo_advantages(seq_return, cfg.group_size)
+        else:
+            seq_adv = grpo_advantages(seq_return, cfg.group_size, scale_by_std=est == "grpo")
+        adv, ret = broadcast_to_tokens(seq_adv, m), broadcast_to_tokens(seq_return, m)
     out = Rollout(
         sequences=rollout.sequences,
         attention_mask=rollout.attention_mask,
@@ -70,6 +98,7 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
         .clamp(min=0)
         .sqrt()
         .item(),
-        "values/explained_variance": explained_variance(rollout.values, ret, m).item(),
     }
+    if needs_critic(est):
+        stats["values/explained_variance"] = explained_variance(rollout.values, ret, m).item()
     return out, stats

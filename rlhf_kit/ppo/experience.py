@@ -42,6 +42,12 @@ class ExperienceConfig:
     """Give responses without EOS no policy gradient (NeMo-Aligner's behaviour)."""
     micro_batch_size: int = 8
     """Samples per forward pass while scoring."""
+    advantage_estimator: str = "gae"
+    """``gae`` (with a critic) or a critic-free one of ``rlhf_kit.estimators.ESTIMATORS``."""
+    group_size: int = 1
+    """Samples per prompt, laid out as consecutive groups (the group estimators' baseline)."""
+    kl_in_loss: bool = False
+    """KL is a loss term (k3, GRPO style) instead of a reward penalty: the reward gets no KL."""
 
 
 @torch.no_grad()
@@ -63,7 +69,8 @@ def make_experience(
         actor: causal LM being trained; its log-probs are recomputed here (the old policy).
         reference: frozen initial policy; ``None`` with ``reference_fn`` for LoRA, where
             ``reference_fn()`` returns a context manager that disables the adapter on ``actor``.
-        critic: per-token value model (``TokenValueModel``); None with ``remote``.
+        critic: per-token value model (``TokenValueModel``); None with ``remote``, or with a
+            critic-free ``cfg.advantage_estimator`` (values are then zero).
         scorer: ``RewardModelScorer`` or ``FunctionScorer``; None when ``remote`` scores with its
             reward model.
         remote: any :class:`CriticInference` (a critic server client, ``rlhf_kit.serving.RemoteCritic``,
@@ -73,7 +80,10 @@ def make_experience(
     Returns:
         A :class:`Rollout` with rewards/advantages/returns still zero (see :func:`compute_advantages`).
     """
-    if critic is None and remote is None:
+    from rlhf_kit.estimators import needs_critic
+
+    critic_free = not needs_critic(cfg.advantage_estimator)
+    if critic is None and remote is None and not critic_free:
         raise ValueError("make_experience: pass a critic, or a remote critic (remote=)")
     seq, am, rmask = generation.sequences, generation.attention_mask, generation.response_mask
     p = generation.prompt_length
@@ -89,6 +99,8 @@ def make_experience(
         score = None
         if remote is not None:
             value, score = remote.infer(seq[sl], am[sl], p, rmask[sl], with_scores=scorer is None)
+        elif critic_free:
+            value = torch.zeros(rmask[sl].shape, device=seq.device)
         else:
             value = response_values(critic, seq[sl], am[sl], p)
         if score is None:

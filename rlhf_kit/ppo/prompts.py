@@ -51,3 +51,9 @@ class PromptStream:
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
         self._order = self._make_order()
+
+
+def repeat_prompts(prompts: Sequence[Sequence[int]], k: int) -> list[list[int]]:
+    """Each prompt ``k`` times in a row: the layout of groups (``[a, a, b, b]`` for ``k = 2``) that the
+    group estimators of ``rlhf_kit.estimators`` and ``RolloutBuffer(group_size=k)`` expect."""
+    return [list(p) for p in prompts for _ in range(k)]

@@ -83,7 +83,13 @@ def validation_metrics(
 ) -> tuple[dict, list[list]]:
     """Roll out ``prompts`` with ``rollout`` (e.g. a bound :func:`~rlhf_kit.ppo.collect_experience`) and
     return the ``val/`` statistics averaged over ranks and ``[step, prompt, response, score]`` sample rows."""
+    import dataclasses
+
+    from rlhf_kit.estimators import needs_critic
+
     data, _ = rollout(prompts)
+    if not needs_critic(exp_cfg.advantage_estimator):  # one sample per prompt: no groups to baseline
+        exp_cfg = dataclasses.replace(exp_cfg, advantage_estimator="reinforce_pp", group_size=1)
     data, stats = compute_advantages(data, kl_coef, exp_cfg)
     rows = [[step, *row] for row in decode_samples(tokenizer, data)]
     return mean_over_ranks({"val/" + k: stats[k] for k in VALIDATION_KEYS}, device), rows
@@ -148,7 +154,8 @@ def save_final_models(
 ) -> None:
     """``<output_dir>/final`` (the actor, FSDP2 shards gathered and LoRA merged, with ``ppo_config.json``)
     and ``<output_dir>/critic`` as standard HF directories; with ``remote`` the server writes the
-    critic under its own output directory (``final/critic``)."""
+    critic under its own output directory (``final/critic``); ``critic=None`` (a critic-free estimator)
+    writes no critic."""
     from rlhf_kit.training.hf import save_hf_model
     from rlhf_kit.training.run import write_json
 
@@ -156,7 +163,7 @@ def save_final_models(
     if remote is not None:
         if accelerator.is_main_process:
             remote.save("final")  # <server --output-dir>/final/critic
-    else:
+    elif critic is not None:
         save_hf_model(accelerator.unwrap_model(critic).model, os.path.join(output_dir, "critic"), tokenizer)
     if accelerator.is_main_process:
         write_json(os.path.join(output_dir, "final", "ppo_config.json"), config)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from rlhf_kit.estimators import aggregation_units
 from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.models.attention import padding_safe_sdpa
@@ -41,7 +42,10 @@ class UpdateConfig:
     train_actor: bool = True
     """False during critic warm-up."""
     train_critic: bool = True
-    """False when the critic trains elsewhere (a critic server, ``rlhf_kit.serving``): actor-only update."""
+    """False when the critic trains elsewhere (a critic server, ``rlhf_kit.serving``), or when there is
+    none (a critic-free estimator): actor-only update."""
+    group_size: int = 1
+    """Mini-batches take whole groups of this many consecutive samples (1: samples shuffle freely)."""
 
 
 def ppo_update(
@@ -61,8 +65,9 @@ def ppo_update(
     """``ppo_epochs`` passes over the buffer in mini-batches, each one optimizer step per model with
     gradient accumulation over micro-batches.
 
-    Each micro-batch's loss is weighted by its share of the mini-batch's valid tokens (counted over
-    all ranks), so the accumulated gradient equals that of one token-level mean over the whole
+    Each micro-batch's policy loss is weighted by its share of the mini-batch's aggregation units
+    (valid tokens for the token mean, sequences for the sequence means of ``policy_loss.aggregation``;
+    counted over all ranks), so the accumulated gradient equals that of one aggregate over the whole
     mini-batch: micro 1 x accumulation 4 gives the same step as micro 4 x accumulation 1.
 
     The actor trains when ``cfg.train_actor`` and ``actor_opt`` is given; the critic when
@@ -89,9 +94,13 @@ def ppo_update(
     def add(key: str, value) -> None:
         totals[key] = totals.get(key, 0.0) + float(value)
 
-    for mb in buffer.minibatches(cfg.mini_batch_size, epochs=cfg.ppo_epochs, device=device):
+    agg = getattr(policy_loss, "aggregation", "token_mean")
+    batches = buffer.minibatches(
+        cfg.mini_batch_size, cfg.ppo_epochs, device=device, group_size=cfg.group_size
+    )
+    for mb in batches:
         if train_actor:
-            p_tokens = _global_count(_policy_mask(mb, exp_cfg).sum()).clamp(min=1)
+            p_tokens = _global_count(aggregation_units(_policy_mask(mb, exp_cfg), agg)).clamp(min=1)
         if train_critic:
             v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
         for micro in split_rollout(mb, cfg.micro_batch_size):
@@ -108,13 +117,15 @@ def ppo_update(
                         exp_cfg.temperature,
                         with_entropy=True,
                     )
-                    loss, ps = policy_loss(lp, micro.logprobs, micro.advantages, pm, ent)
-                    backward(loss * (pm.sum() * world / p_tokens))
+                    loss, ps = policy_loss(lp, micro.logprobs, micro.advantages, pm, ent, micro.ref_logprobs)
+                    backward(loss * (aggregation_units(pm, agg) * world / p_tokens))
                     add("policy/loss", ps.loss)
                     add("policy/clip_fraction", ps.clip_fraction)
                     add("policy/approx_kl", ps.approx_kl)
                     add("policy/ratio_mean", ps.ratio_mean)
                     add("policy/entropy", ps.entropy)
+                    if ps.ref_kl is not None:
+                        add("policy/ref_kl", ps.ref_kl)
                 if train_critic:
                     vm = micro.response_mask.float()
                     values = response_values(critic, micro.sequences, micro.attention_mask, p)

@@ -1,0 +1,58 @@
+"""The estimator fields of the PPO recipe's config (advantage estimator, samples per prompt, loss
+aggregation, where the KL goes) and their checks, defined and documented once here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class EstimatorOptions:
+    """Advantage estimator and policy-loss shape: PPO with a critic (GAE) or a critic-free estimator."""
+
+    advantage_estimator: Literal[
+        "gae", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"
+    ] = "gae"
+    """gae: PPO with a critic. Critic-free (no critic is built, trained or saved): rloo (leave-one-out
+    baseline), grpo (group mean / std), dr_grpo (group mean only), reinforce_pp (batch-normalised
+    reward-to-go), reinforce_pp_baseline (the same on scores minus the group mean). See
+    rlhf_kit.estimators and docs/ppo.md."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (a group; rloo/grpo/dr_grpo/reinforce_pp_baseline need >= 2). A step has
+    --num-rollout-samples x this many samples; groups stay whole on one rank and in one mini-batch."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    """Policy loss reduction: token mean over the mini-batch, mean of per-sequence token means (GRPO), or
+    mean of per-sequence token sums over --loss-norm-constant (Dr. GRPO)."""
+    loss_norm_constant: float | None = None
+    """Divisor of seq_mean_token_sum; None: --max-new-tokens."""
+    kl_in_loss: bool = False
+    """KL to the reference as a loss term (k3, weight --kl-coef, GRPO style) instead of a per-token
+    reward penalty."""
+
+
+def check_estimator_options(cfg, world_size: int) -> None:
+    """One-line ``ValueError`` for estimator settings that cannot work together (before any model)."""
+    from rlhf_kit.estimators import GROUP_ESTIMATORS, needs_critic
+
+    k = cfg.samples_per_prompt
+    if k < 1:
+        raise ValueError(f"--samples-per-prompt must be >= 1, got {k}")
+    if cfg.advantage_estimator in GROUP_ESTIMATORS and k < 2:
+        raise ValueError(f"--advantage-estimator {cfg.advantage_estimator} needs --samples-per-prompt >= 2")
+    if (cfg.global_batch_size // world_size) % k:
+        raise ValueError(
+            f"--global-batch-size {cfg.global_batch_size} over {world_size} rank(s) must hold whole groups "
+            f"of --samples-per-prompt {k}"
+        )
+    if k > 1 and cfg.dynamic_dispatch:
+        raise ValueError("--dynamic-dispatch rebalances samples across ranks and would split groups")
+    if not needs_critic(cfg.advantage_estimator):
+        if cfg.critic_server is not None:
+            raise ValueError(
+                f"--critic-server with --advantage-estimator {cfg.advantage_estimator}: no critic"
+            )
+        if cfg.critic_warmup_steps:
+            raise ValueError("--critic-warmup-steps needs a critic (--advantage-estimator gae)")
+    if cfg.kl_in_loss and cfg.adaptive_kl:
+        raise ValueError("--kl-in-loss takes a fixed --kl-coef (no --adaptive-kl)")
