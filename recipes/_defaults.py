@@ -25,12 +25,12 @@ PRETRAINED_MAX_LENGTH = 1024
 def default_model(output_dir: Path, kind: str, seed: int = 0) -> str:
     """Path of the embedded tiny model (``kind``: ``"reward"`` or ``"causal_lm"``), created if missing."""
     from rlhf_kit.tiny import save_tiny_pretrained
+    from rlhf_kit.training.atomic import atomic_directory
 
     path = Path(output_dir) / f"tiny_{kind}"
     if is_main_process() and not (path / "config.json").is_file():
-        tmp = path.with_name(path.name + ".tmp")
-        save_tiny_pretrained(str(tmp), kind=kind, family="llama", seed=seed)
-        tmp.replace(path)
+        with atomic_directory(path, f"the embedded tiny {kind} model") as tmp:  # complete or absent
+            save_tiny_pretrained(str(tmp), kind=kind, family="llama", seed=seed)
     barrier()
     return str(path)
 

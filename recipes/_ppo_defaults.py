@@ -13,9 +13,11 @@ def fill_defaults(cfg, is_main: bool):
     missing reward model (and no reward function or critic server) -> a tiny random RM sharing that
     tokenizer (:func:`default_reward_model`); missing prompts -> the shipped HH sample split into
     train/test prompt files under ``<output_dir>/data``.
-    Only the main process writes; others wait at the caller's barrier.
+    Only the main process writes; others wait at the caller's barrier. Each model directory is written
+    under a temporary name and renamed into place, so a kill never leaves a half-written one.
     """
     from rlhf_kit.tiny import save_tiny_pretrained, train_tokenizer
+    from rlhf_kit.training.atomic import atomic_directory
 
     init = os.path.join(cfg.output_dir, "init")
     updates = {}
@@ -24,7 +26,8 @@ def fill_defaults(cfg, is_main: bool):
         updates["actor"] = os.path.join(init, "actor")
         if is_main and not os.path.exists(os.path.join(updates["actor"], "config.json")):
             tokenizer = train_tokenizer()
-            save_tiny_pretrained(updates["actor"], "causal_lm", tokenizer=tokenizer, seed=cfg.seed)
+            with atomic_directory(updates["actor"], "the embedded default actor") as tmp:
+                save_tiny_pretrained(str(tmp), "causal_lm", tokenizer=tokenizer, seed=cfg.seed)
             print(f"embedded default: tiny random actor written to {updates['actor']}")
     remote = getattr(cfg, "critic_server", None) is not None  # the server holds critic and RM
     if cfg.reward_model is None and cfg.reward_fn is None and not remote:
@@ -44,7 +47,8 @@ def fill_defaults(cfg, is_main: bool):
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(updates.get("actor", cfg.actor))
-            save_tiny_pretrained(updates["critic"], "reward", tokenizer=tok, seed=cfg.seed + 2)
+            with atomic_directory(updates["critic"], "the embedded default critic") as tmp:
+                save_tiny_pretrained(str(tmp), "reward", tokenizer=tok, seed=cfg.seed + 2)
     if cfg.train_prompts is None or cfg.val_prompts is None:
         from rlhf_kit.data.hh import prepare_default_hh
 
@@ -67,8 +71,10 @@ def default_reward_model(output_dir: str, seed: int, is_main: bool = True, token
     embedded BPE tokenizer unless ``tokenizer`` is given), written by the main process if missing.
     The PPO recipe and recipes/critic_server.py share it, so their embedded defaults pair up."""
     from rlhf_kit.tiny import save_tiny_pretrained, train_tokenizer
+    from rlhf_kit.training.atomic import atomic_directory
 
     path = os.path.join(output_dir, "init", "reward_model")
     if is_main and not os.path.exists(os.path.join(path, "config.json")):
-        save_tiny_pretrained(path, "reward", tokenizer=tokenizer or train_tokenizer(), seed=seed + 1)
+        with atomic_directory(path, "the embedded default reward model") as tmp:
+            save_tiny_pretrained(str(tmp), "reward", tokenizer=tokenizer or train_tokenizer(), seed=seed + 1)
     return path

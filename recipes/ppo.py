@@ -56,10 +56,13 @@ from rlhf_kit.rollout import RolloutBuffer
 from rlhf_kit.serving import connect_critic_server
 from rlhf_kit.training.checkpoint import latest_checkpoint
 from rlhf_kit.training.dist import env_world_size, seed_everything
+from rlhf_kit.training.guard import NonFiniteGuard
 from rlhf_kit.training.hf import LoraSettings, make_accelerator
 from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
 from rlhf_kit.training.options import TrainingOptions
 from rlhf_kit.training.placement import OptimSettings
+from rlhf_kit.training.run import start_run
+from rlhf_kit.training.validate import check_same_tokenizer
 
 
 @dataclass
@@ -187,11 +190,23 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     """Save a resumable checkpoint every this many steps (and after the last one)."""
 
 
+#: Fields checked > 0 / >= 0 before anything is loaded (every float field is also checked finite).
+POSITIVE = ("max_steps", "num_rollout_samples", "rollout_micro_batch_size", "max_prompt_length",
+            "max_new_tokens", "actor_lr", "critic_lr", "ppo_epochs", "val_check_interval", "save_interval")  # fmt: skip
+NON_NEGATIVE = ("actor_min_lr", "critic_min_lr", "kl_coef", "entropy_coef", "ratio_eps", "value_clip",
+                "weight_decay", "max_grad_norm", "warmup_steps", "critic_warmup_steps", "max_bad_steps")  # fmt: skip
+#: Settings that may change on --resume besides output and reporting ones (they change no weights).
+MAY_CHANGE = ("offload_idle_models", "offload_optimizer")
+
+
 def validate(cfg: PPOConfig, world_size: int) -> int:
     """Check the configuration before loading anything; returns gradient-accumulation steps."""
+    from rlhf_kit.data import load_prompts
     from rlhf_kit.training.batching import resolve_batch_sizes
+    from rlhf_kit.training.run import check_numbers
     from rlhf_kit.training.validate import check_model_path, check_path_exists
 
+    check_numbers(cfg, positive=POSITIVE, non_negative=NON_NEGATIVE, unit_interval=("gamma", "lam"))
     accum = resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size)
     check_estimator_options(cfg, world_size)
     if cfg.num_rollout_samples * cfg.samples_per_prompt % cfg.global_batch_size:
@@ -209,6 +224,7 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
     for name in ("train_prompts", "val_prompts"):
         if getattr(cfg, name) is not None:
             check_path_exists(getattr(cfg, name), f"--{name.replace('_', '-')}")
+            load_prompts(getattr(cfg, name))  # a bad line: one line now, not a traceback after the models
     if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
         raise ValueError(f"--reward-fn must look like 'module:function', got {cfg.reward_fn!r}")
     if (
@@ -263,13 +279,17 @@ def main(cfg: PPOConfig) -> dict:
     validate(cfg, env_world_size())
     acc = make_accelerator(cfg.mixed_precision)
     device = acc.device
+    start_run(  # writable, not used by another run, same settings as the run it resumes
+        cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
+        extend_max_steps=cfg.extend_max_steps,
+    )  # fmt: skip
     seed_everything(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
 
     # 2. Models and data; the embedded default makes tiny models and uses the shipped HH sample.
     cfg = fill_defaults(cfg, acc.is_main_process)
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.actor, padding_side="left")  # pads with EOS if it has no pad token
+    check_same_tokenizer(tokenizer, {"--reward-model": cfg.reward_model, "--critic": cfg.critic})
     updates_per_step = (
         cfg.ppo_epochs * cfg.num_rollout_samples * cfg.samples_per_prompt // cfg.global_batch_size
     )
@@ -336,6 +356,7 @@ def main(cfg: PPOConfig) -> dict:
         acc.print(f"resumed from step {step}")
     logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=asdict(cfg))
     update_cfg = update_config(cfg, acc.num_processes, train_critic=remote is None and use_critic)
+    guard = NonFiniteGuard(cfg.max_bad_steps)  # NaN/inf rewards, losses, gradients: skipped, counted
 
     # 6. The PPO loop: rollout, advantages, update (the critic half on the server with --critic-server).
     for m in placed.models.values():
@@ -348,6 +369,7 @@ def main(cfg: PPOConfig) -> dict:
         with optimizer_state_offloaded(opts.values(), device, enabled=cfg.offload_optimizer):
             prompts = stream.next_batch(cfg.num_rollout_samples, rank, world)  # then K in a row: groups
             data, rollout_stats = rollout(repeat_prompts(prompts, cfg.samples_per_prompt))
+        data = guard.drop_samples(data, cfg.samples_per_prompt)  # NaN/inf score, log-prob or value: masked
         data, exp_stats = compute_advantages(data, kl_ctl.value, exp_cfg)
         buffer = RolloutBuffer(pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + step)
         buffer.set_data(data)
@@ -359,7 +381,7 @@ def main(cfg: PPOConfig) -> dict:
             ) if remote else None  # fmt: skip
             train_stats = ppo_update(
                 actor, critic, opts["actor"], opts.get("critic"), buffer, policy_loss, value_loss, update_cfg,
-                exp_cfg, backward=placed.backward, clip_grad=placed.clip_grad,
+                exp_cfg, backward=placed.backward, clip_grad=guard.clip(placed.clip_grad),
             )  # fmt: skip
             if critic_update is not None:
                 train_stats |= critic_update.result()
@@ -368,6 +390,7 @@ def main(cfg: PPOConfig) -> dict:
         step += 1
         sync_weights()
         result = step_metrics(exp_stats, train_stats, rollout_stats, timer.summary(), scheds, device)
+        result |= guard.end_step(step, result, device)  # past --max-bad-steps: stops, naming the step
         logger.log(result, step)
         bar.update(1)
         bar.set_postfix(score=f"{exp_stats['reward/score_mean']:.3f}", kl=f"{exp_stats['kl/seq_mean']:.3f}")
@@ -393,9 +416,11 @@ def main(cfg: PPOConfig) -> dict:
 
 
 if __name__ == "__main__":
+    from rlhf_kit.errors import RunError
     from rlhf_kit.training.run import one_line_errors
 
     config = tyro.cli(PPOConfig)
     with one_line_errors("ppo.py"):  # configuration errors: one line, before any model is loaded
         validate(config, int(os.environ.get("WORLD_SIZE", "1")))
-    main(config)
+    with one_line_errors("ppo.py", RunError):  # used output dir, full disk, NaN past the limit: one line
+        main(config)

@@ -48,6 +48,7 @@ from rlhf_kit.training import (
 from rlhf_kit.training.batching import BatchPlan
 from rlhf_kit.training.dist import env_world_size
 from rlhf_kit.training.evaluation import evaluate_pairs, pair_scores
+from rlhf_kit.training.guard import NonFiniteGuard
 from rlhf_kit.training.hf import (
     LoraSettings,
     load_for_training,
@@ -59,13 +60,17 @@ from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
 from rlhf_kit.training.run import (
     CHECKPOINTS,
+    check_finite_fields,
+    check_non_negative,
     check_positive,
     one_line_errors,
-    prepare_metrics_for_resume,
-    resume_point,
+    start_run,
     write_json,
 )
 from rlhf_kit.training.step import accumulate, optimizer_step
+
+#: Settings that may change on --resume besides output and reporting ones (they change no weights).
+MAY_CHANGE = ("val_check_interval", "eval_batch_size")
 
 
 @dataclass
@@ -109,6 +114,10 @@ def check_config(cfg: Config) -> int:
     ):
         if getattr(cfg, name) is not None:
             check_path_exists(getattr(cfg, name), what)
+    check_finite_fields(cfg)  # --lr nan / inf: one line, before anything is loaded
+    check_non_negative(
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_bad_steps=cfg.max_bad_steps
+    )
     check_positive(
         max_length=cfg.max_length,
         eval_batch_size=cfg.eval_batch_size,
@@ -155,7 +164,10 @@ def main(cfg: Config) -> None:
     with one_line_errors(prog):
         accum = check_config(cfg)
         accelerator = make_accelerator(cfg.mixed_precision)
-        resume_from = resume_point(cfg.output_dir, cfg.resume)
+        resume_from = start_run(
+            cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
+            extend_max_steps=cfg.extend_max_steps,
+        )  # fmt: skip
         seed_everything(cfg.seed)
         tiny = cfg.model is None
         if tiny:
@@ -198,7 +210,6 @@ def main(cfg: Config) -> None:
         )
         if extra["global_batch_size"] != cfg.global_batch_size or extra["seed"] != cfg.seed:
             raise SystemExit(f"{prog}: error: --global-batch-size and --seed must match the resumed run")
-        prepare_metrics_for_resume(cfg.output_dir, step)
         accelerator.print(f"resumed from {resume_from} at step {step}")
 
     config_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
@@ -213,6 +224,7 @@ def main(cfg: Config) -> None:
 
     last = min(total, cfg.stop_at_step or total)
     bar = progress(total=total, initial=step, desc="reward model")
+    guard = NonFiniteGuard(cfg.max_bad_steps)
     model.train()
     while step < last:
         started = time.perf_counter()
@@ -225,7 +237,7 @@ def main(cfg: Config) -> None:
             accelerator.backward(loss / accum)
             for name, value in [("loss", loss.detach()), *stats._asdict().items()]:
                 avg.add(name, value, len(idx))
-        update = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        update = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, guard)
         step += 1
         logs = {f"train/{k}": v for k, v in avg.reduce(device).items()}
         logs.update({f"train/{k}": v for k, v in update.items()})
@@ -235,6 +247,7 @@ def main(cfg: Config) -> None:
         logs["time/step_s"] = time.perf_counter() - started
         logs["throughput/pairs_per_s"] = cfg.global_batch_size / logs["time/step_s"]
         logs.update(device_memory_stats())
+        logs.update(guard.end_step(step, logs, device))  # NaN/inf: skipped, counted, limited
         logger.log(logs, step)
         bar.update(1)
         bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/accuracy']:.2f}")
@@ -280,4 +293,8 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    from rlhf_kit.errors import RunError
+
+    # a full disk, a run that keeps producing NaN: one line, not a traceback
+    with one_line_errors("reward_model.py", RunError):
+        main(tyro.cli(Config))

@@ -30,6 +30,7 @@ from _defaults import (
 )
 
 from rlhf_kit.data import PackedSFTCollator, SFTCollator, iter_jsonl, load_comparisons, tokenize_sft
+from rlhf_kit.data.formats import sft_item_from_record
 from rlhf_kit.training import (
     MetricsLogger,
     build_optimizer,
@@ -45,6 +46,7 @@ from rlhf_kit.training import (
 from rlhf_kit.training.batching import BatchPlan
 from rlhf_kit.training.dist import all_reduce_sum, env_world_size
 from rlhf_kit.training.evaluation import count_label_tokens, evaluate_lm, lm_loss
+from rlhf_kit.training.guard import NonFiniteGuard
 from rlhf_kit.training.hf import (
     LoraSettings,
     load_for_training,
@@ -56,13 +58,17 @@ from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
 from rlhf_kit.training.run import (
     CHECKPOINTS,
+    check_finite_fields,
+    check_non_negative,
     check_positive,
     one_line_errors,
-    prepare_metrics_for_resume,
-    resume_point,
+    start_run,
     write_json,
 )
 from rlhf_kit.training.step import accumulate, optimizer_step
+
+#: Settings that may change on --resume besides output and reporting ones (they change no weights).
+MAY_CHANGE = ("val_check_interval", "eval_batch_size")
 
 
 @dataclass
@@ -107,6 +113,10 @@ def check_config(cfg: Config) -> int:
     ):
         if getattr(cfg, name) is not None:
             check_path_exists(getattr(cfg, name), what)
+    check_finite_fields(cfg)  # --lr nan / inf: one line, before anything is loaded
+    check_non_negative(
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_bad_steps=cfg.max_bad_steps
+    )
     check_positive(
         max_length=cfg.max_length,
         eval_batch_size=cfg.eval_batch_size,
@@ -131,18 +141,8 @@ def load_items(path: Path, data_format: str) -> list:
     if data_format == "comparisons":
         return [chosen for chosen, _ in load_comparisons(path)]
     items: list = []
-    for lineno, rec in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        if isinstance(rec.get("text"), str):
-            items.append(rec["text"])
-        elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
-            items.append((rec["prompt"], rec["response"]))
-        elif isinstance(rec.get("messages"), list):
-            items.append(rec["messages"])
-        else:
-            raise ValueError(
-                f"{where}: expected a string field 'text', 'prompt'+'response' or a 'messages' list"
-            )
+    for lineno, rec in iter_jsonl(path):  # empty texts, unknown chat roles: one line naming the line
+        items.append(sft_item_from_record(rec, f"{path}:{lineno}"))
     if not items:
         raise ValueError(f"{path}: empty file (no records)")
     return items
@@ -178,7 +178,10 @@ def main(cfg: Config) -> None:
     with one_line_errors(prog):
         check_config(cfg)  # also checks that the global batch divides (micro_batches splits it)
         accelerator = make_accelerator(cfg.mixed_precision)
-        resume_from = resume_point(cfg.output_dir, cfg.resume)
+        resume_from = start_run(
+            cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
+            extend_max_steps=cfg.extend_max_steps,
+        )  # fmt: skip
         seed_everything(cfg.seed)
         tiny = cfg.model is None
         if tiny:
@@ -219,7 +222,6 @@ def main(cfg: Config) -> None:
         )
         if extra["global_batch_size"] != cfg.global_batch_size or extra["seed"] != cfg.seed:
             raise SystemExit(f"{prog}: error: --global-batch-size and --seed must match the resumed run")
-        prepare_metrics_for_resume(cfg.output_dir, step)
         accelerator.print(f"resumed from {resume_from} at step {step}")
 
     config_dict = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
@@ -234,6 +236,7 @@ def main(cfg: Config) -> None:
 
     last = min(total, cfg.stop_at_step or total)
     bar = progress(total=total, initial=step, desc="sft")
+    guard = NonFiniteGuard(cfg.max_bad_steps)
     model.train()
     while step < last:
         avg = Averager()
@@ -249,11 +252,12 @@ def main(cfg: Config) -> None:
             accelerator.backward(loss)
             loss_sum += float(loss.detach())
         avg.add("loss", loss_sum)
-        update = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        update = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, guard)
         step += 1
         logs = {f"train/{k}": v for k, v in avg.reduce(device).items()}
         logs.update({f"train/{k}": v for k, v in update.items()})
         logs.update({"train/tokens": tokens, "train/epoch": step / plan.steps_per_epoch})
+        logs.update(guard.end_step(step, logs, device))  # NaN/inf: skipped, counted, limited
         logger.log(logs, step)
         bar.update(1)
         bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
@@ -291,4 +295,8 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    from rlhf_kit.errors import RunError
+
+    # a full disk, a run that keeps producing NaN: one line, not a traceback
+    with one_line_errors("sft.py", RunError):
+        main(tyro.cli(Config))

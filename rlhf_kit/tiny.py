@@ -44,6 +44,23 @@ def hh_texts(limit: int | None = None) -> list[str]:
     return texts
 
 
+def _train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts``, special tokens first (ids 0, 1, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
 def train_tokenizer(
     texts: Iterable[str] | None = None,
     vocab_size: int = 512,
@@ -54,20 +71,9 @@ def train_tokenizer(
 
     ``texts`` defaults to the shipped HH sample. ``vocab_size`` includes the 3 special tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if texts is None:
-        texts = hh_texts()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD_TOKEN, EOS_TOKEN, BOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    tok = _train_bpe(
+        texts if texts is not None else hh_texts(), vocab_size, [PAD_TOKEN, EOS_TOKEN, BOS_TOKEN]
     )
-    tok.train_from_iterator(texts, trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD_TOKEN,
@@ -216,18 +222,9 @@ def train_chat_tokenizer(
     ``pad="eos"``: pad == EOS == ``<|im_end|>`` (transformers 5.24). ``pad="none"``: no pad token and
     EOS == ``<|im_start|>`` (transformers 5.17); the end of an assistant turn is then not EOS.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[ENDOFTEXT, IM_START, IM_END],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    tok = _train_bpe(
+        texts if texts is not None else hh_texts(1000), vocab_size, [ENDOFTEXT, IM_START, IM_END]
     )
-    tok.train_from_iterator(texts if texts is not None else hh_texts(1000), trainer=trainer)
     if pad == "eos":
         kw = dict(eos_token=IM_END, pad_token=IM_END, bos_token=IM_START)
     elif pad == "none":

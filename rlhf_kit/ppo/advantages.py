@@ -6,6 +6,7 @@ or a critic-free estimator (RLOO, GRPO, Dr. GRPO, REINFORCE++) (the math is in `
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from rlhf_kit.advantages import GAE, masked_mean, whiten
 from rlhf_kit.estimators import (
@@ -22,6 +23,15 @@ from rlhf_kit.rewards import penalize_missing_eos, shape_rewards, standardize_sc
 from rlhf_kit.rollout import Rollout
 
 
+def global_mean(x: torch.Tensor) -> float:
+    """Mean of ``x`` over every element on every rank (sum and count all-reduced; plain mean without a
+    process group)."""
+    total = torch.stack([x.detach().double().sum(), torch.tensor(float(x.numel()), device=x.device).double()])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
 @torch.no_grad()
 def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) -> tuple[Rollout, dict]:
     """Fill in shaped rewards, advantages and returns with ``cfg.advantage_estimator``.
@@ -32,7 +42,9 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
     sequence return on every token. ``reinforce_pp``: reward-to-go normalised over the global batch;
     ``reinforce_pp_baseline``: the same after subtracting each group's mean score (Hu 2025, sec. 3.3).
     With ``cfg.kl_in_loss`` the reward carries no KL (the policy loss does). Returns the completed
-    rollout and statistics (mean KL per sequence, score stats, ...).
+    rollout and statistics (mean KL per sequence, score stats, ...). ``kl/seq_mean``
+    is the mean over all ranks (collective: every rank calls this), because it drives the adaptive KL
+    controller, which must see the same value everywhere; the other statistics are this rank's.
     """
     m = rollout.response_mask
     kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * m
@@ -77,7 +89,7 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
         "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
         "reward/raw_score_mean": rollout.scores.mean().item(),
         "reward/shaped_return_mean": rewards.sum(-1).mean().item(),
-        "kl/seq_mean": seq_kl.mean().item(),
+        "kl/seq_mean": global_mean(seq_kl),
         "kl/coef": kl_coef,
         "response/length_mean": lengths.mean().item(),
         "response/finished_fraction": rollout.finished.float().mean().item(),

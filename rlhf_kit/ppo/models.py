@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from rlhf_kit.training import dist as D
+
 
 @dataclass
 class PPOModels:
@@ -89,7 +91,9 @@ def load_ppo_models(
     if lora is not None and lora.r > 0:
         reference_fn = policy.disable_adapter
     else:
-        reference = AutoModelForCausalLM.from_pretrained(actor).eval().requires_grad_(False).to(device)
+        # the actor's dtype (fp32), not the checkpoint's: KL to the reference starts at 0, not at bf16 noise
+        reference = AutoModelForCausalLM.from_pretrained(actor, dtype=torch.float32)
+        reference = reference.eval().requires_grad_(False).to(device)
     value, rm = load_critic_and_reward_model(
         critic, reward_model, vocab_size=len(tokenizer), gradient_checkpointing=gradient_checkpointing,
         device=device,
@@ -97,4 +101,27 @@ def load_ppo_models(
     for model in (policy, reference):
         if model is not None:
             disable_dropout(model)
-    return PPOModels(policy, value, reference, rm, reference_fn)
+    models = PPOModels(policy, value, reference, rm, reference_fn)
+    if D.is_main_process():
+        print(describe_dtypes(models))
+    return models
+
+
+def describe_dtypes(models: PPOModels) -> str:
+    """One line naming each model's parameter dtype and whether it trains (the log of what runs in which
+    precision: trainable models in fp32 whatever the checkpoint stores, frozen ones as loaded)."""
+
+    def dtype(m: nn.Module) -> str:
+        return str(next(m.parameters()).dtype).removeprefix("torch.")
+
+    parts = [f"actor {dtype(models.actor)} (trainable)"]
+    if models.critic is not None:
+        parts.append(f"critic {dtype(models.critic)} (trainable)")
+    parts.append(
+        f"reference {dtype(models.reference)} (frozen)"
+        if models.reference is not None
+        else "reference = actor without LoRA"
+    )
+    if models.reward_model is not None:
+        parts.append(f"reward model {dtype(models.reward_model)} (frozen)")
+    return "models: " + ", ".join(parts)

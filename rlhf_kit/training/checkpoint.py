@@ -12,7 +12,11 @@ Layout of one checkpoint::
     <dir>/latest                          name of the newest complete checkpoint, replaced atomically
 
 A checkpoint is assembled in ``<dir>/.step_<N>.tmp`` and moved into place with ``os.replace``, and
-``latest`` is updated last, so a crash never leaves a half-written checkpoint behind.
+``latest`` is updated last, so a crash never leaves a half-written checkpoint behind; a failed write
+(a full disk: one-line :class:`~rlhf_kit.errors.DiskFullError`) removes the temporary directory.
+Old checkpoints are renamed to a trash name before they are deleted. A model with a NaN/inf tensor is
+never written (:class:`~rlhf_kit.errors.NonFiniteError`). ``meta.json`` records how many rows the
+run's ``metrics.jsonl`` (beside ``<dir>``) had, so a resumed run truncates it to exactly that point.
 
 FSDP2 models (DTensor parameters) are gathered with ``torch.distributed.checkpoint.state_dict``
 helpers (full state dict, CPU offload); every rank must call :func:`save_checkpoint` and
@@ -36,8 +40,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rlhf_kit.errors import RunError
 from rlhf_kit.training import dist as D
+from rlhf_kit.training.atomic import (
+    disk_full_error,
+    is_disk_full,
+    remove_directory,
+    replace_directory,
+    sweep_leftovers,
+)
 from rlhf_kit.training.fsdp import full_state_dict, is_sharded
+from rlhf_kit.training.guard import check_finite_on_all_ranks
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
@@ -183,8 +196,45 @@ def save_checkpoint(
     main = D.is_main_process()
     if main:
         directory.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        sweep_leftovers(directory)
+        for stale in directory.glob(".step_*.tmp"):  # a killed save of this or another step
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, step, models, optimizers, schedulers, extra, rng)
+    except BaseException as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if (
+            isinstance(e, (OSError, RuntimeError))
+            and not isinstance(e, RunError)
+            and is_disk_full(e, directory)
+        ):
+            raise disk_full_error(directory, f"checkpoint step_{step}") from None
+        raise
+    D.barrier()
+    if main:
+        replace_directory(tmp, final)  # re-saving a step moves the old one aside first
+        _atomic_write_text(directory / LATEST, final.name + "\n")
+        if keep_last is not None and keep_last > 0:
+            for _, old_dir in _step_dirs(directory)[:-keep_last]:
+                if old_dir != final:
+                    remove_directory(old_dir)  # renamed first: never a half-deleted step_N
+    D.barrier()
+    return final
+
+
+def _metrics_rows(directory: Path) -> int | None:
+    """Rows of the run's ``metrics.jsonl`` (beside the checkpoint directory), or None if there is none."""
+    path = directory.parent / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _write_checkpoint(tmp: Path, step: int, models, optimizers, schedulers, extra, rng: bool) -> None:
+    main = D.is_main_process()
+    if main:
         for sub in ("models", "optimizers", "schedulers", "rng"):
             (tmp / sub).mkdir(parents=True)
     D.barrier()
@@ -192,6 +242,7 @@ def save_checkpoint(
         torch.save(rng_state(), tmp / "rng" / f"rank_{D.rank()}.pt")
     for name, model in models.items():  # collective for FSDP2: every rank gathers
         sd = model_state_dict(model)
+        check_finite_on_all_ranks(sd, f"checkpoint step_{step} (model {name!r})")
         if main:
             (tmp / "models" / name).mkdir()
             save_file(_safetensors_ready(sd), str(tmp / "models" / name / "model.safetensors"))
@@ -212,25 +263,14 @@ def save_checkpoint(
             "schedulers": sorted(schedulers),
             "world_size": D.world_size(),
             "time": time.time(),
+            "metrics_rows": _metrics_rows(tmp.parent),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    D.barrier()
-    if main:
-        if final.exists():  # re-saving a step: move the old one aside first, then drop it
-            old = directory / f".step_{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _atomic_write_text(directory / LATEST, final.name + "\n")
-        if keep_last is not None and keep_last > 0:
-            for _, old_dir in _step_dirs(directory)[:-keep_last]:
-                if old_dir != final:
-                    shutil.rmtree(old_dir, ignore_errors=True)
-    D.barrier()
-    return final
+
+
+def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` of a ``step_<N>`` checkpoint directory."""
+    return json.loads((Path(path) / "meta.json").read_text())
 
 
 # -------------------------------------------------------------------------------------------- load

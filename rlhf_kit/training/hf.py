@@ -4,7 +4,6 @@ and exporting the trained model as a standard HF directory (LoRA merged, FSDP2 s
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +12,9 @@ import torch
 from torch import nn
 
 from rlhf_kit.training import dist as D
+from rlhf_kit.training.atomic import atomic_directory
 from rlhf_kit.training.fsdp import full_state_dict, is_sharded
+from rlhf_kit.training.guard import check_finite_on_all_ranks
 
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
@@ -139,24 +140,22 @@ def save_hf_model(
 
     Gathers FSDP2 shards (collective: call on every rank), merges LoRA adapters, sets
     ``config_updates`` on the saved config and saves ``tokenizer`` alongside. The training model is not
-    modified. Rank 0 writes ``<output_dir>.tmp`` and renames it to ``output_dir``.
+    modified. Rank 0 writes a temporary sibling and renames it to ``output_dir``; a state with a
+    NaN/inf tensor is refused (:class:`~rlhf_kit.errors.NonFiniteError`).
     """
     output_dir = Path(output_dir)
     inner = unwrap_model(model)
     state = full_state_dict(inner)
+    check_finite_on_all_ranks(state, f"model {output_dir}")  # never a NaN model on disk
     if D.is_main_process():
         if not is_sharded(inner):  # the dict shares storage with the live model: merging must not touch it
             state = {k: v.clone() for k, v in state.items()}
         fresh = _rebuild_on_cpu(inner, state)
         for k, v in (config_updates or {}).items():
             setattr(fresh.config, k, v)
-        tmp = output_dir.with_name(output_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        fresh.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
+        with atomic_directory(output_dir, "model") as tmp:  # complete or absent, even if killed
+            fresh.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     D.barrier()
     return output_dir

@@ -233,6 +233,25 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
     return len(kept)
 
 
+def truncate_metrics_rows(path: str | Path, rows: int) -> int:
+    """Keep only the first ``rows`` rows of a ``metrics.jsonl`` (atomically); returns rows kept.
+
+    A checkpoint records how many rows the file had when it was saved; cutting back to that count
+    also drops rows logged at the checkpoint's own step after it (final validation and test rows).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = lines[:rows]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return len(kept)
+
+
 class Averager:
     """Weighted means of named values over micro-batches and ranks (e.g. per-step training metrics)."""
 

@@ -43,6 +43,13 @@ class TrainingOptions:
     """Keep only this many newest checkpoints."""
     resume: bool = False
     """Continue from the latest checkpoint in <output-dir>/checkpoints."""
+    overwrite: bool = False
+    """Start again in an output directory used by an earlier run (its checkpoints and metrics go)."""
+    extend_max_steps: bool = False
+    """With --resume: accept a larger --max-steps / --epochs than the stored run. The schedule is rebuilt
+    for the new length from the resumed step on, so the result differs from a run started with it."""
+    max_bad_steps: int = 10
+    """Steps with a NaN/inf loss or gradient norm (skipped, never applied) tolerated; one more stops."""
     report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
     """Metric sinks; metrics.jsonl is always written. wandb honours WANDB_MODE=offline."""
     run_name: str | None = None

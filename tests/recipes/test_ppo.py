@@ -240,3 +240,31 @@ def test_two_processes(tmp_path, extra):
         [8, 8] if "--dynamic-dispatch" in extra else []
     )  # every rollout prompt generated exactly once
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_runs_on_a_checkpoint_set_up_like_a_real_one(tmp_path):
+    """SmolLM2-like actor (bf16 on disk, no pad token, EOS != end of turn, config pad id != tokenizer's,
+    attention dropout 0.3, sampling settings in generation_config) on chat-message prompts: the recipe
+    pads safely, trains in fp32 against an fp32 reference (KL exactly 0 before the first update: no
+    dropout, same precision) and stops responses at <|im_end|>."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_kit.data.hh import prepare_default_hh
+    from rlhf_kit.tiny import save_real_like_checkpoint
+
+    actor = save_real_like_checkpoint(str(tmp_path / "actor"), pad="none")
+    critic = tmp_path / "critic"
+    AutoModelForSequenceClassification.from_pretrained(actor, num_labels=1).save_pretrained(critic)
+    data = prepare_default_hh(tmp_path / "data", messages=True)
+    out = tmp_path / "out"
+    proc = run(
+        "--actor", actor, "--critic", str(critic), "--reward-fn", "tests.recipes.reward_fns:space_fraction",
+        "--train-prompts", data["train_prompts"], "--val-prompts", data["test_prompts"], "--output-dir", str(out),
+        "--max-steps", "2", "--val-check-interval", "2", "--num-val-samples", "4", *FAST,
+    )  # fmt: skip
+    assert "no pad token; padding with its EOS" in proc.stdout
+    assert "actor float32 (trainable), critic float32 (trainable), reference float32 (frozen)" in proc.stdout
+    rows = metrics(out)
+    kl = series(rows, "kl/seq_mean")
+    assert len(kl) == 2 and abs(kl[0]) < 1e-5, kl
+    assert all(abs(v) < 1e30 for r in rows for v in r.values() if isinstance(v, float))

@@ -237,7 +237,7 @@ def test_bad_record_names_file_and_line(setup, tmp_path):
         check=False,
     )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"sft.py: error: {bad}:2: expected a string field 'text', 'prompt'+'response' or a 'messages' list"
+        f"sft.py: error: {bad}:2: missing field 'prompt'"
     ]
 
 

@@ -96,3 +96,32 @@ def test_fsdp2_two_ranks_equal_single_process(tokenizer, tmp_path):
     for name, p in critic.state_dict().items():
         torch.testing.assert_close(sharded["critic"][name], p, atol=2e-5, rtol=1e-4, msg=name)
     assert any(not torch.equal(init[k], v) for k, v in actor.state_dict().items())
+
+
+def _adaptive_kl_rank(rank: int) -> None:
+    from rlhf_kit.kl import AdaptiveKLController
+    from rlhf_kit.rollout import Rollout
+
+    # rank 0's sequences drift 0.1 nats a token from the reference, rank 1's 0.3: the controller must
+    # see the mean over both (0.2 x 3 tokens = 0.6 per sequence) on every rank
+    b, n = 4, 3
+    z = torch.zeros(b, n)
+    logprobs = torch.full((b, n), -1.0)
+    r = Rollout(
+        sequences=torch.ones(b, 2 + n, dtype=torch.long), attention_mask=torch.ones(b, 2 + n, dtype=torch.long),
+        response_mask=torch.ones(b, n, dtype=torch.long), logprobs=logprobs, ref_logprobs=logprobs - (0.1 + 0.2 * rank),
+        values=z, rewards=z, advantages=z, returns=z, scores=torch.zeros(b), finished=torch.ones(b, dtype=torch.bool),
+    )  # fmt: skip
+    _, stats = compute_advantages(r, 0.1, ExperienceConfig())
+    assert abs(stats["kl/seq_mean"] - 0.6) < 1e-6, stats["kl/seq_mean"]
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    ctl.update(stats["kl/seq_mean"], 8)
+    values = [None, None]
+    dist.all_gather_object(values, ctl.value)
+    assert values[0] == values[1], values
+
+
+def test_adaptive_kl_controller_sees_the_kl_of_all_ranks(tmp_path):
+    from tests.gloo import spawn_ranks
+
+    spawn_ranks(_adaptive_kl_rank, str(tmp_path / "store"))

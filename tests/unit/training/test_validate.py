@@ -14,7 +14,8 @@ def test_check_path_exists(tmp_path):
 def test_check_model_path(tmp_path):
     good = tmp_path / "model"
     good.mkdir()
-    (good / "config.json").write_text("{}")
+    (good / "config.json").write_text('{"model_type": "llama"}')
+    (good / "model.safetensors").write_bytes(b"")
     assert check_model_path(good) == str(good)
     assert check_model_path("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
     empty = tmp_path / "empty"
@@ -27,6 +28,45 @@ def test_check_model_path(tmp_path):
         check_model_path("not a model")
     with pytest.raises(ValueError, match="is a file"):
         check_model_path(good / "config.json")
+
+
+def test_check_model_path_refuses_directories_that_are_not_models(tmp_path):
+    killed = tmp_path / "killed"  # a config.json cut to 0 bytes by a kill mid-write
+    killed.mkdir()
+    (killed / "config.json").write_text("")
+    with pytest.raises(ValueError, match=r"killed/config.json: unreadable model config"):
+        check_model_path(killed)
+    (killed / "config.json").write_text('{"steps": 3}')
+    with pytest.raises(ValueError, match=r"no 'model_type'"):
+        check_model_path(killed)
+    (killed / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match=r"has no weights"):
+        check_model_path(killed)
     for bad in ("./x/y", "/abs/path"):
         with pytest.raises(ValueError):
             check_model_path(bad)
+
+
+def test_a_model_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, tokenizer):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from rlhf_kit.training.validate import check_same_tokenizer, tokenizer_fingerprint
+
+    same, other, bare = tmp_path / "same", tmp_path / "other", tmp_path / "bare"
+    tokenizer.save_pretrained(same)
+    tokenizer.save_pretrained(other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]  # two ordinary tokens trade ids: same size, other ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    swapped = AutoTokenizer.from_pretrained(other)
+    assert len(swapped) == len(tokenizer) and tokenizer_fingerprint(swapped) != tokenizer_fingerprint(
+        tokenizer
+    )
+    bare.mkdir()  # no tokenizer files: nothing to compare
+    check_same_tokenizer(tokenizer, {"--reward-model": str(same), "--critic": str(bare), "--x": None})
+    with pytest.raises(ValueError, match=r"--reward-model .*other: its tokenizer differs from the actor's"):
+        check_same_tokenizer(tokenizer, {"--reward-model": str(other)})
