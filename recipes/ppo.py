@@ -369,7 +369,7 @@ def main(cfg: PPOConfig) -> dict:
         with optimizer_state_offloaded(opts.values(), device, enabled=cfg.offload_optimizer):
             prompts = stream.next_batch(cfg.num_rollout_samples, rank, world)  # then K in a row: groups
             data, rollout_stats = rollout(repeat_prompts(prompts, cfg.samples_per_prompt))
-        data = guard.drop_samples(data)  # samples with a NaN/inf score, log-prob or value
+        data = guard.drop_samples(data, cfg.samples_per_prompt)  # NaN/inf score, log-prob or value: masked
         data, exp_stats = compute_advantages(data, kl_ctl.value, exp_cfg)
         buffer = RolloutBuffer(pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + step)
         buffer.set_data(data)

@@ -112,9 +112,13 @@ class NonFiniteGuard:
         self._skipped: list[str] = []
         self._dropped = 0
 
-    def drop_samples(self, rollout: Any) -> Any:
-        """Mask out samples with non-finite scores, log-probs or values (see :func:`mask_samples`)."""
+    def drop_samples(self, rollout: Any, group_size: int = 1) -> Any:
+        """Mask out samples with non-finite scores, log-probs or values (see :func:`mask_samples`); with
+        ``group_size`` K > 1 (K consecutive samples of one prompt), a bad sample masks its whole group, so
+        no group baseline averages in a masked sample's zero score."""
         bad = nonfinite_samples(rollout)
+        if group_size > 1:
+            bad = bad.view(-1, group_size).any(-1).repeat_interleave(group_size)
         n = int(bad.sum())
         if not n:
             return rollout

@@ -246,3 +246,16 @@ def test_two_gloo_ranks_equal_one_process():
     """Groups stay on their rank (local baselines); REINFORCE++ normalises over both ranks."""
     with tempfile.TemporaryDirectory() as d:
         spawn_ranks(_two_rank_body, os.path.join(d, "store"), world=2)
+
+
+def test_non_finite_sample_masks_its_whole_group():
+    from rlhf_kit.training.guard import NonFiniteGuard
+
+    r = _group_rollout(n_groups=3, k=2)
+    r.scores = torch.tensor([1.0, 0.0, float("nan"), 2.0, 0.5, 0.0])
+    guard = NonFiniteGuard(max_bad_steps=5)
+    masked = guard.drop_samples(r, group_size=2)
+    assert masked.response_mask[2:4].sum() == 0 and masked.response_mask[[0, 1, 4, 5]].bool().any(-1).all()
+    out, _ = compute_advantages(masked, 0.0, ExperienceConfig(advantage_estimator="rloo", group_size=2))
+    assert torch.equal(out.advantages[2:4], torch.zeros_like(out.advantages[2:4]))
+    assert out.advantages[0, 0] == 1.0 and out.advantages[4, 0] == 0.5  # other groups untouched
