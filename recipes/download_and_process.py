@@ -62,7 +62,7 @@ class Config:
     with the model's chat template: use this for instruct models, so they see their own format."""
 
     test_fraction: float = 0.1
-    """With `--source default`: fraction of the shipped pairs that goes to the test split."""
+    """With `--source default`: fraction of the shipped pairs, in (0, 1), that goes to the test split."""
 
     seed: int = 0
     """With `--source default`: seed of the deterministic train/test split."""

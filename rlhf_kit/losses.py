@@ -6,6 +6,7 @@ averaging, as NeMo-Aligner and TRL do), so long responses weigh more than short 
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -13,6 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlhf_kit.advantages import masked_mean
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated; pass {new}= (the name of the recipe flag)", DeprecationWarning, 3)
 
 
 class PairwiseStats(NamedTuple):
@@ -69,12 +74,16 @@ class PPOPolicyLoss(nn.Module):
     """Clipped surrogate objective (Schulman et al. 2017, arXiv:1707.06347, eq. 7) plus entropy bonus.
 
     ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))) - entropy_coef * H``
-    with ``ratio = exp(logprobs - old_logprobs)``.
+    with ``ratio = exp(logprobs - old_logprobs)`` and ``eps = ratio_eps`` (the recipes' ``--ratio-eps``,
+    NeMo-Aligner's ``ratio_eps``, TRL's ``cliprange``). ``clip_eps`` is a deprecated alias.
     """
 
-    def __init__(self, clip_eps: float = 0.2, entropy_coef: float = 0.0):
+    def __init__(self, ratio_eps: float = 0.2, entropy_coef: float = 0.0, *, clip_eps: float | None = None):
         super().__init__()
-        self.clip_eps = clip_eps
+        if clip_eps is not None:
+            _deprecated("PPOPolicyLoss(clip_eps=...)", "ratio_eps")
+            ratio_eps = clip_eps
+        self.ratio_eps = ratio_eps
         self.entropy_coef = entropy_coef
 
     def forward(
@@ -90,7 +99,7 @@ class PPOPolicyLoss(nn.Module):
         log_ratio = logprobs - old_logprobs
         ratio = torch.exp(log_ratio)
         unclipped = -advantages * ratio
-        clipped = -advantages * ratio.clamp(1.0 - self.clip_eps, 1.0 + self.clip_eps)
+        clipped = -advantages * ratio.clamp(1.0 - self.ratio_eps, 1.0 + self.ratio_eps)
         pg = masked_mean(torch.maximum(unclipped, clipped), mask)
         loss = pg
         ent = torch.zeros((), device=logprobs.device)
@@ -121,12 +130,17 @@ class ValueLoss(nn.Module):
     """Clipped value loss (as in the PPO baselines and NeMo-Aligner's critic).
 
     ``loss = 0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))`` with
-    ``V_clip = V_old + clip(V - V_old, -clip, clip)``; ``clip = 0`` gives plain squared error.
+    ``V_clip = V_old + clip(V - V_old, -value_clip, value_clip)``; ``value_clip = 0`` gives plain squared
+    error (the recipes' ``--value-clip``, NeMo-Aligner's ``loss_clip_val``, TRL's ``cliprange_value``).
+    ``clip`` is a deprecated alias.
     """
 
-    def __init__(self, clip: float = 0.2):
+    def __init__(self, value_clip: float = 0.2, *, clip: float | None = None):
         super().__init__()
-        self.clip = clip
+        if clip is not None:
+            _deprecated("ValueLoss(clip=...)", "value_clip")
+            value_clip = clip
+        self.value_clip = value_clip
 
     def forward(
         self,
@@ -138,8 +152,8 @@ class ValueLoss(nn.Module):
         """Args: all ``(b, t)``."""
         values = values.float()
         err = (values - returns).square()
-        if self.clip > 0:
-            v_clip = old_values + (values - old_values).clamp(-self.clip, self.clip)
+        if self.value_clip > 0:
+            v_clip = old_values + (values - old_values).clamp(-self.value_clip, self.value_clip)
             err_clip = (v_clip - returns).square()
             per_token = torch.maximum(err, err_clip)
             clip_frac = masked_mean((err_clip > err).float(), mask)
