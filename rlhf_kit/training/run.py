@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,17 +14,26 @@ from rlhf_kit.training.checkpoint import latest_checkpoint
 from rlhf_kit.training.metrics import truncate_metrics
 
 CHECKPOINTS = "checkpoints"
+#: Seconds a non-main process waits before exiting on a one-line error, so that the launcher does not
+#: stop the main process before its line is out.
+ERROR_GRACE_S = 2.0
 
 
 @contextmanager
 def one_line_errors(program: str) -> Iterator[None]:
-    """Turn a ``ValueError``/``FileNotFoundError`` raised inside into ``<program>: error: <reason>`` on
-    stderr and exit status 2, so a bad configuration stops with one line instead of a traceback."""
+    """Turn a ``ValueError``/``FileNotFoundError``/``ConnectionError`` raised inside into
+    ``<program>: error: <reason>`` on stderr and exit status 2, so a bad configuration (or an
+    unreachable server) stops with one line instead of a traceback. Only the main process prints it
+    (``RANK`` 0 or unset), so a job of N processes shows the line once; every process exits 2, the
+    others after :data:`ERROR_GRACE_S` seconds."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
         text = str(e).strip() or type(e).__name__
-        print(f"{program}: error: {text.splitlines()[0]}", file=sys.stderr, flush=True)
+        if D.env_rank() == 0:
+            print(f"{program}: error: {text.splitlines()[0]}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(ERROR_GRACE_S)
         raise SystemExit(2) from None
 
 
