@@ -53,6 +53,7 @@ from rlhf_kit.training.checkpoint import latest_checkpoint
 from rlhf_kit.training.dist import env_world_size, seed_everything
 from rlhf_kit.training.hf import LoraSettings, make_accelerator
 from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
+from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import TrainingOptions
 from rlhf_kit.training.placement import OptimSettings
 
@@ -379,6 +380,7 @@ def main(cfg: PPOConfig) -> dict:
 
     # 9. Final models as standard HF directories (FSDP2 shards gathered, LoRA merged).
     save_final_models(cfg.output_dir, actor, critic, tokenizer, acc, asdict(cfg), remote)
+    write_model_card(os.path.join(cfg.output_dir, "final"), "ppo", asdict(cfg), result)  # final/README.md
     logger.close()
     return result
 
