@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import re
 import sys
 from pathlib import Path
@@ -41,6 +42,24 @@ def help_text(config, monkeypatch) -> str:
         tyro.cli(config, args=["--help"])
     assert exit_info.value.code == 0
     return out.getvalue()
+
+
+def recipe_options(name: str) -> set[str]:
+    """Every option string of ``recipes/<name>.py`` (``--flag`` and ``--no-flag`` forms), from its help."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "250"
+    try:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            tyro.cli(recipe_config(name), args=["--help"])
+    finally:
+        os.environ.pop("COLUMNS") if old is None else os.environ.__setitem__("COLUMNS", old)
+    options = set()
+    for line in out.getvalue().splitlines():
+        match = FLAG_LINE.match(line[2:]) if line.startswith("  -") else None
+        if match:
+            options.update(match.group(1).split(", "))
+    return options
 
 
 def flag_descriptions(text: str) -> dict[str, str]:
