@@ -28,10 +28,13 @@ BOOKKEEPING = re.compile(r"^[\s#=*-]*-{3,}")  # a section comment like "--- book
 
 
 def recipe_config(name: str):
-    """The config class of ``recipes/<name>.py`` (the recipes folder on the path, as when run)."""
-    for path in (str(ROOT), str(ROOT / "recipes")):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    """The config class of ``recipes/<name>.py``. The recipes folder goes at the end of the path (for
+    ``_defaults``, which sft.py and reward_model.py import as when run), so that an installed package
+    named like a recipe (``evaluate``) still wins."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if str(ROOT / "recipes") not in sys.path:
+        sys.path.append(str(ROOT / "recipes"))
     return getattr(importlib.import_module(f"recipes.{name}"), RECIPES[name])
 
 
