@@ -42,21 +42,21 @@ class CriticServerConfig:
     """Optimizer steps the critic's LR schedule spans: the PPO run's max_steps x ppo_epochs x
     num_rollout_samples / global_batch_size (recipes/ppo.py checks it; 8 matches its defaults)."""
     lr: float = 1e-5
-    """Peak critic learning rate (AdamW, betas 0.9/0.98 as in recipes/ppo.py)."""
+    """Peak critic learning rate (AdamW, betas 0.9/0.98 as in recipes/ppo.py; NeMo-Aligner 9e-6)."""
     min_lr: float = 1e-6
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the cosine decay (NeMo-Aligner 9e-7)."""
     warmup_steps: int = 0
-    """Linear warm-up steps (optimizer steps)."""
+    """Linear warm-up, in optimizer steps (NeMo-Aligner 10)."""
     weight_decay: float = 0.1
-    """AdamW weight decay (none on biases and norms)."""
+    """AdamW weight decay (NeMo-Aligner 0.1; none on biases and norms)."""
     value_clip: float = 0.2
     """Critic loss clip (0: plain squared error); must equal the PPO run's --value-clip (it checks)."""
     micro_batch_size: int = 8
-    """Most samples per forward in /infer (larger requests are split)."""
+    """Most samples per forward in /infer and /train on this job's device (larger requests are split)."""
     gradient_checkpointing: bool = False
     """Recompute the critic's activations in the backward pass to save memory."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    """auto: bf16 when the GPU supports it."""
+    """auto: bf16 when the GPU supports it, else fp32; no: fp32; bf16: bf16 autocast."""
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0: every interface, which needs an auth token)."""
     auth_token: str | None = None

@@ -62,7 +62,7 @@ class Config:
     with the model's chat template: use this for instruct models, so they see their own format."""
 
     test_fraction: float = 0.1
-    """With `--source default`: fraction of the shipped pairs that goes to the test split."""
+    """With `--source default`: fraction of the shipped pairs, in (0, 1), that goes to the test split."""
 
     seed: int = 0
     """With `--source default`: seed of the deterministic train/test split."""
@@ -122,9 +122,9 @@ def process_local(cfg: Config) -> dict[str, tuple[list, list, DropCounts]]:
 
 def process_hub(cfg: Config) -> dict[str, tuple[list, list, DropCounts]]:
     """Load the hub dataset through ``datasets`` into per-split (comparisons, prompts, counts)."""
-    import datasets
+    from rlhf_kit.data.hub import load_hub_dataset
 
-    dd = datasets.load_dataset(cfg.dataset, data_dir=cfg.hub_data_dir)
+    dd = load_hub_dataset(cfg.dataset, cfg.hub_data_dir)  # one line naming --source when out of reach
     messages = cfg.format == "messages"
     return {
         split: process_hh_records(iter(dd[split]), cfg.keep_human, messages)
@@ -156,4 +156,8 @@ def main(cfg: Config) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    from rlhf_kit.training.run import one_line_errors
+
+    config = tyro.cli(Config)
+    with one_line_errors("download_and_process.py"):  # bad input or an unreachable hub: one line
+        main(config)

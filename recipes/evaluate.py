@@ -41,15 +41,23 @@ class EvalConfig:
     ppo_dir: str = "outputs/ppo"
     """Where the embedded default looks for (or makes) a PPO run."""
     output_dir: str = "outputs/eval"
+    """Folder that eval.json (summary and per-sample records) goes to."""
     num_prompts: int = 32
-    """Evaluate on the first N prompts (0: all)."""
+    """Evaluate on the first N prompts of --prompts (0: all)."""
     batch_size: int = 8
+    """Prompts per generation call and per scoring forward pass."""
     max_prompt_length: int = 128
+    """Prompts are left-truncated to this many tokens (match the PPO run's --max-prompt-length)."""
     max_new_tokens: int = 24
+    """Longest response in tokens, EOS included (match the PPO run's --max-new-tokens)."""
     decoding: Literal["greedy", "sample"] = "greedy"
+    """greedy: argmax decoding (deterministic, comparable across policies); sample: --temperature/--top-p."""
     temperature: float = 1.0
+    """Sampling temperature, > 0, with --decoding sample (NeMo-Aligner 1.0, TRL 0.7)."""
     top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1] with --decoding sample; 1.0 disables it."""
     seed: int = 0
+    """Seed of the sampling with --decoding sample."""
 
 
 def fill_defaults(cfg: EvalConfig) -> EvalConfig:

@@ -59,6 +59,7 @@ from rlhf_kit.training.dist import env_world_size, seed_everything
 from rlhf_kit.training.guard import NonFiniteGuard
 from rlhf_kit.training.hf import LoraSettings, make_accelerator
 from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
+from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import TrainingOptions
 from rlhf_kit.training.placement import OptimSettings
 from rlhf_kit.training.run import start_run
@@ -96,23 +97,25 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
 
     # --- rollout -------------------------------------------------------------------------------
     max_steps: int = 4
-    """PPO steps (one rollout + its updates each)."""
+    """PPO steps: one rollout of --num-rollout-samples prompts plus its updates each."""
     num_rollout_samples: int = 16
-    """Prompts per step across all ranks (NeMo-Aligner: 512)."""
+    """Prompts per step across all ranks (NeMo-Aligner 512; TRL: its batch size, 64-512 usual)."""
     rollout_micro_batch_size: int = 8
-    """Prompts per generation call on each rank."""
+    """Prompts per generation call (and per scoring forward) on each rank (NeMo-Aligner 8)."""
     max_prompt_length: int = 128
-    """Prompts are left-truncated to this many tokens (the end of the dialogue is kept)."""
+    """Prompts are left-truncated to this many tokens, keeping the end of the dialogue (NeMo-Aligner:
+    half the sequence length)."""
     max_new_tokens: int = 24
-    """Longest response in tokens (EOS included)."""
+    """Longest response in tokens, EOS included (NeMo-Aligner: half the sequence length; TRL 53)."""
     min_new_tokens: int = 1
-    """EOS is masked out until a response has this many tokens."""
+    """EOS is masked out until a response has this many tokens (NeMo-Aligner 1)."""
     temperature: float = 1.0
-    """Sampling temperature (log-probs of actor and reference are recomputed with it)."""
+    """Sampling temperature, > 0 (NeMo-Aligner 1.0, TRL 0.7); actor and reference log-probs are
+    recomputed with it."""
     top_k: int = 0
-    """0 disables top-k."""
+    """Sample among the k most likely tokens; 0 disables top-k (NeMo-Aligner 0)."""
     top_p: float = 1.0
-    """Nucleus sampling mass; 1.0 disables it."""
+    """Nucleus sampling mass in (0, 1]; 1.0 disables it (NeMo-Aligner 1.0)."""
     stop_strings: tuple[str, ...] = ()
     """Generation also ends at any of these strings (besides EOS)."""
     backend: Literal["hf", "compiled"] = "hf"
@@ -123,55 +126,61 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
 
     # --- rewards and advantages ----------------------------------------------------------------
     kl_coef: float = 0.02
-    """Initial KL coefficient (NeMo-Aligner 0.01-0.02, TRL 0.05)."""
+    """Initial coefficient beta of the per-token KL penalty -beta * kl_t (NeMo-Aligner 0.01, its tutorial
+    0.02; TRL 0.05; 0.001-0.1 usual)."""
     kl_estimator: Literal["k1", "abs", "k2", "k3"] = "k1"
-    """Per-token KL estimator in the reward (see rlhf_kit.kl.kl_penalty)."""
+    """Per-token KL estimator in the reward: k1 log-ratio (TRL), abs (NeMo-Aligner), k2, k3 (TRL option);
+    see rlhf_kit.kl.kl_penalty."""
     adaptive_kl: bool = False
-    """Ziegler et al. adaptive controller instead of a fixed coefficient."""
+    """Ziegler et al. (2019) adaptive KL controller instead of a fixed coefficient (both references: off)."""
     kl_target: float = 6.0
-    """Target KL per sequence of the adaptive controller."""
+    """Target KL per sequence, in nats, of the adaptive controller (Ziegler et al. 6.0)."""
     kl_horizon: int = 10000
-    """Horizon (in samples) of the adaptive controller."""
+    """Horizon of the adaptive controller, in samples (Ziegler et al. 10000)."""
     standardize_scores: bool = True
-    """Use the RM's saved reward_stats.json (mean, std) to standardise scores."""
+    """Standardise scores with the RM's saved reward_stats.json (mean, std), so SFT outputs score about 0."""
     missing_eos_penalty: float | None = None
-    """Subtract this from the score of responses that never emitted EOS."""
+    """Subtract this from the score (after standardisation; 1-10 usual) of responses that never emitted
+    EOS. None: no penalty (TRL's default)."""
     gamma: float = 1.0
-    """GAE discount."""
+    """GAE discount gamma in [0, 1] (NeMo-Aligner and TRL 1.0)."""
     lam: float = 0.95
-    """GAE lambda."""
+    """GAE lambda in [0, 1] (NeMo-Aligner and TRL 0.95)."""
     normalize_advantages: bool = True
-    """Whiten GAE advantages over all valid tokens (statistics over all ranks; gae only)."""
+    """Whiten GAE advantages over all valid tokens, statistics over all ranks (gae only; NeMo-Aligner: on)."""
 
     # --- optimisation (batch sizes, AdamW, LoRA, bookkeeping: rlhf_kit.training.options) -------
     global_batch_size: int = 8
-    """Samples per optimizer step across all ranks (NeMo-Aligner: 64)."""
+    """Rollout samples per optimizer step across all ranks (NeMo-Aligner 64; TRL: the rollout divided by
+    num_mini_batches). Must divide --num-rollout-samples."""
     micro_batch_size: int = 4
-    """Samples per forward/backward on one rank."""
+    """Samples per forward/backward on one rank (NeMo-Aligner 1); accumulation fills the global batch."""
     warmup_steps: int = 0
-    """Linear learning-rate warm-up steps of actor and critic."""
+    """Linear learning-rate warm-up of actor and critic, in optimizer steps (NeMo-Aligner 10)."""
     weight_decay: float = 0.1
-    """AdamW weight decay of actor and critic (never applied to biases and norms)."""
+    """AdamW weight decay of actor and critic (NeMo-Aligner 0.1; never applied to biases and norms)."""
     ppo_epochs: int = 1
-    """Passes over each rollout."""
+    """Passes over each rollout (NeMo-Aligner 1, TRL 4)."""
     ratio_eps: float = 0.2
-    """Clip range of the policy ratio."""
+    """Clip range eps of the policy ratio, kept in [1 - eps, 1 + eps] (NeMo-Aligner ratio_eps 0.2, TRL
+    cliprange 0.2; 0.1-0.3 usual)."""
     value_clip: float = 0.2
-    """Critic loss clip (0: plain squared error)."""
+    """Clip range of the critic's value change per update, in reward units (NeMo-Aligner loss_clip_val 0.2,
+    TRL cliprange_value 0.2); 0: plain squared error."""
     entropy_coef: float = 0.0
-    """Weight of the entropy bonus in the policy loss."""
+    """Weight of the entropy bonus in the policy loss (NeMo-Aligner entropy_bonus 0.0; 0-0.01 usual)."""
     critic_warmup_steps: int = 0
-    """Steps that train only the critic."""
+    """PPO steps at the start that train only the critic (NeMo-Aligner 0)."""
     actor_lr: float = 1e-5
-    """Peak learning rate of the actor."""
+    """Peak learning rate of the actor (NeMo-Aligner 9e-7, TRL 3e-6)."""
     actor_min_lr: float = 1e-6
-    """The actor's cosine schedule ends here."""
+    """The actor's cosine schedule ends here (NeMo-Aligner 9e-8)."""
     critic_lr: float = 1e-5
-    """Peak learning rate of the critic."""
+    """Peak learning rate of the critic (NeMo-Aligner 9e-6)."""
     critic_min_lr: float = 1e-6
-    """The critic's cosine schedule ends here."""
+    """The critic's cosine schedule ends here (NeMo-Aligner 9e-7)."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    """auto: bf16 when the accelerator supports it."""
+    """auto: bf16 when the accelerator supports it, else fp32; no: fp32; bf16: bf16 autocast."""
     fsdp: bool = False
     """Shard the four models with FSDP2 when several processes run (implied by accelerate/fsdp.yaml)."""
     offload_idle_models: bool = False
@@ -183,11 +192,12 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
 
     # --- bookkeeping ---------------------------------------------------------------------------
     val_check_interval: int = 2
-    """Validate on held-out prompts every this many steps (and after the last one)."""
+    """Validate on held-out prompts every this many PPO steps, and after the last one (NeMo-Aligner 10)."""
     num_val_samples: int = 8
-    """Held-out prompts per validation."""
+    """Held-out prompts per validation (the first N of --val-prompts)."""
     save_interval: int = 2
-    """Save a resumable checkpoint every this many steps (and after the last one)."""
+    """Save a resumable checkpoint every this many PPO steps, and after the last one (NeMo-Aligner: the
+    validation interval)."""
 
 
 #: Fields checked > 0 / >= 0 before anything is loaded (every float field is also checked finite).
@@ -411,6 +421,7 @@ def main(cfg: PPOConfig) -> dict:
 
     # 9. Final models as standard HF directories (FSDP2 shards gathered, LoRA merged).
     save_final_models(cfg.output_dir, actor, critic, tokenizer, acc, asdict(cfg), remote)
+    write_model_card(os.path.join(cfg.output_dir, "final"), "ppo", asdict(cfg), result)  # final/README.md
     logger.close()
     return result
 

@@ -56,6 +56,7 @@ from rlhf_kit.training.hf import (
     save_hf_model,
 )
 from rlhf_kit.training.metrics import Averager, device_memory_stats
+from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
 from rlhf_kit.training.run import (
@@ -280,6 +281,7 @@ def main(cfg: Config) -> None:
     final = cfg.output_dir / "final"
     stats = {"reward_mean": final_val["reward_mean"], "reward_std": final_val["reward_std"]}
     save_hf_model(model, final, tokenizer, config_updates=stats)
+    write_model_card(final, "reward_model", config_dict, results)  # final/README.md
     if accelerator.is_main_process:
         from rlhf_kit.models.reward import save_reward_stats
 

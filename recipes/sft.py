@@ -54,6 +54,7 @@ from rlhf_kit.training.hf import (
     save_hf_model,
 )
 from rlhf_kit.training.metrics import Averager
+from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
 from rlhf_kit.training.run import (
@@ -287,6 +288,7 @@ def main(cfg: Config) -> None:
     if test is not None:
         results["test"] = validate("test", test, step)
     save_hf_model(model, cfg.output_dir / "final", tokenizer)
+    write_model_card(cfg.output_dir / "final", "sft", asdict(cfg), results)  # final/README.md
     if accelerator.is_main_process:
         write_json(cfg.output_dir / "eval_results.json", results)
         accelerator.print(results)

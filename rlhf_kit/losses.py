@@ -6,6 +6,7 @@ averaging, as NeMo-Aligner and TRL do), so long responses weigh more than short 
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -15,6 +16,10 @@ import torch.nn.functional as F
 from rlhf_kit.advantages import masked_mean
 from rlhf_kit.estimators import AGGREGATIONS, aggregate_loss
 from rlhf_kit.kl import kl_penalty
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated; pass {new}= (the name of the recipe flag)", DeprecationWarning, 3)
 
 
 class PairwiseStats(NamedTuple):
@@ -73,26 +78,33 @@ class PPOPolicyLoss(nn.Module):
     """Clipped surrogate objective (Schulman et al. 2017, arXiv:1707.06347, eq. 7) plus entropy bonus.
 
     ``loss = agg(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))) - entropy_coef * H
-    + kl_coef * agg(k3(logprobs, ref_logprobs))`` with ``ratio = exp(logprobs - old_logprobs)``.
-    ``agg`` is :func:`rlhf_kit.estimators.aggregate_loss` with ``aggregation`` (default the token mean;
-    ``seq_mean_token_sum`` divides by ``norm_constant``); the KL term is GRPO's (Shao et al. 2024,
-    eq. 3-4: k3 against the reference in the loss instead of the reward), off at ``kl_coef = 0``.
+    + kl_coef * agg(k3(logprobs, ref_logprobs))`` with ``ratio = exp(logprobs - old_logprobs)`` and
+    ``eps = ratio_eps`` (the recipes' ``--ratio-eps``, NeMo-Aligner's ``ratio_eps``, TRL's ``cliprange``;
+    ``clip_eps`` is a deprecated alias). ``agg`` is :func:`rlhf_kit.estimators.aggregate_loss` with
+    ``aggregation`` (default the token mean; ``seq_mean_token_sum`` divides by ``norm_constant``); the KL
+    term is GRPO's (Shao et al. 2024, eq. 3-4: k3 against the reference in the loss instead of the
+    reward), off at ``kl_coef = 0``.
     """
 
     def __init__(
         self,
-        clip_eps: float = 0.2,
+        ratio_eps: float = 0.2,
         entropy_coef: float = 0.0,
         aggregation: str = "token_mean",
         kl_coef: float = 0.0,
         norm_constant: float | None = None,
+        *,
+        clip_eps: float | None = None,
     ):
         super().__init__()
+        if clip_eps is not None:
+            _deprecated("PPOPolicyLoss(clip_eps=...)", "ratio_eps")
+            ratio_eps = clip_eps
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown loss aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
         if aggregation == "seq_mean_token_sum" and not (norm_constant and norm_constant > 0):
             raise ValueError("aggregation seq_mean_token_sum needs a positive norm_constant")
-        self.clip_eps = clip_eps
+        self.ratio_eps = ratio_eps
         self.entropy_coef = entropy_coef
         self.aggregation = aggregation
         self.kl_coef = kl_coef
@@ -116,7 +128,7 @@ class PPOPolicyLoss(nn.Module):
         log_ratio = logprobs - old_logprobs
         ratio = torch.exp(log_ratio)
         unclipped = -advantages * ratio
-        clipped = -advantages * ratio.clamp(1.0 - self.clip_eps, 1.0 + self.clip_eps)
+        clipped = -advantages * ratio.clamp(1.0 - self.ratio_eps, 1.0 + self.ratio_eps)
         pg = self._agg(torch.maximum(unclipped, clipped), mask)
         loss = pg
         ent = torch.zeros((), device=logprobs.device)
@@ -154,12 +166,17 @@ class ValueLoss(nn.Module):
     """Clipped value loss (as in the PPO baselines and NeMo-Aligner's critic).
 
     ``loss = 0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))`` with
-    ``V_clip = V_old + clip(V - V_old, -clip, clip)``; ``clip = 0`` gives plain squared error.
+    ``V_clip = V_old + clip(V - V_old, -value_clip, value_clip)``; ``value_clip = 0`` gives plain squared
+    error (the recipes' ``--value-clip``, NeMo-Aligner's ``loss_clip_val``, TRL's ``cliprange_value``).
+    ``clip`` is a deprecated alias.
     """
 
-    def __init__(self, clip: float = 0.2):
+    def __init__(self, value_clip: float = 0.2, *, clip: float | None = None):
         super().__init__()
-        self.clip = clip
+        if clip is not None:
+            _deprecated("ValueLoss(clip=...)", "value_clip")
+            value_clip = clip
+        self.value_clip = value_clip
 
     def forward(
         self,
@@ -171,8 +188,8 @@ class ValueLoss(nn.Module):
         """Args: all ``(b, t)``."""
         values = values.float()
         err = (values - returns).square()
-        if self.clip > 0:
-            v_clip = old_values + (values - old_values).clamp(-self.clip, self.clip)
+        if self.value_clip > 0:
+            v_clip = old_values + (values - old_values).clamp(-self.value_clip, self.value_clip)
             err_clip = (v_clip - returns).square()
             per_token = torch.maximum(err, err_clip)
             clip_frac = masked_mean((err_clip > err).float(), mask)

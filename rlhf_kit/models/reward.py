@@ -21,9 +21,19 @@ def load_reward_model(path: str, torch_dtype: torch.dtype | None = None, **kwarg
     """Load an HF sequence-classification model with one label (a local dir or a hub name).
 
     ``config.pad_token_id`` may be anything (or unset): :func:`reward_scores` reads the score at the last
-    position of the attention mask, never where HF's classifier looks for the pad id.
+    position of the attention mask, never where HF's classifier looks for the pad id. A causal-LM
+    checkpoint gets a fresh score head, announced in one line (:mod:`rlhf_kit.models.loading`).
     """
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype, **kwargs)
+    from functools import partial
+
+    from rlhf_kit.models.loading import is_causal_lm_checkpoint, load_new_score_head
+
+    load = partial(
+        AutoModelForSequenceClassification.from_pretrained, path, num_labels=1, dtype=torch_dtype, **kwargs
+    )
+    if is_causal_lm_checkpoint(path):  # a new score head: one line instead of transformers' load report
+        return load_new_score_head(load, path)
+    return load()
 
 
 @contextlib.contextmanager

@@ -189,7 +189,7 @@ class CriticRewardService(_CriticAPI):
             "reward_model": rm is not None,
             "critic_vocab_size": int(self.critic.config.vocab_size),
             "reward_model_vocab_size": int(rm.config.vocab_size) if rm is not None else None,
-            "value_clip": float(self.value_loss.clip),
+            "value_clip": float(self.value_loss.value_clip),
             "train_calls": self.train_calls,
             **self.info,
         }

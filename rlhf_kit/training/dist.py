@@ -65,6 +65,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_rank() -> int:
+    """Global rank: the process group's if there is one, else the launcher's ``RANK`` (0 if unset)."""
+    return rank() if is_dist() else int(os.environ.get("RANK", "0"))
+
+
 def gather_objects(obj: object) -> list:
     """``[obj_rank0, obj_rank1, ...]`` (picklable objects) on every rank; ``[obj]`` without a process group."""
     if not is_dist():

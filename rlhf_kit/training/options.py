@@ -21,26 +21,28 @@ class TrainingOptions:
     """Samples per optimizer step over all processes (= micro batch x accumulation steps x world size);
     a sample is an SFT example, a comparison pair or a PPO rollout sample."""
     micro_batch_size: int = 8
-    """Samples per forward/backward pass on each process."""
+    """Samples per forward/backward pass on each process (1-16 usual; lower it when out of memory:
+    gradient accumulation keeps the global batch)."""
     warmup_steps: int = 10
-    """Linear learning-rate warm-up steps (capped at the total)."""
+    """Linear learning-rate warm-up, in optimizer steps (capped at the total; NeMo-Aligner 10)."""
     weight_decay: float = 0.0
-    """AdamW weight decay (never applied to biases and norms)."""
+    """AdamW weight decay, 0-0.1 usual (never applied to biases and norms)."""
     max_grad_norm: float = 1.0
-    """Clip the gradient norm to this (0 disables clipping; the norm is still logged)."""
+    """Clip the global gradient L2 norm to this (1.0 usual, as NeMo-Aligner and TRL; 0 disables clipping;
+    the norm is still logged)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more compute)."""
     master_weights: bool = False
     """bf16 model weights with fp32 master weights in AdamW (one process; faster, less memory than
     fp32 weights under autocast)."""
     lora_r: int = 0
-    """LoRA rank on the trained model (PPO: the actor); 0 trains all weights. A reward model's score head
+    """LoRA rank on the trained model (PPO: the actor), 8-64 usual; 0 trains all weights. A reward model's score head
     still trains in full; the PPO reference is then the actor with its adapters disabled; the final
     model has the adapters merged in."""
     lora_alpha: float = 16.0
-    """LoRA alpha (scale = alpha / r)."""
+    """LoRA alpha (scale = alpha / r; usually r to 2r)."""
     keep_last: int = 2
-    """Keep only this many newest checkpoints."""
+    """Keep only this many newest checkpoints (>= 1)."""
     resume: bool = False
     """Continue from the latest checkpoint in <output-dir>/checkpoints."""
     overwrite: bool = False
@@ -63,29 +65,30 @@ class SupervisedOptions(TrainingOptions):
     """:class:`TrainingOptions` plus the schedule, evaluation and LoRA fields of the SFT and RM recipes."""
 
     eval_batch_size: int = 16
-    """Samples per forward pass during validation and test."""
+    """Samples per forward pass during validation and test (no gradients: 2-4x --micro-batch-size fits)."""
     max_steps: int | None = None
     """Optimizer steps to train. Unset: --epochs passes over the training data."""
     epochs: float = 1.0
-    """Passes over the training data when --max-steps is not given."""
+    """Passes over the training data when --max-steps is not given (fractions allowed; 1-3 usual)."""
     lr: float | None = None
-    """Peak learning rate. Unset: 1e-3 for the embedded tiny model, 1e-5 for a given --model."""
+    """Peak AdamW learning rate (cosine decay after warm-up). Unset: 1e-3 for the embedded tiny model,
+    1e-5 for a given --model (NeMo-Aligner RM 9e-6; 1e-6 to 2e-5 usual for fine-tuning)."""
     min_lr_ratio: float = 0.1
-    """The cosine schedule ends at lr x min-lr-ratio."""
+    """The cosine schedule ends at lr x min-lr-ratio, in [0, 1] (NeMo-Aligner 0.1)."""
     adam_beta1: float = 0.9
-    """AdamW beta1."""
+    """AdamW beta1 (0.9 usual)."""
     adam_beta2: float = 0.999
-    """AdamW beta2."""
+    """AdamW beta2 (0.999 as torch and TRL; NeMo-Aligner 0.98)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
+    """Dropout probability on the LoRA input (0-0.1)."""
     lora_target_modules: str = "all-linear"
     """Comma-separated module names to adapt, or "all-linear"."""
     mixed_precision: MixedPrecision = "auto"
     """auto: the accelerate config's setting, else bf16 where the GPU supports it, else fp32."""
     val_check_interval: int = 50
-    """Validate every this many optimizer steps (and after the last one)."""
+    """Validate every this many optimizer steps, and after the last one (NeMo-Aligner RM 100)."""
     save_interval: int = 100
-    """Save a resumable checkpoint every this many optimizer steps."""
+    """Save a resumable checkpoint every this many optimizer steps (NeMo-Aligner RM 100)."""
     stop_at_step: int | None = None
     """Stop after this step with a checkpoint, as if interrupted (time-boxed jobs; resume tests)."""
     project: str = "rlhf-kit"

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,19 +48,24 @@ ALWAYS_MAY_CHANGE = (
 )
 #: Fields that ``extend_max_steps`` lets grow on resume.
 EXTENDABLE = ("max_steps", "epochs")
+#: Seconds a non-main process waits before exiting on a one-line error, so that the launcher does not
+#: stop the main process before its line is out.
+ERROR_GRACE_S = 2.0
 
 
 @contextmanager
 def one_line_errors(program: str, *kinds: type[BaseException]) -> Iterator[None]:
     """Turn an error of ``kinds`` raised inside into ``<program>: error: <reason>`` on stderr and exit.
 
-    ``kinds`` defaults to ``ValueError``, ``FileNotFoundError`` and :class:`~rlhf_kit.errors.RunError`
-    (bad input, a full disk, a run that keeps producing NaN); wrap a whole training run with
+    ``kinds`` defaults to ``ValueError``, ``FileNotFoundError``, ``ConnectionError`` (an unreachable
+    server) and :class:`~rlhf_kit.errors.RunError` (bad input, a full disk, a run that keeps producing NaN); wrap a whole training run with
     ``one_line_errors(prog, RunError)`` so only the errors meant for the user lose their traceback.
     Any ``OSError`` of a full disk (``ENOSPC``) is one line too. Exit status 2 for bad input, 1 for a
-    run stopped on the way (disk full, non-finite values).
+    run stopped on the way (disk full, non-finite values). Only the main process prints the line
+    (``RANK`` 0 or unset), so a job of N processes shows it once; the others exit after
+    :data:`ERROR_GRACE_S` seconds.
     """
-    kinds = kinds or (ValueError, FileNotFoundError, RunError)
+    kinds = kinds or (ValueError, FileNotFoundError, ConnectionError, RunError)
     try:
         yield
     except BaseException as e:
@@ -69,9 +75,14 @@ def one_line_errors(program: str, *kinds: type[BaseException]) -> Iterator[None]
             text = f"disk full{f' writing {e.filename}' if e.filename else ''} ({e.strerror})"
         else:
             raise
-        bad_input = isinstance(e, (ValueError, FileNotFoundError)) or not isinstance(e, (RunError, OSError))
+        bad_input = isinstance(e, (ValueError, FileNotFoundError, ConnectionError)) or not isinstance(
+            e, (RunError, OSError)
+        )
         _close_progress_bars()  # so the message is the last line, not a bar redrawn at exit
-        print(f"{program}: error: {text.splitlines()[0]}", file=sys.stderr, flush=True)
+        if D.env_rank() == 0:
+            print(f"{program}: error: {text.splitlines()[0]}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(ERROR_GRACE_S)
         raise SystemExit(2 if bad_input else 1) from None
 
 

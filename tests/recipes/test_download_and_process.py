@@ -82,3 +82,25 @@ def test_source_default_builds_offline_train_and_test(tmp_path):
     )
     assert (len(train), len(test)) == (2299 - 460, 460)
     assert len(load_prompts(out / "train_prompts.jsonl")) == len(train)
+
+
+def test_hub_source_offline_fails_fast_with_one_line(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the socket is: the hub is unreachable
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--output-dir", str(tmp_path / "hh")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("download_and_process.py: error: cannot reach"), (
+        proc.stderr
+    )
+    assert f"127.0.0.1:{port}" in lines[0] and "--source default" in lines[0] and "--source PATH" in lines[0]
+    assert not (tmp_path / "hh").exists()

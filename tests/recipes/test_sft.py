@@ -252,3 +252,19 @@ def test_master_weights_resume_exactly_and_track_the_fp32_run(setup, uninterrupt
     assert all(torch.equal(a[k], b[k]) for k in a) and {v.dtype for v in a.values()} == {torch.bfloat16}
     assert losses(full) == pytest.approx(losses(uninterrupted), rel=0.05)
     assert losses(full) != losses(uninterrupted)  # bf16 weights really were used
+
+
+def test_final_directory_has_a_model_card(setup, uninterrupted):
+    """The real CLI writes final/README.md: hub front matter, the data, the metrics and the command."""
+    from huggingface_hub import ModelCard
+
+    root, common = setup
+    card = ModelCard.load(uninterrupted / "final" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.tags == ["rlhf_kit", "sft"]
+    assert card.data.base_model is None and card.data.datasets is None  # local model and data: body only
+    results = json.loads((uninterrupted / "eval_results.json").read_text())
+    assert f"| val/loss | `{results['val']['loss']:.6g}` |" in card.text
+    assert "| --max-steps | `6` |" in card.text and str(root / "pairs.jsonl") in card.text
+    assert "recipes/sft.py" in card.text and f"--output-dir {uninterrupted}" in card.text
+    assert not list((uninterrupted / "final").glob(".*.tmp"))

@@ -47,7 +47,7 @@ def test_policy_loss_by_hand():
     lp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
     adv = torch.tensor([[1.0, 1.0, -2.0]])
     mask = torch.tensor([[1, 1, 1]])
-    loss, stats = PPOPolicyLoss(clip_eps=0.2)(lp, old, adv, mask)
+    loss, stats = PPOPolicyLoss(ratio_eps=0.2)(lp, old, adv, mask)
     # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(-0.5, -0.8) = -0.5; token 2: max(2.2, 2.2) = 2.2
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3, rel=1e-5)
     assert stats.clip_fraction.item() == pytest.approx(1 / 3)
@@ -82,14 +82,14 @@ def test_value_loss_clipping_by_hand_and_gradient():
     old = torch.tensor([[0.0, 0.0]])
     v = torch.tensor([[1.0, 0.1]], requires_grad=True)
     ret = torch.tensor([[2.0, 1.0]])
-    loss, stats = ValueLoss(clip=0.2)(v, old, ret, torch.ones(1, 2))
+    loss, stats = ValueLoss(value_clip=0.2)(v, old, ret, torch.ones(1, 2))
     # token 0: (1-2)^2=1 vs (0.2-2)^2=3.24 -> 3.24 (clipped branch, no grad); token 1: 0.81 vs 0.81
     assert loss.item() == pytest.approx(0.5 * (3.24 + 0.81) / 2, rel=1e-5)
     loss.backward()
     assert v.grad[0, 0] == 0
     assert v.grad[0, 1].item() == pytest.approx(0.5 * 2 * (0.1 - 1.0) / 2, rel=1e-5)
     assert stats.clip_fraction.item() == pytest.approx(0.5)
-    plain, _ = ValueLoss(clip=0.0)(v, old, ret, torch.ones(1, 2))
+    plain, _ = ValueLoss(value_clip=0.0)(v, old, ret, torch.ones(1, 2))
     assert plain.item() == pytest.approx(0.5 * (1.0 + 0.81) / 2, rel=1e-5)
 
 
@@ -98,3 +98,11 @@ def test_explained_variance():
     m = torch.ones(1, 4)
     assert explained_variance(ret, ret, m).item() == pytest.approx(1.0)
     assert explained_variance(torch.full_like(ret, 2.5), ret, m).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_loss_arguments_named_like_the_flags_with_deprecated_aliases():
+    assert PPOPolicyLoss(ratio_eps=0.3).ratio_eps == 0.3 and ValueLoss(value_clip=0.4).value_clip == 0.4
+    with pytest.warns(DeprecationWarning, match="ratio_eps"):
+        assert PPOPolicyLoss(clip_eps=0.3).ratio_eps == 0.3
+    with pytest.warns(DeprecationWarning, match="value_clip"):
+        assert ValueLoss(clip=0.4).value_clip == 0.4
