@@ -24,32 +24,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tyro
 
 from recipes._ppo_defaults import fill_defaults
-from rlhf_kit.data import PromptCollator, load_prompts, tokenize_prompts
-from rlhf_kit.data.tokenizer import load_tokenizer, stop_token_ids
+from rlhf_kit.data import PromptCollator
+from rlhf_kit.data.tokenizer import load_tokenizer
 from rlhf_kit.estimators import needs_critic
-from rlhf_kit.generation.base import SamplingParams
-from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.ppo import (
     EstimatorOptions,
-    ExperienceConfig,
-    PromptStream,
-    UpdateConfig,
     check_estimator_options,
     collect_experience,
     compute_advantages,
+    experience_config,
     load_ppo_models,
+    load_prompt_sets,
     make_backend,
     make_kl_controller,
+    make_losses,
     make_scorer,
     optimizer_state_offloaded,
     place_ppo_models,
     ppo_update,
     repeat_prompts,
     resume_ppo,
+    sampling_params,
     save_final_models,
     save_ppo_checkpoint,
     step_metrics,
     step_schedules,
+    update_config,
+    updates_per_step,
     validation_metrics,
 )
 from rlhf_kit.rollout import RolloutBuffer
@@ -255,40 +256,11 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
     return accum
 
 
-def experience_config(cfg: PPOConfig, stats: dict | None) -> ExperienceConfig:
-    """Scoring and advantage settings; ``stats`` (``{"mean", "std"}``) standardise the scores."""
-    return ExperienceConfig(
-        temperature=cfg.temperature, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
-        normalize_advantages=cfg.normalize_advantages, missing_eos_penalty=cfg.missing_eos_penalty,
-        score_mean=stats["mean"] if stats else 0.0, score_std=stats["std"] if stats else 1.0,
-        micro_batch_size=cfg.rollout_micro_batch_size, advantage_estimator=cfg.advantage_estimator,
-        group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss,
-    )  # fmt: skip
-
-
-def sampling_params(cfg: PPOConfig, tokenizer) -> SamplingParams:
-    """Generation settings of the rollouts (and of validation)."""
-    return SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=cfg.stop_strings, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_token_ids(tokenizer),  # the chat template's end of turn, and EOS
-    )  # fmt: skip
-
-
-def update_config(cfg: PPOConfig, world_size: int, train_critic: bool) -> UpdateConfig:
-    """Update settings; the critic trains here unless a critic server holds it (or there is none)."""
-    return UpdateConfig(
-        mini_batch_size=cfg.global_batch_size // world_size, micro_batch_size=cfg.micro_batch_size,
-        ppo_epochs=cfg.ppo_epochs, max_grad_norm=cfg.max_grad_norm, train_critic=train_critic,
-        group_size=cfg.samples_per_prompt,
-    )  # fmt: skip
-
-
 def main(cfg: PPOConfig) -> dict:
     # 1. Check the configuration before touching any model; accelerator and seeds.
     validate(cfg, env_world_size())
     acc = make_accelerator(cfg.mixed_precision)
-    device = acc.device
+    device = acc.device  # one device per process
     start_run(  # writable, not used by another run, same settings as the run it resumes
         cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
         extend_max_steps=cfg.extend_max_steps,
@@ -300,17 +272,13 @@ def main(cfg: PPOConfig) -> dict:
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.actor, padding_side="left")  # pads with EOS if it has no pad token
     check_same_tokenizer(tokenizer, {"--reward-model": cfg.reward_model, "--critic": cfg.critic})
-    updates_per_step = (
-        cfg.ppo_epochs * cfg.num_rollout_samples * cfg.samples_per_prompt // cfg.global_batch_size
-    )
+    updates = updates_per_step(cfg)
     use_critic = needs_critic(cfg.advantage_estimator)  # critic-free estimators build no critic
-    total = cfg.max_steps * updates_per_step
-    remote, server = (None, {})  # with --critic-server, critic and RM live in that job
-    if cfg.critic_server is not None:
-        remote, server = connect_critic_server(
-            cfg.critic_server, vocab_size=len(tokenizer), total_steps=total, value_clip=cfg.value_clip,
-            need_scores=cfg.reward_fn is None, timeout=cfg.critic_server_timeout,
-        )  # fmt: skip
+    total = cfg.max_steps * updates
+    remote, server = connect_critic_server(  # with --critic-server, critic and RM live in that job
+        cfg.critic_server, vocab_size=len(tokenizer), total_steps=total, value_clip=cfg.value_clip,
+        need_scores=cfg.reward_fn is None, timeout=cfg.critic_server_timeout,
+    ) if cfg.critic_server is not None else (None, {})  # fmt: skip
     models = load_ppo_models(
         cfg.actor, None if remote or not use_critic else cfg.critic or cfg.reward_model,
         None if cfg.reward_fn or remote else cfg.reward_model, tokenizer,
@@ -321,10 +289,7 @@ def main(cfg: PPOConfig) -> dict:
         tokenizer, reward_fn=cfg.reward_fn, reward_model=models.reward_model, reward_model_path=cfg.reward_model,
         remote=remote is not None, server_stats=server.get("reward_stats"), standardize=cfg.standardize_scores,
     )  # fmt: skip
-    train_ids, _ = tokenize_prompts(load_prompts(cfg.train_prompts), tokenizer, cfg.max_prompt_length)
-    val_prompts = load_prompts(cfg.val_prompts)[: cfg.num_val_samples]
-    val_ids, _ = tokenize_prompts(val_prompts, tokenizer, cfg.max_prompt_length)
-    stream = PromptStream(train_ids, seed=cfg.seed)
+    stream, val_ids = load_prompt_sets(cfg, tokenizer)  # tokenised, left-truncated
 
     # 3. Compile, shard (FSDP2 with --fsdp or accelerate/fsdp.yaml) or prepare; optimizers and schedules.
     models, placed = place_ppo_models(
@@ -337,11 +302,7 @@ def main(cfg: PPOConfig) -> dict:
     # 4. The step's pieces: KL controller, scoring, losses, generation backend (and its weight sync).
     kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
     exp_cfg = experience_config(cfg, stats)
-    policy_loss = PPOPolicyLoss(
-        cfg.ratio_eps, cfg.entropy_coef, cfg.loss_aggregation, kl_coef=cfg.kl_coef if cfg.kl_in_loss else 0.0,
-        norm_constant=cfg.loss_norm_constant or cfg.max_new_tokens,
-    )  # fmt: skip
-    value_loss = ValueLoss(cfg.value_clip) if use_critic else None
+    policy_loss, value_loss = make_losses(cfg, use_critic)  # no value loss without a critic
     dynamic = cfg.dynamic_dispatch and acc.num_processes > 1
     backend, sync_weights = make_backend(
         cfg.backend, actor, tokenizer, actor_path=cfg.actor, accelerator=acc, dynamic=dynamic,
@@ -395,7 +356,7 @@ def main(cfg: PPOConfig) -> dict:
             )  # fmt: skip
             if critic_update is not None:
                 train_stats |= critic_update.result()
-        step_schedules(scheds, updates_per_step, train_actor=update_cfg.train_actor)
+        step_schedules(scheds, updates, train_actor=update_cfg.train_actor)
         kl_ctl.update(exp_stats["kl/seq_mean"], cfg.num_rollout_samples)
         step += 1
         sync_weights()

@@ -64,8 +64,22 @@ from rlhf_kit.ppo.setup import (
     place_ppo_models,
 )
 from rlhf_kit.ppo.update import UpdateConfig, mean_over_ranks, ppo_update
+from rlhf_kit.ppo.wiring import (
+    experience_config,
+    load_prompt_sets,
+    make_losses,
+    sampling_params,
+    update_config,
+    updates_per_step,
+)
 
 __all__ = [
+    "experience_config",
+    "load_prompt_sets",
+    "make_losses",
+    "sampling_params",
+    "update_config",
+    "updates_per_step",
     "CriticInference",
     "CriticTrainer",
     "EstimatorOptions",

@@ -1,0 +1,72 @@
+"""From a PPO run's flat settings to the step's configuration objects.
+
+``recipes/ppo.py`` keeps one flat config (every flag documented in ``--help``); the library's pieces
+take small typed configs. These functions do the translation once, so a loop of one's own that keeps
+the same field names (``cfg`` is any object with the recipe's ``PPOConfig`` attributes) gets the same
+experience, sampling, update and loss settings as the recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf_kit.data import load_prompts, tokenize_prompts
+from rlhf_kit.data.tokenizer import stop_token_ids
+from rlhf_kit.generation.base import SamplingParams
+from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
+from rlhf_kit.ppo.experience import ExperienceConfig
+from rlhf_kit.ppo.prompts import PromptStream
+from rlhf_kit.ppo.update import UpdateConfig
+
+
+def experience_config(cfg: Any, stats: dict | None) -> ExperienceConfig:
+    """Scoring and advantage settings; ``stats`` (``{"mean", "std"}``) standardise the scores."""
+    return ExperienceConfig(
+        temperature=cfg.temperature, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
+        normalize_advantages=cfg.normalize_advantages, missing_eos_penalty=cfg.missing_eos_penalty,
+        score_mean=stats["mean"] if stats else 0.0, score_std=stats["std"] if stats else 1.0,
+        micro_batch_size=cfg.rollout_micro_batch_size, advantage_estimator=cfg.advantage_estimator,
+        group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss,
+    )  # fmt: skip
+
+
+def sampling_params(cfg: Any, tokenizer) -> SamplingParams:
+    """Generation settings of the rollouts (and of validation); stops at EOS and the end of turn."""
+    return SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, temperature=cfg.temperature,
+        top_k=cfg.top_k, top_p=cfg.top_p, stop_strings=cfg.stop_strings, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_token_ids(tokenizer),  # the chat template's end of turn, and EOS
+    )  # fmt: skip
+
+
+def update_config(cfg: Any, world_size: int, train_critic: bool) -> UpdateConfig:
+    """Update settings; the critic trains here unless a critic server holds it (or there is none)."""
+    return UpdateConfig(
+        mini_batch_size=cfg.global_batch_size // world_size, micro_batch_size=cfg.micro_batch_size,
+        ppo_epochs=cfg.ppo_epochs, max_grad_norm=cfg.max_grad_norm, train_critic=train_critic,
+        group_size=cfg.samples_per_prompt,
+    )  # fmt: skip
+
+
+def updates_per_step(cfg: Any) -> int:
+    """Optimizer steps per PPO step: epochs x (rollout samples x samples per prompt) / global batch."""
+    return cfg.ppo_epochs * cfg.num_rollout_samples * cfg.samples_per_prompt // cfg.global_batch_size
+
+
+def make_losses(cfg: Any, use_critic: bool) -> tuple[PPOPolicyLoss, ValueLoss | None]:
+    """The clipped policy loss (KL as a k3 loss term with ``kl_in_loss``) and, with a critic, the value loss."""
+    policy_loss = PPOPolicyLoss(
+        cfg.ratio_eps, cfg.entropy_coef, cfg.loss_aggregation, kl_coef=cfg.kl_coef if cfg.kl_in_loss else 0.0,
+        norm_constant=cfg.loss_norm_constant or cfg.max_new_tokens,
+    )  # fmt: skip
+    return policy_loss, ValueLoss(cfg.value_clip) if use_critic else None
+
+
+def load_prompt_sets(cfg: Any, tokenizer) -> tuple[PromptStream, list[list[int]]]:
+    """Training prompts as a seeded :class:`PromptStream`, and the first ``num_val_samples`` validation
+    prompts, both tokenised and left-truncated to ``max_prompt_length``."""
+    train_ids, _ = tokenize_prompts(load_prompts(cfg.train_prompts), tokenizer, cfg.max_prompt_length)
+    val_ids, _ = tokenize_prompts(
+        load_prompts(cfg.val_prompts)[: cfg.num_val_samples], tokenizer, cfg.max_prompt_length
+    )
+    return PromptStream(train_ids, seed=cfg.seed), val_ids
