@@ -260,7 +260,7 @@ def main(cfg: PPOConfig) -> dict:
     # 1. Check the configuration before touching any model; accelerator and seeds.
     validate(cfg, env_world_size())
     acc = make_accelerator(cfg.mixed_precision)
-    device = acc.device  # one device per process
+    device = acc.device
     start_run(  # writable, not used by another run, same settings as the run it resumes
         cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
         extend_max_steps=cfg.extend_max_steps,
