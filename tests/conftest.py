@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -9,6 +11,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf_kit.tiny import FAMILIES, hh_texts, tiny_config_for, train_tokenizer
 
 torch.set_num_threads(2)
+# Every gloo group in the tests talks over loopback. Left unset, gloo binds the interface the host name
+# resolves to; on a sandboxed CI runner that pair can fail in gloo's background thread, which ends the
+# rank with std::terminate (SIGABRT, "terminate called without an active exception") instead of an
+# exception. Spawned ranks inherit this from the pytest process.
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 @pytest.fixture(scope="session")
