@@ -186,9 +186,12 @@ def test_resume_equals_uninterrupted(setup, uninterrupted):
     first = run(*args, "--stop-at-step", "3")
     assert "stopped at step 3" in first.stdout and not (out / "final").exists()
     run(*args, "--resume")
-    assert train_losses(out) == train_losses(uninterrupted)
+    # Two CPU processes fed the same bytes can differ in the last float32 bit (a CI run saw 6e-8 on the
+    # step-1 loss of two fresh runs). A broken resume (data position, optimizer or schedule state) moves
+    # losses by >1e-3 and weights by ~lr=3e-3 per step, three orders above these tolerances.
+    assert train_losses(out) == pytest.approx(train_losses(uninterrupted), rel=1e-5, abs=1e-7)
     a, b = final_weights(out), final_weights(uninterrupted)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
     val = [r["val/accuracy"] for r in read_metrics(out) if "val/accuracy" in r]
     assert val == [r["val/accuracy"] for r in read_metrics(uninterrupted) if "val/accuracy" in r]
 
