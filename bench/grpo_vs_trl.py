@@ -109,6 +109,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], estimator: str 
     from rlhf_kit.generation import CompiledBackend, SamplingParams
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import TokenValueModel, disable_dropout
+    from rlhf_kit.models.compile import compile_blocks
     from rlhf_kit.ppo import (
         ExperienceConfig,
         PromptStream,
@@ -122,6 +123,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], estimator: str 
     )
     from rlhf_kit.rollout import RolloutBuffer
     from rlhf_kit.training.optim import build_optimizer
+    from rlhf_kit.training.precision import build_master_weight_optimizer
 
     device = _device(args)
     sh = shape(args)
@@ -138,11 +140,19 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], estimator: str 
     backend = CompiledBackend(
         copy.deepcopy(actor).to(frozen), max_batch_size=n, max_seq_len=sh["prompt_len"] + sh["new_tokens"]
     )
-    actor_opt = build_optimizer(actor, args.lr, 0.0)
-    critic_opt = build_optimizer(critic, args.lr, 0.0) if use_critic else None
+    if args.compile_blocks:  # regional torch.compile of every transformer block (recipes' --compile-blocks)
+        for m in (actor, ref, critic, rm):
+            if m is not None:
+                compile_blocks(m)
+    # bf16 weights with fp32 masters in AdamW (--master-weights), else fp32 weights under bf16 autocast
+    make_opt = build_master_weight_optimizer if args.master_weights else build_optimizer
+    actor_opt = make_opt(actor, args.lr, 0.0)
+    critic_opt = make_opt(critic, args.lr, 0.0) if use_critic else None
+    # one generation feeds one optimizer step: GRPO's scoring skips the actor (the recipe's default)
+    skip = not use_critic and not args.recompute_old_logprobs
     exp_cfg = ExperienceConfig(
         temperature=1.0, micro_batch_size=args.score_micro or n, advantage_estimator=estimator,
-        group_size=sh["k"], kl_in_loss=not use_critic,
+        group_size=sh["k"], kl_in_loss=not use_critic, skip_old_logprobs=skip,
     )  # fmt: skip
     upd_cfg = UpdateConfig(
         mini_batch_size=n, micro_batch_size=sh["micro"], train_critic=use_critic, group_size=sh["k"]
@@ -155,7 +165,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], estimator: str 
     else:  # GRPO: KL as a k3 loss term, sequence mean of token means
         policy_loss = PPOPolicyLoss(0.2, aggregation="seq_mean_token_mean", kl_coef=KL_COEF)
         value_loss, kl_reward = None, 0.0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not args.master_weights)
     clock = PhaseClock(device)
     steps: list[dict[str, Any]] = []
     reset_peak_memory(device)
@@ -164,7 +174,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], estimator: str 
         clock.start()
         batch = repeat_prompts(stream.next_batch(sh["batch"]), sh["k"])  # K samples of each prompt in a row
         with torch.no_grad():
-            gens = generate_rollouts(backend, batch, collate, params, n, device, release=True)
+            gens = generate_rollouts(backend, batch, collate, params, n, device, release=not args.keep_cache)
         clock.lap("generate")
         with autocast:
             data = score_rollouts(
@@ -187,6 +197,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], estimator: str 
             "generated_tokens": sum(int(g.response_mask.sum()) for g in gens),
             "policy_loss": tstats.get("policy/loss"),
             "ref_kl": tstats.get("policy/ref_kl"),
+            "kl_seq_mean": stats.get("kl/seq_mean", tstats.get("kl/seq_mean")),
             "score_mean": stats["reward/score_mean"],
         }
 
@@ -198,6 +209,8 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], estimator: str 
     res = summarize(steps, args.warmup)
     res.update(memory_stats(device))
     res["estimator"], res["critic"], res["backend_mode"] = estimator, use_critic, backend.mode
+    res["switches"] = {"compile_blocks": args.compile_blocks, "master_weights": args.master_weights,
+                       "keep_cache": args.keep_cache, "skip_old_logprobs": skip, "micro": sh["micro"]}  # fmt: skip
     return res
 
 
@@ -335,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro", type=int, default=16, help="training micro-batch (sequences)")
     ap.add_argument("--score-micro", type=int, default=64, help="ours: scoring micro-batch (0: whole batch)")
     ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument(
+        "--compile-blocks", action="store_true", help="ours: torch.compile each transformer block"
+    )
+    ap.add_argument(
+        "--master-weights", action="store_true", help="ours: bf16 weights, fp32 masters, no autocast"
+    )
+    ap.add_argument(
+        "--keep-cache", action="store_true", help="ours: keep KV cache and CUDA graphs between steps"
+    )
+    ap.add_argument("--recompute-old-logprobs", action="store_true",
+                    help="ours_grpo: score with the actor too (off: the update's forward supplies them)")  # fmt: skip
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.16 (put first on PYTHONPATH)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per worker")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -372,6 +396,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "--k", str(args.k), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                    "--micro", str(args.micro), "--score-micro", str(args.score_micro), "--lr", str(args.lr),
                    "--config", args.config, "--tokenizer", tok_dir, "--prompts", prompts_path]  # fmt: skip
+    for flag in ("compile_blocks", "master_weights", "keep_cache", "recompute_old_logprobs"):
+        if getattr(args, flag):
+            passthrough.append("--" + flag.replace("_", "-"))
     if args.tiny:
         passthrough.append("--tiny")
     for system in args.systems:

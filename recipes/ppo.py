@@ -357,14 +357,17 @@ def main(cfg: PPOConfig) -> dict:
             if critic_update is not None:
                 train_stats |= critic_update.result()
         step_schedules(scheds, updates, train_actor=update_cfg.train_actor)
-        kl_ctl.update(exp_stats["kl/seq_mean"], cfg.num_rollout_samples)
+        kl_seq = exp_stats.get(
+            "kl/seq_mean", train_stats.get("kl/seq_mean")
+        )  # the update's, when it skips scoring's
+        kl_ctl.update(kl_seq, cfg.num_rollout_samples)
         step += 1
         sync_weights()
         result = step_metrics(exp_stats, train_stats, rollout_stats, timer.summary(), scheds, device)
         result |= guard.end_step(step, result, device)  # past --max-bad-steps: stops, naming the step
         logger.log(result, step)
         bar.update(1)
-        bar.set_postfix(score=f"{exp_stats['reward/score_mean']:.3f}", kl=f"{exp_stats['kl/seq_mean']:.3f}")
+        bar.set_postfix(score=f"{exp_stats['reward/score_mean']:.3f}", kl=f"{kl_seq:.3f}")
 
         # 7. Validation on held-out prompts, with a table of samples.
         if step % cfg.val_check_interval == 0 or step == cfg.max_steps:

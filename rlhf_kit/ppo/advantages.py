@@ -44,8 +44,14 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
     With ``cfg.kl_in_loss`` the reward carries no KL (the policy loss does). Returns the completed
     rollout and statistics (mean KL per sequence, score stats, ...). ``kl/seq_mean`` is the mean over all
     ranks (collective: every rank calls this), because it drives the adaptive KL controller, which must
-    see the same value everywhere; the other statistics are this rank's.
+    see the same value everywhere; the other statistics are this rank's. With ``cfg.skip_old_logprobs``
+    the rollout has no old log-probs yet, so ``kl/seq_mean`` is left to :func:`~rlhf_kit.ppo.ppo_update`.
     """
+    if cfg.skip_old_logprobs and kl_coef and not cfg.kl_in_loss:
+        raise ValueError(
+            "compute_advantages: skip_old_logprobs leaves no old log-probs for a KL penalty in the reward "
+            f"(kl_coef {kl_coef}); use kl_in_loss, a zero coefficient, or recompute them"
+        )
     m = rollout.response_mask
     kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * m
     scores = standardize_scores(rollout.scores, cfg.score_mean, cfg.score_std)
@@ -89,7 +95,7 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
         "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
         "reward/raw_score_mean": rollout.scores.mean().item(),
         "reward/shaped_return_mean": rewards.sum(-1).mean().item(),
-        "kl/seq_mean": global_mean(seq_kl),
+        **({} if cfg.skip_old_logprobs else {"kl/seq_mean": global_mean(seq_kl)}),
         "kl/coef": kl_coef,
         "response/length_mean": lengths.mean().item(),
         "response/finished_fraction": rollout.finished.float().mean().item(),

@@ -48,6 +48,12 @@ class ExperienceConfig:
     """Samples per prompt, laid out as consecutive groups (the group estimators' baseline)."""
     kl_in_loss: bool = False
     """KL is a loss term (k3, GRPO style) instead of a reward penalty: the reward gets no KL."""
+    skip_old_logprobs: bool = False
+    """Score without the actor's forward pass: the update's own forward supplies the old log-probs
+    (``old = current.detach()``, ratio 1). Exact only when the rollout makes one optimizer step (one
+    epoch, one mini-batch) and the reward carries no KL (``kl_in_loss`` or a zero coefficient);
+    :func:`~rlhf_kit.ppo.ppo_update` and :func:`~rlhf_kit.ppo.compute_advantages` refuse it otherwise.
+    The rollout's ``logprobs`` then hold a copy of ``ref_logprobs`` (zero KL) as a placeholder."""
 
 
 @torch.no_grad()
@@ -66,7 +72,8 @@ def make_experience(
     Args:
         generation: a ``GenerationOutput`` (``sequences (b, p + n)``, ``attention_mask``,
             ``response_mask (b, n)``, ``finished (b,)``, ``prompt_length``).
-        actor: causal LM being trained; its log-probs are recomputed here (the old policy).
+        actor: causal LM being trained; its log-probs are recomputed here (the old policy), unless
+            ``cfg.skip_old_logprobs`` (then the update computes them).
         reference: frozen initial policy; ``None`` with ``reference_fn`` for LoRA, where
             ``reference_fn()`` returns a context manager that disables the adapter on ``actor``.
         critic: per-token value model (``TokenValueModel``); None with ``remote``, or with a
@@ -90,12 +97,17 @@ def make_experience(
     lps, refs, vals, scores = [], [], [], []
     for s in range(0, seq.shape[0], cfg.micro_batch_size):
         sl = slice(s, s + cfg.micro_batch_size)
-        lps.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
         if reference is not None:
             refs.append(sequence_logprobs(reference, seq[sl], am[sl], p, cfg.temperature))
         else:
             with reference_fn():
                 refs.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
+        # the old policy's log-probs; with skip_old_logprobs a zero-KL placeholder (the update's forward)
+        lps.append(
+            refs[-1].clone()
+            if cfg.skip_old_logprobs
+            else sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature)
+        )
         score = None
         if remote is not None:
             value, score = remote.infer(seq[sl], am[sl], p, rmask[sl], with_scores=scorer is None)

@@ -81,13 +81,18 @@ def validation_metrics(
     step: int,
     device: torch.device | str,
 ) -> tuple[dict, list[list]]:
-    """Roll out ``prompts`` with ``rollout`` (e.g. a bound :func:`~rlhf_kit.ppo.collect_experience`) and
+    """Roll out ``prompts`` with ``rollout`` (e.g. a bound :func:`~rlhf_kit.ppo.collect_experience`; with
+    ``exp_cfg.skip_old_logprobs`` it is called with ``cfg=`` a copy that recomputes them) and
     return the ``val/`` statistics averaged over ranks and ``[step, prompt, response, score]`` sample rows."""
     import dataclasses
 
     from rlhf_kit.estimators import needs_critic
 
-    data, _ = rollout(prompts)
+    if exp_cfg.skip_old_logprobs:  # validation measures the KL: it computes the old log-probs
+        exp_cfg = dataclasses.replace(exp_cfg, skip_old_logprobs=False)
+        data, _ = rollout(prompts, cfg=exp_cfg)
+    else:
+        data, _ = rollout(prompts)
     if not needs_critic(exp_cfg.advantage_estimator):  # one sample per prompt: no groups to baseline
         exp_cfg = dataclasses.replace(exp_cfg, advantage_estimator="reinforce_pp", group_size=1)
     data, stats = compute_advantages(data, kl_coef, exp_cfg)

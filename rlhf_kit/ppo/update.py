@@ -75,6 +75,10 @@ def ppo_update(
     and the mini-batch order depends only on the buffer's seed, so the split run equals the joint one).
     ``backward`` defaults to ``loss.backward()`` (pass ``accelerator.backward``); ``clip_grad`` to
     ``torch.nn.utils.clip_grad_norm_``. Returns mean statistics over all micro-batches.
+
+    With ``exp_cfg.skip_old_logprobs`` the rollout makes exactly one optimizer step, so each
+    micro-batch's forward (before the step) is the old policy: its detached log-probs are the ratio's
+    denominator, and ``kl/seq_mean`` (the rollout's KL to the reference, over all ranks) is returned.
     """
     train_actor = cfg.train_actor and actor_opt is not None
     train_critic = cfg.train_critic
@@ -90,11 +94,19 @@ def ppo_update(
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     totals: dict[str, float] = {}
     n_micro = 0
+    kl_totals = None  # (summed sequence KL, sequences) with skip_old_logprobs, on the data's device
 
     def add(key: str, value) -> None:
         totals[key] = totals.get(key, 0.0) + float(value)
 
     agg = getattr(policy_loss, "aggregation", "token_mean")
+    reuse = exp_cfg.skip_old_logprobs and train_actor
+    if reuse and (cfg.ppo_epochs != 1 or len(buffer) > cfg.mini_batch_size):
+        raise ValueError(
+            "ppo_update: skip_old_logprobs needs one optimizer step per rollout (ppo_epochs 1 and at most "
+            f"mini_batch_size samples); got {cfg.ppo_epochs} epoch(s) over {len(buffer)} samples in mini-batches "
+            f"of {cfg.mini_batch_size}"
+        )
     batches = buffer.minibatches(
         cfg.mini_batch_size, cfg.ppo_epochs, device=device, group_size=cfg.group_size
     )
@@ -117,7 +129,14 @@ def ppo_update(
                         exp_cfg.temperature,
                         with_entropy=True,
                     )
-                    loss, ps = policy_loss(lp, micro.logprobs, micro.advantages, pm, ent, micro.ref_logprobs)
+                    # one optimizer step per rollout: the weights are still the old policy's here
+                    old = lp.detach() if reuse else micro.logprobs
+                    loss, ps = policy_loss(lp, old, micro.advantages, pm, ent, micro.ref_logprobs)
+                    if reuse:  # the rollout's KL to the reference, which scoring did not compute
+                        part = torch.stack(
+                            [((old - micro.ref_logprobs) * micro.response_mask).sum(), lp.new_tensor(len(lp))]
+                        )
+                        kl_totals = part if kl_totals is None else kl_totals + part
                     backward(loss * (aggregation_units(pm, agg) * world / p_tokens))
                     add("policy/loss", ps.loss)
                     add("policy/clip_fraction", ps.clip_fraction)
@@ -148,6 +167,9 @@ def ppo_update(
     out = {}
     for k, v in totals.items():
         out[k] = v / (steps if k.endswith("grad_norm") else max(n_micro, 1))
+    if reuse:  # the mean over every rank's sequences, as compute_advantages reports it otherwise
+        kl_sum, count = _global_count(kl_totals).tolist()
+        out["kl/seq_mean"] = kl_sum / max(count, 1.0)
     return out
 
 

@@ -26,8 +26,18 @@ def experience_config(cfg: Any, stats: dict | None) -> ExperienceConfig:
         normalize_advantages=cfg.normalize_advantages, missing_eos_penalty=cfg.missing_eos_penalty,
         score_mean=stats["mean"] if stats else 0.0, score_std=stats["std"] if stats else 1.0,
         micro_batch_size=cfg.rollout_micro_batch_size, advantage_estimator=cfg.advantage_estimator,
-        group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss,
+        group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss, skip_old_logprobs=one_step_on_policy(cfg),
     )  # fmt: skip
+
+
+def one_step_on_policy(cfg: Any) -> bool:
+    """True when one rollout makes exactly one optimizer step and its reward carries no KL, so scoring can
+    skip the actor's forward pass (``ExperienceConfig.skip_old_logprobs``): the update's forward, taken
+    before the step, is the old policy. GRPO's usual setting (``--ppo-epochs 1``, the rollout one global
+    batch, ``--kl-in-loss``)."""
+    no_kl_reward = cfg.kl_in_loss or (cfg.kl_coef == 0 and not cfg.adaptive_kl)
+    one_step = cfg.ppo_epochs == 1 and updates_per_step(cfg) == 1 and cfg.critic_warmup_steps == 0
+    return one_step and no_kl_reward
 
 
 def sampling_params(cfg: Any, tokenizer) -> SamplingParams:

@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from tests.recipes.test_ppo import FAST, metrics, run, run_parallel, series
 
+# one optimizer step per rollout (8 samples, global batch 8) with the KL in the loss: scoring skips the actor
 GRPO = ["--advantage-estimator", "grpo", "--samples-per-prompt", "2", "--num-rollout-samples", "4",
-        "--kl-in-loss", "--loss-aggregation", "seq_mean_token_mean"]  # fmt: skip
+        "--global-batch-size", "8", "--kl-in-loss", "--loss-aggregation", "seq_mean_token_mean"]  # fmt: skip
 LEARN = [
     "--reward-fn", "tests.recipes.reward_fns:space_fraction", "--advantage-estimator", "grpo",
     "--samples-per-prompt", "4", "--max-steps", "16", "--actor-lr", "2e-3", "--actor-min-lr", "1e-4",
@@ -38,6 +39,9 @@ def test_no_critic_is_built_trained_or_saved(grpo_run):
     assert not series(rows, "value/loss") and not series(rows, "lr/critic")
     assert len(series(rows, "policy/ref_kl")) == 4  # --kl-in-loss: the k3 term is in the policy loss
     assert series(rows, "kl/coef") == [0.02] * 4
+    # one optimizer step per rollout with --kl-in-loss: scoring skipped the actor, the update measured the KL
+    assert len(series(rows, "kl/seq_mean")) == 4 and len(series(rows, "val/kl/seq_mean")) >= 1
+    assert series(rows, "policy/ratio_mean") == [1.0] * 4
 
 
 def test_grpo_resume_equals_uninterrupted(grpo_run, tmp_path):
