@@ -134,6 +134,9 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="CPU smoke run: few steps, short sequences")
     ap.add_argument("--ppo-steps", type=int, default=40)
     ap.add_argument("--ppo-args", default="", help="extra flags for recipes/ppo.py")
+    ap.add_argument(
+        "--rm-args", default="", help="extra flags for recipes/reward_model.py (e.g. speed flags)"
+    )
     ap.add_argument("--worker", choices=["trl"], default=None)
     for name, default in (("train", ""), ("test", "")):
         ap.add_argument(f"--{name}", default=default)
@@ -177,7 +180,7 @@ def main() -> None:
                     "--warmup-steps", "10", "--global-batch-size", str(args.batch), "--micro-batch-size",
                     str(args.micro), "--max-length", str(args.max_length), "--mixed-precision",
                     "bf16" if not args.small else "no", "--val-check-interval", "20", "--save-interval", "100000",
-                    *steps], os.path.join(logs, "rm_ours.log"))  # fmt: skip
+                    *steps, *args.rm_args.split()], os.path.join(logs, "rm_ours.log"))  # fmt: skip
         m = rows(os.path.join(rm_dir, "metrics.jsonl"))
         train_rows = [r for r in m if "train/loss" in r]
         test_row = [r for r in m if "test/accuracy" in r][-1]
@@ -185,8 +188,9 @@ def main() -> None:
             "test_accuracy": test_row["test/accuracy"],
             "test_loss": test_row["test/loss"],
             "wall_s": wall,
-            "pairs_per_s": sum(r["throughput/pairs_per_s"] for r in train_rows[2:])
-            / max(len(train_rows[2:]), 1),
+            # pairs over the summed time of every step (warm-up included), as TRL's train_samples_per_second
+            "pairs_per_s": args.batch * len(train_rows) / sum(r["time/step_s"] for r in train_rows),
+            "rm_args": args.rm_args,
             "peak_allocated_gib": max(
                 (r.get("memory/peak_allocated_gib", 0) for r in train_rows), default=None
             ),

@@ -5,6 +5,8 @@
 #   call 1: carry .whl and .gguf/part_aa:  bash bench/real_model_gpu.sh          (stores the part)
 #   call 2: carry .whl and .gguf/part_ab:  STAGES=data,rm_ours,rm_trl bash bench/real_model_gpu.sh
 #   call 3: carry .whl:                    STAGES=ppo,eval bash bench/real_model_gpu.sh
+#   RM speed sweep (bench/rm_speed.py) once the model is there: SWEEP=all bash bench/real_model_gpu.sh
+#   RM flags for the rm_ours stage: RM_ARGS="--gradient-checkpointing --micro-batch-tokens 16384" ...
 # Wheels in .whl: trl, datasets, dill, multiprocess, tyro, docstring-parser, typeguard, gguf (cp312).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -26,7 +28,13 @@ if [ ! -d "$W/smollm2" ]; then
   exit 0
 fi
 OUT=${OUT:-$W/out}
-python3 bench/real_model.py --model "$W/smollm2" --out "$OUT" --work "$W/work" --stages "${STAGES:-data,rm_ours,rm_trl,ppo,eval}" --ppo-args "${PPO_ARGS:-}" ${EXTRA:-}
+if [ -n "${SWEEP:-}" ]; then  # the RM speed sweep (bench/rm_speed.py): SWEEP=all or a comma-separated list
+  [ -f "$W/work/data/train_comparisons.jsonl" ] || python3 recipes/download_and_process.py --source default --format messages --output-dir "$W/work/data" > /dev/null
+  only=""; [ "$SWEEP" != all ] && only="--only $SWEEP"
+  python3 bench/rm_speed.py --model "$W/smollm2" --data "$W/work/data" --out "$OUT/rm_speed" --steps "${SWEEP_STEPS:-30}" $only
+  [ -z "${STAGES:-}" ] && exit 0
+fi
+python3 bench/real_model.py --model "$W/smollm2" --out "$OUT" --work "$W/work" --stages "${STAGES:-data,rm_ours,rm_trl,ppo,eval}" --ppo-args="${PPO_ARGS:-}" --rm-args="${RM_ARGS:-}" ${EXTRA:-}
 rc=$?
 tar czf "$OUT/logs.tgz" -C "$W/work" logs 2>/dev/null
 for d in rm_ours ppo; do [ -f "$W/work/$d/metrics.jsonl" ] && cp "$W/work/$d/metrics.jsonl" "$OUT/${d}_metrics.jsonl"; done

@@ -45,7 +45,7 @@ from rlhf_kit.training import (
     save_checkpoint,
     seed_everything,
 )
-from rlhf_kit.training.batching import BatchPlan
+from rlhf_kit.training.batching import BatchPlan, token_budget_micro_batches
 from rlhf_kit.training.dist import env_world_size
 from rlhf_kit.training.evaluation import evaluate_pairs, pair_scores
 from rlhf_kit.training.guard import NonFiniteGuard
@@ -102,6 +102,14 @@ class Config(SupervisedOptions):
     """Weight of the reward-centring term mean((r_chosen + r_rejected)^2)."""
     group_by_length: bool = True
     """Group pairs of similar length into the same global batch (less padding)."""
+    micro_batch_tokens: int | None = None
+    """Padded tokens per micro-batch (2 x pairs x the longest side): a step's pairs, longest first, are
+    cut into micro-batches that fit, so short pairs go many at a time and long ones few (every rank runs
+    as many as the rank that needs most). Replaces --micro-batch-size's fixed count. Unset: fixed count."""
+    liger_kernel: bool = False
+    """Fused RMSNorm / SwiGLU / rotary Triton kernels from liger-kernel (CUDA; the [liger] extra)."""
+    compile_blocks: bool = False
+    """torch.compile each transformer block (dynamic shapes: lengths change from batch to batch)."""
 
 
 def check_config(cfg: Config) -> int:
@@ -135,6 +143,14 @@ def check_config(cfg: Config) -> int:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.master_weights and env_world_size() > 1:
         raise ValueError("--master-weights is for one process (FSDP2 keeps fp32 masters with several)")
+    if cfg.liger_kernel:
+        from rlhf_kit.models.kernels import liger_model_types
+
+        liger_model_types()  # not installed: one line with the install hint, before any model is built
+    if cfg.micro_batch_tokens is not None:
+        check_positive(micro_batch_tokens=cfg.micro_batch_tokens)
+        resolve_batch_sizes(cfg.global_batch_size, 1, env_world_size())  # whole pairs on every rank
+        return 0  # no fixed accumulation: micro-batches are weighted by their pairs
     return resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, env_world_size())
 
 
@@ -190,6 +206,14 @@ def main(cfg: Config) -> None:
 
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model = load_for_training(cfg.model, "reward", lora, cfg.gradient_checkpointing)
+    if cfg.liger_kernel:  # fused RMSNorm / SwiGLU / rotary (the same math, fewer kernel launches)
+        from rlhf_kit.models.kernels import apply_liger_kernels
+
+        apply_liger_kernels(model)
+    if cfg.compile_blocks:
+        from rlhf_kit.models.compile import compile_blocks
+
+        compile_blocks(model, dynamic=True)
     if cfg.master_weights:  # masters are made beside the weights: on the device first
         optimizer = build_master_weight_optimizer(
             model.to(accelerator.device), lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2)
@@ -223,6 +247,8 @@ def main(cfg: Config) -> None:
         logger.log({f"{split}/{k}": v for k, v in metrics.items()}, at)
         return metrics
 
+    per_rank = cfg.global_batch_size // world
+    padded_cost = [2 * n for n in pair_lengths(train)]  # chosen + rejected rows at the longer side
     last = min(total, cfg.stop_at_step or total)
     bar = progress(total=total, initial=step, desc="reward model")
     guard = NonFiniteGuard(cfg.max_bad_steps)
@@ -230,12 +256,15 @@ def main(cfg: Config) -> None:
     while step < last:
         started = time.perf_counter()
         avg = Averager()
-        micro = plan.micro_batches(step, cfg.micro_batch_size, rank, world)
+        if cfg.micro_batch_tokens is None:
+            micro = plan.micro_batches(step, cfg.micro_batch_size, rank, world)
+        else:  # similar lengths together under a padded-token budget, the same count on every rank
+            micro = token_budget_micro_batches(plan, step, padded_cost, cfg.micro_batch_tokens, rank, world)
         for idx in accumulate(accelerator, model, micro):
             batch = {k: v.to(device) for k, v in collate([train[j] for j in idx]).items()}
             chosen, rejected = pair_scores(model, batch)
-            loss, stats = loss_fn(chosen, rejected)
-            accelerator.backward(loss / accum)
+            loss, stats = loss_fn(chosen, rejected)  # mean over the micro-batch's pairs
+            accelerator.backward(loss / accum if accum else loss * (len(idx) / per_rank))
             for name, value in [("loss", loss.detach()), *stats._asdict().items()]:
                 avg.add(name, value, len(idx))
         update = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, guard)

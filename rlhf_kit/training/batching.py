@@ -90,3 +90,54 @@ class BatchPlan:
         per_rank = len(indices) // world_size
         mine = indices[rank * per_rank : (rank + 1) * per_rank]
         return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+
+
+def split_by_token_budget(
+    indices: Sequence[int], lengths: Sequence[int], budget: int, parts: int | None = None
+) -> list[list[int]]:
+    """Cut ``indices`` into micro-batches whose padded size stays within ``budget`` tokens.
+
+    A micro-batch of ``k`` examples, the longest of length ``L``, costs ``k * L`` padded tokens
+    (``lengths[i]`` is example ``i``'s: for a pair, ``2 * max(len(chosen), len(rejected))``). Examples
+    are taken longest first and a micro-batch grows while it fits; an example over the budget gets one
+    of its own. With ``parts``, the largest micro-batch is halved until there are ``parts`` of them
+    (every rank must run the same number of forward passes under FSDP2): ``parts`` must lie between
+    the greedy count and ``len(indices)``. The result is a pure function of its arguments.
+    """
+    if budget < 1:
+        raise ValueError(f"token budget must be positive, got {budget}")
+    order = sorted(indices, key=lambda i: (-lengths[i], i))
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    if parts is not None:
+        if not len(out) <= parts <= len(order):
+            raise ValueError(
+                f"cannot cut {len(order)} examples into {parts} micro-batches (at least {len(out)})"
+            )
+        while len(out) < parts:
+            j = max(range(len(out)), key=lambda k: (len(out[k]) * lengths[out[k][0]], len(out[k])))
+            if len(out[j]) < 2:  # the costliest is a single example: halve the longest splittable one
+                j = max((k for k in range(len(out)) if len(out[k]) > 1), key=lambda k: len(out[k]))
+            half = len(out[j]) // 2
+            out[j : j + 1] = [out[j][:half], out[j][half:]]
+    return out
+
+
+def token_budget_micro_batches(
+    plan: BatchPlan, step: int, lengths: Sequence[int], budget: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """This rank's micro-batches of step ``step`` under a padded-token ``budget``
+    (:func:`split_by_token_budget`), every rank with as many micro-batches as the rank that needs most.
+
+    Which examples form the step, and each rank's share, are :meth:`BatchPlan.micro_batches`'; only the
+    cut changes. Every rank computes every rank's cut (no communication), so the counts agree.
+    """
+    indices = plan.global_batch_at(step)
+    per_rank = len(indices) // world_size
+    shares = [indices[r * per_rank : (r + 1) * per_rank] for r in range(world_size)]
+    parts = max(len(split_by_token_budget(s, lengths, budget)) for s in shares)
+    return split_by_token_budget(shares[rank], lengths, budget, parts)

@@ -220,6 +220,19 @@ def test_micro_batch_times_accumulation_is_equivalent(setup, uninterrupted):
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
 
 
+def test_token_budget_micro_batches_are_equivalent(setup, uninterrupted):
+    """--micro-batch-tokens 100 cuts each step's 4 pairs (sides up to 48 tokens) into micro-batches of 1
+    to 2 pairs by length, each weighted by its pairs: the same steps as one micro-batch of 4."""
+    root, common, marker = setup
+    out = root / "budget"
+    run(*common, "--output-dir", str(out), "--max-steps", "6", "--micro-batch-tokens", "100",
+        "--global-batch-size", "4", "--val-check-interval", "3", "--save-interval", "100")  # fmt: skip
+    assert train_losses(out) == pytest.approx(train_losses(uninterrupted), abs=1e-5)
+    a, b = final_weights(out), final_weights(uninterrupted)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
 def test_two_processes_match_one(setup, uninterrupted):
     """2 CPU processes (accelerate MULTI_CPU, DDP over gloo), micro 2 each: same as 1 process x micro 4.
 
@@ -263,6 +276,8 @@ def test_two_processes_match_one(setup, uninterrupted):
         ),
         (["--train-data", "/nonexistent/train.jsonl"], "training data not found: /nonexistent/train.jsonl"),
         (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
+        (["--liger-kernel"], "--liger-kernel needs liger-kernel (and Triton): pip install 'rlhf-kit[liger]'"),
+        (["--micro-batch-tokens", "0"], "--micro-batch-tokens must be"),
     ],
 )
 def test_bad_configuration_stops_with_one_line(tmp_path, args, message):

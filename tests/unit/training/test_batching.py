@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from rlhf_kit.training.batching import resolve_batch_sizes
+from rlhf_kit.training.batching import BatchPlan, resolve_batch_sizes
 
 
 def test_grad_accum_from_global_micro_world():
@@ -38,3 +39,37 @@ def test_batch_plan_is_a_function_of_the_step():
     assert max(lengths[i] for i in grouped) == 50
     with pytest.raises(ValueError, match="fewer than one global batch"):
         BatchPlan(3, 4)
+
+
+def test_token_budget_split_fits_and_keeps_every_example():
+    from rlhf_kit.training.batching import split_by_token_budget
+
+    lengths = [10, 40, 25, 5, 40, 12, 80, 7]
+    parts = split_by_token_budget(range(8), lengths, budget=60)
+    assert sorted(i for p in parts for i in p) == list(range(8))
+    for p in parts:  # padded cost within the budget, except an example over it alone
+        assert len(p) * max(lengths[i] for i in p) <= 60 or len(p) == 1
+    assert parts[0] == [6] and [len(p) for p in parts] == [1, 1, 1, 2, 3]  # longest first, greedy
+    assert split_by_token_budget(range(8), lengths, 60) == parts  # a pure function
+    more = split_by_token_budget(range(8), lengths, 60, parts=7)
+    assert len(more) == 7 and sorted(i for p in more for i in p) == list(range(8))
+    with pytest.raises(ValueError, match="into 4 micro-batches"):
+        split_by_token_budget(range(8), lengths, 60, parts=4)
+    with pytest.raises(ValueError, match="token budget"):
+        split_by_token_budget(range(8), lengths, 0)
+
+
+def test_token_budget_micro_batches_agree_across_ranks():
+    """Every rank gets the same number of micro-batches (FSDP2 needs equal forward counts), each rank
+    covers exactly its share of the step, and the shares are BatchPlan's."""
+    from rlhf_kit.training.batching import token_budget_micro_batches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = (torch.randint(4, 200, (64,), generator=g) * 2).tolist()
+    plan = BatchPlan(64, 16, seed=3)
+    for step in range(4):
+        per_rank = [token_budget_micro_batches(plan, step, lengths, 300, r, 2) for r in range(2)]
+        assert len(per_rank[0]) == len(per_rank[1])
+        for r in range(2):
+            share = plan.micro_batches(step, 8, r, 2)[0]
+            assert sorted(i for p in per_rank[r] for i in p) == sorted(share)
