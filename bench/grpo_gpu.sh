@@ -13,11 +13,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, accelerate, datasets, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__, 'trl', trl.__version__)"
 G="python3 bench/grpo_vs_trl.py --batch 64 --k 4 --steps ${STEPS:-6} --warmup 2 --trl-site /tmp/site --timeout 240 --work /tmp/grpo_work/bench"
 FAST="--compile-blocks --master-weights --keep-cache"
-# 1. TRL and ours with the library defaults (the actor's scoring pass skipped: one optimizer step per rollout)
-$G --systems trl ours_grpo --out "$OUT/default" 2>&1 | tail -8
-# 2. the speed switches, and our PPO with the same switches (what the critic costs)
-$G --systems ours_grpo ours_ppo $FAST --out "$OUT/fast" 2>&1 | tail -6
-# 3. larger training micro-batches; and the old log-probs recomputed (what the skip saves)
-$G --systems ours_grpo $FAST --micro 64 --out "$OUT/fast_micro64" 2>&1 | tail -4
-$G --systems ours_grpo $FAST --recompute-old-logprobs --out "$OUT/fast_recompute" 2>&1 | tail -4
-for d in default fast fast_micro64 fast_recompute; do echo "== $d"; cat "$OUT/$d/grpo_vs_trl.md" 2>/dev/null; done
+PARTS=${PARTS:-default fast fast_micro64 fast_recompute}  # one call may not hold all four: PARTS="default fast"
+for part in $PARTS; do
+  case $part in
+    # TRL and ours with the library defaults (the actor's scoring pass skipped: one optimizer step per rollout)
+    default) $G --systems trl ours_grpo --out "$OUT/$part" 2>&1 | tail -8 ;;
+    # the speed switches, and our PPO with the same switches (what the critic costs)
+    fast) $G --systems ours_grpo ours_ppo $FAST --out "$OUT/$part" 2>&1 | tail -6 ;;
+    # larger training micro-batches; the old log-probs recomputed (what the skip saves)
+    fast_micro64) $G --systems ours_grpo $FAST --micro 64 --out "$OUT/$part" 2>&1 | tail -4 ;;
+    fast_recompute) $G --systems ours_grpo $FAST --recompute-old-logprobs --out "$OUT/$part" 2>&1 | tail -4 ;;
+  esac
+done
+for d in $PARTS; do echo "== $d"; cat "$OUT/$d/grpo_vs_trl.md" 2>/dev/null; done
