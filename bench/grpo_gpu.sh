@@ -23,6 +23,9 @@ for part in $PARTS; do
     # larger training micro-batches; the old log-probs recomputed (what the skip saves)
     fast_micro64) $G --systems ours_grpo $FAST --micro 64 --out "$OUT/$part" 2>&1 | tail -4 ;;
     fast_recompute) $G --systems ours_grpo $FAST --recompute-old-logprobs --out "$OUT/$part" 2>&1 | tail -4 ;;
+    # memory: the KV cache released between steps (--keep-cache off), and smaller training micro-batches
+    nokeep) $G --systems ours_grpo --compile-blocks --master-weights --out "$OUT/$part" 2>&1 | tail -4 ;;
+    nokeep_micro8) $G --systems ours_grpo --compile-blocks --master-weights --micro 8 --out "$OUT/$part" 2>&1 | tail -4 ;;
   esac
 done
 for d in $PARTS; do echo "== $d"; cat "$OUT/$d/grpo_vs_trl.md" 2>/dev/null; done

@@ -105,7 +105,9 @@ class Config(SupervisedOptions):
     micro_batch_tokens: int | None = None
     """Padded tokens per micro-batch (2 x pairs x the longest side): a step's pairs, longest first, are
     cut into micro-batches that fit, so short pairs go many at a time and long ones few (every rank runs
-    as many as the rank that needs most). Replaces --micro-batch-size's fixed count. Unset: fixed count."""
+    as many as the rank that needs most). Unset: 2 x --micro-batch-size x --max-length, so no micro-batch
+    is larger than --micro-batch-size pairs at full length (3x the pairs/s of fixed micro-batches on
+    SmolLM2-135M, docs/benchmarks.md). 0: fixed micro-batches of --micro-batch-size pairs."""
     liger_kernel: bool = False
     """Fused RMSNorm / SwiGLU / rotary Triton kernels from liger-kernel (CUDA; the [liger] extra)."""
     compile_blocks: bool = False
@@ -147,8 +149,8 @@ def check_config(cfg: Config) -> int:
         from rlhf_kit.models.kernels import liger_model_types
 
         liger_model_types()  # not installed: one line with the install hint, before any model is built
-    if cfg.micro_batch_tokens is not None:
-        check_positive(micro_batch_tokens=cfg.micro_batch_tokens)
+    check_non_negative(micro_batch_tokens=cfg.micro_batch_tokens)
+    if cfg.micro_batch_tokens != 0:
         resolve_batch_sizes(cfg.global_batch_size, 1, env_world_size())  # whole pairs on every rank
         return 0  # no fixed accumulation: micro-batches are weighted by their pairs
     return resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, env_world_size())
@@ -197,6 +199,8 @@ def main(cfg: Config) -> None:
 
         tokenizer = load_tokenizer(cfg.model, padding_side="right")  # pads with EOS if it has no pad token
         cfg.max_length = cfg.max_length or (TINY_MAX_LENGTH if tiny else PRETRAINED_MAX_LENGTH)
+        if cfg.micro_batch_tokens is None:  # the fixed micro-batch's worst case, shorter pairs packed in
+            cfg.micro_batch_tokens = 2 * cfg.micro_batch_size * cfg.max_length
         train, val, test = load_data(cfg, tokenizer)
         lr = cfg.lr or (TINY_LR if tiny else PRETRAINED_LR)
         plan = BatchPlan(
@@ -256,7 +260,7 @@ def main(cfg: Config) -> None:
     while step < last:
         started = time.perf_counter()
         avg = Averager()
-        if cfg.micro_batch_tokens is None:
+        if not cfg.micro_batch_tokens:
             micro = plan.micro_batches(step, cfg.micro_batch_size, rank, world)
         else:  # similar lengths together under a padded-token budget, the same count on every rank
             micro = token_budget_micro_batches(plan, step, padded_cost, cfg.micro_batch_tokens, rank, world)

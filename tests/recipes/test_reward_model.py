@@ -205,6 +205,8 @@ def test_micro_batch_times_accumulation_is_equivalent(setup, uninterrupted):
         str(out),
         "--max-steps",
         "6",
+        "--micro-batch-tokens",
+        "0",
         "--micro-batch-size",
         "1",
         "--global-batch-size",
@@ -271,13 +273,13 @@ def test_two_processes_match_one(setup, uninterrupted):
     "args, message",
     [
         (
-            ["--global-batch-size", "10", "--micro-batch-size", "4"],
+            ["--global-batch-size", "10", "--micro-batch-size", "4", "--micro-batch-tokens", "0"],
             "global batch 10 is not divisible by micro batch 4 x world size 1 = 4",
         ),
         (["--train-data", "/nonexistent/train.jsonl"], "training data not found: /nonexistent/train.jsonl"),
         (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
         (["--liger-kernel"], "--liger-kernel needs liger-kernel (and Triton): pip install 'rlhf-kit[liger]'"),
-        (["--micro-batch-tokens", "0"], "--micro-batch-tokens must be"),
+        (["--micro-batch-tokens", "-1"], "--micro-batch-tokens must be >= 0"),
     ],
 )
 def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
