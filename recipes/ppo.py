@@ -33,6 +33,7 @@ from rlhf_kit.ppo import (
     collect_experience,
     compute_advantages,
     experience_config,
+    held_out_size,
     load_ppo_models,
     load_prompt_sets,
     make_backend,
@@ -47,6 +48,7 @@ from rlhf_kit.ppo import (
     sampling_params,
     save_final_models,
     save_ppo_checkpoint,
+    split_prompts,
     step_metrics,
     step_schedules,
     update_config,
@@ -92,7 +94,11 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     train_prompts: str | None = None
     """Prompt file ({"text"} / {"prompt"} / chat messages per line). None: the shipped HH sample."""
     val_prompts: str | None = None
-    """Held-out prompts for validation. None: the test split of the shipped HH sample."""
+    """Held-out prompts for validation. None: --val-size prompts held out of --train-prompts (never trained
+    on), or with no --train-prompts either, the test split of the shipped HH sample."""
+    val_size: int | None = None
+    """Prompts (a count, >= 1 and below the file's prompt count) held out of --train-prompts for validation
+    when no --val-prompts is given; picked with --seed. None: --num-val-samples."""
     output_dir: str = "outputs/ppo"
     """Where checkpoints, metrics.jsonl and the final models go."""
 
@@ -236,6 +242,8 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
         if getattr(cfg, name) is not None:
             check_path_exists(getattr(cfg, name), f"--{name.replace('_', '-')}")
             load_prompts(getattr(cfg, name))  # a bad line: one line now, not a traceback after the models
+    if cfg.train_prompts is not None and cfg.val_prompts is None:  # --val-size must leave training prompts
+        split_prompts(load_prompts(cfg.train_prompts), held_out_size(cfg), cfg.seed, cfg.train_prompts)
     if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
         raise ValueError(f"--reward-fn must look like 'module:function', got {cfg.reward_fn!r}")
     if (
@@ -289,7 +297,7 @@ def main(cfg: PPOConfig) -> dict:
         tokenizer, reward_fn=cfg.reward_fn, reward_model=models.reward_model, reward_model_path=cfg.reward_model,
         remote=remote is not None, server_stats=server.get("reward_stats"), standardize=cfg.standardize_scores,
     )  # fmt: skip
-    stream, val_ids = load_prompt_sets(cfg, tokenizer)  # tokenised, left-truncated
+    stream, val_ids = load_prompt_sets(cfg, tokenizer, log=acc.print)  # tokenised, left-truncated
 
     # 3. Compile, shard (FSDP2 with --fsdp or accelerate/fsdp.yaml) or prepare; optimizers and schedules.
     models, placed = place_ppo_models(

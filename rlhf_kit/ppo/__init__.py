@@ -66,9 +66,11 @@ from rlhf_kit.ppo.setup import (
 from rlhf_kit.ppo.update import UpdateConfig, mean_over_ranks, ppo_update
 from rlhf_kit.ppo.wiring import (
     experience_config,
+    held_out_size,
     load_prompt_sets,
     make_losses,
     sampling_params,
+    split_prompts,
     update_config,
     updates_per_step,
 )
@@ -91,6 +93,7 @@ __all__ = [
     "experience_config",
     "generate_rollouts",
     "generate_rollouts_dynamic",
+    "held_out_size",
     "load_critic_and_reward_model",
     "load_ppo_models",
     "load_prompt_sets",
@@ -108,6 +111,7 @@ __all__ = [
     "repeat_prompts",
     "resume_ppo",
     "sampling_params",
+    "split_prompts",
     "save_final_models",
     "save_ppo_checkpoint",
     "score_rollouts",
