@@ -30,6 +30,7 @@ from rlhf_kit.estimators import needs_critic
 from rlhf_kit.ppo import (
     EstimatorOptions,
     check_estimator_options,
+    closing_metrics,
     collect_experience,
     compute_advantages,
     experience_config,
@@ -66,6 +67,7 @@ from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import TrainingOptions
 from rlhf_kit.training.placement import OptimSettings
 from rlhf_kit.training.run import start_run
+from rlhf_kit.training.summary import print_summary
 from rlhf_kit.training.validate import check_same_tokenizer
 
 
@@ -340,7 +342,7 @@ def main(cfg: PPOConfig) -> dict:
     # 6. The PPO loop: rollout, advantages, update (the critic half on the server with --critic-server).
     for m in placed.models.values():
         m.train()
-    result: dict = {}
+    result, vstats = {}, {}
     bar = progress(total=cfg.max_steps, initial=step, desc="ppo")
     while step < cfg.max_steps:
         timer.reset()
@@ -392,9 +394,11 @@ def main(cfg: PPOConfig) -> dict:
     bar.close()
 
     # 9. Final models as standard HF directories (FSDP2 shards gathered, LoRA merged).
-    save_final_models(cfg.output_dir, actor, critic, tokenizer, acc, asdict(cfg), remote)
+    saved = save_final_models(cfg.output_dir, actor, critic, tokenizer, acc, asdict(cfg), remote)
     write_model_card(os.path.join(cfg.output_dir, "final"), "ppo", asdict(cfg), result)  # final/README.md
     logger.close()
+    saved["metrics"] = os.path.join(cfg.output_dir, "metrics.jsonl")
+    print_summary("ppo", saved, closing_metrics(result, vstats))  # paths, last step, last validation
     return result
 
 

@@ -13,7 +13,6 @@ validation rewards, also ``reward_mean``/``reward_std`` in its config) for stand
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -69,6 +68,7 @@ from rlhf_kit.training.run import (
     write_json,
 )
 from rlhf_kit.training.step import accumulate, optimizer_step
+from rlhf_kit.training.summary import print_summary, run_outputs
 
 #: Settings that may change on --resume besides output and reporting ones (they change no weights).
 MAY_CHANGE = ("val_check_interval", "eval_batch_size")
@@ -318,7 +318,7 @@ def main(cfg: Config) -> None:
             str(final), stats["reward_mean"], stats["reward_std"], num_pairs=final_val["num_pairs"]
         )
         write_json(cfg.output_dir / "eval_results.json", results)
-        accelerator.print(json.dumps(results, indent=2))
+        print_summary("reward_model", run_outputs(cfg.output_dir, eval_results="eval_results.json"), results)
     logger.close()
     accelerator.end_training()
 

@@ -67,6 +67,7 @@ from rlhf_kit.training.run import (
     write_json,
 )
 from rlhf_kit.training.step import accumulate, optimizer_step
+from rlhf_kit.training.summary import print_summary, run_outputs
 
 #: Settings that may change on --resume besides output and reporting ones (they change no weights).
 MAY_CHANGE = ("val_check_interval", "eval_batch_size")
@@ -291,7 +292,7 @@ def main(cfg: Config) -> None:
     write_model_card(cfg.output_dir / "final", "sft", asdict(cfg), results)  # final/README.md
     if accelerator.is_main_process:
         write_json(cfg.output_dir / "eval_results.json", results)
-        accelerator.print(results)
+        print_summary("sft", run_outputs(cfg.output_dir, eval_results="eval_results.json"), results)
     logger.close()
     accelerator.end_training()
 

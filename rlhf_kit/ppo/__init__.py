@@ -42,6 +42,7 @@ from rlhf_kit.ppo.options import EstimatorOptions, check_estimator_options
 from rlhf_kit.ppo.prompts import PromptStream, repeat_prompts
 from rlhf_kit.ppo.remote import CriticInference, CriticTrainer
 from rlhf_kit.ppo.run import (
+    closing_metrics,
     optimizer_state_offloaded,
     resume_ppo,
     save_final_models,
@@ -86,6 +87,7 @@ __all__ = [
     "RewardModelScorer",
     "UpdateConfig",
     "check_estimator_options",
+    "closing_metrics",
     "collect_experience",
     "compute_advantages",
     "decode_prompts_and_responses",

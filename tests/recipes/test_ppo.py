@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -210,6 +211,9 @@ def test_validation_prompts_are_held_out_of_the_given_training_prompts(tmp_path)
         f"held out 6 of the 24 prompts of {path} for validation (seed 3); 18 left for training" in proc.stdout
     )
     assert not (out / "data").exists()
+    closing = proc.stdout[proc.stdout.index("ppo: done") :]  # the closing summary: paths, then numbers
+    assert re.search(rf"^  final model +{re.escape(str(out / 'final'))}$", closing, re.M), closing
+    assert re.search(r"^  val/reward/score_mean +-?\d+\.\d{4}$", closing, re.M), closing
     held = [p.split()[4] for p in split_prompts(prompts, 6, seed=3)[1]]  # the itemNN marker of each
     table = next(r for r in metrics(out) if r.get("table") == "val/samples")  # its first 4 samples
     assert [next(w for w in row[1].split() if w.startswith("item")) for row in table["rows"]] == held[:4]
