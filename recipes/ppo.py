@@ -222,9 +222,11 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
     """Check the configuration before loading anything; returns gradient-accumulation steps."""
     from rlhf_kit.data import load_prompts
     from rlhf_kit.training.batching import resolve_batch_sizes
+    from rlhf_kit.training.metrics import check_report_to
     from rlhf_kit.training.run import check_numbers
     from rlhf_kit.training.validate import check_model_path, check_path_exists
 
+    check_report_to(cfg.report_to)  # an unknown tracker or a missing package: one line now
     check_numbers(cfg, positive=POSITIVE, non_negative=NON_NEGATIVE, unit_interval=("gamma", "lam"))
     accum = resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size)
     check_estimator_options(cfg, world_size)

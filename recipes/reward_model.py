@@ -54,7 +54,7 @@ from rlhf_kit.training.hf import (
     make_accelerator,
     save_hf_model,
 )
-from rlhf_kit.training.metrics import Averager, device_memory_stats
+from rlhf_kit.training.metrics import Averager, check_report_to, device_memory_stats
 from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
@@ -123,6 +123,7 @@ def check_config(cfg: Config) -> int:
     ):
         if getattr(cfg, name) is not None:
             check_path_exists(getattr(cfg, name), what)
+    check_report_to(cfg.report_to)  # an unknown tracker or a missing package: one line now
     check_finite_fields(cfg)  # --lr nan / inf: one line, before anything is loaded
     check_non_negative(
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_bad_steps=cfg.max_bad_steps

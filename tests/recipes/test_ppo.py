@@ -185,6 +185,7 @@ def test_large_kl_coefficient_keeps_policy_close(learning_runs):
         (["--actor", "/nonexistent/actor"], "/nonexistent/actor"),
         (["--reward-fn", "no_colon_here"], "module:function"),
         (["--master-weights", "--fsdp"], "--master-weights is for one process"),
+        (["--report-to", "jsonl", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
     ],
 )
 def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
