@@ -12,8 +12,8 @@ def fill_defaults(cfg, is_main: bool):
     Missing actor -> a tiny random Llama (and its BPE tokenizer) under ``<output_dir>/init/actor``;
     missing reward model (and no reward function or critic server) -> a tiny random RM sharing that
     tokenizer (:func:`default_reward_model`); missing training prompts -> the shipped HH sample split
-    into train/test files under ``<output_dir>/data`` (its test prompts validate unless --val-prompts is
-    given). Given training prompts without --val-prompts write nothing here: validation prompts are
+    into ``train_prompts.jsonl`` / ``test_prompts.jsonl`` under ``<output_dir>/data`` (nothing else; the
+    test prompts validate unless --val-prompts is given). Given training prompts without --val-prompts write nothing here: validation prompts are
     held out of them (``rlhf_kit.ppo.load_prompt_sets``).
     Only the main process writes; others wait at the caller's barrier. Each model directory is written
     under a temporary name and renamed into place, so a kill never leaves a half-written one.
@@ -60,7 +60,7 @@ def fill_defaults(cfg, is_main: bool):
             "test_prompts": os.path.join(data_dir, "test_prompts.jsonl"),
         }
         if is_main and not os.path.exists(paths["test_prompts"]):
-            paths = prepare_default_hh(data_dir)
+            paths = prepare_default_hh(data_dir, prompts_only=True)  # PPO reads prompts only
         updates["train_prompts"] = paths["train_prompts"]
         if cfg.val_prompts is None:
             updates["val_prompts"] = paths["test_prompts"]

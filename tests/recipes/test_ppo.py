@@ -93,6 +93,7 @@ def test_default_run_writes_models_metrics_and_checkpoints(default_run):
         assert len(series(rows, key)) == 4, key
     assert series(rows, "val/reward/score_mean"), "validation ran"
     assert any(r.get("table") == "val/samples" and r["rows"] for r in rows)
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["test_prompts.jsonl", "train_prompts.jsonl"]
     actor = AutoModelForCausalLM.from_pretrained(out / "final")
     critic = AutoModelForSequenceClassification.from_pretrained(out / "critic")
     assert critic.config.num_labels == 1
