@@ -11,8 +11,10 @@ def fill_defaults(cfg, is_main: bool):
 
     Missing actor -> a tiny random Llama (and its BPE tokenizer) under ``<output_dir>/init/actor``;
     missing reward model (and no reward function or critic server) -> a tiny random RM sharing that
-    tokenizer (:func:`default_reward_model`); missing prompts -> the shipped HH sample split into
-    train/test prompt files under ``<output_dir>/data``.
+    tokenizer (:func:`default_reward_model`); missing training prompts -> the shipped HH sample split
+    into ``train_prompts.jsonl`` / ``test_prompts.jsonl`` under ``<output_dir>/data`` (nothing else; the
+    test prompts validate unless --val-prompts is given). Given training prompts without --val-prompts write nothing here: validation prompts are
+    held out of them (``rlhf_kit.ppo.load_prompt_sets``).
     Only the main process writes; others wait at the caller's barrier. Each model directory is written
     under a temporary name and renamed into place, so a kill never leaves a half-written one.
     """
@@ -49,7 +51,7 @@ def fill_defaults(cfg, is_main: bool):
             tok = AutoTokenizer.from_pretrained(updates.get("actor", cfg.actor))
             with atomic_directory(updates["critic"], "the embedded default critic") as tmp:
                 save_tiny_pretrained(str(tmp), "reward", tokenizer=tok, seed=cfg.seed + 2)
-    if cfg.train_prompts is None or cfg.val_prompts is None:
+    if cfg.train_prompts is None:  # given training prompts without --val-prompts: held out of them instead
         from rlhf_kit.data.hh import prepare_default_hh
 
         data_dir = os.path.join(cfg.output_dir, "data")
@@ -58,9 +60,8 @@ def fill_defaults(cfg, is_main: bool):
             "test_prompts": os.path.join(data_dir, "test_prompts.jsonl"),
         }
         if is_main and not os.path.exists(paths["test_prompts"]):
-            paths = prepare_default_hh(data_dir)
-        if cfg.train_prompts is None:
-            updates["train_prompts"] = paths["train_prompts"]
+            paths = prepare_default_hh(data_dir, prompts_only=True)  # PPO reads prompts only
+        updates["train_prompts"] = paths["train_prompts"]
         if cfg.val_prompts is None:
             updates["val_prompts"] = paths["test_prompts"]
     return dataclasses.replace(cfg, **updates)

@@ -27,6 +27,7 @@ from rlhf_kit.data.hh import (
     process_hh_records,
     write_split,
 )
+from rlhf_kit.training.summary import print_summary
 
 SPLITS = ("train", "test")
 
@@ -150,8 +151,7 @@ def main(cfg: Config) -> dict[str, str]:
             comparisons, prompts, counts = per_split[split]
             print(f"{split}: {counts}")
             paths.update(write_split(cfg.output_dir, split, comparisons, prompts))
-    for path in sorted(paths.values()):
-        print(f"wrote {path}")
+    print_summary("download_and_process", {k.replace("_", " "): paths[k] for k in sorted(paths)})
     return paths
 
 

@@ -4,12 +4,11 @@
     python recipes/evaluate.py --policy outputs/ppo/final --baseline sft/final \
         --reward-model rm/final --prompts data/hh/test_prompts.jsonl
 
-Writes ``<output-dir>/eval.json`` (summary + per-sample records) and prints a table.
+Writes ``<output-dir>/eval.json`` (summary + per-sample records) and prints the summary.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -106,8 +105,9 @@ def main(cfg: EvalConfig) -> dict:
     from rlhf_kit.generation.base import SamplingParams
     from rlhf_kit.generation.hf import HFBackend
     from rlhf_kit.models import load_reward_model
-    from rlhf_kit.policy_eval import format_table, sample_policy, summarize
+    from rlhf_kit.policy_eval import sample_policy, summarize, write_eval
     from rlhf_kit.ppo import FunctionScorer, RewardModelScorer, load_reward_fn
+    from rlhf_kit.training.summary import print_summary
 
     # 1. Resolve the default run and check every path before loading.
     cfg = fill_defaults(cfg)
@@ -161,13 +161,8 @@ def main(cfg: EvalConfig) -> dict:
     if base is not None:
         for rec, r, s in zip(records, base.responses, base.scores):
             rec.update(baseline_response=r, baseline_score=float(s))
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    path = os.path.join(cfg.output_dir, "eval.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"config": asdict(cfg), "summary": summary, "samples": records}, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(format_table(summary))
-    print(f"wrote {path}")
+    path = write_eval(cfg.output_dir, asdict(cfg), summary, records)
+    print_summary("evaluate", {"eval": path}, summary)
     return summary
 
 

@@ -30,9 +30,11 @@ from rlhf_kit.estimators import needs_critic
 from rlhf_kit.ppo import (
     EstimatorOptions,
     check_estimator_options,
+    closing_metrics,
     collect_experience,
     compute_advantages,
     experience_config,
+    held_out_size,
     load_ppo_models,
     load_prompt_sets,
     make_backend,
@@ -47,6 +49,7 @@ from rlhf_kit.ppo import (
     sampling_params,
     save_final_models,
     save_ppo_checkpoint,
+    split_prompts,
     step_metrics,
     step_schedules,
     update_config,
@@ -64,6 +67,7 @@ from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import TrainingOptions
 from rlhf_kit.training.placement import OptimSettings
 from rlhf_kit.training.run import start_run
+from rlhf_kit.training.summary import print_summary
 from rlhf_kit.training.validate import check_same_tokenizer
 
 
@@ -92,7 +96,11 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     train_prompts: str | None = None
     """Prompt file ({"text"} / {"prompt"} / chat messages per line). None: the shipped HH sample."""
     val_prompts: str | None = None
-    """Held-out prompts for validation. None: the test split of the shipped HH sample."""
+    """Held-out prompts for validation. None: --val-size prompts held out of --train-prompts (never trained
+    on), or with no --train-prompts either, the test split of the shipped HH sample."""
+    val_size: int | None = None
+    """Prompts (a count, >= 1 and below the file's prompt count) held out of --train-prompts for validation
+    when no --val-prompts is given; picked with --seed. None: --num-val-samples."""
     output_dir: str = "outputs/ppo"
     """Where checkpoints, metrics.jsonl and the final models go."""
 
@@ -214,9 +222,11 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
     """Check the configuration before loading anything; returns gradient-accumulation steps."""
     from rlhf_kit.data import load_prompts
     from rlhf_kit.training.batching import resolve_batch_sizes
+    from rlhf_kit.training.metrics import check_report_to
     from rlhf_kit.training.run import check_numbers
     from rlhf_kit.training.validate import check_model_path, check_path_exists
 
+    check_report_to(cfg.report_to)  # an unknown tracker or a missing package: one line now
     check_numbers(cfg, positive=POSITIVE, non_negative=NON_NEGATIVE, unit_interval=("gamma", "lam"))
     accum = resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size)
     check_estimator_options(cfg, world_size)
@@ -236,6 +246,8 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
         if getattr(cfg, name) is not None:
             check_path_exists(getattr(cfg, name), f"--{name.replace('_', '-')}")
             load_prompts(getattr(cfg, name))  # a bad line: one line now, not a traceback after the models
+    if cfg.train_prompts is not None and cfg.val_prompts is None:  # --val-size must leave training prompts
+        split_prompts(load_prompts(cfg.train_prompts), held_out_size(cfg), cfg.seed, cfg.train_prompts)
     if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
         raise ValueError(f"--reward-fn must look like 'module:function', got {cfg.reward_fn!r}")
     if (
@@ -289,7 +301,7 @@ def main(cfg: PPOConfig) -> dict:
         tokenizer, reward_fn=cfg.reward_fn, reward_model=models.reward_model, reward_model_path=cfg.reward_model,
         remote=remote is not None, server_stats=server.get("reward_stats"), standardize=cfg.standardize_scores,
     )  # fmt: skip
-    stream, val_ids = load_prompt_sets(cfg, tokenizer)  # tokenised, left-truncated
+    stream, val_ids = load_prompt_sets(cfg, tokenizer, log=acc.print)  # tokenised, left-truncated
 
     # 3. Compile, shard (FSDP2 with --fsdp or accelerate/fsdp.yaml) or prepare; optimizers and schedules.
     models, placed = place_ppo_models(
@@ -332,7 +344,7 @@ def main(cfg: PPOConfig) -> dict:
     # 6. The PPO loop: rollout, advantages, update (the critic half on the server with --critic-server).
     for m in placed.models.values():
         m.train()
-    result: dict = {}
+    result, vstats = {}, {}
     bar = progress(total=cfg.max_steps, initial=step, desc="ppo")
     while step < cfg.max_steps:
         timer.reset()
@@ -384,9 +396,11 @@ def main(cfg: PPOConfig) -> dict:
     bar.close()
 
     # 9. Final models as standard HF directories (FSDP2 shards gathered, LoRA merged).
-    save_final_models(cfg.output_dir, actor, critic, tokenizer, acc, asdict(cfg), remote)
+    saved = save_final_models(cfg.output_dir, actor, critic, tokenizer, acc, asdict(cfg), remote)
     write_model_card(os.path.join(cfg.output_dir, "final"), "ppo", asdict(cfg), result)  # final/README.md
     logger.close()
+    saved["metrics"] = os.path.join(cfg.output_dir, "metrics.jsonl")
+    print_summary("ppo", saved, closing_metrics(result, vstats))  # paths, last step, last validation
     return result
 
 

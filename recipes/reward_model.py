@@ -13,7 +13,6 @@ validation rewards, also ``reward_mean``/``reward_std`` in its config) for stand
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -55,7 +54,7 @@ from rlhf_kit.training.hf import (
     make_accelerator,
     save_hf_model,
 )
-from rlhf_kit.training.metrics import Averager, device_memory_stats
+from rlhf_kit.training.metrics import Averager, check_report_to, device_memory_stats
 from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
@@ -69,6 +68,7 @@ from rlhf_kit.training.run import (
     write_json,
 )
 from rlhf_kit.training.step import accumulate, optimizer_step
+from rlhf_kit.training.summary import print_summary, run_outputs
 
 #: Settings that may change on --resume besides output and reporting ones (they change no weights).
 MAY_CHANGE = ("val_check_interval", "eval_batch_size")
@@ -125,6 +125,7 @@ def check_config(cfg: Config) -> int:
     ):
         if getattr(cfg, name) is not None:
             check_path_exists(getattr(cfg, name), what)
+    check_report_to(cfg.report_to)  # an unknown tracker or a missing package: one line now
     check_finite_fields(cfg)  # --lr nan / inf: one line, before anything is loaded
     check_non_negative(
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_bad_steps=cfg.max_bad_steps
@@ -322,7 +323,7 @@ def main(cfg: Config) -> None:
             str(final), stats["reward_mean"], stats["reward_std"], num_pairs=final_val["num_pairs"]
         )
         write_json(cfg.output_dir / "eval_results.json", results)
-        accelerator.print(json.dumps(results, indent=2))
+        print_summary("reward_model", run_outputs(cfg.output_dir, eval_results="eval_results.json"), results)
     logger.close()
     accelerator.end_training()
 

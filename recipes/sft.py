@@ -53,7 +53,7 @@ from rlhf_kit.training.hf import (
     make_accelerator,
     save_hf_model,
 )
-from rlhf_kit.training.metrics import Averager
+from rlhf_kit.training.metrics import Averager, check_report_to
 from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
@@ -67,6 +67,7 @@ from rlhf_kit.training.run import (
     write_json,
 )
 from rlhf_kit.training.step import accumulate, optimizer_step
+from rlhf_kit.training.summary import print_summary, run_outputs
 
 #: Settings that may change on --resume besides output and reporting ones (they change no weights).
 MAY_CHANGE = ("val_check_interval", "eval_batch_size")
@@ -114,6 +115,7 @@ def check_config(cfg: Config) -> int:
     ):
         if getattr(cfg, name) is not None:
             check_path_exists(getattr(cfg, name), what)
+    check_report_to(cfg.report_to)  # an unknown tracker or a missing package: one line now
     check_finite_fields(cfg)  # --lr nan / inf: one line, before anything is loaded
     check_non_negative(
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_bad_steps=cfg.max_bad_steps
@@ -291,7 +293,7 @@ def main(cfg: Config) -> None:
     write_model_card(cfg.output_dir / "final", "sft", asdict(cfg), results)  # final/README.md
     if accelerator.is_main_process:
         write_json(cfg.output_dir / "eval_results.json", results)
-        accelerator.print(results)
+        print_summary("sft", run_outputs(cfg.output_dir, eval_results="eval_results.json"), results)
     logger.close()
     accelerator.end_training()
 

@@ -6,13 +6,17 @@ baseline (the SFT model) on the same prompts, KL to the reference, and response 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from rlhf_kit.logprobs import sequence_logprobs
+from rlhf_kit.training.run import write_json
 
 
 @dataclass
@@ -112,3 +116,13 @@ def format_table(summary: dict) -> str:
     for k, v in summary.items():
         lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     return "\n".join(lines)
+
+
+def write_eval(
+    output_dir: str | os.PathLike, config: dict, summary: dict, samples: list[dict[str, Any]]
+) -> Path:
+    """Write ``<output_dir>/eval.json`` (``{"config", "summary", "samples"}``) atomically; returns its path."""
+    path = Path(output_dir) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"config": config, "summary": summary, "samples": samples})
+    return path

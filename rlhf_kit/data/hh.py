@@ -222,9 +222,14 @@ def process_hh_file(
 
 
 def write_split(
-    output_dir: str | os.PathLike, split: str, comparisons: list[tuple[Text, Text]], prompts: list[Text]
+    output_dir: str | os.PathLike,
+    split: str,
+    comparisons: list[tuple[Text, Text]],
+    prompts: list[Text],
+    prompts_only: bool = False,
 ) -> dict[str, str]:
-    """Write ``{split}_comparisons.jsonl`` and ``{split}_prompts.jsonl`` atomically; return their paths.
+    """Write ``{split}_comparisons.jsonl`` and ``{split}_prompts.jsonl`` atomically; return their paths
+    (``prompts_only``: the prompt file alone, for PPO).
 
     String comparisons are written in the NeMo ``{"text"}`` format and string prompts as ``{"text"}``;
     message-list prompts (``messages=True`` processing) as ``{"prompt": messages, "chosen": response,
@@ -235,12 +240,17 @@ def write_split(
         f"{split}_comparisons": str(out / f"{split}_comparisons.jsonl"),
         f"{split}_prompts": str(out / f"{split}_prompts.jsonl"),
     }
-    if prompts and not isinstance(prompts[0], str):
+    messages = bool(prompts) and not isinstance(prompts[0], str)
+    if prompts_only:
+        del paths[f"{split}_comparisons"]
+    elif messages:
         records = ({"prompt": p, "chosen": c, "rejected": r} for p, (c, r) in zip(prompts, comparisons))
         write_jsonl(paths[f"{split}_comparisons"], records)
-        write_jsonl(paths[f"{split}_prompts"], ({"messages": p} for p in prompts))
     else:
         write_comparisons(paths[f"{split}_comparisons"], comparisons)  # type: ignore[arg-type]
+    if messages:
+        write_jsonl(paths[f"{split}_prompts"], ({"messages": p} for p in prompts))
+    else:
         write_prompts(paths[f"{split}_prompts"], prompts)  # type: ignore[arg-type]
     return paths
 
@@ -251,15 +261,19 @@ def prepare_default_hh(
     seed: int = 0,
     keep_human: bool = False,
     messages: bool = False,
+    prompts_only: bool = False,
 ) -> dict[str, str]:
     """Process the shipped HH sample (2,312 pairs) and split it into train/test files, offline.
 
     The kept pairs are shuffled with ``seed`` and the first ``round(test_fraction * n)`` go to test
     (deterministic; each split keeps the file order). Returns ``{"train_comparisons": path,
     "train_prompts": ..., "test_comparisons": ..., "test_prompts": ...}``. The recipes' no-argument
-    defaults build their data with this. ``messages=True`` writes chat messages (see the module doc).
+    defaults build their data with this. ``messages=True`` writes chat messages (see the module doc);
+    ``prompts_only=True`` writes (and returns) the two prompt files only, as PPO's default needs.
     """
-    return prepare_default_hh_with_counts(output_dir, test_fraction, seed, keep_human, messages)[0]
+    return prepare_default_hh_with_counts(
+        output_dir, test_fraction, seed, keep_human, messages, prompts_only
+    )[0]
 
 
 def prepare_default_hh_with_counts(
@@ -268,6 +282,7 @@ def prepare_default_hh_with_counts(
     seed: int = 0,
     keep_human: bool = False,
     messages: bool = False,
+    prompts_only: bool = False,
 ) -> tuple[dict[str, str], DropCounts]:
     """:func:`prepare_default_hh`, also returning the :class:`DropCounts` of the shipped sample."""
     from rlhf_kit import default_hh_file
@@ -279,6 +294,8 @@ def prepare_default_hh_with_counts(
     random.Random(seed).shuffle(order)
     n_test = max(1, round(test_fraction * len(order)))
     test, train = sorted(order[:n_test]), sorted(order[n_test:])
-    paths = write_split(output_dir, "train", [comparisons[i] for i in train], [prompts[i] for i in train])
-    paths.update(write_split(output_dir, "test", [comparisons[i] for i in test], [prompts[i] for i in test]))
+    paths = {}
+    for split, rows in (("train", train), ("test", test)):
+        picked = [comparisons[i] for i in rows], [prompts[i] for i in rows]
+        paths.update(write_split(output_dir, split, *picked, prompts_only=prompts_only))
     return paths, counts

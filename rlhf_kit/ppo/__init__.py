@@ -42,6 +42,7 @@ from rlhf_kit.ppo.options import EstimatorOptions, check_estimator_options
 from rlhf_kit.ppo.prompts import PromptStream, repeat_prompts
 from rlhf_kit.ppo.remote import CriticInference, CriticTrainer
 from rlhf_kit.ppo.run import (
+    closing_metrics,
     optimizer_state_offloaded,
     resume_ppo,
     save_final_models,
@@ -66,9 +67,11 @@ from rlhf_kit.ppo.setup import (
 from rlhf_kit.ppo.update import UpdateConfig, mean_over_ranks, ppo_update
 from rlhf_kit.ppo.wiring import (
     experience_config,
+    held_out_size,
     load_prompt_sets,
     make_losses,
     sampling_params,
+    split_prompts,
     update_config,
     updates_per_step,
 )
@@ -84,6 +87,7 @@ __all__ = [
     "RewardModelScorer",
     "UpdateConfig",
     "check_estimator_options",
+    "closing_metrics",
     "collect_experience",
     "compute_advantages",
     "decode_prompts_and_responses",
@@ -91,6 +95,7 @@ __all__ = [
     "experience_config",
     "generate_rollouts",
     "generate_rollouts_dynamic",
+    "held_out_size",
     "load_critic_and_reward_model",
     "load_ppo_models",
     "load_prompt_sets",
@@ -108,6 +113,7 @@ __all__ = [
     "repeat_prompts",
     "resume_ppo",
     "sampling_params",
+    "split_prompts",
     "save_final_models",
     "save_ppo_checkpoint",
     "score_rollouts",

@@ -100,6 +100,13 @@ def validation_metrics(
     return mean_over_ranks({"val/" + k: stats[k] for k in VALIDATION_KEYS}, device), rows
 
 
+def closing_metrics(step_stats: dict, val_stats: dict) -> dict:
+    """What a PPO run's closing summary shows: the last step's mean score and KL, then the last
+    validation's statistics (``val/...``, empty if none ran in this process)."""
+    last = {k: step_stats[k] for k in ("reward/score_mean", "kl/seq_mean") if k in step_stats}
+    return last | dict(val_stats)
+
+
 def resume_ppo(
     ckpt_dir: str,
     ckpt: dict,
@@ -135,7 +142,7 @@ def save_ppo_checkpoint(
     prompt_stream,
     keep_last: int,
     remote: CriticTrainer | None = None,
-) -> None:
+) -> dict[str, str]:
     """Everything an exact resume needs, atomically; the server's state first."""
     from rlhf_kit.training import dist as D
     from rlhf_kit.training.checkpoint import save_checkpoint
@@ -160,15 +167,18 @@ def save_final_models(
     """``<output_dir>/final`` (the actor, FSDP2 shards gathered and LoRA merged, with ``ppo_config.json``)
     and ``<output_dir>/critic`` as standard HF directories; with ``remote`` the server writes the
     critic under its own output directory (``final/critic``); ``critic=None`` (a critic-free estimator)
-    writes no critic."""
+    writes no critic. Returns the written model directories by name (``final model``, ``critic``)."""
     from rlhf_kit.training.hf import save_hf_model
     from rlhf_kit.training.run import write_json
 
-    save_hf_model(actor, os.path.join(output_dir, "final"), tokenizer)
+    saved = {"final model": os.path.join(output_dir, "final")}
+    save_hf_model(actor, saved["final model"], tokenizer)
     if remote is not None:
         if accelerator.is_main_process:
             remote.save("final")  # <server --output-dir>/final/critic
     elif critic is not None:
-        save_hf_model(accelerator.unwrap_model(critic).model, os.path.join(output_dir, "critic"), tokenizer)
+        saved["critic"] = os.path.join(output_dir, "critic")
+        save_hf_model(accelerator.unwrap_model(critic).model, saved["critic"], tokenizer)
     if accelerator.is_main_process:
         write_json(os.path.join(output_dir, "final", "ppo_config.json"), config)
+    return saved

@@ -8,7 +8,10 @@ experience, sampling, update and loss settings as the recipe.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
 
 from rlhf_kit.data import load_prompts, tokenize_prompts
 from rlhf_kit.data.tokenizer import stop_token_ids
@@ -72,11 +75,46 @@ def make_losses(cfg: Any, use_critic: bool) -> tuple[PPOPolicyLoss, ValueLoss | 
     return policy_loss, ValueLoss(cfg.value_clip) if use_critic else None
 
 
-def load_prompt_sets(cfg: Any, tokenizer) -> tuple[PromptStream, list[list[int]]]:
+def held_out_size(cfg: Any) -> int:
+    """Prompts held out of ``--train-prompts`` when no ``--val-prompts`` is given: ``--val-size``, or
+    ``--num-val-samples`` when it is unset."""
+    return cfg.num_val_samples if getattr(cfg, "val_size", None) is None else cfg.val_size
+
+
+def split_prompts(prompts: Sequence, val_size: int, seed: int, source: str = "prompts") -> tuple[list, list]:
+    """``(train, val)``: ``val_size`` prompts picked by a permutation seeded with ``seed`` go to
+    validation, the rest to training; both keep the file order. The same prompts and seed give the
+    same split on every rank and every resume. ``source`` names the file in the error."""
+    if not 0 < val_size < len(prompts):
+        raise ValueError(
+            f"{source}: --val-size {val_size} must be >= 1 and leave training prompts ({len(prompts)} in "
+            f"the file); hold out fewer or give --val-prompts"
+        )
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:val_size])
+    train = [p for i, p in enumerate(prompts) if i not in held]
+    return train, [prompts[i] for i in sorted(held)]
+
+
+def load_prompt_sets(
+    cfg: Any, tokenizer, log: Callable[[str], Any] | None = None
+) -> tuple[PromptStream, list[list[int]]]:
     """Training prompts as a seeded :class:`PromptStream`, and the first ``num_val_samples`` validation
-    prompts, both tokenised and left-truncated to ``max_prompt_length``."""
-    train_ids, _ = tokenize_prompts(load_prompts(cfg.train_prompts), tokenizer, cfg.max_prompt_length)
-    val_ids, _ = tokenize_prompts(
-        load_prompts(cfg.val_prompts)[: cfg.num_val_samples], tokenizer, cfg.max_prompt_length
-    )
+    prompts, both tokenised and left-truncated to ``max_prompt_length``.
+
+    Without ``cfg.val_prompts``, :func:`held_out_size` prompts of ``cfg.train_prompts`` are held out
+    (:func:`split_prompts` with ``cfg.seed``) and never trained on; ``log`` gets one line saying so."""
+    train = load_prompts(cfg.train_prompts)
+    if cfg.val_prompts is None:
+        size, total = held_out_size(cfg), len(train)
+        train, val = split_prompts(train, size, cfg.seed, str(cfg.train_prompts))
+        if log is not None:
+            log(
+                f"no --val-prompts: held out {size} of the {total} prompts of {cfg.train_prompts} for "
+                f"validation (seed {cfg.seed}); {len(train)} left for training"
+            )
+    else:
+        val = load_prompts(cfg.val_prompts)
+    train_ids, _ = tokenize_prompts(train, tokenizer, cfg.max_prompt_length)
+    val_ids, _ = tokenize_prompts(val[: cfg.num_val_samples], tokenizer, cfg.max_prompt_length)
     return PromptStream(train_ids, seed=cfg.seed), val_ids

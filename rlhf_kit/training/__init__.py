@@ -4,7 +4,7 @@
   gradient clipping (plain and FSDP2).
 - :mod:`~rlhf_kit.training.batching`: global = micro x accumulation x world size.
 - :mod:`~rlhf_kit.training.checkpoint`: atomic checkpoints with exact resume.
-- :mod:`~rlhf_kit.training.metrics`: metrics.jsonl / wandb / tensorboard, phase timers, progress bar.
+- :mod:`~rlhf_kit.training.metrics`: metrics.jsonl and accelerate's trackers, phase timers, progress bar.
 - :mod:`~rlhf_kit.training.offload`: idle models and optimizer state to pinned CPU memory and back.
 - :mod:`~rlhf_kit.training.dist`: rank/world helpers that work without a process group.
 - :mod:`~rlhf_kit.training.validate`: start-up checks of paths and model names.

@@ -102,3 +102,16 @@ def atomic_directory(path: str | Path, what: str = "directory") -> Iterator[Path
             if is_disk_full(e, path.parent):
                 raise disk_full_error(path, what) from None
         raise
+
+
+def write_file(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through a temporary file in the same folder and
+    ``os.replace``: readers see the old file or the new one, never half of it. Returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_TAG}{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,7 +1,9 @@
-"""Metric logging (metrics.jsonl, wandb, tensorboard), phase timers and a rank-0 progress bar."""
+"""Metric logging (metrics.jsonl and accelerate's trackers: wandb, tensorboard, trackio, mlflow, ...), phase
+timers and a rank-0 progress bar."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -16,8 +18,6 @@ from typing import Any
 import torch
 
 from rlhf_kit.training import dist as D
-
-BACKENDS = ("jsonl", "wandb", "tensorboard")
 
 
 def _scalar(v: Any) -> Any:
@@ -36,32 +36,78 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def _import_wandb():
-    try:
-        import wandb
-    except ImportError as e:
-        raise ImportError(
-            "report_to includes 'wandb' but wandb is not installed: pip install rlhf-kit[wandb]"
-        ) from e
-    return wandb
+#: Always-on local sink; "none" adds nothing.
+LOCAL = ("jsonl", "none")
+#: Install hints of the trackers whose extra rlhf_kit defines; the others: ``pip install <name>``.
+INSTALL_HINTS = {"wandb": "pip install 'rlhf-kit[wandb]'", "tensorboard": "pip install 'rlhf-kit[tensorboard]'",
+                 "comet_ml": "pip install comet-ml"}  # fmt: skip
 
 
-def _import_tensorboard():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ImportError(
-            "report_to includes 'tensorboard' but tensorboard is not installed: pip install rlhf-kit[tensorboard]"
-        ) from e
-    return SummaryWriter
+def tracker_names() -> list[str]:
+    """The tracker names accelerate knows (``accelerate.tracking.LOGGER_TYPE_TO_CLASS``, trackers
+    registered with ``register_tracker_class`` included)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    return sorted(LOGGER_TYPE_TO_CLASS)
+
+
+def check_report_to(report_to: str | Sequence[str]) -> list[str]:
+    """The accelerate trackers named in ``report_to`` (``jsonl`` and ``none`` dropped), in order.
+
+    An unknown name, or a built-in tracker whose package is not installed, raises a one-line
+    :class:`~rlhf_kit.errors.ConfigError` with the choices or the install hint; recipes call this
+    before building any model.
+    """
+    from accelerate.utils import LoggerType
+
+    from rlhf_kit.errors import ConfigError
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    known = tracker_names()
+    trackers: list[str] = []
+    for name in names:
+        if name in LOCAL or name in trackers:
+            continue
+        if name not in known:
+            raise ConfigError(
+                f"--report-to {name}: unknown tracker; choose from {', '.join(['jsonl', *known])} "
+                "(accelerate's trackers; metrics.jsonl is always written)"
+            )
+        if name in {t.value for t in LoggerType}:  # a built-in tracker: its package must import
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                hint = INSTALL_HINTS.get(name, f"pip install {name}")
+                raise ConfigError(
+                    f"--report-to {name}: the {name} package is not installed ({hint})"
+                ) from None
+        trackers.append(name)
+    return trackers
+
+
+def _config_values(config: dict[str, Any]) -> dict[str, bool | int | float | str]:
+    """A run config as the flat scalar values every tracker's ``store_init_configuration`` accepts
+    (tensorboard's hparams take bool/int/float/str only): other values become their ``str``."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
+
+
+def _markdown_table(rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> str:
+    esc = lambda c: str(c).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    md = ["| " + " | ".join(map(esc, columns)) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(md + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
 
 
 class MetricsLogger:
-    """Log dicts of scalars per step to ``<output_dir>/metrics.jsonl`` and optionally wandb / tensorboard.
+    """Log dicts of scalars per step to ``<output_dir>/metrics.jsonl`` and to accelerate's trackers.
 
-    ``report_to`` is a backend name or a sequence of them (``"jsonl"`` is always on). Only rank 0
-    writes; other ranks get a logger whose methods do nothing. wandb honours ``WANDB_MODE=offline``
-    (no network) and writes under ``output_dir``.
+    ``report_to`` is a name or a sequence of them: ``"jsonl"`` (always on) and any tracker accelerate
+    knows (:func:`tracker_names`: wandb, tensorboard, trackio, mlflow, comet_ml, aim, clearml, dvclive,
+    swanlab), checked by :func:`check_report_to`. Each tracker is an ``accelerate.tracking`` tracker
+    class built the way ``Accelerator.init_trackers`` builds it: those that need a directory write under
+    ``<output_dir>/<name>/`` (tensorboard: ``<output_dir>/tensorboard/``), the others get ``project``
+    and ``run_name`` (wandb also ``dir=output_dir`` and honours ``WANDB_MODE=offline``); ``config`` is
+    stored with ``store_init_configuration``. Only rank 0 writes; other ranks get a logger whose methods
+    do nothing.
     """
 
     def __init__(
@@ -72,32 +118,37 @@ class MetricsLogger:
         run_name: str | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
-        backends = {report_to} if isinstance(report_to, str) else set(report_to)
-        backends.discard("none")
-        unknown = backends - set(BACKENDS)
-        if unknown:
-            raise ValueError(f"unknown report_to backend(s) {sorted(unknown)}; choose from {BACKENDS}")
-        self.backends = backends | {"jsonl"}
+        names = check_report_to(report_to)
+        self.backends = {"jsonl", *names}
         self.output_dir = Path(output_dir)
         self.enabled = D.is_main_process()
-        self._file = self._wandb = self._tb = None
+        self._file = None
+        self.trackers: list = []
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"
         self._file = open(self.path, "a", encoding="utf-8")
-        if "wandb" in self.backends:
-            wandb = _import_wandb()
-            self._wandb = wandb.init(
-                project=project, name=run_name, config=config or {}, dir=str(self.output_dir)
-            )
-        if "tensorboard" in self.backends:
-            self._tb = _import_tensorboard()(log_dir=str(self.output_dir / "tensorboard"))
-            if config:
-                self._tb.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+        for name in names:
+            self.trackers.append(self._start(name, project, run_name, config or {}))
+
+    def _start(self, name: str, project: str, run_name: str | None, config: dict[str, Any]):
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        if cls.requires_logging_directory:  # tensorboard, aim: <output_dir>/<name>/
+            tracker = cls(name, str(self.output_dir))
+        else:
+            kwargs = {"wandb": {"name": run_name, "dir": str(self.output_dir)}, "trackio": {"name": run_name},
+                      "mlflow": {"run_name": run_name}}.get(name, {})  # fmt: skip
+            tracker = cls(project, **kwargs)
+        tracker.start()
+        if config:
+            tracker.store_init_configuration(_config_values(config))
+        return tracker
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        """Append ``{"step": step, **metrics}`` as one JSON line and forward scalars to the other backends."""
+        """Append ``{"step": step, **metrics}`` as one JSON line and send the scalars to the trackers."""
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _json_safe(v) for k, v in metrics.items()}}
@@ -107,17 +158,14 @@ class MetricsLogger:
         scalars = {
             k: v for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        if self._wandb is not None:
-            self._wandb.log(scalars, step=int(step))
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, int(step))
-            self._tb.flush()
+        for tracker in self.trackers:
+            tracker.log(scalars, step=int(step))
 
     def log_table(
         self, name: str, rows: Sequence[Sequence[Any]], columns: Sequence[str], step: int = 0
     ) -> None:
-        """Log a table (e.g. sample generations): a wandb Table, a jsonl line, a tensorboard markdown text."""
+        """Log a table (e.g. sample generations): a jsonl line; a table for trackers with ``log_table``
+        (wandb, clearml), a markdown text for tensorboard."""
         if not self.enabled:
             return
         rows = [[_json_safe(c) for c in r] for r in rows]
@@ -130,27 +178,19 @@ class MetricsLogger:
             json.dumps({"step": int(step), "table": name, "columns": list(columns), "rows": rows}) + "\n"
         )
         self._file.flush()
-        if self._wandb is not None:
-            wandb = _import_wandb()
-            self._wandb.log({name: wandb.Table(columns=list(columns), data=rows)}, step=int(step))
-        if self._tb is not None:
-            esc = lambda c: str(c).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
-            md = ["| " + " | ".join(map(esc, columns)) + " |", "|" + "---|" * len(columns)]
-            md += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
-            self._tb.add_text(name, "\n".join(md), int(step))
-            self._tb.flush()
+        for tracker in self.trackers:
+            if hasattr(tracker, "log_table"):
+                tracker.log_table(name, columns=list(columns), data=rows, step=int(step))
+            elif tracker.name == "tensorboard":
+                tracker.log({name: _markdown_table(rows, columns)}, step=int(step))  # add_text
 
     def close(self) -> None:
-        """Flush and close every backend (safe to call twice)."""
+        """Flush and close the file and every tracker (safe to call twice)."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        while self.trackers:
+            self.trackers.pop(0).finish()
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -8,7 +8,6 @@ needs another default redeclares the field with its own docstring; tyro lists in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from rlhf_kit.training.hf import MixedPrecision
 
@@ -52,10 +51,12 @@ class TrainingOptions:
     for the new length from the resumed step on, so the result differs from a run started with it."""
     max_bad_steps: int = 10
     """Steps with a NaN/inf loss or gradient norm (skipped, never applied) tolerated; one more stops."""
-    report_to: tuple[Literal["jsonl", "wandb", "tensorboard"], ...] = ("jsonl",)
-    """Metric sinks; metrics.jsonl is always written. wandb honours WANDB_MODE=offline."""
+    report_to: tuple[str, ...] = ("jsonl",)
+    """Metric sinks: jsonl (metrics.jsonl, always written) plus any of accelerate's trackers (wandb,
+    tensorboard, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab; each needs its package).
+    wandb honours WANDB_MODE=offline; tensorboard writes <output-dir>/tensorboard/."""
     run_name: str | None = None
-    """wandb run name / tensorboard label."""
+    """Run name given to the trackers that take one (wandb, trackio, mlflow)."""
     seed: int = 0
     """Seed for initialisation, data order, validation split and sampling."""
 

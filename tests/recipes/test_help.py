@@ -22,6 +22,7 @@ RECIPES = {
     "ppo": "PPOConfig",
     "critic_server": "CriticServerConfig",
     "evaluate": "EvalConfig",
+    "report": "Config",
 }
 FLAG_LINE = re.compile(r"^(-[^\s,]+(?:, -[^\s,]+)*)(.*)$")
 BOOKKEEPING = re.compile(r"^[\s#=*-]*-{3,}")  # a section comment like "--- bookkeeping ---"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def test_default_run_writes_models_metrics_and_checkpoints(default_run):
         assert len(series(rows, key)) == 4, key
     assert series(rows, "val/reward/score_mean"), "validation ran"
     assert any(r.get("table") == "val/samples" and r["rows"] for r in rows)
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["test_prompts.jsonl", "train_prompts.jsonl"]
     actor = AutoModelForCausalLM.from_pretrained(out / "final")
     critic = AutoModelForSequenceClassification.from_pretrained(out / "critic")
     assert critic.config.num_labels == 1
@@ -184,6 +186,7 @@ def test_large_kl_coefficient_keeps_policy_close(learning_runs):
         (["--actor", "/nonexistent/actor"], "/nonexistent/actor"),
         (["--reward-fn", "no_colon_here"], "module:function"),
         (["--master-weights", "--fsdp"], "--master-weights is for one process"),
+        (["--report-to", "jsonl", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
     ],
 )
 def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
@@ -192,6 +195,44 @@ def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], proc.stderr
     assert not (tmp_path / "o" / "init").exists()  # nothing was built or loaded
+
+
+def test_validation_prompts_are_held_out_of_the_given_training_prompts(tmp_path):
+    """--train-prompts without --val-prompts: --val-size of them validate (seeded), the rest train, a line
+    says so, and no shipped-HH data/ folder appears in the output dir."""
+    from rlhf_kit.data.formats import write_prompts
+    from rlhf_kit.ppo import split_prompts
+
+    prompts = [f"Human: tell me about item{i:02d} please\n\nAssistant:" for i in range(24)]
+    path = tmp_path / "prompts.jsonl"
+    write_prompts(path, prompts)
+    out = tmp_path / "o"
+    proc = run("--output-dir", str(out), "--train-prompts", str(path), "--val-size", "6", "--num-val-samples",
+               "6", "--max-steps", "2", "--seed", "3", *FAST)  # fmt: skip
+    assert (
+        f"held out 6 of the 24 prompts of {path} for validation (seed 3); 18 left for training" in proc.stdout
+    )
+    assert not (out / "data").exists()
+    closing = proc.stdout[proc.stdout.index("ppo: done") :]  # the closing summary: paths, then numbers
+    assert re.search(rf"^  final model +{re.escape(str(out / 'final'))}$", closing, re.M), closing
+    assert re.search(r"^  val/reward/score_mean +-?\d+\.\d{4}$", closing, re.M), closing
+    held = [p.split()[4] for p in split_prompts(prompts, 6, seed=3)[1]]  # the itemNN marker of each
+    table = next(r for r in metrics(out) if r.get("table") == "val/samples")  # its first 4 samples
+    assert [next(w for w in row[1].split() if w.startswith("item")) for row in table["rows"]] == held[:4]
+
+
+def test_val_size_leaving_no_training_prompts_stops_with_one_line(tmp_path):
+    from rlhf_kit.data.formats import write_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    write_prompts(path, [f"Human: question {i}\n\nAssistant:" for i in range(5)])
+    proc = run(
+        "--output-dir", str(tmp_path / "o"), "--train-prompts", str(path), "--val-size", "5", check=False
+    )
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert f"{path}: --val-size 5 must be >= 1 and leave training prompts (5 in the file)" in err[0]
+    assert not (tmp_path / "o" / "init").exists()  # before any model is built
 
 
 def test_evaluate_recipe_on_the_ppo_run(default_run, tmp_path):

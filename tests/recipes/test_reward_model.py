@@ -150,7 +150,15 @@ def test_learns_marker_rule_and_writes_a_loadable_model(setup):
     assert [r["step"] for r in val_rows] == [20, 40]
     assert {"val/loss", "val/chosen_reward", "val/rejected_reward"} <= set(val_rows[0])
     assert any("test/accuracy" in r for r in rows)
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))  # accelerate's TensorBoardTracker, same scalars
+    events.Reload()
+    tb_loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    jsonl_loss = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    assert [s for s, _ in tb_loss] == list(range(1, 41))
+    assert [v for _, v in tb_loss] == pytest.approx([v for _, v in jsonl_loss], rel=1e-6)
+    assert [e.step for e in events.Scalars("val/accuracy")] == [20, 40]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_20", "step_40"]
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
@@ -280,6 +288,7 @@ def test_two_processes_match_one(setup, uninterrupted):
         (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
         (["--liger-kernel"], "--liger-kernel needs liger-kernel (and Triton): pip install 'rlhf-kit[liger]'"),
         (["--micro-batch-tokens", "-1"], "--micro-batch-tokens must be >= 0"),
+        (["--report-to", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
     ],
 )
 def test_bad_configuration_stops_with_one_line(tmp_path, args, message):

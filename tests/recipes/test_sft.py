@@ -211,6 +211,7 @@ def test_token_weighted_accumulation_and_packing_match(setup, uninterrupted, var
         ),
         (["--val-data", "/nonexistent/val.jsonl"], "validation data not found: /nonexistent/val.jsonl"),
         (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
+        (["--report-to", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
     ],
 )
 def test_bad_configuration_stops_with_one_line(tmp_path, args, message):

@@ -5,9 +5,18 @@ import types
 
 import pytest
 import torch
+import yaml
 
+from rlhf_kit.errors import ConfigError
 from rlhf_kit.training import dist as D
-from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress, read_metrics
+from rlhf_kit.training.metrics import (
+    MetricsLogger,
+    StepTimer,
+    check_report_to,
+    progress,
+    read_metrics,
+    tracker_names,
+)
 
 
 def test_jsonl_one_object_per_call(tmp_path):
@@ -37,18 +46,31 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
     assert progress(range(3)).disable
 
 
-def test_tensorboard_backend_writes_events(tmp_path):
-    logger = MetricsLogger(tmp_path, report_to="tensorboard", config={"lr": 1e-3})
-    logger.log({"train/loss": 1.0, "note": "text is skipped"}, step=1)
-    logger.log_table("samples", [["a|b", 2]], ["text", "n"], step=1)
+def test_tensorboard_tracker_writes_the_logged_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = {"lr": 1e-3, "report_to": ("jsonl", "tensorboard"), "actor": None}  # tuples, None: as strings
+    logger = MetricsLogger(tmp_path, report_to=["jsonl", "tensorboard"], config=config)
+    assert [t.name for t in logger.trackers] == ["tensorboard"]  # accelerate's TensorBoardTracker
+    logger.log({"train/loss": torch.tensor(1.5), "lr": 1e-3, "note": "text is not a scalar"}, step=1)
+    logger.log({"train/loss": 0.25, "ok": True}, step=2)
+    logger.log_table("samples", [["a|b", 2]], ["text", "n"], step=2)
     logger.close()
     logger.close()  # idempotent
-    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 0
-    assert read_metrics(tmp_path)[0]["note"] == "text is skipped"
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["lr", "train/loss"]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.5), (2, 0.25)]
+    assert "samples/text_summary" in events.Tags()["tensors"]  # the table as markdown text
+    (hparams,) = (tmp_path / "tensorboard").glob("*/hparams.yml")  # store_init_configuration
+    stored = yaml.safe_load(hparams.read_text())
+    assert stored == {"lr": 1e-3, "report_to": "('jsonl', 'tensorboard')", "actor": "None"}
+    rows = read_metrics(tmp_path)  # the jsonl sink is unchanged: every value, tables too
+    assert rows[0] == {"step": 1, "train/loss": 1.5, "lr": 1e-3, "note": "text is not a scalar"}
+    assert rows[2]["table"] == "samples" and rows[2]["rows"] == [["a|b", 2]]
 
 
-def test_wandb_backend_offline_calls(tmp_path, monkeypatch):
+def test_wandb_through_accelerates_tracker(tmp_path, monkeypatch):
     calls = []
 
     class Run:
@@ -60,28 +82,41 @@ def test_wandb_backend_offline_calls(tmp_path, monkeypatch):
 
     fake = types.ModuleType("wandb")
     fake.init = lambda **kw: calls.append(("init", kw)) or Run()
-    fake.Table = lambda columns, data: ("table", columns, data)
+    fake.config = types.SimpleNamespace(
+        update=lambda values, allow_val_change: calls.append(("config", values))
+    )
+    fake.Table = lambda columns, data, dataframe: ("table", columns, data)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = MetricsLogger(tmp_path, report_to=["wandb"], project="p", run_name="r", config={"a": 1})
     logger.log({"loss": 2.0, "s": "x"}, step=5)
     logger.log_table("samples", [["t", 1]], ["text", "r"], step=5)
     logger.close()
-    init = calls[0][1]
-    assert init["project"] == "p" and init["name"] == "r" and init["config"] == {"a": 1}
-    assert init["dir"] == str(tmp_path)
-    assert calls[1] == ("log", {"loss": 2.0}, 5)
-    assert calls[2] == ("log", {"samples": ("table", ["text", "r"], [["t", 1]])}, 5)
-    assert calls[3] == ("finish",)
+    assert calls[0] == ("init", {"project": "p", "name": "r", "dir": str(tmp_path)})
+    assert calls[1] == ("config", {"a": 1})
+    assert calls[2] == ("log", {"loss": 2.0}, 5)
+    assert calls[3] == ("log", {"samples": ("table", ["text", "r"], [["t", 1]])}, 5)
+    assert calls[4] == ("finish",)
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 2.0
 
 
-def test_missing_wandb_gives_install_hint(tmp_path, monkeypatch):
+def test_unknown_tracker_or_missing_package_is_one_line_with_a_hint(tmp_path, monkeypatch):
+    with pytest.raises(
+        ConfigError, match=r"^--report-to nosuch: unknown tracker; choose from jsonl, aim, .*wandb"
+    ):
+        MetricsLogger(tmp_path, report_to=["jsonl", "nosuch"])
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
-    with pytest.raises(ImportError, match=r"pip install rlhf-kit\[wandb\]"):
-        MetricsLogger(tmp_path, report_to="wandb")
-    with pytest.raises(ValueError, match="unknown report_to"):
-        MetricsLogger(tmp_path, report_to="mlflow")
+    with pytest.raises(
+        ConfigError,
+        match=r"^--report-to wandb: the wandb package is not installed \(pip install 'rlhf-kit\[wandb\]'\)$",
+    ):
+        check_report_to(("jsonl", "wandb"))
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(ConfigError, match=r"\(pip install mlflow\)$"):
+        check_report_to("mlflow")
+    assert check_report_to(("jsonl", "none", "tensorboard", "tensorboard")) == ["tensorboard"]
+    assert {"wandb", "tensorboard", "trackio", "mlflow"} <= set(tracker_names())
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing opened before the check
 
 
 def test_step_timer():
