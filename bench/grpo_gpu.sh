@@ -24,7 +24,7 @@ for part in $PARTS; do
     fast_micro64) $G --systems ours_grpo $FAST --micro 64 --out "$OUT/$part" 2>&1 | tail -4 ;;
     fast_recompute) $G --systems ours_grpo $FAST --recompute-old-logprobs --out "$OUT/$part" 2>&1 | tail -4 ;;
     # memory: the KV cache released between steps (--keep-cache off), and smaller training micro-batches
-    nokeep) $G --systems ours_grpo --compile-blocks --master-weights --out "$OUT/$part" 2>&1 | tail -4 ;;
+    nokeep) $G --systems trl ours_grpo --compile-blocks --master-weights --out "$OUT/$part" 2>&1 | tail -6 ;;
     nokeep_micro8) $G --systems ours_grpo --compile-blocks --master-weights --micro 8 --out "$OUT/$part" 2>&1 | tail -4 ;;
   esac
 done
