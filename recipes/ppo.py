@@ -127,8 +127,9 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     """Nucleus sampling mass in (0, 1]; 1.0 disables it (NeMo-Aligner 1.0)."""
     stop_strings: tuple[str, ...] = ()
     """Generation also ends at any of these strings (besides EOS)."""
-    backend: Literal["hf", "compiled"] = "hf"
-    """Generation backend: HF generate, or the static-cache compiled decoder."""
+    backend: Literal["auto", "hf", "compiled"] = "auto"
+    """Generation backend: HF generate, or the static-cache compiled decoder (CUDA graphs on a GPU:
+    several times HF's tokens/s, docs/benchmarks.md). auto: compiled on CUDA, hf on CPU."""
     dynamic_dispatch: bool = False
     """With several ranks, hand out rollout micro-batches first come first served and rebalance the
     samples before scoring (needs local generation: --backend compiled, or no FSDP)."""

@@ -72,6 +72,15 @@ def place_ppo_models(
     return out, placed
 
 
+def resolve_backend(kind: str, device: torch.device | str) -> str:
+    """``"auto"`` -> ``"compiled"`` on a CUDA device (static KV cache and CUDA graphs: the fast path, no
+    flag needed), ``"hf"`` elsewhere (on CPU the compiled decoder has no graphs to gain from); other
+    kinds unchanged."""
+    if kind != "auto":
+        return kind
+    return "compiled" if torch.device(device).type == "cuda" else "hf"
+
+
 def make_backend(
     kind: str,
     actor,
@@ -85,12 +94,15 @@ def make_backend(
     sharded: bool = False,
 ):
     """The generation backend (``"hf"``: generate through the trained actor; ``"compiled"``: a dedicated
-    inference copy of ``actor_path``, bf16 under bf16 mixed precision) and ``sync_weights()``, which
-    streams the trainer's weights (FSDP2 shards gathered, LoRA merged) into that copy after a step.
+    inference copy of ``actor_path``, bf16 under bf16 mixed precision; ``"auto"``: compiled on CUDA, hf
+    elsewhere, see :func:`resolve_backend`) and ``sync_weights()``, which streams the trainer's weights
+    (FSDP2 shards gathered, LoRA merged) into that copy after a step.
 
     ``ValueError`` for dynamic dispatch through FSDP-sharded HF generation (sharded generate is
     collective, so ranks cannot take different numbers of batches).
     """
+    if kind == "auto":
+        kind = resolve_backend(kind, accelerator.device)
     if dynamic and kind == "hf" and sharded:
         raise ValueError(
             "--dynamic-dispatch with FSDP needs --backend compiled (sharded generate is collective)"

@@ -71,6 +71,14 @@ def test_make_backend_refuses_dynamic_dispatch_through_sharded_hf_generate():
                      dynamic=True, sharded=True)  # fmt: skip
 
 
+def test_auto_backend_is_compiled_on_cuda_only():
+    from rlhf_kit.ppo.setup import resolve_backend
+
+    assert resolve_backend("auto", "cuda:0") == "compiled"
+    assert resolve_backend("auto", torch.device("cpu")) == "hf"
+    assert resolve_backend("hf", "cuda") == "hf" and resolve_backend("compiled", "cpu") == "compiled"
+
+
 def test_make_kl_controller():
     fixed, adaptive = make_kl_controller(0.1), make_kl_controller(0.1, adaptive=True, target=1.0, horizon=10)
     fixed.update(50.0, 10)
