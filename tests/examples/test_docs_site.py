@@ -19,7 +19,7 @@ def test_mkdocs_build_strict(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     # every page of the nav is there, and the API reference was generated from the docstrings
-    for page in ("recipes", "ppo", "server", "api/math", "api/training"):
+    for page in "recipes ppo server tutorial concepts ppo_guide multinode api/math api/training".split():
         assert (site / page / "index.html").is_file(), page
     math = (site / "api" / "math" / "index.html").read_text()
     assert "PPOPolicyLoss" in math and "ratio_eps" in math
