@@ -9,6 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
@@ -32,19 +33,36 @@ def image_outputs(cell) -> list:
     return [o for o in cell.get("outputs", []) if o.output_type == "display_data" and "image/png" in o.data]
 
 
+def execute(nb, monkeypatch) -> float:
+    """Run ``nb`` in place in a fresh python3 kernel from the repository root; returns the wall time.
+    Raises ``CellExecutionError`` (naming the cell) on any cell error, assertions included."""
+    # the kernel inherits the environment: plots must go to the inline backend, not a file backend
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=False,
+        resources={"metadata": {"path": str(ROOT)}},
+    )  # fmt: skip
+    started = time.perf_counter()
+    client.execute()
+    return time.perf_counter() - started
+
+
+def test_the_harness_catches_errors_and_missing_plots(monkeypatch):
+    v4 = nbformat.v4
+    failing = v4.new_notebook(cells=[v4.new_code_cell("x = 1"), v4.new_code_cell("assert x == 2, 'x is 1'")])
+    with pytest.raises(CellExecutionError, match="x is 1"):
+        execute(failing, monkeypatch)
+    plot = "import matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.show()"
+    ends_with_print = v4.new_notebook(cells=[v4.new_code_cell(plot), v4.new_code_cell("print('done')")])
+    execute(ends_with_print, monkeypatch)
+    assert image_outputs(ends_with_print.cells[0]) and not image_outputs(ends_with_print.cells[1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, monkeypatch):
-    # the kernel inherits the environment: plots must go to the inline backend, not a file backend
-    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=False,
-        resources={"metadata": {"path": str(ROOT)}},  # run from the repository root
-    )  # fmt: skip
-    started = time.perf_counter()
-    client.execute()  # raises CellExecutionError naming the cell on any error (asserts included)
-    print(f"{path.name}: {time.perf_counter() - started:.1f} s")
+    print(f"{path.name}: {execute(nb, monkeypatch):.1f} s")
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), "a code cell did not run"
     assert image_outputs(code[-1]), f"{path.name}: the last code cell shows no image/png plot"
