@@ -13,7 +13,7 @@ from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
-CELL_TIMEOUT_S = 300  # per cell; each notebook takes about a minute on 2 CPU cores
+CELL_TIMEOUT_S = 300  # per cell; a whole notebook takes 20-50 s on 2 idle CPU cores
 
 
 def test_there_are_notebooks():
@@ -33,11 +33,14 @@ def image_outputs(cell) -> list:
     return [o for o in cell.get("outputs", []) if o.output_type == "display_data" and "image/png" in o.data]
 
 
-def execute(nb, monkeypatch) -> float:
+def execute(nb, monkeypatch, tmp_path) -> float:
     """Run ``nb`` in place in a fresh python3 kernel from the repository root; returns the wall time.
     Raises ``CellExecutionError`` (naming the cell) on any cell error, assertions included."""
     # the kernel inherits the environment: plots must go to the inline backend, not a file backend
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # connection files and IPython's profile go to the test's directory, not the user's home
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter_runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     client = NotebookClient(
         nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=False,
         resources={"metadata": {"path": str(ROOT)}},
@@ -47,7 +50,7 @@ def execute(nb, monkeypatch) -> float:
     return time.perf_counter() - started
 
 
-def test_the_harness_catches_errors_and_missing_plots(monkeypatch):
+def test_the_harness_catches_errors_and_missing_plots(monkeypatch, tmp_path):
     v4 = nbformat.v4
     plot = "import matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.show()"
     cells = [
@@ -57,16 +60,16 @@ def test_the_harness_catches_errors_and_missing_plots(monkeypatch):
     ]
     nb = v4.new_notebook(cells=cells)
     with pytest.raises(CellExecutionError, match="AssertionError"):
-        execute(nb, monkeypatch)
+        execute(nb, monkeypatch, tmp_path)
     # the cells before the failing one ran: a plot is told from a print
     assert image_outputs(nb.cells[0]) and not image_outputs(nb.cells[1])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, monkeypatch):
+def test_notebook_runs(path, monkeypatch, tmp_path):
     nb = nbformat.read(path, as_version=4)
-    print(f"{path.name}: {execute(nb, monkeypatch):.1f} s")
+    print(f"{path.name}: {execute(nb, monkeypatch, tmp_path):.1f} s")
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), "a code cell did not run"
     assert image_outputs(code[-1]), f"{path.name}: the last code cell shows no image/png plot"
