@@ -121,6 +121,7 @@ def main(cfg: CriticServerConfig) -> None:
 
     from rlhf_kit.losses import ValueLoss
     from rlhf_kit.models import load_reward_stats
+    from rlhf_kit.models.loading import quiet_weight_progress_bars
     from rlhf_kit.ppo import load_critic_and_reward_model
     from rlhf_kit.serving import CriticRewardService, CriticServer
     from rlhf_kit.training.dist import seed_everything
@@ -129,6 +130,7 @@ def main(cfg: CriticServerConfig) -> None:
     from rlhf_kit.training.run import one_line_errors
 
     validate(cfg)
+    quiet_weight_progress_bars()  # transformers' per-file loading bars (RLHF_KIT_HF_PROGRESS=1 keeps them)
     seed_everything(cfg.seed)
     if cfg.critic is None and cfg.reward_model is None:  # embedded default, shared with recipes/ppo.py
         from recipes._ppo_defaults import default_reward_model

@@ -105,6 +105,7 @@ def main(cfg: EvalConfig) -> dict:
     from rlhf_kit.generation.base import SamplingParams
     from rlhf_kit.generation.hf import HFBackend
     from rlhf_kit.models import load_reward_model
+    from rlhf_kit.models.loading import quiet_weight_progress_bars
     from rlhf_kit.policy_eval import sample_policy, summarize, write_eval
     from rlhf_kit.ppo import FunctionScorer, RewardModelScorer, load_reward_fn
     from rlhf_kit.training.summary import print_summary
@@ -115,6 +116,7 @@ def main(cfg: EvalConfig) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(cfg.seed)
+    quiet_weight_progress_bars()  # transformers' per-file loading bars (RLHF_KIT_HF_PROGRESS=1 keeps them)
 
     # 2. Models, scorer and prompts.
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")  # pads with EOS if it has no pad token

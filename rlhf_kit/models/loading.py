@@ -57,6 +57,21 @@ def held_load_report() -> Iterator[list[logging.LogRecord]]:
             hf_logging.enable_progress_bar()
 
 
+def quiet_weight_progress_bars() -> bool:
+    """Switch off transformers' per-file progress bars (``Loading weights``, ``Writing model shards``):
+    a recipe loads and saves several models, and a dozen bars that each finish in a millisecond read like
+    noise or errors; the recipes show their own progress bar for the work that takes time. Set
+    ``RLHF_KIT_HF_PROGRESS=1`` to keep them. Returns whether they are now off."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("RLHF_KIT_HF_PROGRESS", "") in ("1", "true", "yes"):
+        return False
+    hf_logging.disable_progress_bar()
+    return True
+
+
 def only_new_score_head(info: dict) -> bool:
     """Whether ``from_pretrained``'s loading info shows nothing but the new score head (and the unused
     ``lm_head``): no mismatched shapes, no other missing or unexpected keys."""

@@ -76,7 +76,8 @@ def series(rows: list[dict], key: str) -> list[float]:
 def default_run(tmp_path_factory):
     """The embedded default (no model/data arguments), 4 steps, checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("ppo_default")
-    run("--output-dir", str(out), *FAST)
+    proc = run("--output-dir", str(out), *FAST)
+    (out.parent / "ppo_default.log").write_text(proc.stdout + proc.stderr)  # beside the run, not in it
     return out
 
 
@@ -104,6 +105,9 @@ def test_default_run_writes_models_metrics_and_checkpoints(default_run):
         torch.testing.assert_close(p, ckpt[name])
     assert any(not torch.equal(p, init[n]) for n, p in actor.state_dict().items())
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_4"
+    # four models loaded and saved, and not one of transformers' per-file bars (only the recipe's own)
+    log = (out.parent / "ppo_default.log").read_text()
+    assert "Loading weights" not in log and "Writing model shards" not in log and "ppo:" in log
 
 
 def test_resume_equals_uninterrupted(default_run, tmp_path):

@@ -75,3 +75,18 @@ def test_only_new_score_head():
     assert not only_new_score_head({**head, "unexpected_keys": ["lm_head.weight", "extra.bias"]})
     assert not only_new_score_head({**head, "mismatched_keys": [("score.weight", (1, 2), (1, 3))]})
     assert not only_new_score_head({"missing_keys": [], "unexpected_keys": []})
+
+
+def test_weight_progress_bars_are_quiet_unless_asked(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    from rlhf_kit.models.loading import quiet_weight_progress_bars
+
+    hf_logging.enable_progress_bar()
+    try:
+        monkeypatch.setenv("RLHF_KIT_HF_PROGRESS", "1")
+        assert not quiet_weight_progress_bars() and hf_logging.is_progress_bar_enabled()
+        monkeypatch.delenv("RLHF_KIT_HF_PROGRESS")
+        assert quiet_weight_progress_bars() and not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
