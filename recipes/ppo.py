@@ -30,11 +30,11 @@ from rlhf_kit.estimators import needs_critic
 from rlhf_kit.ppo import (
     EstimatorOptions,
     check_estimator_options,
+    check_run_settings,
     closing_metrics,
     collect_experience,
     compute_advantages,
     experience_config,
-    held_out_size,
     load_ppo_models,
     load_prompt_sets,
     make_backend,
@@ -49,7 +49,6 @@ from rlhf_kit.ppo import (
     sampling_params,
     save_final_models,
     save_ppo_checkpoint,
-    split_prompts,
     step_metrics,
     step_schedules,
     update_config,
@@ -221,45 +220,15 @@ MAY_CHANGE = ("offload_idle_models", "offload_optimizer")
 
 def validate(cfg: PPOConfig, world_size: int) -> int:
     """Check the configuration before loading anything; returns gradient-accumulation steps."""
-    from rlhf_kit.data import load_prompts
     from rlhf_kit.training.batching import resolve_batch_sizes
     from rlhf_kit.training.metrics import check_report_to
     from rlhf_kit.training.run import check_numbers
-    from rlhf_kit.training.validate import check_model_path, check_path_exists
 
     check_report_to(cfg.report_to)  # an unknown tracker or a missing package: one line now
     check_numbers(cfg, positive=POSITIVE, non_negative=NON_NEGATIVE, unit_interval=("gamma", "lam"))
     accum = resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size)
     check_estimator_options(cfg, world_size)
-    if cfg.num_rollout_samples * cfg.samples_per_prompt % cfg.global_batch_size:
-        raise ValueError(
-            f"--num-rollout-samples {cfg.num_rollout_samples} x --samples-per-prompt {cfg.samples_per_prompt} "
-            f"must be a multiple of --global-batch-size {cfg.global_batch_size} (a mini-batch is one step)"
-        )
-    if cfg.num_rollout_samples % world_size:
-        raise ValueError(
-            f"--num-rollout-samples {cfg.num_rollout_samples} does not split over {world_size} ranks"
-        )
-    for name in ("actor", "reward_model", "critic"):
-        if getattr(cfg, name) is not None:
-            check_model_path(getattr(cfg, name))
-    for name in ("train_prompts", "val_prompts"):
-        if getattr(cfg, name) is not None:
-            check_path_exists(getattr(cfg, name), f"--{name.replace('_', '-')}")
-            load_prompts(getattr(cfg, name))  # a bad line: one line now, not a traceback after the models
-    if cfg.train_prompts is not None and cfg.val_prompts is None:  # --val-size must leave training prompts
-        split_prompts(load_prompts(cfg.train_prompts), held_out_size(cfg), cfg.seed, cfg.train_prompts)
-    if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
-        raise ValueError(f"--reward-fn must look like 'module:function', got {cfg.reward_fn!r}")
-    if (
-        cfg.reward_fn is not None
-        and cfg.critic is None
-        and cfg.reward_model is None
-        and cfg.actor is not None
-        and cfg.critic_server is None
-        and needs_critic(cfg.advantage_estimator)
-    ):
-        raise ValueError("--reward-fn needs --critic (or --reward-model) to initialise the critic")
+    check_run_settings(cfg, world_size)  # batch arithmetic, model paths, prompt files, reward function
     if cfg.master_weights and (world_size > 1 or cfg.fsdp):
         raise ValueError("--master-weights is for one process; with several, FSDP2 keeps the fp32 masters")
     if cfg.temperature <= 0:

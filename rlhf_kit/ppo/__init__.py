@@ -66,6 +66,7 @@ from rlhf_kit.ppo.setup import (
 )
 from rlhf_kit.ppo.update import UpdateConfig, mean_over_ranks, ppo_update
 from rlhf_kit.ppo.wiring import (
+    check_run_settings,
     experience_config,
     held_out_size,
     load_prompt_sets,
@@ -87,6 +88,7 @@ __all__ = [
     "RewardModelScorer",
     "UpdateConfig",
     "check_estimator_options",
+    "check_run_settings",
     "closing_metrics",
     "collect_experience",
     "compute_advantages",

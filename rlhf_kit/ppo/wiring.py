@@ -118,3 +118,41 @@ def load_prompt_sets(
     train_ids, _ = tokenize_prompts(train, tokenizer, cfg.max_prompt_length)
     val_ids, _ = tokenize_prompts(val[: cfg.num_val_samples], tokenizer, cfg.max_prompt_length)
     return PromptStream(train_ids, seed=cfg.seed), val_ids
+
+
+def check_run_settings(cfg: Any, world_size: int) -> None:
+    """The run's checks that need no model, past the single-field ones: batch arithmetic over ranks,
+    model paths, prompt files parsed (a bad line is one error now, not a traceback after the models),
+    ``--val-size`` leaving training prompts, the reward function's form. One-line ``ValueError`` each."""
+    from rlhf_kit.estimators import needs_critic
+    from rlhf_kit.training.validate import check_model_path, check_path_exists
+
+    if cfg.num_rollout_samples * cfg.samples_per_prompt % cfg.global_batch_size:
+        raise ValueError(
+            f"--num-rollout-samples {cfg.num_rollout_samples} x --samples-per-prompt {cfg.samples_per_prompt} "
+            f"must be a multiple of --global-batch-size {cfg.global_batch_size} (a mini-batch is one step)"
+        )
+    if cfg.num_rollout_samples % world_size:
+        raise ValueError(
+            f"--num-rollout-samples {cfg.num_rollout_samples} does not split over {world_size} ranks"
+        )
+    for name in ("actor", "reward_model", "critic"):
+        if getattr(cfg, name) is not None:
+            check_model_path(getattr(cfg, name))
+    for name in ("train_prompts", "val_prompts"):
+        if getattr(cfg, name) is not None:
+            check_path_exists(getattr(cfg, name), f"--{name.replace('_', '-')}")
+            load_prompts(getattr(cfg, name))  # a bad line: one line now, not a traceback after the models
+    if cfg.train_prompts is not None and cfg.val_prompts is None:  # --val-size must leave training prompts
+        split_prompts(load_prompts(cfg.train_prompts), held_out_size(cfg), cfg.seed, cfg.train_prompts)
+    if cfg.reward_fn is not None and ":" not in cfg.reward_fn:
+        raise ValueError(f"--reward-fn must look like 'module:function', got {cfg.reward_fn!r}")
+    if (
+        cfg.reward_fn is not None
+        and cfg.critic is None
+        and cfg.reward_model is None
+        and cfg.actor is not None
+        and cfg.critic_server is None
+        and needs_critic(cfg.advantage_estimator)
+    ):
+        raise ValueError("--reward-fn needs --critic (or --reward-model) to initialise the critic")
