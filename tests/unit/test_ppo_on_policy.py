@@ -113,3 +113,38 @@ def test_experience_config_carries_it():
                  missing_eos_penalty=None, rollout_micro_batch_size=4, advantage_estimator="grpo")  # fmt: skip
     assert experience_config(flat, None).skip_old_logprobs
     assert not experience_config(SimpleNamespace(**(vars(flat) | {"ppo_epochs": 2})), None).skip_old_logprobs
+
+
+def _two_rank_body(rank: int) -> None:
+    """Each rank scores and updates its own half; the update's kl/seq_mean is the mean over both."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    torch.manual_seed(1)
+    actor = AutoModelForCausalLM.from_config(cfg).double().eval()
+    torch.manual_seed(2)
+    ref = AutoModelForCausalLM.from_config(cfg).double().eval()
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    gen = fake_generation(tok, seed=rank)  # a different half on each rank
+    scorer = lambda seq, am, prompt_length, response_mask: torch.zeros(seq.shape[0])  # noqa: E731
+    full = make_experience(gen, actor, ref, None, scorer, GRPO)
+    seq_kl = ((full.logprobs - full.ref_logprobs) * full.response_mask).sum(-1)
+    both = [None, None]
+    dist.all_gather_object(both, seq_kl.tolist())
+    expected = sum(sum(b) for b in both) / sum(len(b) for b in both)
+    skip, _ = compute_advantages(make_experience(gen, actor, ref, None, scorer, SKIP), 0.0, SKIP)
+    stats = _update(copy.deepcopy(actor), skip, SKIP)
+    assert stats["kl/seq_mean"] == pytest.approx(expected, rel=1e-9), (rank, stats["kl/seq_mean"], expected)
+    assert abs(expected - sum(both[rank]) / len(both[rank])) > 1e-6  # the ranks' own means differ
+
+
+def test_the_kl_statistic_is_the_mean_over_ranks():
+    import os
+    import tempfile
+
+    from tests.gloo import spawn_ranks
+
+    with tempfile.TemporaryDirectory() as d:
+        spawn_ranks(_two_rank_body, os.path.join(d, "store"), world=2)
