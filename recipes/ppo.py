@@ -27,6 +27,7 @@ from recipes._ppo_defaults import fill_defaults
 from rlhf_kit.data import PromptCollator
 from rlhf_kit.data.tokenizer import load_tokenizer
 from rlhf_kit.estimators import needs_critic
+from rlhf_kit.models.loading import quiet_weight_progress_bars
 from rlhf_kit.ppo import (
     EstimatorOptions,
     check_estimator_options,
@@ -248,6 +249,7 @@ def main(cfg: PPOConfig) -> dict:
         extend_max_steps=cfg.extend_max_steps,
     )  # fmt: skip
     seed_everything(cfg.seed)
+    quiet_weight_progress_bars()  # transformers' per-file load/save bars (RLHF_KIT_HF_PROGRESS=1 keeps them)
 
     # 2. Models and data; the embedded default makes tiny models and uses the shipped HH sample.
     cfg = fill_defaults(cfg, acc.is_main_process)

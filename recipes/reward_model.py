@@ -32,6 +32,7 @@ from _defaults import (
 
 from rlhf_kit.data import PairCollator, load_comparisons, pair_lengths, tokenize_pairs
 from rlhf_kit.losses import PairwiseRewardLoss
+from rlhf_kit.models.loading import quiet_weight_progress_bars
 from rlhf_kit.training import (
     MetricsLogger,
     build_optimizer,
@@ -189,6 +190,7 @@ def main(cfg: Config) -> None:
             extend_max_steps=cfg.extend_max_steps,
         )  # fmt: skip
         seed_everything(cfg.seed)
+        quiet_weight_progress_bars()  # transformers' per-file load/save bars (RLHF_KIT_HF_PROGRESS=1 keeps them)
         tiny = cfg.model is None
         if tiny:
             cfg.model = default_model(cfg.output_dir, "reward", cfg.seed)

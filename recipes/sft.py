@@ -31,6 +31,7 @@ from _defaults import (
 
 from rlhf_kit.data import PackedSFTCollator, SFTCollator, iter_jsonl, load_comparisons, tokenize_sft
 from rlhf_kit.data.formats import sft_item_from_record
+from rlhf_kit.models.loading import quiet_weight_progress_bars
 from rlhf_kit.training import (
     MetricsLogger,
     build_optimizer,
@@ -186,6 +187,7 @@ def main(cfg: Config) -> None:
             extend_max_steps=cfg.extend_max_steps,
         )  # fmt: skip
         seed_everything(cfg.seed)
+        quiet_weight_progress_bars()  # transformers' per-file load/save bars (RLHF_KIT_HF_PROGRESS=1 keeps them)
         tiny = cfg.model is None
         if tiny:
             cfg.model = default_model(cfg.output_dir, "causal_lm", cfg.seed)

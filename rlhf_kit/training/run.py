@@ -226,14 +226,9 @@ def start_run(
       lets ``max_steps`` / ``epochs`` grow; the schedule is then rebuilt for the new length, so the
       run no longer equals one started with that length. The stored configuration is then updated.
     * Temporary and trash directories a killed run left behind are removed.
-    * transformers' per-file weight loading/saving progress bars are switched off
-      (:func:`rlhf_kit.models.loading.quiet_weight_progress_bars`).
     * On resume ``metrics.jsonl`` is truncated to the rows written before the checkpoint was saved
       (to nothing when there is no checkpoint), so no step is logged twice.
     """
-    from rlhf_kit.models.loading import quiet_weight_progress_bars
-
-    quiet_weight_progress_bars()  # transformers' per-file loading/saving bars (RLHF_KIT_HF_PROGRESS=1 keeps them)
     out = Path(output_dir)
     check_writable(out)
     current = _jsonable(dataclasses.asdict(cfg))

@@ -24,7 +24,7 @@ def reports(caplog) -> list[str]:
 
 def test_expected_new_head_is_one_line_and_bars_come_back(lm_dir, capfd, caplog, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
-    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # whatever an earlier test left (the recipes switch them off)
     model = load_reward_model(str(lm_dir))
     out, err = capfd.readouterr()
     assert model.score.weight.shape[0] == 1
