@@ -168,7 +168,14 @@ def ppo_update(
     for k, v in totals.items():
         out[k] = v / (steps if k.endswith("grad_norm") else max(n_micro, 1))
     if reuse:  # the mean over every rank's sequences, as compute_advantages reports it otherwise
-        kl_sum, count = _global_count(kl_totals).tolist()
+        totals_kl = (
+            kl_totals.detach().double()
+            if kl_totals is not None
+            else torch.zeros(2, dtype=torch.float64, device=device)
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals_kl)
+        kl_sum, count = totals_kl.tolist()
         out["kl/seq_mean"] = kl_sum / max(count, 1.0)
     return out
 
