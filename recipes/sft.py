@@ -44,7 +44,7 @@ from rlhf_kit.training import (
     save_checkpoint,
     seed_everything,
 )
-from rlhf_kit.training.batching import BatchPlan
+from rlhf_kit.training.batching import BatchPlan, token_budget_micro_batches
 from rlhf_kit.training.dist import all_reduce_sum, env_world_size
 from rlhf_kit.training.evaluation import count_label_tokens, evaluate_lm, lm_loss
 from rlhf_kit.training.guard import NonFiniteGuard
@@ -103,6 +103,11 @@ class Config(SupervisedOptions):
     """Examples over --max-length are truncated (keeping the start) or dropped; counted and reported."""
     packing: bool = False
     """Concatenate each micro-batch into one padding-free row (position ids restart per example)."""
+    micro_batch_tokens: int | None = None
+    """Padded tokens per micro-batch (examples x the longest): a step's examples, longest first, are cut
+    into micro-batches that fit (every rank runs as many as the rank that needs most), so short examples
+    go many at a time. Unset: --micro-batch-size x --max-length (never larger than the fixed micro-batch
+    at full length). 0: fixed micro-batches of --micro-batch-size."""
 
 
 def check_config(cfg: Config) -> int:
@@ -137,6 +142,9 @@ def check_config(cfg: Config) -> int:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.master_weights and env_world_size() > 1:
         raise ValueError("--master-weights is for one process (FSDP2 keeps fp32 masters with several)")
+    check_non_negative(micro_batch_tokens=cfg.micro_batch_tokens)
+    if cfg.micro_batch_tokens != 0:  # a token budget cuts each rank's share; only whole examples per rank
+        return resolve_batch_sizes(cfg.global_batch_size, 1, env_world_size())
     return resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, env_world_size())
 
 
@@ -199,6 +207,8 @@ def main(cfg: Config) -> None:
 
         tokenizer = load_tokenizer(cfg.model, padding_side="right")  # pads with EOS if it has no pad token
         cfg.max_length = cfg.max_length or (TINY_MAX_LENGTH if tiny else PRETRAINED_MAX_LENGTH)
+        if cfg.micro_batch_tokens is None:  # the fixed micro-batch's worst case, shorter examples packed in
+            cfg.micro_batch_tokens = cfg.micro_batch_size * cfg.max_length
         train, val, test = load_data(cfg, tokenizer)
         lr = cfg.lr or (TINY_LR if tiny else PRETRAINED_LR)
         plan = BatchPlan(len(train), cfg.global_batch_size, cfg.seed)
@@ -239,16 +249,18 @@ def main(cfg: Config) -> None:
         logger.log({f"{split}/{k}": v for k, v in metrics.items()}, at)
         return metrics
 
+    lengths = [len(e["input_ids"]) for e in train]
     last = min(total, cfg.stop_at_step or total)
     bar = progress(total=total, initial=step, desc="sft")
     guard = NonFiniteGuard(cfg.max_bad_steps)
     model.train()
     while step < last:
         avg = Averager()
-        batches = [
-            collate([train[j] for j in idx])
-            for idx in plan.micro_batches(step, cfg.micro_batch_size, rank, world)
-        ]
+        if cfg.micro_batch_tokens:  # similar lengths together under a padded-token budget
+            micro = token_budget_micro_batches(plan, step, lengths, cfg.micro_batch_tokens, rank, world)
+        else:
+            micro = plan.micro_batches(step, cfg.micro_batch_size, rank, world)
+        batches = [collate([train[j] for j in idx]) for idx in micro]
         # Every micro-batch is divided by the global token count: accumulation == one big batch.
         tokens = all_reduce_sum([sum(count_label_tokens(b["labels"]) for b in batches)], device)[0]
         loss_sum = 0.0

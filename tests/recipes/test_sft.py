@@ -191,8 +191,12 @@ def test_resume_equals_uninterrupted(setup, uninterrupted):
 
 @pytest.mark.parametrize(
     "variant",
-    [["--micro-batch-size", "1"], ["--micro-batch-size", "4", "--packing"]],
-    ids=["micro1_accum4", "packed"],
+    [
+        ["--micro-batch-size", "1", "--micro-batch-tokens", "0"],
+        ["--micro-batch-size", "4", "--packing"],
+        ["--micro-batch-tokens", "40"],
+    ],
+    ids=["micro1_accum4", "packed", "token_budget"],
 )
 def test_token_weighted_accumulation_and_packing_match(setup, uninterrupted, variant):
     out = equivalent_run(setup, "variant_" + "_".join(variant).replace("-", ""), *variant)
@@ -206,12 +210,13 @@ def test_token_weighted_accumulation_and_packing_match(setup, uninterrupted, var
     "args, message",
     [
         (
-            ["--global-batch-size", "6", "--micro-batch-size", "4"],
+            ["--global-batch-size", "6", "--micro-batch-size", "4", "--micro-batch-tokens", "0"],
             "global batch 6 is not divisible by micro batch 4 x world size 1 = 4",
         ),
         (["--val-data", "/nonexistent/val.jsonl"], "validation data not found: /nonexistent/val.jsonl"),
         (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
         (["--report-to", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
+        (["--micro-batch-tokens", "-1"], "--micro-batch-tokens must be >= 0"),
     ],
 )
 def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
