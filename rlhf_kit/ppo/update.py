@@ -16,6 +16,7 @@ from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.models.attention import padding_safe_sdpa
 from rlhf_kit.models.value import response_values
+from rlhf_kit.ppo.advantages import global_mean
 from rlhf_kit.ppo.experience import ExperienceConfig
 from rlhf_kit.rollout import Rollout, RolloutBuffer, split_rollout
 from rlhf_kit.training.precision import grad_holder
@@ -94,7 +95,7 @@ def ppo_update(
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     totals: dict[str, float] = {}
     n_micro = 0
-    kl_totals = None  # (summed sequence KL, sequences) with skip_old_logprobs, on the data's device
+    seq_kl: list[torch.Tensor] = []  # (b,) per micro-batch: the rollout's KL, with skip_old_logprobs
 
     def add(key: str, value) -> None:
         totals[key] = totals.get(key, 0.0) + float(value)
@@ -133,10 +134,7 @@ def ppo_update(
                     old = lp.detach() if reuse else micro.logprobs
                     loss, ps = policy_loss(lp, old, micro.advantages, pm, ent, micro.ref_logprobs)
                     if reuse:  # the rollout's KL to the reference, which scoring did not compute
-                        part = torch.stack(
-                            [((old - micro.ref_logprobs) * micro.response_mask).sum(), lp.new_tensor(len(lp))]
-                        )
-                        kl_totals = part if kl_totals is None else kl_totals + part
+                        seq_kl.append(((old - micro.ref_logprobs) * micro.response_mask).sum(-1))
                     backward(loss * (aggregation_units(pm, agg) * world / p_tokens))
                     add("policy/loss", ps.loss)
                     add("policy/clip_fraction", ps.clip_fraction)
@@ -168,15 +166,7 @@ def ppo_update(
     for k, v in totals.items():
         out[k] = v / (steps if k.endswith("grad_norm") else max(n_micro, 1))
     if reuse:  # the mean over every rank's sequences, as compute_advantages reports it otherwise
-        totals_kl = (
-            kl_totals.detach().double()
-            if kl_totals is not None
-            else torch.zeros(2, dtype=torch.float64, device=device)
-        )
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals_kl)
-        kl_sum, count = totals_kl.tolist()
-        out["kl/seq_mean"] = kl_sum / max(count, 1.0)
+        out["kl/seq_mean"] = global_mean(torch.cat(seq_kl) if seq_kl else torch.zeros(0, device=device))
     return out
 
 
