@@ -86,10 +86,14 @@ class BatchPlan:
         self, step: int, micro_batch: int, rank: int = 0, world_size: int = 1
     ) -> list[list[int]]:
         """This rank's micro-batches of step ``step``: its contiguous share, cut into ``micro_batch`` chunks."""
+        mine = self.share(step, rank, world_size)
+        return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+
+    def share(self, step: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Rank ``rank``'s contiguous share of step ``step``'s global batch (``global_batch / world_size``)."""
         indices = self.global_batch_at(step)
         per_rank = len(indices) // world_size
-        mine = indices[rank * per_rank : (rank + 1) * per_rank]
-        return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
+        return indices[rank * per_rank : (rank + 1) * per_rank]
 
 
 def split_by_token_budget(
@@ -133,11 +137,9 @@ def token_budget_micro_batches(
     """This rank's micro-batches of step ``step`` under a padded-token ``budget``
     (:func:`split_by_token_budget`), every rank with as many micro-batches as the rank that needs most.
 
-    Which examples form the step, and each rank's share, are :meth:`BatchPlan.micro_batches`'; only the
-    cut changes. Every rank computes every rank's cut (no communication), so the counts agree.
+    Which examples form the step, and each rank's share (:meth:`BatchPlan.share`), are those of
+    :meth:`BatchPlan.micro_batches`; only the cut changes. Every rank computes every rank's cut (no communication), so the counts agree.
     """
-    indices = plan.global_batch_at(step)
-    per_rank = len(indices) // world_size
-    shares = [indices[r * per_rank : (r + 1) * per_rank] for r in range(world_size)]
+    shares = [plan.share(step, r, world_size) for r in range(world_size)]
     parts = max(len(split_by_token_budget(s, lengths, budget)) for s in shares)
     return split_by_token_budget(shares[rank], lengths, budget, parts)
