@@ -8,24 +8,38 @@ language-model loss is not ours to fuse (reward models have no LM head; PPO comp
 
 from __future__ import annotations
 
+import inspect
+
 import torch.nn as nn
 
 from rlhf_kit.errors import ConfigError
 from rlhf_kit.models.heads import unwrap
 
-#: What :func:`apply_liger_kernels` swaps in (liger's keyword names).
-LIGER_PIECES = {"rms_norm": True, "swiglu": True, "rope": True, "cross_entropy": False}
+#: What :func:`apply_liger_kernels` asks for (liger's keyword names; a family's function gets those it takes).
+LIGER_PIECES = {
+    "rms_norm": True,
+    "swiglu": True,
+    "rope": True,
+    "cross_entropy": False,
+    "fused_linear_cross_entropy": False,
+}
 
 
-def liger_model_types() -> set[str]:
-    """Model types liger-kernel knows (a one-line :class:`ConfigError` with the install hint when absent)."""
+def _liger_functions() -> dict:
+    """liger's ``model_type -> apply function`` table (a one-line :class:`ConfigError` with the install
+    hint when liger-kernel or Triton is missing)."""
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:  # liger or triton missing
         raise ConfigError(
             f"--liger-kernel needs liger-kernel (and Triton): pip install 'rlhf-kit[liger]' ({e})"
         ) from e
-    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
+    return MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def liger_model_types() -> set[str]:
+    """Model types liger-kernel knows (a one-line :class:`ConfigError` with the install hint when absent)."""
+    return set(_liger_functions())
 
 
 def apply_liger_kernels(model: nn.Module) -> str:
@@ -36,17 +50,10 @@ def apply_liger_kernels(model: nn.Module) -> str:
     """
     base = unwrap(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
-    known = liger_model_types()
-    if model_type not in known:
+    functions = _liger_functions()
+    if model_type not in functions:
         raise ConfigError(f"liger-kernel has no kernels for model type {model_type!r}; drop --liger-kernel")
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-    fn = MODEL_TYPE_TO_APPLY_LIGER_FN[model_type]
-    import inspect
-
+    fn = functions[model_type]
     accepted = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in LIGER_PIECES.items() if k in accepted}
-    if "fused_linear_cross_entropy" in accepted:
-        kwargs["fused_linear_cross_entropy"] = False
-    fn(model=base, **kwargs)
+    fn(model=base, **{k: v for k, v in LIGER_PIECES.items() if k in accepted})
     return model_type
