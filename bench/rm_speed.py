@@ -22,41 +22,26 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+CKPT, LIGER = ["--gradient-checkpointing"], ["--liger-kernel"]
+MASTER = ["--master-weights", "--mixed-precision", "no"]  # bf16 weights, fp32 masters, no autocast
+
+
+def tok(n: int) -> list[str]:
+    return ["--micro-batch-tokens", str(n)]
+
+
 #: name -> extra flags for recipes/reward_model.py (base: fixed micro-batches of 8 pairs, bf16 autocast)
 VARIANTS: dict[str, list[str]] = {
     "base": [],
-    "ckpt": ["--gradient-checkpointing"],
-    "tok16k": ["--micro-batch-tokens", "16384"],
-    "ckpt_tok16k": ["--gradient-checkpointing", "--micro-batch-tokens", "16384"],
-    "ckpt_tok32k": ["--gradient-checkpointing", "--micro-batch-tokens", "32768"],
-    "ckpt_tok16k_liger": ["--gradient-checkpointing", "--micro-batch-tokens", "16384", "--liger-kernel"],
-    "ckpt_tok16k_liger_master": [
-        "--gradient-checkpointing",
-        "--micro-batch-tokens",
-        "16384",
-        "--liger-kernel",
-        "--master-weights",
-        "--mixed-precision",
-        "no",
-    ],  # fmt: skip
-    "ckpt_tok32k_liger_master": [
-        "--gradient-checkpointing",
-        "--micro-batch-tokens",
-        "32768",
-        "--liger-kernel",
-        "--master-weights",
-        "--mixed-precision",
-        "no",
-    ],  # fmt: skip
-    "ckpt_tok16k_compile": ["--gradient-checkpointing", "--micro-batch-tokens", "16384", "--compile-blocks"],
-    "tok32k_liger_master": [
-        "--micro-batch-tokens",
-        "32768",
-        "--liger-kernel",
-        "--master-weights",
-        "--mixed-precision",
-        "no",
-    ],  # fmt: skip
+    "ckpt": CKPT,
+    "tok16k": tok(16384),
+    "ckpt_tok16k": CKPT + tok(16384),
+    "ckpt_tok32k": CKPT + tok(32768),
+    "ckpt_tok16k_liger": CKPT + tok(16384) + LIGER,
+    "ckpt_tok16k_liger_master": CKPT + tok(16384) + LIGER + MASTER,
+    "ckpt_tok32k_liger_master": CKPT + tok(32768) + LIGER + MASTER,
+    "ckpt_tok16k_compile": CKPT + tok(16384) + ["--compile-blocks"],
+    "tok32k_liger_master": tok(32768) + LIGER + MASTER,
 }
 
 
