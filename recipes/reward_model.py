@@ -30,7 +30,7 @@ from _defaults import (
     default_model,
 )
 
-from rlhf_kit.data import PairCollator, load_comparisons, pair_lengths, tokenize_pairs
+from rlhf_kit.data import PairCollator, hold_out, load_comparisons, pair_lengths, tokenize_pairs
 from rlhf_kit.losses import PairwiseRewardLoss
 from rlhf_kit.models.loading import quiet_weight_progress_bars
 from rlhf_kit.training import (
@@ -172,10 +172,7 @@ def load_data(cfg: Config, tokenizer) -> tuple[list, list, list | None]:
             raise ValueError(
                 f"{cfg.train_data}: {len(train)} usable pairs, too few to hold out --val-size {cfg.val_size}"
             )
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held = set(order[: cfg.val_size])
-        val = [train[i] for i in sorted(held)]
-        train = [e for i, e in enumerate(train) if i not in held]
+        train, val = hold_out(train, cfg.val_size, cfg.seed)
     test = tokenize(cfg.test_data) if cfg.test_data is not None else None
     return train, val, test
 

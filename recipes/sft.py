@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 import tyro
 from _defaults import (
     PRETRAINED_LR,
@@ -29,7 +28,7 @@ from _defaults import (
     default_model,
 )
 
-from rlhf_kit.data import PackedSFTCollator, SFTCollator, iter_jsonl, load_comparisons, tokenize_sft
+from rlhf_kit.data import PackedSFTCollator, SFTCollator, hold_out, iter_jsonl, load_comparisons, tokenize_sft
 from rlhf_kit.data.formats import sft_item_from_record
 from rlhf_kit.models.loading import quiet_weight_progress_bars
 from rlhf_kit.training import (
@@ -177,10 +176,7 @@ def load_data(cfg: Config, tokenizer) -> tuple[list, list, list | None]:
             raise ValueError(
                 f"{cfg.train_data}: {len(train)} usable examples, too few to hold out --val-size {cfg.val_size}"
             )
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held = set(order[: cfg.val_size])
-        val = [train[i] for i in sorted(held)]
-        train = [e for i, e in enumerate(train) if i not in held]
+        train, val = hold_out(train, cfg.val_size, cfg.seed)
     test = tokenize(cfg.test_data) if cfg.test_data is not None else None
     return train, val, test
 

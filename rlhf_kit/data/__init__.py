@@ -24,7 +24,7 @@ from rlhf_kit.data.formats import (
     write_jsonl,
     write_prompts,
 )
-from rlhf_kit.data.sampling import LengthGroupedSampler, pair_lengths
+from rlhf_kit.data.sampling import LengthGroupedSampler, hold_out, pair_lengths
 from rlhf_kit.data.tokenize import (
     IGNORE_INDEX,
     TokenizeReport,
@@ -46,6 +46,7 @@ __all__ = [
     "Text",
     "TokenizeReport",
     "encode",
+    "hold_out",
     "iter_jsonl",
     "load_comparisons",
     "load_comparisons_dataset",

@@ -1,4 +1,5 @@
-"""Length-grouped sampling: batches of similar lengths (less padding), still shuffled every epoch."""
+"""Length-grouped sampling: batches of similar lengths (less padding), still shuffled every epoch; and the
+seeded hold-out of a validation split."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ from typing import Any
 
 import torch
 from torch.utils.data import Sampler
+
+
+def hold_out(items: Sequence[Any], n: int, seed: int) -> tuple[list, list]:
+    """``(kept, held)``: ``n`` items picked by a permutation seeded with ``seed`` are held out (for
+    validation), the rest kept; both keep the input order. A pure function of its arguments, so every
+    rank and every resume gets the same split. The caller checks ``n`` (its error names its flag)."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:n])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
 
 
 def pair_lengths(examples: Sequence[dict[str, Any]]) -> list[int]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
-from rlhf_kit.data import load_prompts, tokenize_prompts
+from rlhf_kit.data import hold_out, load_prompts, tokenize_prompts
 from rlhf_kit.data.tokenizer import stop_token_ids
 from rlhf_kit.generation.base import SamplingParams
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
@@ -90,10 +88,7 @@ def split_prompts(prompts: Sequence, val_size: int, seed: int, source: str = "pr
             f"{source}: --val-size {val_size} must be >= 1 and leave training prompts ({len(prompts)} in "
             f"the file); hold out fewer or give --val-prompts"
         )
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(order[:val_size])
-    train = [p for i, p in enumerate(prompts) if i not in held]
-    return train, [prompts[i] for i in sorted(held)]
+    return hold_out(prompts, val_size, seed)
 
 
 def load_prompt_sets(
