@@ -25,7 +25,7 @@ from typing import Any
 
 from rlhf_kit.errors import ConfigError, RunError
 from rlhf_kit.training import dist as D
-from rlhf_kit.training.atomic import remove_directory, sweep_leftovers
+from rlhf_kit.training.atomic import remove_directory, sweep_leftovers, write_file
 from rlhf_kit.training.checkpoint import checkpoint_meta, latest_checkpoint
 from rlhf_kit.training.metrics import truncate_metrics, truncate_metrics_rows
 
@@ -302,12 +302,5 @@ def prepare_metrics_for_resume(output_dir: str | Path, step: int) -> None:
 
 
 def write_json(path: str | Path, data: object) -> None:
-    """Write ``data`` as indented JSON atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``data`` as indented JSON atomically (:func:`rlhf_kit.training.atomic.write_file`)."""
+    write_file(path, json.dumps(data, indent=2, default=str) + "\n")
