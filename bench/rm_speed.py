@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ VARIANTS: dict[str, list[str]] = {
     "tok16k": tok(16384),
     "ckpt_tok16k": CKPT + tok(16384),
     "ckpt_tok32k": CKPT + tok(32768),
+    "ckpt_tok32k_master": CKPT + tok(32768) + MASTER,
+    "tok32k_master": tok(32768) + MASTER,
     "ckpt_tok16k_liger": CKPT + tok(16384) + LIGER,
     "ckpt_tok16k_liger_master": CKPT + tok(16384) + LIGER + MASTER,
     "ckpt_tok32k_liger_master": CKPT + tok(32768) + LIGER + MASTER,
@@ -73,6 +76,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--profile-step", type=int, default=0, help="also profile this step (--profile-steps)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
@@ -86,6 +90,8 @@ def main() -> None:
                "--max-length", str(args.max_length), "--lr", "1e-5", "--warmup-steps", "10", "--min-lr-ratio", "0",
                "--mixed-precision", "bf16", "--val-check-interval", "100000", "--save-interval", "100000",
                *VARIANTS[name]]  # fmt: skip
+        if args.profile_step:
+            cmd += ["--profile-steps", str(args.profile_step)]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
@@ -101,6 +107,10 @@ def main() -> None:
             ][-1:]
         else:
             res["tail"] = tail
+        prof = os.path.join(out, "profile", f"step_{args.profile_step}")
+        if args.profile_step and os.path.exists(prof + ".json"):  # the split of one step, beside the speed
+            res["profile"] = json.load(open(prof + ".json"))
+            shutil.copy(prof + ".txt", os.path.join(args.out, f"profile_{name}.txt"))
         results["variants"][name] = res
         print(name, json.dumps({k: v for k, v in res.items() if k != "tail"}), flush=True)
         if rc != 0:

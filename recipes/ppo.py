@@ -66,6 +66,7 @@ from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
 from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import TrainingOptions
 from rlhf_kit.training.placement import OptimSettings
+from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import start_run
 from rlhf_kit.training.summary import print_summary
 from rlhf_kit.training.validate import check_same_tokenizer
@@ -244,6 +245,7 @@ def main(cfg: PPOConfig) -> dict:
     validate(cfg, env_world_size())
     acc = make_accelerator(cfg.mixed_precision)
     device = acc.device
+    profiler = StepProfiler(cfg.profile_steps, os.path.join(cfg.output_dir, "profile"), acc.is_main_process)
     start_run(  # writable, not used by another run, same settings as the run it resumes
         cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
         extend_max_steps=cfg.extend_max_steps,
@@ -320,6 +322,7 @@ def main(cfg: PPOConfig) -> dict:
     bar = progress(total=cfg.max_steps, initial=step, desc="ppo")
     while step < cfg.max_steps:
         timer.reset()
+        profiler.begin(step + 1)  # --profile-steps: this step under torch.profiler
         rank, world = (0, 1) if dynamic else (acc.process_index, acc.num_processes)
         with optimizer_state_offloaded(opts.values(), device, enabled=cfg.offload_optimizer):
             prompts = stream.next_batch(cfg.num_rollout_samples, rank, world)  # then K in a row: groups
@@ -341,6 +344,7 @@ def main(cfg: PPOConfig) -> dict:
             if critic_update is not None:
                 train_stats |= critic_update.result()
         step_schedules(scheds, updates, train_actor=update_cfg.train_actor)
+        profiler.end()
         kl_seq = exp_stats.get(
             "kl/seq_mean", train_stats.get("kl/seq_mean")
         )  # the update's, when it skips scoring's

@@ -59,6 +59,7 @@ from rlhf_kit.training.metrics import Averager, check_report_to, device_memory_s
 from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
+from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import (
     CHECKPOINTS,
     check_finite_fields,
@@ -207,6 +208,7 @@ def main(cfg: Config) -> None:
             len(train), cfg.global_batch_size, cfg.seed, pair_lengths(train) if cfg.group_by_length else None
         )
         total = cfg.max_steps or max(1, math.floor(cfg.epochs * plan.steps_per_epoch))
+        profiler = StepProfiler(cfg.profile_steps, cfg.output_dir / "profile", accelerator.is_main_process)
 
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model = load_for_training(cfg.model, "reward", lora, cfg.gradient_checkpointing)
@@ -223,7 +225,9 @@ def main(cfg: Config) -> None:
             model.to(accelerator.device), lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2)
         )
     else:
-        optimizer = build_optimizer(model, lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+        optimizer = build_optimizer(  # fused AdamW on CUDA: the model moves there in prepare
+            model, lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device=accelerator.device
+        )
     scheduler = cosine_schedule(optimizer, min(cfg.warmup_steps, total), total, lr * cfg.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -258,6 +262,7 @@ def main(cfg: Config) -> None:
     guard = NonFiniteGuard(cfg.max_bad_steps)
     model.train()
     while step < last:
+        profiler.begin(step + 1)  # --profile-steps: this step under torch.profiler
         started = time.perf_counter()
         avg = Averager()
         if not cfg.micro_batch_tokens:
@@ -278,6 +283,7 @@ def main(cfg: Config) -> None:
         logs["train/epoch"] = step / plan.steps_per_epoch
         if device.type == "cuda":
             torch.cuda.synchronize()
+        profiler.end()
         logs["time/step_s"] = time.perf_counter() - started
         logs["throughput/pairs_per_s"] = cfg.global_batch_size / logs["time/step_s"]
         logs.update(device_memory_stats())

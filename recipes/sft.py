@@ -57,6 +57,7 @@ from rlhf_kit.training.metrics import Averager, check_report_to
 from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import SupervisedOptions
 from rlhf_kit.training.precision import build_master_weight_optimizer
+from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import (
     CHECKPOINTS,
     check_finite_fields,
@@ -209,6 +210,7 @@ def main(cfg: Config) -> None:
         lr = cfg.lr or (TINY_LR if tiny else PRETRAINED_LR)
         plan = BatchPlan(len(train), cfg.global_batch_size, cfg.seed)
         total = cfg.max_steps or max(1, math.floor(cfg.epochs * plan.steps_per_epoch))
+        profiler = StepProfiler(cfg.profile_steps, cfg.output_dir / "profile", accelerator.is_main_process)
 
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model = load_for_training(cfg.model, "causal_lm", lora, cfg.gradient_checkpointing)
@@ -217,7 +219,9 @@ def main(cfg: Config) -> None:
             model.to(accelerator.device), lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2)
         )
     else:
-        optimizer = build_optimizer(model, lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+        optimizer = build_optimizer(  # fused AdamW on CUDA: the model moves there in prepare
+            model, lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device=accelerator.device
+        )
     scheduler = cosine_schedule(optimizer, min(cfg.warmup_steps, total), total, lr * cfg.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -251,6 +255,7 @@ def main(cfg: Config) -> None:
     guard = NonFiniteGuard(cfg.max_bad_steps)
     model.train()
     while step < last:
+        profiler.begin(step + 1)  # --profile-steps: this step under torch.profiler
         avg = Averager()
         if cfg.micro_batch_tokens:  # similar lengths together under a padded-token budget
             micro = token_budget_micro_batches(plan, step, lengths, cfg.micro_batch_tokens, rank, world)
@@ -266,6 +271,7 @@ def main(cfg: Config) -> None:
             loss_sum += float(loss.detach())
         avg.add("loss", loss_sum)
         update = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, guard)
+        profiler.end()
         step += 1
         logs = {f"train/{k}": v for k, v in avg.reduce(device).items()}
         logs.update({f"train/{k}": v for k, v in update.items()})

@@ -46,10 +46,13 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over a model (no decay on biases and norms) or over given params / param groups.
 
-    ``fused=None`` uses the fused kernel when every parameter is on CUDA.
+    ``fused=None`` uses the fused kernel when the parameters train on CUDA: ``device`` when given (a
+    recipe builds the optimizer before ``accelerator.prepare`` moves the model there), else where every
+    parameter is now.
     """
     if isinstance(params_or_model, nn.Module):
         groups: list = param_groups(params_or_model, weight_decay)
@@ -59,7 +62,7 @@ def build_optimizer(
         raise ValueError("build_optimizer: no trainable parameters")
     tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     if fused is None:
-        fused = all(p.is_cuda for p in tensors)
+        fused = torch.device(device).type == "cuda" if device is not None else all(p.is_cuda for p in tensors)
     return torch.optim.AdamW(
         groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused or None
     )

@@ -59,6 +59,9 @@ class TrainingOptions:
     """Run name given to the trackers that take one (wandb, trackio, mlflow)."""
     seed: int = 0
     """Seed for initialisation, data order, validation split and sampling."""
+    profile_steps: tuple[int, ...] = ()
+    """Optimizer steps (1-based) to run under torch.profiler: a Chrome trace, an op table and a summary
+    (device-busy fraction, top ops) per step in <output-dir>/profile/ (e.g. --profile-steps 5 6)."""
 
 
 @dataclass

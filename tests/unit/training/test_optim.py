@@ -86,3 +86,12 @@ def test_clip_grad_norm_returns_pre_clip_norm_and_clips():
     # max_norm <= 0 only measures
     assert clip_grad_norm(model.parameters(), 0) == pytest.approx(1.0, rel=1e-5)
     assert clip_grad_norm(nn.Linear(2, 2), 1.0) == 0.0  # no grads
+
+
+def test_fused_follows_the_training_device_when_given():
+    """A recipe builds AdamW before accelerate moves the model to the GPU: ``device`` decides, else the
+    parameters' current place (the bug: the RM and SFT recipes got the unfused kernel on CUDA)."""
+    model = nn.Linear(4, 2)
+    assert build_optimizer(model, lr=1e-3, device=torch.device("cuda")).defaults["fused"] is True
+    assert not build_optimizer(model, lr=1e-3, device="cpu").defaults.get("fused")
+    assert not build_optimizer(model, lr=1e-3).defaults.get("fused")
