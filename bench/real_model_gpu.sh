@@ -31,7 +31,7 @@ OUT=${OUT:-$W/out}
 if [ -n "${SWEEP:-}" ]; then  # the RM speed sweep (bench/rm_speed.py): SWEEP=all or a comma-separated list
   [ -f "$W/work/data/train_comparisons.jsonl" ] || python3 recipes/download_and_process.py --source default --format messages --output-dir "$W/work/data" > /dev/null
   only=""; [ "$SWEEP" != all ] && only="--only $SWEEP"
-  python3 bench/rm_speed.py --model "$W/smollm2" --data "$W/work/data" --out "$OUT/rm_speed" --steps "${SWEEP_STEPS:-30}" $only
+  python3 bench/rm_speed.py --model "$W/smollm2" --data "$W/work/data" --out "$OUT/rm_speed" --steps "${SWEEP_STEPS:-30}" $only ${SWEEP_ARGS:-}
   [ -z "${STAGES:-}" ] && exit 0
 fi
 python3 bench/real_model.py --model "$W/smollm2" --out "$OUT" --work "$W/work" --stages "${STAGES:-data,rm_ours,rm_trl,ppo,eval}" --ppo-args="${PPO_ARGS:-}" --rm-args="${RM_ARGS:-}" ${EXTRA:-}

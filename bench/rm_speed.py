@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CKPT, LIGER = ["--gradient-checkpointing"], ["--liger-kernel"]
 MASTER = ["--master-weights", "--mixed-precision", "no"]  # bf16 weights, fp32 masters, no autocast
+CUDNN = ["--cudnn-attention"]  # SDPA may use cuDNN's kernel (the default was on until 2026-12-04)
 
 
 def tok(n: int) -> list[str]:
@@ -39,6 +40,9 @@ VARIANTS: dict[str, list[str]] = {
     "ckpt_tok16k": CKPT + tok(16384),
     "ckpt_tok32k": CKPT + tok(32768),
     "ckpt_tok32k_master": CKPT + tok(32768) + MASTER,
+    "ckpt_tok32k_master_cudnn": CKPT + tok(32768) + MASTER + CUDNN,
+    "ckpt_tok16k_master": CKPT + tok(16384) + MASTER,
+    "ckpt_tok16k_master_cudnn": CKPT + tok(16384) + MASTER + CUDNN,
     "tok32k_master": tok(32768) + MASTER,
     "ckpt_tok16k_liger": CKPT + tok(16384) + LIGER,
     "ckpt_tok16k_liger_master": CKPT + tok(16384) + LIGER + MASTER,
@@ -48,9 +52,10 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def summarize(metrics_path: str, batch: int) -> dict:
+def summarize(metrics_path: str, batch: int, profiled: int = 0) -> dict:
+    """Throughput over the logged steps; a step run under the profiler (``profiled``) is left out."""
     rows = [json.loads(line) for line in open(metrics_path)]
-    train = [r for r in rows if "time/step_s" in r]
+    train = [r for r in rows if "time/step_s" in r and r.get("step") != profiled]
     total = sum(r["time/step_s"] for r in train)
     steady = sum(r["time/step_s"] for r in train[3:])
     return {
@@ -101,7 +106,7 @@ def main() -> None:
         res: dict = {"flags": VARIANTS[name], "rc": rc, "wall_s": time.perf_counter() - t0}
         metrics = os.path.join(out, "metrics.jsonl")
         if rc == 0 and os.path.exists(metrics):
-            res |= summarize(metrics, args.batch)
+            res |= summarize(metrics, args.batch, args.profile_step)
             res["val_accuracy"] = [
                 json.loads(line)["val/accuracy"] for line in open(metrics) if "val/accuracy" in line
             ][-1:]

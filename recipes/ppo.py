@@ -243,7 +243,7 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
 def main(cfg: PPOConfig) -> dict:
     # 1. Check the configuration before touching any model; accelerator and seeds.
     validate(cfg, env_world_size())
-    acc = make_accelerator(cfg.mixed_precision)
+    acc = make_accelerator(cfg.mixed_precision, cfg.cudnn_attention)
     device = acc.device
     profiler = StepProfiler(cfg.profile_steps, os.path.join(cfg.output_dir, "profile"), acc.is_main_process)
     start_run(  # writable, not used by another run, same settings as the run it resumes

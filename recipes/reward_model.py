@@ -182,7 +182,7 @@ def main(cfg: Config) -> None:
     prog = "reward_model.py"
     with one_line_errors(prog):
         accum = check_config(cfg)
-        accelerator = make_accelerator(cfg.mixed_precision)
+        accelerator = make_accelerator(cfg.mixed_precision, cfg.cudnn_attention)
         resume_from = start_run(
             cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
             extend_max_steps=cfg.extend_max_steps,

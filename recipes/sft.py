@@ -186,7 +186,7 @@ def main(cfg: Config) -> None:
     prog = "sft.py"
     with one_line_errors(prog):
         check_config(cfg)  # also checks that the global batch divides (micro_batches splits it)
-        accelerator = make_accelerator(cfg.mixed_precision)
+        accelerator = make_accelerator(cfg.mixed_precision, cfg.cudnn_attention)
         resume_from = start_run(
             cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
             extend_max_steps=cfg.extend_max_steps,

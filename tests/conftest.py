@@ -54,3 +54,12 @@ def make_reward_model(tokenizer, family="llama", seed=0, **kw):
     return AutoModelForSequenceClassification.from_config(
         tiny_config_for(tokenizer, family, num_labels=1, **kw)
     ).eval()
+
+
+@pytest.fixture(autouse=True)
+def _restore_sdpa_backends():
+    """make_accelerator and some tests flip the process-wide cuDNN SDPA switch; each test starts where the
+    last one found it."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)

@@ -9,6 +9,7 @@ from rlhf_kit.models.heads import (
 )
 from rlhf_kit.models.packing import PACKING_MODEL_TYPES, packed_sequence_scores, sequence_classifier_parts
 from rlhf_kit.models.reward import (
+    is_right_padded,
     load_reward_model,
     load_reward_stats,
     reward_scores,
@@ -24,6 +25,7 @@ __all__ = [
     "TokenValueModel",
     "backbone_and_head",
     "disable_dropout",
+    "is_right_padded",
     "last_token_index",
     "load_reward_model",
     "load_reward_stats",

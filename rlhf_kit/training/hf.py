@@ -28,10 +28,16 @@ def resolve_mixed_precision(mixed_precision: MixedPrecision) -> str | None:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(mixed_precision: MixedPrecision = "auto"):
-    """An ``accelerate.Accelerator`` (one process, DDP or FSDP2 as launched) with resolved precision."""
+def make_accelerator(mixed_precision: MixedPrecision = "auto", cudnn_attention: bool = False):
+    """An ``accelerate.Accelerator`` (one process, DDP or FSDP2 as launched) with resolved precision.
+
+    ``cudnn_attention`` is the process-wide ``torch.backends.cuda.enable_cudnn_sdp`` switch. Off (the
+    default), SDPA picks flash or memory-efficient attention; on an H200, cuDNN's kernel cost about 2 ms
+    of host time per call, which made the reward-model step host-bound (docs/benchmarks.md).
+    """
     from accelerate import Accelerator
 
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
     return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision))
 
 

@@ -59,6 +59,10 @@ class TrainingOptions:
     """Run name given to the trackers that take one (wandb, trackio, mlflow)."""
     seed: int = 0
     """Seed for initialisation, data order, validation split and sampling."""
+    cudnn_attention: bool = False
+    """Let PyTorch's SDPA pick cuDNN's attention kernel on CUDA. Off by default: on an H200 it spent about
+    2 ms of host time per call (every layer, every micro-batch), and the RM recipe trained 1.8-2.6x
+    faster on flash attention (docs/benchmarks.md)."""
     profile_steps: tuple[int, ...] = ()
     """Optimizer steps (1-based) to run under torch.profiler: a Chrome trace, an op table and a summary
     (device-busy fraction, top ops) per step in <output-dir>/profile/ (e.g. --profile-steps 5 6)."""

@@ -277,6 +277,7 @@ def test_update_forwards_run_without_cudnn_sdpa(tokenizer, four_models):
     hooks = [
         m.register_forward_pre_hook(lambda *_: seen.append(cudnn_sdpa_enabled())) for m in (actor, critic)
     ]
+    torch.backends.cuda.enable_cudnn_sdp(True)  # as a caller may leave it (restored by conftest)
     assert cudnn_sdpa_enabled()
     _update(actor, critic, r, micro=2, mini=4)
     for h in hooks:

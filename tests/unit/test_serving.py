@@ -122,6 +122,7 @@ def test_wrong_seed_changes_the_result(models, rollouts):
 def test_service_training_runs_without_cudnn_sdpa(models, rollouts):
     from rlhf_kit.models.attention import cudnn_sdpa_enabled
 
+    torch.backends.cuda.enable_cudnn_sdp(True)  # as a caller may leave it (restored by conftest)
     _, _, critic, _ = models
     svc = make_service(critic)
     seen = []

@@ -4,6 +4,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf_kit.models import (
     CausalLMWithValueHead,
     TokenValueModel,
+    backbone_and_head,
+    is_right_padded,
     last_token_index,
     load_reward_model,
     load_reward_stats,
@@ -37,6 +39,33 @@ def test_reward_scores_same_for_left_and_right_padding_and_unpadded(tokenizer, f
         single = torch.stack([rm(**tokenizer([t], return_tensors="pt")).logits[0, 0] for t in texts])
     torch.testing.assert_close(s_right, single, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s_left, single, atol=1e-5, rtol=1e-5)
+
+
+def test_is_right_padded():
+    assert is_right_padded(torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]))
+    assert not is_right_padded(torch.tensor([[1, 1, 0], [0, 1, 1]]))  # a left-padded row
+    assert not is_right_padded(torch.tensor([[1, 0, 1]]))  # a hole
+
+
+def test_right_padded_scores_run_maskless_and_equal_the_masked_forward(tokenizer, family):
+    rm = make_reward_model(tokenizer, family)
+    backbone, head = backbone_and_head(rm)
+    masks: list = []
+    backbone.register_forward_pre_hook(
+        lambda _m, _a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True
+    )
+    texts = ["User: hi\n\nAssistant: hello there friend, how are you", "User: what?", "User: a b c"]
+    right, left = _batch(tokenizer, texts, "right"), _batch(tokenizer, texts, "left")
+    with torch.no_grad():
+        fast = reward_scores(rm, right.input_ids, right.attention_mask)
+        assert masks[-1] is None  # the causal kernel, no padding mask built
+        reward_scores(rm, left.input_ids, left.attention_mask)
+        assert masks[-1] is not None  # left padding still needs its mask
+        seen: list = []
+        head.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        rm(input_ids=right.input_ids, attention_mask=right.attention_mask)  # the masked forward
+        masked = seen[-1][torch.arange(3), right.attention_mask.sum(-1) - 1, 0]
+    torch.testing.assert_close(fast, masked, atol=1e-5, rtol=1e-5)
 
 
 def test_token_value_model_is_rm_head_per_token_and_roundtrips(tokenizer, family, tmp_path):

@@ -80,3 +80,16 @@ def test_evaluate_pairs_metrics(tokenizer):
     )
     assert abs(m["loss"] - torch.nn.functional.softplus(r - c).mean().item()) < 1e-5
     assert count_label_tokens(torch.tensor([[-100, 4, 5, -100], [-100, -100, 3, 1]])) == 4
+
+
+def test_make_accelerator_keeps_sdpa_off_cudnn_unless_asked():
+    from rlhf_kit.training.hf import make_accelerator
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        make_accelerator("no", cudnn_attention=True)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        make_accelerator("no")  # the default: flash / memory-efficient attention only
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
