@@ -3,13 +3,13 @@
 from rlhf_kit.models.heads import (
     backbone_and_head,
     disable_dropout,
+    is_right_padded,
     last_token_index,
     per_token_scores,
     position_ids_from_mask,
 )
 from rlhf_kit.models.packing import PACKING_MODEL_TYPES, packed_sequence_scores, sequence_classifier_parts
 from rlhf_kit.models.reward import (
-    is_right_padded,
     load_reward_model,
     load_reward_stats,
     reward_scores,

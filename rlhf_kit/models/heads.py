@@ -46,6 +46,14 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=-1).values.clamp(min=0)
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row of ``attention_mask (b, t)`` is ones then zeros (no left or inner padding).
+
+    One host sync on an accelerator (the mask is read back).
+    """
+    return not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any())
+
+
 def per_token_scores(
     model: nn.Module,
     input_ids: torch.Tensor,

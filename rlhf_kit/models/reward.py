@@ -12,7 +12,13 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForSequenceClassification
 
-from rlhf_kit.models.heads import backbone_and_head, last_token_index, position_ids_from_mask, unwrap
+from rlhf_kit.models.heads import (
+    backbone_and_head,
+    is_right_padded,
+    last_token_index,
+    position_ids_from_mask,
+    unwrap,
+)
 
 REWARD_STATS_FILE = "reward_stats.json"
 
@@ -53,14 +59,6 @@ def _head_output(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         config.pad_token_id = saved
 
 
-def is_right_padded(attention_mask: torch.Tensor) -> bool:
-    """True when every row of ``attention_mask (b, t)`` is ones then zeros (no left or inner padding).
-
-    One host sync on an accelerator (the mask is read back).
-    """
-    return not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any())
-
-
 def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Score each sequence at its last real token: the last position where ``attention_mask`` is 1.
 
@@ -70,17 +68,17 @@ def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
     Returns:
         ``(b,)`` float32 rewards. A right-padded batch runs without its mask (causal attention is
-        then exact for every real token, :func:`is_right_padded`). The call goes through the model's
-        own ``forward`` (so FSDP2 / DDP hooks run) and takes the score head's per-token output from a forward hook. HF's classifier
-        pools at the last token that differs from ``config.pad_token_id``; that is wrong whenever the
-        config's pad id is not the tokenizer's, or pad == EOS (SmolLM2, Llama 3: the real last token is
-        then taken for padding), so its pooled ``logits`` are not used.
+        then exact for every real token, :func:`~rlhf_kit.models.heads.is_right_padded`). The call goes
+        through the model's own ``forward`` (so FSDP2 / DDP hooks run) and takes the score head's
+        per-token output from a forward hook. HF's classifier pools at the last token that differs from
+        ``config.pad_token_id``; that is wrong whenever the config's pad id is not the tokenizer's, or
+        pad == EOS (SmolLM2, Llama 3: the real last token is then taken for padding), so its pooled
+        ``logits`` are not used.
     """
     with _head_output(model) as seen:
         if is_right_padded(attention_mask):
             # Real tokens come first in every row, so causal attention alone never lets a real token
-            # see a pad: the same scores without a (b, 1, t, t) mask, on the causal (flash) kernel
-            # that skips the masked-out half instead of the masked kernel over every position pair.
+            # see a pad: the same scores, with no (b, 1, t, t) mask built and SDPA on its causal path.
             model(input_ids=input_ids, use_cache=False)
         else:
             model(

@@ -85,11 +85,7 @@ def test_evaluate_pairs_metrics(tokenizer):
 def test_make_accelerator_keeps_sdpa_off_cudnn_unless_asked():
     from rlhf_kit.training.hf import make_accelerator
 
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    try:
-        make_accelerator("no", cudnn_attention=True)
-        assert torch.backends.cuda.cudnn_sdp_enabled()
-        make_accelerator("no")  # the default: flash / memory-efficient attention only
-        assert not torch.backends.cuda.cudnn_sdp_enabled()
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(before)
+    make_accelerator("no", cudnn_attention=True)  # the switch is restored by tests/conftest.py
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    make_accelerator("no")  # the default: flash / memory-efficient attention only
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
