@@ -122,6 +122,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     from rlhf_kit.training.precision import build_master_weight_optimizer
 
     device = _device(args)
+    torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)  # as the recipes' make_accelerator does
     sh = shape(args)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     bf16 = device.type == "cuda"
@@ -219,6 +220,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["offload_idle"] = bool(args.offload_idle)
     res["fsdp_bf16"] = fsdp_bf16
     res["master_weights"] = master
+    res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
     res["keep_cache"] = bool(args.keep_cache)
     if args.profile and device.type == "cuda":
@@ -419,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--keep-cache", action="store_true", help="ours: keep KV cache and CUDA graphs between steps"
     )
+    ap.add_argument(
+        "--cudnn-attention",
+        action="store_true",
+        help="ours: let SDPA pick cuDNN attention (the recipes' default turns it off: make_accelerator)",
+    )
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per worker")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -474,6 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--keep-cache", args.keep_cache),
         ("--master-weights", args.master_weights),
         ("--compile-blocks", args.compile_blocks),
+        ("--cudnn-attention", args.cudnn_attention),
     )
     passthrough += [f for f, on in flags if on]
     for config in args.configs:

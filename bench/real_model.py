@@ -8,7 +8,8 @@ Stages (each a subprocess, so peak memory is per stage):
 1. Data: the shipped HH sample as chat messages (``download_and_process.py --source default --format
    messages``: 2,069 train / 230 test pairs), rendered with the model's chat template.
 2. ``rm_ours``: ``recipes/reward_model.py`` on the checkpoint (lr 1e-5, cosine to 0 with 10 warm-up
-   steps, global batch 32 = 8 x 4, 2 epochs, max length 1024, bf16 autocast; validation = the test split).
+   steps, global batch 32 = 8 x 4, 2 epochs, max length 1024; otherwise the recipe's defaults, which on
+   one GPU are bf16 weights with fp32 masters and gradient checkpointing; validation = the test split).
 3. ``rm_trl``: ``trl.RewardTrainer`` (the release installed) with the same hyper-parameters on the *same
    token ids* (our tokenisation of the same files, passed as ``chosen_ids``/``rejected_ids``), fp32 weights
    under bf16 autocast; test accuracy and loss from ``trainer.evaluate`` on the test pairs.
@@ -178,8 +179,8 @@ def main() -> None:
         wall = run([py, "recipes/reward_model.py", "--model", args.model, "--train-data", train, "--val-data", test,
                     "--test-data", test, "--output-dir", rm_dir, "--lr", str(args.lr), "--min-lr-ratio", "0",
                     "--warmup-steps", "10", "--global-batch-size", str(args.batch), "--micro-batch-size",
-                    str(args.micro), "--max-length", str(args.max_length), "--mixed-precision",
-                    "bf16" if not args.small else "no", "--val-check-interval", "20", "--save-interval", "100000",
+                    str(args.micro), "--max-length", str(args.max_length), "--val-check-interval", "20",
+                    "--save-interval", "100000", *(["--mixed-precision", "no"] if args.small else []),
                     *steps, *args.rm_args.split()], os.path.join(logs, "rm_ours.log"))  # fmt: skip
         m = rows(os.path.join(rm_dir, "metrics.jsonl"))
         train_rows = [r for r in m if "train/loss" in r]

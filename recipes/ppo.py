@@ -64,7 +64,7 @@ from rlhf_kit.training.guard import NonFiniteGuard
 from rlhf_kit.training.hf import LoraSettings, make_accelerator
 from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
 from rlhf_kit.training.model_card import write_model_card
-from rlhf_kit.training.options import TrainingOptions
+from rlhf_kit.training.options import TrainingOptions, settle_ppo_master_weights
 from rlhf_kit.training.placement import OptimSettings
 from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import start_run
@@ -191,7 +191,8 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     critic_min_lr: float = 1e-6
     """The critic's cosine schedule ends here (NeMo-Aligner 9e-7)."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    """auto: bf16 when the accelerator supports it, else fp32; no: fp32; bf16: bf16 autocast."""
+    """auto: bf16 autocast when the accelerator supports it, else fp32; on one bf16 GPU without --fsdp or
+    LoRA also bf16 actor/critic weights with fp32 masters (--master-weights). no: fp32; bf16: autocast."""
     fsdp: bool = False
     """Shard the four models with FSDP2 when several processes run (implied by accelerate/fsdp.yaml)."""
     offload_idle_models: bool = False
@@ -221,7 +222,8 @@ MAY_CHANGE = ("offload_idle_models", "offload_optimizer")
 
 
 def validate(cfg: PPOConfig, world_size: int) -> int:
-    """Check the configuration before loading anything; returns gradient-accumulation steps."""
+    """Check the configuration before loading anything and settle ``--mixed-precision auto``'s master
+    weights (:func:`rlhf_kit.training.options.settle_ppo_master_weights`); returns gradient accumulation."""
     from rlhf_kit.training.batching import resolve_batch_sizes
     from rlhf_kit.training.metrics import check_report_to
     from rlhf_kit.training.run import check_numbers
@@ -237,12 +239,15 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
         raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.max_new_tokens < cfg.min_new_tokens:
         raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} < --min-new-tokens {cfg.min_new_tokens}")
+    note = settle_ppo_master_weights(cfg, cfg.mixed_precision, world_size=world_size, fsdp=cfg.fsdp)
+    if note:  # only ever with one process
+        print(note)
     return accum
 
 
 def main(cfg: PPOConfig) -> dict:
     # 1. Check the configuration before touching any model; accelerator and seeds.
-    validate(cfg, env_world_size())
+    validate(cfg, env_world_size())  # also settles what --mixed-precision auto means here
     acc = make_accelerator(cfg.mixed_precision, cfg.cudnn_attention)
     device = acc.device
     profiler = StepProfiler(cfg.profile_steps, os.path.join(cfg.output_dir, "profile"), acc.is_main_process)

@@ -45,7 +45,7 @@ from rlhf_kit.training import (
     save_checkpoint,
     seed_everything,
 )
-from rlhf_kit.training.batching import BatchPlan, token_budget_micro_batches
+from rlhf_kit.training.batching import BatchPlan, step_micro_batches
 from rlhf_kit.training.dist import env_world_size
 from rlhf_kit.training.evaluation import evaluate_pairs, pair_scores
 from rlhf_kit.training.guard import NonFiniteGuard
@@ -57,7 +57,7 @@ from rlhf_kit.training.hf import (
 )
 from rlhf_kit.training.metrics import Averager, check_report_to, device_memory_stats
 from rlhf_kit.training.model_card import write_model_card
-from rlhf_kit.training.options import SupervisedOptions
+from rlhf_kit.training.options import SupervisedOptions, settle_speed_defaults
 from rlhf_kit.training.precision import build_master_weight_optimizer
 from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import (
@@ -182,12 +182,15 @@ def main(cfg: Config) -> None:
     prog = "reward_model.py"
     with one_line_errors(prog):
         accum = check_config(cfg)
+        note = settle_speed_defaults(cfg, embedded=cfg.model is None, world_size=env_world_size())
         accelerator = make_accelerator(cfg.mixed_precision, cfg.cudnn_attention)
         resume_from = start_run(
             cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
             extend_max_steps=cfg.extend_max_steps,
         )  # fmt: skip
         seed_everything(cfg.seed)
+        if note:
+            accelerator.print(note)
         quiet_weight_progress_bars()  # transformers' per-file load/save bars (RLHF_KIT_HF_PROGRESS=1 keeps them)
         tiny = cfg.model is None
         if tiny:
@@ -265,10 +268,10 @@ def main(cfg: Config) -> None:
         profiler.begin(step + 1)  # --profile-steps: this step under torch.profiler
         started = time.perf_counter()
         avg = Averager()
-        if not cfg.micro_batch_tokens:
-            micro = plan.micro_batches(step, cfg.micro_batch_size, rank, world)
-        else:  # similar lengths together under a padded-token budget, the same count on every rank
-            micro = token_budget_micro_batches(plan, step, padded_cost, cfg.micro_batch_tokens, rank, world)
+        micro = step_micro_batches(  # under the padded-token budget (0: fixed micro-batches)
+            plan, step, rank, world, micro_batch_size=cfg.micro_batch_size, budget=cfg.micro_batch_tokens,
+            costs=padded_cost,
+        )  # fmt: skip
         for idx in accumulate(accelerator, model, micro):
             batch = {k: v.to(device) for k, v in collate([train[j] for j in idx]).items()}
             chosen, rejected = pair_scores(model, batch)

@@ -43,7 +43,7 @@ from rlhf_kit.training import (
     save_checkpoint,
     seed_everything,
 )
-from rlhf_kit.training.batching import BatchPlan, token_budget_micro_batches
+from rlhf_kit.training.batching import BatchPlan, step_micro_batches
 from rlhf_kit.training.dist import all_reduce_sum, env_world_size
 from rlhf_kit.training.evaluation import count_label_tokens, evaluate_lm, lm_loss
 from rlhf_kit.training.guard import NonFiniteGuard
@@ -55,7 +55,7 @@ from rlhf_kit.training.hf import (
 )
 from rlhf_kit.training.metrics import Averager, check_report_to
 from rlhf_kit.training.model_card import write_model_card
-from rlhf_kit.training.options import SupervisedOptions
+from rlhf_kit.training.options import SupervisedOptions, settle_speed_defaults
 from rlhf_kit.training.precision import build_master_weight_optimizer
 from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import (
@@ -186,12 +186,15 @@ def main(cfg: Config) -> None:
     prog = "sft.py"
     with one_line_errors(prog):
         check_config(cfg)  # also checks that the global batch divides (micro_batches splits it)
+        note = settle_speed_defaults(cfg, embedded=cfg.model is None, world_size=env_world_size())
         accelerator = make_accelerator(cfg.mixed_precision, cfg.cudnn_attention)
         resume_from = start_run(
             cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
             extend_max_steps=cfg.extend_max_steps,
         )  # fmt: skip
         seed_everything(cfg.seed)
+        if note:
+            accelerator.print(note)
         quiet_weight_progress_bars()  # transformers' per-file load/save bars (RLHF_KIT_HF_PROGRESS=1 keeps them)
         tiny = cfg.model is None
         if tiny:
@@ -257,10 +260,10 @@ def main(cfg: Config) -> None:
     while step < last:
         profiler.begin(step + 1)  # --profile-steps: this step under torch.profiler
         avg = Averager()
-        if cfg.micro_batch_tokens:  # similar lengths together under a padded-token budget
-            micro = token_budget_micro_batches(plan, step, lengths, cfg.micro_batch_tokens, rank, world)
-        else:
-            micro = plan.micro_batches(step, cfg.micro_batch_size, rank, world)
+        micro = step_micro_batches(  # under the padded-token budget (0: fixed micro-batches)
+            plan, step, rank, world, micro_batch_size=cfg.micro_batch_size, budget=cfg.micro_batch_tokens,
+            costs=lengths,
+        )  # fmt: skip
         batches = [collate([train[j] for j in idx]) for idx in micro]
         # Every micro-batch is divided by the global token count: accumulation == one big batch.
         tokens = all_reduce_sum([sum(count_label_tokens(b["labels"]) for b in batches)], device)[0]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from rlhf_kit.ppo.models import PPOModels
+from rlhf_kit.ppo.models import PPOModels, describe_dtypes
 from rlhf_kit.ppo.scorers import FunctionScorer, RewardModelScorer
 
 
@@ -69,6 +69,10 @@ def place_ppo_models(
         trainable["critic"] = (models.critic, critic_optim)
     placed = place_models(accelerator, trainable, [models.reference, models.reward_model], **place_kwargs)
     out = dataclasses.replace(models, actor=placed.models["actor"], critic=placed.models.get("critic"))
+    if place_kwargs.get("master_weights"):  # the load line showed fp32: the trained models are bf16 now
+        accelerator.print(
+            describe_dtypes(out).replace("models:", "models after placement:", 1) + "; fp32 masters"
+        )
     return out, placed
 
 
@@ -94,7 +98,8 @@ def make_backend(
     sharded: bool = False,
 ):
     """The generation backend (``"hf"``: generate through the trained actor; ``"compiled"``: a dedicated
-    inference copy of ``actor_path``, bf16 under bf16 mixed precision; ``"auto"``: compiled on CUDA, hf
+    inference copy of ``actor_path``, bf16 under bf16 mixed precision, whose one batch bucket is
+    ``max_batch_size`` (smaller batches are padded up to it); ``"auto"``: compiled on CUDA, hf
     elsewhere, see :func:`resolve_backend`) and ``sync_weights()``, which streams the trainer's weights
     (FSDP2 shards gathered, LoRA merged) into that copy after a step.
 
@@ -115,9 +120,13 @@ def make_backend(
 
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
         infer = AutoModelForCausalLM.from_pretrained(actor_path, dtype=dtype).to(accelerator.device)
+        # One bucket: validation's smaller batches are padded up and replay the rollouts' graph. Decoding
+        # is bandwidth-bound, so the padding costs little; a second bucket cost ~10 s of compilation and
+        # capture on an H200 (docs/benchmarks.md, warm start).
         backend = CompiledBackend(
-            infer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, tokenizer=tokenizer
-        )
+            infer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, tokenizer=tokenizer,
+            batch_buckets=(max_batch_size,),
+        )  # fmt: skip
         return backend, lambda: backend.update_weights(iter_full_params(actor))
     from rlhf_kit.generation.hf import HFBackend
 

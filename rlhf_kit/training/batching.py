@@ -143,3 +143,26 @@ def token_budget_micro_batches(
     shares = [plan.share(step, r, world_size) for r in range(world_size)]
     parts = max(len(split_by_token_budget(s, lengths, budget)) for s in shares)
     return split_by_token_budget(shares[rank], lengths, budget, parts)
+
+
+def step_micro_batches(
+    plan: BatchPlan,
+    step: int,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    micro_batch_size: int,
+    budget: int = 0,
+    costs: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """This rank's micro-batches of step ``step``, as the SFT and RM recipes cut them.
+
+    ``budget > 0``: similar lengths together under a padded-token budget, where ``costs[i]`` is example
+    ``i``'s padded tokens (:func:`token_budget_micro_batches`; every rank runs as many micro-batches).
+    ``budget == 0``: fixed micro-batches of ``micro_batch_size`` (:meth:`BatchPlan.micro_batches`).
+    """
+    if budget:
+        if costs is None:
+            raise ValueError("step_micro_batches: a token budget needs the examples' costs")
+        return token_budget_micro_batches(plan, step, costs, budget, rank, world_size)
+    return plan.micro_batches(step, micro_batch_size, rank, world_size)

@@ -7,7 +7,10 @@ needs another default redeclares the field with its own docstring; tyro lists in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+import torch
 
 from rlhf_kit.training.hf import MixedPrecision
 
@@ -33,7 +36,7 @@ class TrainingOptions:
     """Recompute activations in the backward pass (less memory, more compute)."""
     master_weights: bool = False
     """bf16 model weights with fp32 master weights in AdamW (one process; faster, less memory than
-    fp32 weights under autocast)."""
+    fp32 weights under autocast). --mixed-precision auto picks it on one bf16 GPU without FSDP or LoRA."""
     lora_r: int = 0
     """LoRA rank on the trained model (PPO: the actor), 8-64 usual; 0 trains all weights. A reward model's score head
     still trains in full; the PPO reference is then the actor with its adapters disabled; the final
@@ -72,6 +75,15 @@ class TrainingOptions:
 class SupervisedOptions(TrainingOptions):
     """:class:`TrainingOptions` plus the schedule, evaluation and LoRA fields of the SFT and RM recipes."""
 
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass of a given --model (TRL's default too): SmolLM2-135M at
+    the default token budget took 3.8 GiB of GPU memory instead of 17.7, and 0.7x the pairs/s. The
+    embedded tiny default skips it. --no-gradient-checkpointing keeps the activations."""
+    master_weights: bool = False
+    """bf16 model weights with fp32 master weights in AdamW, and no autocast under --mixed-precision auto
+    (one process; saved models are bf16). --mixed-precision auto already picks this on one bf16 GPU;
+    the flag forces it elsewhere (CPU, LoRA)."""
+
     eval_batch_size: int = 16
     """Samples per forward pass during validation and test (no gradients: 2-4x --micro-batch-size fits)."""
     max_steps: int | None = None
@@ -92,7 +104,10 @@ class SupervisedOptions(TrainingOptions):
     lora_target_modules: str = "all-linear"
     """Comma-separated module names to adapt, or "all-linear"."""
     mixed_precision: MixedPrecision = "auto"
-    """auto: the accelerate config's setting, else bf16 where the GPU supports it, else fp32."""
+    """auto: on one GPU with bf16, training all weights (no LoRA), bf16 weights with fp32 master weights
+    in AdamW and no autocast (what --master-weights gives; the fastest measured, docs/benchmarks.md);
+    otherwise the accelerate config's setting, else bf16 autocast where the GPU supports it, else fp32.
+    bf16: autocast over fp32 weights. no: fp32."""
     val_check_interval: int = 50
     """Validate every this many optimizer steps, and after the last one (NeMo-Aligner RM 100)."""
     save_interval: int = 100
@@ -101,3 +116,55 @@ class SupervisedOptions(TrainingOptions):
     """Stop after this step with a checkpoint, as if interrupted (time-boxed jobs; resume tests)."""
     project: str = "rlhf-kit"
     """wandb project."""
+
+
+def settle_speed_defaults(opts: SupervisedOptions, *, embedded: bool, world_size: int) -> str | None:
+    """Resolve the SFT/RM fast path in place: what ``--mixed-precision auto`` and checkpointing mean here.
+
+    * ``gradient_checkpointing`` is dropped for the embedded tiny model (``embedded``): two small layers,
+      nothing to save, only recompute to pay.
+    * ``mixed_precision="auto"`` with one process on a bf16 GPU, all weights trained (``lora_r == 0``) and
+      no launcher precision other than bf16 becomes ``master_weights=True, mixed_precision="no"``: bf16
+      weights, fp32 masters, no autocast casts. LoRA is left to autocast (its frozen base stays fp32);
+      several processes keep FSDP2's mixed-precision policy.
+    * explicit ``master_weights`` under ``"auto"`` also turns autocast off (the weights are bf16 already).
+
+    Returns a one-line note for the log when ``auto`` chose master weights, else ``None``. Runs before
+    the run's settings are stored, so a resume compares the resolved values.
+    """
+    if embedded:
+        opts.gradient_checkpointing = False
+    if opts.mixed_precision != "auto":
+        return None
+    chosen = not opts.master_weights and auto_master_weights(world_size, opts.lora_r)
+    if opts.master_weights or chosen:
+        opts.master_weights, opts.mixed_precision = True, "no"
+    if chosen:
+        return "--mixed-precision auto: bf16 weights with fp32 master weights (--mixed-precision bf16 for autocast)"
+    return None
+
+
+def settle_ppo_master_weights(
+    opts: TrainingOptions, mixed_precision: str, *, world_size: int, fsdp: bool
+) -> str | None:
+    """PPO's share of the fast path, in place: ``--mixed-precision auto`` on one bf16 GPU, without FSDP
+    and with the actor trained in full, turns on ``master_weights`` (bf16 actor and critic, fp32 masters).
+    Autocast stays on: the frozen reference and reward model keep fp32 weights. Returns a log note."""
+    if opts.master_weights or mixed_precision != "auto" or fsdp:
+        return None
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return None  # accelerate/fsdp.yaml: FSDP2's policy keeps the masters
+    if not auto_master_weights(world_size, opts.lora_r):
+        return None
+    opts.master_weights = True
+    return "--mixed-precision auto: bf16 actor and critic with fp32 master weights (--mixed-precision bf16: fp32 weights)"
+
+
+def auto_master_weights(world_size: int, lora_r: int) -> bool:
+    """Whether ``--mixed-precision auto`` means bf16 weights with fp32 masters: one process on a GPU that
+    has bf16, all weights trained, and no ``accelerate launch`` precision other than bf16."""
+    if world_size != 1 or lora_r != 0:
+        return False
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16") != "bf16":
+        return False  # the launcher's config asked for fp32 or fp16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -136,7 +136,8 @@ def test_master_weights_run_resumes_exactly(default_run, tmp_path):
         (out / "checkpoints").mkdir(parents=True)
         shutil.copytree(default_run / "init", out / "init")
         shutil.copytree(default_run / "data", out / "data")
-    run("--output-dir", str(full), *FAST, "--master-weights")
+    log = run("--output-dir", str(full), *FAST, "--master-weights").stdout
+    assert "models after placement: actor bfloat16 (trainable), critic bfloat16 (trainable)" in log
     shutil.copytree(full / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
     (resumed / "checkpoints" / "latest").write_text("step_2\n")
     run("--output-dir", str(resumed), *FAST, "--master-weights", "--resume")

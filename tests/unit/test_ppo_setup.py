@@ -84,3 +84,18 @@ def test_make_kl_controller():
     fixed.update(50.0, 10)
     adaptive.update(50.0, 10)  # KL far above target: the coefficient grows
     assert fixed.value == 0.1 and adaptive.value > 0.1
+
+
+def test_compiled_backend_has_one_bucket_so_validation_reuses_the_rollout_graph(tokenizer, tmp_path):
+    """A validation batch smaller than the rollout micro-batch pads up to it instead of compiling and
+    capturing another bucket."""
+    from types import SimpleNamespace
+
+    from tests.conftest import make_causal_lm
+
+    make_causal_lm(tokenizer).save_pretrained(tmp_path / "actor")
+    acc = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+    backend, _ = make_backend("compiled", None, tokenizer, actor_path=str(tmp_path / "actor"), accelerator=acc,
+                              max_batch_size=16, max_seq_len=64)  # fmt: skip
+    assert backend.buckets == (16,)
+    assert backend._bucket(3) == 16

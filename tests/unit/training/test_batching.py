@@ -73,3 +73,20 @@ def test_token_budget_micro_batches_agree_across_ranks():
         for r in range(2):
             share = plan.micro_batches(step, 8, r, 2)[0]
             assert sorted(i for p in per_rank[r] for i in p) == sorted(share)
+
+
+def test_step_micro_batches_picks_the_budget_cut_or_fixed_micro_batches():
+    """The recipes' one call: a budget cuts by padded cost, budget 0 gives fixed micro-batches of the
+    step's same examples; a budget without costs is refused."""
+    from rlhf_kit.training.batching import step_micro_batches
+
+    lengths = [10 * (i % 7 + 1) for i in range(32)]
+    plan = BatchPlan(32, 8, seed=1)
+    cut = step_micro_batches(plan, 2, 1, 2, micro_batch_size=2, budget=80, costs=lengths)
+    fixed = step_micro_batches(plan, 2, 1, 2, micro_batch_size=2)
+    assert [len(m) for m in fixed] == [2, 2]
+    assert all(len(m) * max(lengths[i] for i in m) <= 80 for m in cut)
+    assert sorted(i for m in cut for i in m) == sorted(i for m in fixed for i in m)
+    assert cut != fixed  # the budget packs short examples together instead of two at a time
+    with pytest.raises(ValueError, match="costs"):
+        step_micro_batches(plan, 0, micro_batch_size=2, budget=80)

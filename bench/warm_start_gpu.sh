@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Warm start of the PPO recipe on one GPU: the same short run twice with one Inductor cache directory
+# (cold, then warm), without and with --compile-blocks; config-A widths, random init (bench/gpu_setup.sh).
+# Reports process wall, step-1 and step-2 phase times (the step-1 excess is the warm-up) in $OUT/warm_start.md.
+#   bash bench/warm_start_gpu.sh      (carry .whl)
+set -u
+OUT=${OUT:-warm_start_out}; W=/tmp/ws; mkdir -p "$OUT"; source bench/gpu_setup.sh
+export TORCHINDUCTOR_CACHE_DIR=$W/inductor_cache   # shared by every run below: the first of each pair is cold
+PPO="recipes/ppo.py --actor $W/lm --reward-model $W/rm --train-prompts $W/data/train_prompts.jsonl
+    --val-prompts $W/data/test_prompts.jsonl --num-rollout-samples 64 --global-batch-size 64 --micro-batch-size 16
+    --rollout-micro-batch-size 64 --max-new-tokens 128 --max-steps 2 --val-check-interval 1000 --save-interval 1000"
+run() { local name=$1; shift; local t0=$(date +%s.%N)
+  timeout 200 python3 $PPO "$@" --output-dir $W/$name > $W/$name.log 2>&1; local rc=$?; local t1=$(date +%s.%N)
+  echo "$name $rc $(python3 -c "print(round($t1-$t0,1))")" >> $W/runs.txt
+  cp $W/$name.log $OUT/; cp $W/$name/metrics.jsonl $OUT/${name}_metrics.jsonl 2>/dev/null; }
+RUNS=${RUNS:-default_cold default_warm blocks_cold blocks_warm}   # a subset: RUNS="default_cold default_warm"
+for name in $RUNS; do
+  case $name in blocks_*) run $name --compile-blocks ;; *) run $name ;; esac
+done
+python3 - "$W/runs.txt" "$OUT" <<'PY' | tee "$OUT/warm_start.md"
+import json, os, sys
+print("| run | rc | process wall s | step 1 generate / score / train s | step 2 generate / score / train s |")
+print("|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    name, rc, wall = line.split()
+    path = os.path.join(sys.argv[2], f"{name}_metrics.jsonl")
+    rows = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+    steps = [r for r in rows if "time/generate" in r]
+    cell = lambda r: " / ".join(f"{r.get('time/' + k, float('nan')):.3f}" for k in ("generate", "score", "train"))
+    print(f"| {name} | {rc} | {wall} | {cell(steps[0]) if steps else '-'} | {cell(steps[1]) if len(steps) > 1 else '-'} |")
+PY
