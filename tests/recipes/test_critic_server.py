@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf_kit.serving import RemoteCritic
 from rlhf_kit.tiny import save_tiny_pretrained
+from tests.recipes.procs import run_all
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {
@@ -92,8 +93,11 @@ def test_ppo_recipe_with_a_critic_server(tmp_path, tokenizer):
         )
         procs.append(server)
         assert "(token required)" in (tmp_path / "server.log").read_text()
+        # the local run and the run against the server are independent: they run at once (2 cores)
+        remote_run = ppo(tmp_path / "ppo", *data, "--critic-server", url, env=TOKEN_ENV)
+        procs.append(remote_run)
         finish(local)
-        finish(ppo(tmp_path / "ppo", *data, "--critic-server", url, env=TOKEN_ENV))
+        finish(remote_run)
         rows = [r for r in metrics(tmp_path / "ppo") if "value/loss" in r]
         assert len(rows) == 2
         for r in rows:
@@ -147,21 +151,32 @@ def test_ppo_recipe_with_a_critic_server(tmp_path, tokenizer):
             proc.wait(timeout=30)
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--critic", "/nonexistent/critic"], "/nonexistent/critic"),
-        (["--warmup-steps", "9", "--total-steps", "8"], "--warmup-steps 9 must be in [0, --total-steps 8]"),
-        (["--min-lr", "1e-3", "--lr", "1e-4"], "--min-lr 0.001 is larger than --lr 0.0001"),
-        (["--port", "70000"], "--port must be in [0, 65535]"),
-        (["--host", "0.0.0.0"], "--host 0.0.0.0 is not loopback: set --auth-token or RLHF_KIT_SERVER_TOKEN"),
-    ],
-)
-def test_bad_server_configuration_stops_with_one_line(tmp_path, args, message):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "critic_server.py"), "--output-dir", str(tmp_path / "s"), *args],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+BAD_CONFIGURATIONS = [
+    (["--critic", "/nonexistent/critic"], "/nonexistent/critic"),
+    (["--warmup-steps", "9", "--total-steps", "8"], "--warmup-steps 9 must be in [0, --total-steps 8]"),
+    (["--min-lr", "1e-3", "--lr", "1e-4"], "--min-lr 0.001 is larger than --lr 0.0001"),
+    (["--port", "70000"], "--port must be in [0, 65535]"),
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 is not loopback: set --auth-token or RLHF_KIT_SERVER_TOKEN"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_configuration_runs(tmp_path_factory):
+    """Every case of test_bad_server_configuration_stops_with_one_line, each its own CLI process, started
+    at once (each is ~7 s of imports on one core): ``{args: (CompletedProcess, output dir)}``."""
+    root = tmp_path_factory.mktemp("server_bad")
+    outs = {tuple(args): root / f"case{i}" / "s" for i, (args, _) in enumerate(BAD_CONFIGURATIONS)}
+    procs = run_all(
+        {key: [sys.executable, str(ROOT / "recipes" / "critic_server.py"), "--output-dir", str(out), *key]
+         for key, out in outs.items()},
+        env=ENV, cwd=ROOT, timeout=120,
     )  # fmt: skip
+    return {key: (procs[key], outs[key]) for key in outs}
+
+
+@pytest.mark.parametrize("args,message", BAD_CONFIGURATIONS)
+def test_bad_server_configuration_stops_with_one_line(bad_configuration_runs, args, message):
+    proc, out = bad_configuration_runs[tuple(args)]
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and message in err[0], proc.stderr
-    assert not (tmp_path / "s").exists()  # nothing was built or loaded
+    assert not out.exists()  # nothing was built or loaded

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from tests.recipes.procs import run_all
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "ppo.py"
 FAST = [
@@ -182,38 +184,99 @@ def test_large_kl_coefficient_keeps_policy_close(learning_runs):
     assert kl_tight < 0.75 * kl_free, (kl_tight, kl_free)
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--global-batch-size", "6", "--micro-batch-size", "4"], "not divisible"),
-        (["--num-rollout-samples", "12", "--global-batch-size", "8"], "must be a multiple of"),
-        (["--train-prompts", "/nonexistent/prompts.jsonl"], "/nonexistent/prompts.jsonl"),
-        (["--actor", "/nonexistent/actor"], "/nonexistent/actor"),
-        (["--reward-fn", "no_colon_here"], "module:function"),
-        (["--master-weights", "--fsdp"], "--master-weights is for one process"),
-        (["--report-to", "jsonl", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
-    ],
-)
-def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
-    proc = run("--output-dir", str(tmp_path / "o"), *args, check=False)
+BAD_CONFIGURATIONS = [
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], "not divisible"),
+    (["--num-rollout-samples", "12", "--global-batch-size", "8"], "must be a multiple of"),
+    (["--train-prompts", "/nonexistent/prompts.jsonl"], "/nonexistent/prompts.jsonl"),
+    (["--actor", "/nonexistent/actor"], "/nonexistent/actor"),
+    (["--reward-fn", "no_colon_here"], "module:function"),
+    (["--master-weights", "--fsdp"], "--master-weights is for one process"),
+    (["--report-to", "jsonl", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_configuration_runs(tmp_path_factory):
+    """Every case of test_bad_configuration_stops_with_one_line, each its own CLI process, started at
+    once (each is ~7 s of imports on one core): ``{args: (CompletedProcess, output dir)}``."""
+    root = tmp_path_factory.mktemp("ppo_bad")
+    outs = {tuple(args): root / f"case{i}" / "o" for i, (args, _) in enumerate(BAD_CONFIGURATIONS)}
+    procs = run_all(
+        {key: [sys.executable, str(RECIPE), "--output-dir", str(out), *key] for key, out in outs.items()},
+        env=ENV, cwd=ROOT,
+    )  # fmt: skip
+    return {key: (procs[key], outs[key]) for key in outs}
+
+
+@pytest.mark.parametrize("args,message", BAD_CONFIGURATIONS)
+def test_bad_configuration_stops_with_one_line(bad_configuration_runs, args, message):
+    proc, out = bad_configuration_runs[tuple(args)]
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], proc.stderr
-    assert not (tmp_path / "o" / "init").exists()  # nothing was built or loaded
+    assert not (out / "init").exists()  # nothing was built or loaded
 
 
-def test_validation_prompts_are_held_out_of_the_given_training_prompts(tmp_path):
+PROMPTS = [f"Human: tell me about item{i:02d} please\n\nAssistant:" for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def independent_runs(tmp_path_factory):
+    """Three recipe runs that share nothing, started at once, one thread each (CI has 2 cores): 2 steps on
+    given training prompts (``held_out``), a --val-size that leaves no training prompts (``no_training``)
+    and 2 steps on a checkpoint set up like a real one (``real_like``). ``{name: (proc, dir)}``: each
+    test checks its own."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_kit.data.formats import write_prompts
+    from rlhf_kit.data.hh import prepare_default_hh
+    from rlhf_kit.tiny import save_real_like_checkpoint
+
+    root = tmp_path_factory.mktemp("ppo_independent")
+    dirs = {name: root / name for name in ("held_out", "no_training", "real_like")}
+    for d in dirs.values():
+        d.mkdir()
+    write_prompts(dirs["held_out"] / "prompts.jsonl", PROMPTS)
+    few = [f"Human: question {i}\n\nAssistant:" for i in range(5)]
+    write_prompts(dirs["no_training"] / "prompts.jsonl", few)
+    actor = save_real_like_checkpoint(str(dirs["real_like"] / "actor"), pad="none")
+    critic = dirs["real_like"] / "critic"
+    AutoModelForSequenceClassification.from_pretrained(actor, num_labels=1).save_pretrained(critic)
+    data = prepare_default_hh(dirs["real_like"] / "data", messages=True)
+    args = {
+        "held_out": ["--output-dir", str(dirs["held_out"] / "o"), "--train-prompts",
+                     str(dirs["held_out"] / "prompts.jsonl"), "--val-size", "6", "--num-val-samples", "6",
+                     "--max-steps", "2", "--seed", "3", *FAST],
+        "no_training": ["--output-dir", str(dirs["no_training"] / "o"), "--train-prompts",
+                        str(dirs["no_training"] / "prompts.jsonl"), "--val-size", "5"],
+        "real_like": ["--actor", actor, "--critic", str(critic), "--reward-fn",
+                      "tests.recipes.reward_fns:space_fraction", "--train-prompts", data["train_prompts"],
+                      "--val-prompts", data["test_prompts"], "--output-dir", str(dirs["real_like"] / "out"),
+                      "--max-steps", "2", "--val-check-interval", "2", "--num-val-samples", "4", *FAST],
+    }  # fmt: skip
+    procs = run_all(
+        {name: [sys.executable, str(RECIPE), *a] for name, a in args.items()},
+        env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    return {name: (procs[name], dirs[name]) for name in dirs}
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def test_validation_prompts_are_held_out_of_the_given_training_prompts(independent_runs):
     """--train-prompts without --val-prompts: --val-size of them validate (seeded), the rest train, a line
     says so, and no shipped-HH data/ folder appears in the output dir."""
-    from rlhf_kit.data.formats import write_prompts
     from rlhf_kit.ppo import split_prompts
 
-    prompts = [f"Human: tell me about item{i:02d} please\n\nAssistant:" for i in range(24)]
-    path = tmp_path / "prompts.jsonl"
-    write_prompts(path, prompts)
-    out = tmp_path / "o"
-    proc = run("--output-dir", str(out), "--train-prompts", str(path), "--val-size", "6", "--num-val-samples",
-               "6", "--max-steps", "2", "--seed", "3", *FAST)  # fmt: skip
+    proc, d = independent_runs["held_out"]
+    check_ok(proc)
+    path, out = d / "prompts.jsonl", d / "o"
     assert (
         f"held out 6 of the 24 prompts of {path} for validation (seed 3); 18 left for training" in proc.stdout
     )
@@ -221,23 +284,18 @@ def test_validation_prompts_are_held_out_of_the_given_training_prompts(tmp_path)
     closing = proc.stdout[proc.stdout.index("ppo: done") :]  # the closing summary: paths, then numbers
     assert re.search(rf"^  final model +{re.escape(str(out / 'final'))}$", closing, re.M), closing
     assert re.search(r"^  val/reward/score_mean +-?\d+\.\d{4}$", closing, re.M), closing
-    held = [p.split()[4] for p in split_prompts(prompts, 6, seed=3)[1]]  # the itemNN marker of each
+    held = [p.split()[4] for p in split_prompts(PROMPTS, 6, seed=3)[1]]  # the itemNN marker of each
     table = next(r for r in metrics(out) if r.get("table") == "val/samples")  # its first 4 samples
     assert [next(w for w in row[1].split() if w.startswith("item")) for row in table["rows"]] == held[:4]
 
 
-def test_val_size_leaving_no_training_prompts_stops_with_one_line(tmp_path):
-    from rlhf_kit.data.formats import write_prompts
-
-    path = tmp_path / "prompts.jsonl"
-    write_prompts(path, [f"Human: question {i}\n\nAssistant:" for i in range(5)])
-    proc = run(
-        "--output-dir", str(tmp_path / "o"), "--train-prompts", str(path), "--val-size", "5", check=False
-    )
+def test_val_size_leaving_no_training_prompts_stops_with_one_line(independent_runs):
+    proc, d = independent_runs["no_training"]
+    path = d / "prompts.jsonl"
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert f"{path}: --val-size 5 must be >= 1 and leave training prompts (5 in the file)" in err[0]
-    assert not (tmp_path / "o" / "init").exists()  # before any model is built
+    assert not (d / "o" / "init").exists()  # before any model is built
 
 
 def test_evaluate_recipe_on_the_ppo_run(default_run, tmp_path):
@@ -288,29 +346,16 @@ def test_two_processes(tmp_path, extra):
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 
-def test_runs_on_a_checkpoint_set_up_like_a_real_one(tmp_path):
+def test_runs_on_a_checkpoint_set_up_like_a_real_one(independent_runs):
     """SmolLM2-like actor (bf16 on disk, no pad token, EOS != end of turn, config pad id != tokenizer's,
     attention dropout 0.3, sampling settings in generation_config) on chat-message prompts: the recipe
     pads safely, trains in fp32 against an fp32 reference (KL exactly 0 before the first update: no
     dropout, same precision) and stops responses at <|im_end|>."""
-    from transformers import AutoModelForSequenceClassification
-
-    from rlhf_kit.data.hh import prepare_default_hh
-    from rlhf_kit.tiny import save_real_like_checkpoint
-
-    actor = save_real_like_checkpoint(str(tmp_path / "actor"), pad="none")
-    critic = tmp_path / "critic"
-    AutoModelForSequenceClassification.from_pretrained(actor, num_labels=1).save_pretrained(critic)
-    data = prepare_default_hh(tmp_path / "data", messages=True)
-    out = tmp_path / "out"
-    proc = run(
-        "--actor", actor, "--critic", str(critic), "--reward-fn", "tests.recipes.reward_fns:space_fraction",
-        "--train-prompts", data["train_prompts"], "--val-prompts", data["test_prompts"], "--output-dir", str(out),
-        "--max-steps", "2", "--val-check-interval", "2", "--num-val-samples", "4", *FAST,
-    )  # fmt: skip
+    proc, d = independent_runs["real_like"]
+    check_ok(proc)
     assert "no pad token; padding with its EOS" in proc.stdout
     assert "actor float32 (trainable), critic float32 (trainable), reference float32 (frozen)" in proc.stdout
-    rows = metrics(out)
+    rows = metrics(d / "out")
     kl = series(rows, "kl/seq_mean")
     assert len(kl) == 2 and abs(kl[0]) < 1e-5, kl
     assert all(abs(v) < 1e30 for r in rows for v in r.values() if isinstance(v, float))

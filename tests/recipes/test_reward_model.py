@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from rlhf_kit.data import write_comparisons
 from rlhf_kit.training import read_metrics
 from tests.conftest import make_reward_model
+from tests.recipes.procs import run_all
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "recipes" / "reward_model.py")
@@ -22,14 +23,23 @@ WORDS = ["the", "dog", "water", "red", "blue", "happy", "apple", "okay", "no", "
 MARKERS = ["thanks", "banana", "purple", "seven", "yellow", "hello", "apple maybe"]
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run(*args: str, check: bool = True, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    env = dict(ENV)
     if launcher:  # accelerate forms a 2-process CPU group (MULTI_CPU) under torchrun with this set
         env["ACCELERATE_USE_CPU"] = "1"
     cmd = (launcher or [sys.executable]) + [SCRIPT, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
@@ -286,23 +296,35 @@ def test_two_processes_match_one(setup, uninterrupted):
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (
-            ["--global-batch-size", "10", "--micro-batch-size", "4", "--micro-batch-tokens", "0"],
-            "global batch 10 is not divisible by micro batch 4 x world size 1 = 4",
-        ),
-        (["--train-data", "/nonexistent/train.jsonl"], "training data not found: /nonexistent/train.jsonl"),
-        (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
-        (["--liger-kernel"], "--liger-kernel needs liger-kernel (and Triton): pip install 'rlhf-kit[liger]'"),
-        (["--micro-batch-tokens", "-1"], "--micro-batch-tokens must be >= 0"),
-        (["--report-to", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
-    ],
-)
-def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
-    out = tmp_path / "out"
-    proc = run("--output-dir", str(out), *args, check=False)
+BAD_CONFIGURATIONS = [
+    (
+        ["--global-batch-size", "10", "--micro-batch-size", "4", "--micro-batch-tokens", "0"],
+        "global batch 10 is not divisible by micro batch 4 x world size 1 = 4",
+    ),
+    (["--train-data", "/nonexistent/train.jsonl"], "training data not found: /nonexistent/train.jsonl"),
+    (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
+    (["--liger-kernel"], "--liger-kernel needs liger-kernel (and Triton): pip install 'rlhf-kit[liger]'"),
+    (["--micro-batch-tokens", "-1"], "--micro-batch-tokens must be >= 0"),
+    (["--report-to", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_configuration_runs(tmp_path_factory):
+    """Every case of test_bad_configuration_stops_with_one_line, each its own CLI process, started at
+    once (each is ~7 s of imports on one core): ``{args: (CompletedProcess, output dir)}``."""
+    root = tmp_path_factory.mktemp("rm_bad")
+    outs = {tuple(args): root / f"case{i}" / "out" for i, (args, _) in enumerate(BAD_CONFIGURATIONS)}
+    procs = run_all(
+        {key: [sys.executable, SCRIPT, "--output-dir", str(out), *key] for key, out in outs.items()},
+        env=ENV, cwd=ROOT,
+    )  # fmt: skip
+    return {key: (procs[key], outs[key]) for key in outs}
+
+
+@pytest.mark.parametrize("args, message", BAD_CONFIGURATIONS)
+def test_bad_configuration_stops_with_one_line(bad_configuration_runs, args, message):
+    proc, out = bad_configuration_runs[tuple(args)]
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"reward_model.py: error: {message}"), proc.stderr
@@ -318,14 +340,25 @@ def test_existing_run_needs_resume(setup, uninterrupted):
 
 def test_master_weights_resume_exactly_and_save_bf16(setup):
     """--master-weights: bf16 weights, fp32 masters in the optimizer state; a stop at step 3 and a resume
-    end with the uninterrupted run's weights and losses (the masters travel in the checkpoint)."""
+    end with the uninterrupted run's weights and losses (the masters travel in the checkpoint). The
+    uninterrupted run and the run stopped at step 3 are independent: they run at once, one thread each
+    (CI has 2 cores), and so does the resume (the same thread count on both sides of the comparison)."""
     root, common, _ = setup
-    args = [*common, "--max-steps", "6", "--micro-batch-size", "4", "--global-batch-size", "4",
+    args = [SCRIPT, *common, "--max-steps", "6", "--micro-batch-size", "4", "--global-batch-size", "4",
             "--val-check-interval", "3", "--save-interval", "3", "--master-weights"]  # fmt: skip
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
     full, resumed = root / "master_full", root / "master_resumed"
-    run(*args, "--output-dir", str(full))
-    run(*args, "--output-dir", str(resumed), "--stop-at-step", "3")
-    run(*args, "--output-dir", str(resumed), "--resume")
+    first = run_all(
+        {
+            "full": [sys.executable, *args, "--output-dir", str(full)],
+            "stop": [sys.executable, *args, "--output-dir", str(resumed), "--stop-at-step", "3"],
+        },
+        env=env, cwd=ROOT,
+    )  # fmt: skip
+    check_ok(first["full"]), check_ok(first["stop"])
+    assert "stopped at step 3" in first["stop"].stdout and not (resumed / "final").exists()
+    check_ok(run_all({"resume": [sys.executable, *args, "--output-dir", str(resumed), "--resume"]},
+                     env=env, cwd=ROOT)["resume"])  # fmt: skip
     assert train_losses(resumed) == train_losses(full) and len(train_losses(full)) == 6
     a, b = final_weights(full), final_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_kit.errors import ConfigError
-from tests.recipes.test_ppo import FAST, metrics, run, series
+from tests.recipes.procs import run_all
+from tests.recipes.test_ppo import ENV, FAST, RECIPE, metrics, series
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,10 +25,28 @@ def all_finite(directory: Path) -> bool:
     return all(torch.isfinite(t).all() for f in files for t in load_file(str(f)).values())
 
 
-def test_ppo_one_nan_reward_is_dropped_and_never_applied(tmp_path):
-    out = tmp_path / "nan"
-    run("--output-dir", str(out), *FAST, "--reward-fn", "tests.recipes.reward_fns:nan_once",
-        "--max-steps", "2", "--save-interval", "1")  # fmt: skip
+@pytest.fixture(scope="module")
+def nonfinite_runs(tmp_path_factory):
+    """The two PPO runs below (a NaN reward once; huge rewards) are independent: they run at once, one
+    thread each (CI has 2 cores). ``{name: (CompletedProcess, output dir)}``."""
+    root = tmp_path_factory.mktemp("nonfinite")
+    outs = {"nan": root / "nan", "huge": root / "huge"}
+    args = {
+        "nan": [*FAST, "--reward-fn", "tests.recipes.reward_fns:nan_once", "--max-steps", "2",
+                "--save-interval", "1"],
+        "huge": [*FAST, "--reward-fn", "tests.recipes.reward_fns:huge", "--max-steps", "4",
+                 "--save-interval", "1", "--max-bad-steps", "1"],
+    }  # fmt: skip
+    procs = run_all(
+        {k: [sys.executable, str(RECIPE), "--output-dir", str(outs[k]), *a] for k, a in args.items()},
+        env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    return {k: (procs[k], outs[k]) for k in outs}
+
+
+def test_ppo_one_nan_reward_is_dropped_and_never_applied(nonfinite_runs):
+    proc, out = nonfinite_runs["nan"]
+    assert proc.returncode == 0, f"recipe failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     rows = metrics(out)
     assert series(rows, "nonfinite/dropped_samples") == [1.0, 0.0]
     assert series(rows, "nonfinite/skipped_updates") == [0.0, 0.0]
@@ -38,10 +56,8 @@ def test_ppo_one_nan_reward_is_dropped_and_never_applied(tmp_path):
         assert all_finite(out / d), d
 
 
-def test_ppo_huge_rewards_stop_at_the_limit_naming_step_and_quantity(tmp_path):
-    out = tmp_path / "huge"
-    proc = run("--output-dir", str(out), *FAST, "--reward-fn", "tests.recipes.reward_fns:huge",
-               "--max-steps", "4", "--save-interval", "1", "--max-bad-steps", "1", check=False)  # fmt: skip
+def test_ppo_huge_rewards_stop_at_the_limit_naming_step_and_quantity(nonfinite_runs):
+    proc, out = nonfinite_runs["huge"]
     last = proc.stderr.replace("\r", "\n").strip().splitlines()[-1]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert last.startswith("ppo.py: error: step 2: non-finite 2 x grad_norm (TokenValueModel)=inf"), last
@@ -107,14 +123,18 @@ def test_ppo_refuses_a_used_output_dir_and_changed_settings_on_resume(tmp_path):
 
 
 def test_cli_number_errors_are_one_line(tmp_path):
-    """The reward-model CLI: --lr nan / inf stop with one line before any model is built."""
+    """The reward-model CLI: --lr nan / inf stop with one line before any model is built (the two
+    processes run at once: each is ~7 s of imports on one core)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for value in ("nan", "inf"):
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "recipes" / "reward_model.py"), "--output-dir", str(tmp_path / "o"),
-             "--lr", value], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+    values = ("nan", "inf")
+    procs = run_all(
+        {value: [sys.executable, str(ROOT / "recipes" / "reward_model.py"), "--output-dir",
+                 str(tmp_path / value / "o"), "--lr", value] for value in values},
+        env=env, cwd=ROOT,
+    )  # fmt: skip
+    for value in values:
+        proc = procs[value]
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0] == f"reward_model.py: error: --lr must be a finite number, got {value}"
-    assert not (tmp_path / "o" / "tiny_reward").exists()
+        assert not (tmp_path / value / "o" / "tiny_reward").exists()

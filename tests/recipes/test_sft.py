@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf_kit.data import write_comparisons, write_jsonl
 from rlhf_kit.training import read_metrics
 from tests.conftest import make_causal_lm
+from tests.recipes.procs import run_all
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "recipes" / "sft.py")
@@ -22,10 +23,12 @@ WORDS = ["the", "dog", "water", "red", "blue", "happy", "apple", "no", "maybe", 
 ANSWER = " okay thanks"
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, SCRIPT, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"sft.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -206,26 +209,39 @@ def test_token_weighted_accumulation_and_packing_match(setup, uninterrupted, var
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (
-            ["--global-batch-size", "6", "--micro-batch-size", "4", "--micro-batch-tokens", "0"],
-            "global batch 6 is not divisible by micro batch 4 x world size 1 = 4",
-        ),
-        (["--val-data", "/nonexistent/val.jsonl"], "validation data not found: /nonexistent/val.jsonl"),
-        (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
-        (["--report-to", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
-        (["--micro-batch-tokens", "-1"], "--micro-batch-tokens must be >= 0"),
-    ],
-)
-def test_bad_configuration_stops_with_one_line(tmp_path, args, message):
-    proc = run("--output-dir", str(tmp_path / "out"), *args, check=False)
+BAD_CONFIGURATIONS = [
+    (
+        ["--global-batch-size", "6", "--micro-batch-size", "4", "--micro-batch-tokens", "0"],
+        "global batch 6 is not divisible by micro batch 4 x world size 1 = 4",
+    ),
+    (["--val-data", "/nonexistent/val.jsonl"], "validation data not found: /nonexistent/val.jsonl"),
+    (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
+    (["--report-to", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
+    (["--micro-batch-tokens", "-1"], "--micro-batch-tokens must be >= 0"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_configuration_runs(tmp_path_factory):
+    """Every case of test_bad_configuration_stops_with_one_line, each its own CLI process, started at
+    once (each is ~7 s of imports on one core): ``{args: (CompletedProcess, output dir)}``."""
+    root = tmp_path_factory.mktemp("sft_bad")
+    outs = {tuple(args): root / f"case{i}" / "out" for i, (args, _) in enumerate(BAD_CONFIGURATIONS)}
+    procs = run_all(
+        {key: [sys.executable, SCRIPT, "--output-dir", str(out), *key] for key, out in outs.items()},
+        env=ENV, cwd=ROOT,
+    )  # fmt: skip
+    return {key: (procs[key], outs[key]) for key in outs}
+
+
+@pytest.mark.parametrize("args, message", BAD_CONFIGURATIONS)
+def test_bad_configuration_stops_with_one_line(bad_configuration_runs, args, message):
+    proc, out = bad_configuration_runs[tuple(args)]
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"sft.py: error: {message}"), (
         proc.stderr
     )
-    assert not (tmp_path / "out" / "tiny_causal_lm").exists()
+    assert not (out / "tiny_causal_lm").exists()
 
 
 def test_bad_record_names_file_and_line(setup, tmp_path):
@@ -248,11 +264,29 @@ def test_bad_record_names_file_and_line(setup, tmp_path):
 
 
 def test_master_weights_resume_exactly_and_track_the_fp32_run(setup, uninterrupted):
-    """--master-weights: bf16 weights saved, exact resume, and losses close to the fp32 run's."""
-    args = ["--micro-batch-size", "4", "--save-interval", "3", "--master-weights"]
-    full = equivalent_run(setup, "master_full", *args)
-    out = equivalent_run(setup, "master_resumed", *args, "--stop-at-step", "3")
-    equivalent_run(setup, "master_resumed", *args, "--resume")
+    """--master-weights: bf16 weights saved, exact resume, and losses close to the fp32 run's. The full
+    run and the run stopped at step 3 are independent: they run at once, one thread each (CI has 2
+    cores), and so does the resume (the same thread count on both sides of the exact comparison)."""
+    root, common = setup
+    args = [SCRIPT, *common, "--train-data", str(root / "pairs.jsonl"), "--max-steps", "6",
+            "--global-batch-size", "4", "--val-check-interval", "3", "--micro-batch-size", "4",
+            "--save-interval", "3", "--master-weights"]  # fmt: skip
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    full, out = root / "master_full", root / "master_resumed"
+    first = run_all(
+        {
+            "full": [sys.executable, *args, "--output-dir", str(full)],
+            "stop": [sys.executable, *args, "--output-dir", str(out), "--stop-at-step", "3"],
+        },
+        env=env, cwd=ROOT,
+    )  # fmt: skip
+    for proc in first.values():
+        assert proc.returncode == 0, f"sft.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert not (out / "final").exists()
+    resume = run_all(
+        {"resume": [sys.executable, *args, "--output-dir", str(out), "--resume"]}, env=env, cwd=ROOT
+    )
+    assert resume["resume"].returncode == 0, resume["resume"].stderr[-4000:]
     assert losses(out) == losses(full)
     a, b = weights(out), weights(full)
     assert all(torch.equal(a[k], b[k]) for k in a) and {v.dtype for v in a.values()} == {torch.bfloat16}
