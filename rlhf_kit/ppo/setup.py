@@ -121,8 +121,8 @@ def make_backend(
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
         infer = AutoModelForCausalLM.from_pretrained(actor_path, dtype=dtype).to(accelerator.device)
         # One bucket: validation's smaller batches are padded up and replay the rollouts' graph. Decoding
-        # is bandwidth-bound, so the padding costs little; a second bucket cost ~10 s of compilation and
-        # capture on an H200 (docs/benchmarks.md, warm start).
+        # is bandwidth-bound, so the padding costs little; a second bucket cost 10 s (warm cache) to 31 s
+        # (cold) of compilation and capture on an H200 (docs/benchmarks.md, warm start).
         backend = CompiledBackend(
             infer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, tokenizer=tokenizer,
             batch_buckets=(max_batch_size,),
