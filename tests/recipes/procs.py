@@ -9,7 +9,9 @@ its own result.
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 
 
 def run_all(
@@ -35,3 +37,26 @@ def run_all(
                 proc.kill()
                 proc.wait(timeout=30)
     return results
+
+
+def run_bad_configurations(
+    script, cases, root: Path, *, env: dict, cwd, timeout: float = 300
+) -> dict[tuple, tuple[subprocess.CompletedProcess, Path]]:
+    """Run ``script --output-dir <root>/case<i>/out <args>`` for every ``(args, message)`` of ``cases``
+    at once (:func:`run_all`): ``{tuple(args): (CompletedProcess, output dir)}``, for the recipes'
+    one-line configuration-error tests (each command is ~7 s of imports on one core)."""
+    outs = {tuple(args): Path(root) / f"case{i}" / "out" for i, (args, _) in enumerate(cases)}
+    procs = run_all(
+        {key: [sys.executable, str(script), "--output-dir", str(out), *key] for key, out in outs.items()},
+        env=env, cwd=cwd, timeout=timeout,
+    )  # fmt: skip
+    return {key: (procs[key], outs[key]) for key in outs}
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``proc`` if it exited 0, else an ``AssertionError`` with its command and the end of its stderr."""
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, proc.args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return proc

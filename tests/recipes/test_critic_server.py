@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf_kit.serving import RemoteCritic
 from rlhf_kit.tiny import save_tiny_pretrained
-from tests.recipes.procs import run_all
+from tests.recipes.procs import run_bad_configurations
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {
@@ -164,14 +164,14 @@ BAD_CONFIGURATIONS = [
 def bad_configuration_runs(tmp_path_factory):
     """Every case of test_bad_server_configuration_stops_with_one_line, each its own CLI process, started
     at once (each is ~7 s of imports on one core): ``{args: (CompletedProcess, output dir)}``."""
-    root = tmp_path_factory.mktemp("server_bad")
-    outs = {tuple(args): root / f"case{i}" / "s" for i, (args, _) in enumerate(BAD_CONFIGURATIONS)}
-    procs = run_all(
-        {key: [sys.executable, str(ROOT / "recipes" / "critic_server.py"), "--output-dir", str(out), *key]
-         for key, out in outs.items()},
-        env=ENV, cwd=ROOT, timeout=120,
-    )  # fmt: skip
-    return {key: (procs[key], outs[key]) for key in outs}
+    return run_bad_configurations(
+        ROOT / "recipes" / "critic_server.py",
+        BAD_CONFIGURATIONS,
+        tmp_path_factory.mktemp("server_bad"),
+        env=ENV,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("args,message", BAD_CONFIGURATIONS)

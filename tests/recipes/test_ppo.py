@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tests.recipes.procs import run_all
+from tests.recipes.procs import run_all, run_bad_configurations
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "ppo.py"
@@ -199,13 +199,9 @@ BAD_CONFIGURATIONS = [
 def bad_configuration_runs(tmp_path_factory):
     """Every case of test_bad_configuration_stops_with_one_line, each its own CLI process, started at
     once (each is ~7 s of imports on one core): ``{args: (CompletedProcess, output dir)}``."""
-    root = tmp_path_factory.mktemp("ppo_bad")
-    outs = {tuple(args): root / f"case{i}" / "o" for i, (args, _) in enumerate(BAD_CONFIGURATIONS)}
-    procs = run_all(
-        {key: [sys.executable, str(RECIPE), "--output-dir", str(out), *key] for key, out in outs.items()},
-        env=ENV, cwd=ROOT,
-    )  # fmt: skip
-    return {key: (procs[key], outs[key]) for key in outs}
+    return run_bad_configurations(
+        RECIPE, BAD_CONFIGURATIONS, tmp_path_factory.mktemp("ppo_bad"), env=ENV, cwd=ROOT
+    )
 
 
 @pytest.mark.parametrize("args,message", BAD_CONFIGURATIONS)

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from rlhf_kit.data import write_comparisons
 from rlhf_kit.training import read_metrics
 from tests.conftest import make_reward_model
-from tests.recipes.procs import run_all
+from tests.recipes.procs import check_ok, run_all, run_bad_configurations
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "recipes" / "reward_model.py")
@@ -34,12 +34,6 @@ def run(*args: str, check: bool = True, launcher: list[str] | None = None) -> su
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
@@ -313,13 +307,9 @@ BAD_CONFIGURATIONS = [
 def bad_configuration_runs(tmp_path_factory):
     """Every case of test_bad_configuration_stops_with_one_line, each its own CLI process, started at
     once (each is ~7 s of imports on one core): ``{args: (CompletedProcess, output dir)}``."""
-    root = tmp_path_factory.mktemp("rm_bad")
-    outs = {tuple(args): root / f"case{i}" / "out" for i, (args, _) in enumerate(BAD_CONFIGURATIONS)}
-    procs = run_all(
-        {key: [sys.executable, SCRIPT, "--output-dir", str(out), *key] for key, out in outs.items()},
-        env=ENV, cwd=ROOT,
-    )  # fmt: skip
-    return {key: (procs[key], outs[key]) for key in outs}
+    return run_bad_configurations(
+        SCRIPT, BAD_CONFIGURATIONS, tmp_path_factory.mktemp("rm_bad"), env=ENV, cwd=ROOT
+    )
 
 
 @pytest.mark.parametrize("args, message", BAD_CONFIGURATIONS)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf_kit.data import write_comparisons, write_jsonl
 from rlhf_kit.training import read_metrics
 from tests.conftest import make_causal_lm
-from tests.recipes.procs import run_all
+from tests.recipes.procs import check_ok, run_all, run_bad_configurations
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "recipes" / "sft.py")
@@ -225,13 +225,9 @@ BAD_CONFIGURATIONS = [
 def bad_configuration_runs(tmp_path_factory):
     """Every case of test_bad_configuration_stops_with_one_line, each its own CLI process, started at
     once (each is ~7 s of imports on one core): ``{args: (CompletedProcess, output dir)}``."""
-    root = tmp_path_factory.mktemp("sft_bad")
-    outs = {tuple(args): root / f"case{i}" / "out" for i, (args, _) in enumerate(BAD_CONFIGURATIONS)}
-    procs = run_all(
-        {key: [sys.executable, SCRIPT, "--output-dir", str(out), *key] for key, out in outs.items()},
-        env=ENV, cwd=ROOT,
-    )  # fmt: skip
-    return {key: (procs[key], outs[key]) for key in outs}
+    return run_bad_configurations(
+        SCRIPT, BAD_CONFIGURATIONS, tmp_path_factory.mktemp("sft_bad"), env=ENV, cwd=ROOT
+    )
 
 
 @pytest.mark.parametrize("args, message", BAD_CONFIGURATIONS)
@@ -281,12 +277,12 @@ def test_master_weights_resume_exactly_and_track_the_fp32_run(setup, uninterrupt
         env=env, cwd=ROOT,
     )  # fmt: skip
     for proc in first.values():
-        assert proc.returncode == 0, f"sft.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        check_ok(proc)
     assert not (out / "final").exists()
     resume = run_all(
         {"resume": [sys.executable, *args, "--output-dir", str(out), "--resume"]}, env=env, cwd=ROOT
     )
-    assert resume["resume"].returncode == 0, resume["resume"].stderr[-4000:]
+    check_ok(resume["resume"])
     assert losses(out) == losses(full)
     a, b = weights(out), weights(full)
     assert all(torch.equal(a[k], b[k]) for k in a) and {v.dtype for v in a.values()} == {torch.bfloat16}
