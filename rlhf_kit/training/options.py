@@ -126,7 +126,7 @@ def settle_speed_defaults(opts: SupervisedOptions, *, embedded: bool, world_size
     * ``mixed_precision="auto"`` with one process on a bf16 GPU, all weights trained (``lora_r == 0``) and
       no launcher precision other than bf16 becomes ``master_weights=True, mixed_precision="no"``: bf16
       weights, fp32 masters, no autocast casts. LoRA is left to autocast (its frozen base stays fp32);
-      several processes keep FSDP2's mixed-precision policy.
+      several processes, or an FSDP launch, keep FSDP2's mixed-precision policy.
     * explicit ``master_weights`` under ``"auto"`` also turns autocast off (the weights are bf16 already).
 
     Returns a one-line note for the log when ``auto`` chose master weights, else ``None``. Runs before
@@ -152,8 +152,6 @@ def settle_ppo_master_weights(
     Autocast stays on: the frozen reference and reward model keep fp32 weights. Returns a log note."""
     if opts.master_weights or mixed_precision != "auto" or fsdp:
         return None
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return None  # accelerate/fsdp.yaml: FSDP2's policy keeps the masters
     if not auto_master_weights(world_size, opts.lora_r):
         return None
     opts.master_weights = True
@@ -162,9 +160,11 @@ def settle_ppo_master_weights(
 
 def auto_master_weights(world_size: int, lora_r: int) -> bool:
     """Whether ``--mixed-precision auto`` means bf16 weights with fp32 masters: one process on a GPU that
-    has bf16, all weights trained, and no ``accelerate launch`` precision other than bf16."""
+    has bf16, all weights trained, no FSDP launch and no ``accelerate launch`` precision other than bf16."""
     if world_size != 1 or lora_r != 0:
         return False
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return False  # accelerate/fsdp.yaml: FSDP2's policy keeps the masters (it replaces the parameters)
     if os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16") != "bf16":
         return False  # the launcher's config asked for fp32 or fp16
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

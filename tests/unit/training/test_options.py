@@ -46,6 +46,13 @@ def test_auto_leaves_master_weights_off_where_they_do_not_apply(bf16_gpu, change
     assert opts.mixed_precision == before
 
 
+def test_an_fsdp_launch_keeps_its_own_mixed_precision_policy(bf16_gpu, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate/fsdp.yaml, even with one process
+    opts = SupervisedOptions()
+    assert settle_speed_defaults(opts, embedded=False, world_size=1) is None
+    assert (opts.master_weights, opts.mixed_precision) == (False, "auto")
+
+
 def test_a_launcher_precision_other_than_bf16_is_respected(bf16_gpu, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     opts = SupervisedOptions()
