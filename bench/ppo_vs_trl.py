@@ -118,8 +118,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     )
     from rlhf_kit.rollout import RolloutBuffer
     from rlhf_kit.training.offload import offload_model, offloaded
-    from rlhf_kit.training.optim import build_optimizer
-    from rlhf_kit.training.precision import build_master_weight_optimizer
+    from rlhf_kit.training.precision import make_optimizer
 
     device = _device(args)
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)  # as the recipes' make_accelerator does
@@ -152,20 +151,21 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     if args.compile_blocks:  # regional torch.compile of every transformer block of the four models
         for m in (actor, ref, critic, rm):
             compile_blocks(m)
-    master = bool(args.master_weights) and not fsdp_bf16
-    if master:  # bf16 weights in the models, fp32 master weights in AdamW (rlhf_kit.training.precision)
-        actor_opt = build_master_weight_optimizer(actor, args.lr, 0.0)
-        critic_opt = build_master_weight_optimizer(critic, args.lr, 0.0)
-    else:
-        actor_opt = build_optimizer(actor, args.lr, 0.0)
-        critic_opt = build_optimizer(critic, args.lr, 0.0)
+    lowbit = args.optimizer == "adamw8bit" and not fsdp_bf16  # bf16 weights, 8-bit moments (torchao)
+    master = bool(args.master_weights) and not fsdp_bf16 and not lowbit
+    # master: bf16 weights in the models, fp32 master weights in AdamW (rlhf_kit.training.precision)
+    kind = "adamw8bit" if lowbit else "adamw"
+    actor_opt = make_optimizer(actor, args.lr, 0.0, kind=kind, master_weights=master)
+    critic_opt = make_optimizer(critic, args.lr, 0.0, kind=kind, master_weights=master)
     exp_cfg = ExperienceConfig(temperature=1.0, micro_batch_size=args.score_micro or sh["batch"])
     upd_cfg = UpdateConfig(mini_batch_size=sh["batch"], micro_batch_size=sh["micro"], ppo_epochs=1)
     params = SamplingParams(max_new_tokens=sh["new_tokens"], temperature=1.0, ignore_eos=True)
     stream = PromptStream(prompts, seed=0)
     collate = PromptCollator(tok.pad_token_id)
     policy_loss, value_loss = PPOPolicyLoss(0.2), ValueLoss(0.2)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not (fsdp_bf16 or master))
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=bf16 and not (fsdp_bf16 or master or lowbit)
+    )
     idle = [ref, rm] if args.offload_idle else []  # as recipes/ppo.py --offload-idle-models
     for m in idle:
         offload_model(m)
@@ -220,6 +220,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["offload_idle"] = bool(args.offload_idle)
     res["fsdp_bf16"] = fsdp_bf16
     res["master_weights"] = master
+    res["optimizer"] = kind
     res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
     res["keep_cache"] = bool(args.keep_cache)
@@ -419,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ours: bf16 model weights, fp32 masters in AdamW, no autocast",
     )
     ap.add_argument(
+        "--optimizer",
+        choices=["adamw", "adamw8bit"],
+        default="adamw",
+        help="ours: adamw8bit is torchao's 8-bit AdamW over bf16 weights (overrides --master-weights)",
+    )
+    ap.add_argument(
         "--keep-cache", action="store_true", help="ours: keep KV cache and CUDA graphs between steps"
     )
     ap.add_argument(
@@ -483,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--compile-blocks", args.compile_blocks),
         ("--cudnn-attention", args.cudnn_attention),
     )
-    passthrough += [f for f, on in flags if on]
+    passthrough += [f for f, on in flags if on] + ["--optimizer", args.optimizer]
     for config in args.configs:
         entry: dict[str, Any] = {"config": config}
         for system in args.systems:

@@ -4,6 +4,7 @@
 #   bash bench/vs_trl_gpu.sh b    # PPO config B (ours with and without --offload-idle), RM at lower budgets
 #   bash bench/vs_trl_gpu.sh c|d  # PPO config A | B with --compile-blocks / --master-weights (session 3)
 #   bash bench/vs_trl_gpu.sh e    # RM: ours with gradient checkpointing / master weights / compiled blocks (session 3)
+#   bash bench/vs_trl_gpu.sh f    # PPO config B: TRL, ours --optimizer adamw8bit, ours with master weights (session 11)
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -32,6 +33,13 @@ if [ "$phase" = d ]; then  # session 3, config B: TRL and ours --keep-cache --co
   B="python3 bench/ppo_vs_trl.py --configs B --keep-cache --compile-blocks --master-weights --timeout 240"
   $B --systems trl ours --trl-site /tmp/site112 --work $WORK/b --out "$OUT/b" 2>&1 | tee "$OUT/ppo_log.txt"
   $B --systems ours --offload-idle --work $WORK/bo --out "$OUT/b_offload" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  cat "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = f ]; then  # session 11, config B memory: 8-bit AdamW over bf16 weights (torchao, in .whl/)
+  python3 bench/lowbit_check.py --out "$OUT/lowbit_check.json" 2>&1 | tail -1 | tee "$OUT/lowbit_log.txt"
+  B="python3 bench/ppo_vs_trl.py --configs B --keep-cache --compile-blocks --timeout 240"
+  $B --systems trl ours --optimizer adamw8bit --trl-site /tmp/site112 --work $WORK/b8 --out "$OUT/b_8bit" 2>&1 | tee "$OUT/ppo_log.txt"
+  $B --systems ours --master-weights --work $WORK/bm --out "$OUT/b_master" 2>&1 | tee -a "$OUT/ppo_log.txt"
   cat "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile

@@ -64,7 +64,7 @@ from rlhf_kit.training.guard import NonFiniteGuard
 from rlhf_kit.training.hf import LoraSettings, make_accelerator
 from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
 from rlhf_kit.training.model_card import write_model_card
-from rlhf_kit.training.options import TrainingOptions, settle_ppo_master_weights
+from rlhf_kit.training.options import TrainingOptions, check_optimizer_choice, settle_ppo_master_weights
 from rlhf_kit.training.placement import OptimSettings
 from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import start_run
@@ -239,6 +239,7 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
         raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.max_new_tokens < cfg.min_new_tokens:
         raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} < --min-new-tokens {cfg.min_new_tokens}")
+    check_optimizer_choice(cfg, world_size=world_size, fsdp=cfg.fsdp)  # before auto's master weights
     note = settle_ppo_master_weights(cfg, cfg.mixed_precision, world_size=world_size, fsdp=cfg.fsdp)
     if note:  # only ever with one process
         print(note)
@@ -286,7 +287,8 @@ def main(cfg: PPOConfig) -> dict:
     models, placed = place_ppo_models(
         acc, models, OptimSettings(cfg.actor_lr, cfg.actor_min_lr, cfg.weight_decay),
         OptimSettings(cfg.critic_lr, cfg.critic_min_lr, cfg.weight_decay), warmup_steps=cfg.warmup_steps,
-        total_steps=total, fsdp=cfg.fsdp, master_weights=cfg.master_weights, compile_blocks=cfg.compile_blocks,
+        total_steps=total, fsdp=cfg.fsdp, master_weights=cfg.master_weights, optimizer=cfg.optimizer,
+        compile_blocks=cfg.compile_blocks,
     )  # fmt: skip
     actor, critic, opts, scheds = models.actor, models.critic, placed.optimizers, placed.schedulers
 
@@ -350,9 +352,8 @@ def main(cfg: PPOConfig) -> dict:
                 train_stats |= critic_update.result()
         step_schedules(scheds, updates, train_actor=update_cfg.train_actor)
         profiler.end()
-        kl_seq = exp_stats.get(
-            "kl/seq_mean", train_stats.get("kl/seq_mean")
-        )  # the update's, when it skips scoring's
+        # the KL that scoring measured, else the update's (when it skips scoring's)
+        kl_seq = exp_stats.get("kl/seq_mean", train_stats.get("kl/seq_mean"))
         kl_ctl.update(kl_seq, cfg.num_rollout_samples)
         step += 1
         sync_weights()

@@ -33,11 +33,11 @@ from rlhf_kit.data.formats import sft_item_from_record
 from rlhf_kit.models.loading import quiet_weight_progress_bars
 from rlhf_kit.training import (
     MetricsLogger,
-    build_optimizer,
     check_model_path,
     check_path_exists,
     cosine_schedule,
     load_checkpoint,
+    make_optimizer,
     progress,
     resolve_batch_sizes,
     save_checkpoint,
@@ -55,8 +55,7 @@ from rlhf_kit.training.hf import (
 )
 from rlhf_kit.training.metrics import Averager, check_report_to
 from rlhf_kit.training.model_card import write_model_card
-from rlhf_kit.training.options import SupervisedOptions, settle_speed_defaults
-from rlhf_kit.training.precision import build_master_weight_optimizer
+from rlhf_kit.training.options import SupervisedOptions, check_optimizer_choice, settle_speed_defaults
 from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import (
     CHECKPOINTS,
@@ -142,6 +141,7 @@ def check_config(cfg: Config) -> int:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.master_weights and env_world_size() > 1:
         raise ValueError("--master-weights is for one process (FSDP2 keeps fp32 masters with several)")
+    check_optimizer_choice(cfg, world_size=env_world_size())  # before auto settles the master weights
     check_non_negative(micro_batch_tokens=cfg.micro_batch_tokens)
     if cfg.micro_batch_tokens != 0:  # a token budget cuts each rank's share; only whole examples per rank
         return resolve_batch_sizes(cfg.global_batch_size, 1, env_world_size())
@@ -217,14 +217,10 @@ def main(cfg: Config) -> None:
 
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model = load_for_training(cfg.model, "causal_lm", lora, cfg.gradient_checkpointing)
-    if cfg.master_weights:  # masters are made beside the weights: on the device first
-        optimizer = build_master_weight_optimizer(
-            model.to(accelerator.device), lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2)
-        )
-    else:
-        optimizer = build_optimizer(  # fused AdamW on CUDA: the model moves there in prepare
-            model, lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), device=accelerator.device
-        )
+    optimizer = make_optimizer(  # AdamW (fused on CUDA), with fp32 masters, or 8-bit (--optimizer adamw8bit)
+        model, lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), kind=cfg.optimizer,
+        master_weights=cfg.master_weights, device=accelerator.device,
+    )  # fmt: skip
     scheduler = cosine_schedule(optimizer, min(cfg.warmup_steps, total), total, lr * cfg.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes

@@ -69,9 +69,11 @@ def place_ppo_models(
         trainable["critic"] = (models.critic, critic_optim)
     placed = place_models(accelerator, trainable, [models.reference, models.reward_model], **place_kwargs)
     out = dataclasses.replace(models, actor=placed.models["actor"], critic=placed.models.get("critic"))
-    if place_kwargs.get("master_weights"):  # the load line showed fp32: the trained models are bf16 now
+    lowbit = place_kwargs.get("optimizer") == "adamw8bit"
+    if place_kwargs.get("master_weights") or lowbit:  # the load line showed fp32: trained models are bf16 now
         accelerator.print(
-            describe_dtypes(out).replace("models:", "models after placement:", 1) + "; fp32 masters"
+            describe_dtypes(out).replace("models:", "models after placement:", 1)
+            + ("; 8-bit AdamW moments" if lowbit else "; fp32 masters")
         )
     return out, placed
 

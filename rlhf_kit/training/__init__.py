@@ -24,6 +24,7 @@ from rlhf_kit.training.offload import (
     onload_optimizer_state,
 )
 from rlhf_kit.training.optim import build_optimizer, clip_grad_norm, cosine_schedule
+from rlhf_kit.training.precision import make_optimizer
 from rlhf_kit.training.validate import check_model_path, check_path_exists
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "apply_fsdp2",
     "barrier",
     "build_optimizer",
+    "make_optimizer",
     "check_model_path",
     "check_path_exists",
     "clip_grad_norm",

@@ -19,6 +19,8 @@ from rlhf_kit.training.fsdp import is_sharded
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu":
         return t
+    if type(t) is not torch.Tensor:  # a subclass (torchao's 8-bit AdamW state): copying into a plain
+        return t.to("cpu")  # tensor would de-quantise it; ``.to`` keeps the codes (unpinned)
     host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
     host.copy_(t, non_blocking=False)
     return host

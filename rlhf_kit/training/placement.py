@@ -9,7 +9,8 @@ One call that the PPO recipe (and a user's own loop) makes after loading its mod
 * otherwise the trainable models go to the device first (fused AdamW on GPU) and through
   ``accelerator.prepare`` (DDP when several processes run);
 * per trainable model an AdamW (no decay on biases/norms; with ``master_weights`` bf16 weights and fp32
-  masters, :mod:`rlhf_kit.training.precision`) and a warm-up + cosine schedule.
+  masters, :mod:`rlhf_kit.training.precision`; or 8-bit over bf16 weights, :mod:`rlhf_kit.training.lowbit`)
+  and a warm-up + cosine schedule.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlhf_kit.training.optim import build_optimizer, clip_grad_norm, cosine_schedule
-from rlhf_kit.training.precision import build_master_weight_optimizer
+from rlhf_kit.training.optim import clip_grad_norm, cosine_schedule
+from rlhf_kit.training.precision import make_optimizer
 
 
 @dataclass
@@ -58,13 +59,15 @@ def place_models(
     total_steps: int,
     fsdp: bool = False,
     master_weights: bool = False,
+    optimizer: str = "adamw",
     compile_blocks: bool = False,
     compile_kwargs: dict | None = None,
 ) -> PlacedModels:
     """Compile, shard or prepare ``trainable`` (name -> (model, settings)) and ``frozen`` models.
 
     ``fsdp`` shards only when ``accelerator.num_processes > 1`` (or accelerate was launched with an
-    FSDP config). ``master_weights`` needs a single process (:mod:`rlhf_kit.training.precision`).
+    FSDP config). ``master_weights`` needs a single process (:mod:`rlhf_kit.training.precision`);
+    ``optimizer="adamw8bit"`` (bf16 weights, 8-bit moments: :mod:`rlhf_kit.training.lowbit`) does not shard.
     ``compile_kwargs`` go to ``torch.compile`` (e.g. ``{"backend": "aot_eager"}`` without a compiler).
     Frozen models are compiled and sharded with the others; placing them on the device is the caller's.
     """
@@ -75,6 +78,8 @@ def place_models(
     shard = accelerator.num_processes > 1 and (fsdp or accelerator.distributed_type == DistributedType.FSDP)
     if master_weights and accelerator.num_processes > 1:
         raise ValueError("master_weights is for one process; with several, FSDP2 keeps the fp32 masters")
+    if optimizer == "adamw8bit" and shard:
+        raise ValueError("optimizer adamw8bit is not built for FSDP2 sharding: one process or DDP")
     if compile_blocks:
         from rlhf_kit.models.compile import compile_blocks as compile_model_blocks
 
@@ -92,11 +97,12 @@ def place_models(
     else:
         for m, _ in trainable.values():
             m.to(device)
-    make_opt = build_master_weight_optimizer if master_weights else build_optimizer
     models, optimizers, schedulers = {}, {}, {}
     for name, (m, s) in trainable.items():
         models[name] = m
-        optimizers[name] = make_opt(m, s.lr, s.weight_decay, betas=s.betas)
+        optimizers[name] = make_optimizer(
+            m, s.lr, s.weight_decay, s.betas, kind=optimizer, master_weights=master_weights
+        )
         schedulers[name] = cosine_schedule(optimizers[name], warmup_steps, total_steps, s.min_lr)
     if shard:
         backward, clip = (lambda loss: loss.backward()), clip_grad_norm

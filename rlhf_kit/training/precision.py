@@ -91,6 +91,42 @@ def build_master_weight_optimizer(
     return opt
 
 
+#: ``--optimizer`` choices: torch's AdamW (fused on CUDA), or torchao's 8-bit AdamW over bf16 weights.
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def make_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    *,
+    kind: str = "adamw",
+    master_weights: bool = False,
+    device: torch.device | str | None = None,
+) -> torch.optim.Optimizer:
+    """The recipes' one way to build a model's optimizer (no decay on biases and norms in every case).
+
+    * ``kind="adamw8bit"``: bf16 weights, 8-bit moments (:func:`rlhf_kit.training.lowbit.build_8bit_optimizer`);
+    * ``master_weights``: bf16 weights, fp32 masters in AdamW (:mod:`rlhf_kit.training.precision`); the
+      model moves to ``device`` first, so the masters are made there;
+    * otherwise AdamW over the model's own weights (fused when ``device`` is CUDA).
+    """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if kind == "adamw8bit":
+        if master_weights:
+            raise ValueError("adamw8bit keeps no fp32 master weights: drop master_weights")
+        from rlhf_kit.training.lowbit import build_8bit_optimizer
+
+        return build_8bit_optimizer(model, lr, weight_decay, betas)
+    if master_weights:
+        if device is not None:
+            model.to(device)
+        return build_master_weight_optimizer(model, lr, weight_decay, betas)
+    return build_optimizer(model, lr, weight_decay, betas, device=device)
+
+
 def _accumulate_into(master: nn.Parameter):
     def hook(p: torch.Tensor) -> None:
         g = p.grad.to(torch.float32)

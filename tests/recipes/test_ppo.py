@@ -130,19 +130,25 @@ def test_resume_equals_uninterrupted(default_run, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
-def test_master_weights_run_resumes_exactly(default_run, tmp_path):
-    """--master-weights: bf16 actor/critic, fp32 masters in the optimizer state; a resumed run ends
-    with the uninterrupted run's weights, and the masters are what the final actor was saved from."""
+@pytest.mark.parametrize(
+    "flags, held",
+    [(["--master-weights"], "fp32 masters"), (["--optimizer", "adamw8bit"], "8-bit AdamW moments")],
+    ids=["master_weights", "adamw8bit"],
+)
+def test_bf16_weight_runs_resume_exactly(default_run, tmp_path, flags, held):
+    """--master-weights (fp32 masters in the optimizer state) and --optimizer adamw8bit (8-bit moments,
+    stochastic rounding): bf16 actor/critic; a resumed run ends with the uninterrupted run's weights."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     for out in (full, resumed):
         (out / "checkpoints").mkdir(parents=True)
         shutil.copytree(default_run / "init", out / "init")
         shutil.copytree(default_run / "data", out / "data")
-    log = run("--output-dir", str(full), *FAST, "--master-weights").stdout
+    log = run("--output-dir", str(full), *FAST, *flags).stdout
     assert "models after placement: actor bfloat16 (trainable), critic bfloat16 (trainable)" in log
+    assert log.split("models after placement:")[1].splitlines()[0].endswith(held)
     shutil.copytree(full / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
     (resumed / "checkpoints" / "latest").write_text("step_2\n")
-    run("--output-dir", str(resumed), *FAST, "--master-weights", "--resume")
+    run("--output-dir", str(resumed), *FAST, *flags, "--resume")
     assert series(metrics(resumed), "value/loss") == pytest.approx(
         series(metrics(full), "value/loss")[2:], rel=1e-5
     )
@@ -191,6 +197,8 @@ BAD_CONFIGURATIONS = [
     (["--actor", "/nonexistent/actor"], "/nonexistent/actor"),
     (["--reward-fn", "no_colon_here"], "module:function"),
     (["--master-weights", "--fsdp"], "--master-weights is for one process"),
+    (["--optimizer", "adamw8bit", "--master-weights"], "adamw8bit keeps bf16 weights and no fp32 masters"),
+    (["--optimizer", "adamw8bit", "--lora-r", "4"], "adamw8bit trains all weights"),
     (["--report-to", "jsonl", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
 ]
 

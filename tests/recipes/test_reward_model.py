@@ -300,6 +300,7 @@ BAD_CONFIGURATIONS = [
     (["--liger-kernel"], "--liger-kernel needs liger-kernel (and Triton): pip install 'rlhf-kit[liger]'"),
     (["--micro-batch-tokens", "-1"], "--micro-batch-tokens must be >= 0"),
     (["--report-to", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
+    (["--optimizer", "adamw8bit", "--lora-r", "4"], "--optimizer adamw8bit trains all weights"),
 ]
 
 

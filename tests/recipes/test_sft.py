@@ -260,9 +260,10 @@ def test_bad_record_names_file_and_line(setup, tmp_path):
 
 
 def test_master_weights_resume_exactly_and_track_the_fp32_run(setup, uninterrupted):
-    """--master-weights: bf16 weights saved, exact resume, and losses close to the fp32 run's. The full
-    run and the run stopped at step 3 are independent: they run at once, one thread each (CI has 2
-    cores), and so does the resume (the same thread count on both sides of the exact comparison)."""
+    """--master-weights: bf16 weights saved, exact resume, and losses close to the fp32 run's; so are
+    --optimizer adamw8bit's (bf16 weights, 8-bit moments). The full run, the run stopped at step 3 and
+    the 8-bit run are independent: they run at once, one thread each (CI has 2 cores), and so does the
+    resume (the same thread count on both sides of the exact comparison)."""
     root, common = setup
     args = [SCRIPT, *common, "--train-data", str(root / "pairs.jsonl"), "--max-steps", "6",
             "--global-batch-size", "4", "--val-check-interval", "3", "--micro-batch-size", "4",
@@ -273,6 +274,7 @@ def test_master_weights_resume_exactly_and_track_the_fp32_run(setup, uninterrupt
         {
             "full": [sys.executable, *args, "--output-dir", str(full)],
             "stop": [sys.executable, *args, "--output-dir", str(out), "--stop-at-step", "3"],
+            "8bit": [sys.executable, *args[:-1], "--optimizer", "adamw8bit", "--output-dir", str(root / "8bit")],
         },
         env=env, cwd=ROOT,
     )  # fmt: skip
@@ -288,6 +290,9 @@ def test_master_weights_resume_exactly_and_track_the_fp32_run(setup, uninterrupt
     assert all(torch.equal(a[k], b[k]) for k in a) and {v.dtype for v in a.values()} == {torch.bfloat16}
     assert losses(full) == pytest.approx(losses(uninterrupted), rel=0.05)
     assert losses(full) != losses(uninterrupted)  # bf16 weights really were used
+    assert losses(root / "8bit") == pytest.approx(losses(uninterrupted), rel=0.05)
+    assert losses(root / "8bit") not in (losses(full), losses(uninterrupted))
+    assert {v.dtype for v in weights(root / "8bit").values()} == {torch.bfloat16}
 
 
 def test_final_directory_has_a_model_card(setup, uninterrupted):
