@@ -150,6 +150,40 @@ def memory_stats(device: torch.device | str) -> dict[str, float]:
     }
 
 
+def matmul_peak_tflops(device: torch.device | str, n: int = 8192, reps: int = 20) -> float:
+    """The card's measured bf16 matrix throughput: median TFLOP/s of ``n x n @ n x n`` products (CUDA
+    events; 3 warm-up products first). NaN off CUDA."""
+    if torch.device(device).type != "cuda":
+        return float("nan")
+    import statistics
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def train_model_flops(model: torch.nn.Module, rows: int, width: int) -> float:
+    """Model FLOPs of one forward + backward over ``rows x width`` tokens: ``6 * P * tokens`` for the
+    ``P`` weights of every ``nn.Linear`` (the LM or value head included, embeddings not) plus causal
+    attention, ``6 * layers * width * hidden`` per token (half of the non-causal ``12 L T d``).
+    Recomputation (gradient checkpointing) is not model FLOPs and is not counted."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cfg = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
+    layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
+    tokens = rows * width
+    return 6.0 * linear * tokens + 6.0 * layers * width * hidden * tokens
+
+
 def environment() -> dict[str, Any]:
     """Hardware and package versions for the report."""
     import importlib.metadata as md

@@ -164,6 +164,25 @@ def agreement(backend: Any, model: Any, ids: torch.Tensor, mask: torch.Tensor, a
     }
 
 
+def profile_generate(backend: Any, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
+                     stem: str) -> dict[str, Any]:  # fmt: skip
+    """One generate call under ``torch.profiler``: the top device-time rows to ``<stem>_profile.txt`` and
+    the device-busy total (kernels inside replayed CUDA graphs included) in the result."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed(lambda: backend.generate(ids, mask, params), ids.device)
+    events = prof.key_averages()
+    table = events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    write_atomic(stem + "_profile.txt", table)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {
+        "device_busy_s": sum(e.self_device_time_total for e in events) / 1e6,
+        "kernels": len(kernels),
+        "kernels_per_step": len(kernels) / max(params.max_new_tokens, 1),
+    }
+
+
 def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.device, bw: float) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -197,17 +216,21 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
     max_seq = ids.shape[1] + args.new_tokens
     variants: list[tuple[str, Any]] = [("hf_eager", lambda: HFBackend(model, tok))]
     if device.type == "cuda":
+
+        def compiled(**kw: Any) -> Any:
+            return lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, True, True, **kw)
+
         variants += [
-            (
-                "compiled_graphs",
-                lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, True, True),
-            ),
+            ("compiled_graphs", compiled()),  # compile_scope="blocks", the default
+            ("compiled_graphs_step", compiled(compile_scope="step")),
+            ("compiled_graphs_autotune", compiled(compile_options={"mode": "max-autotune-no-cudagraphs"})),
             ("eager_graphs", lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, False, True)),
         ]
     else:
         variants += [
             ("compiled_eager_cpu", lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq))
         ]
+    variants = [v for v in variants if not args.only or v[0] in args.only]
     for vname, make in variants:
         if vname in args.skip:
             continue
@@ -218,6 +241,10 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             r = bench_backend(backend, ids, mask, params, device, args.warmup, args.runs)
             r["wall_with_setup_s"] = time.perf_counter() - t0
             r.update(agreement(backend, model, ids, mask, args))
+            if args.profile and vname != "hf_eager":
+                r["profile"] = profile_generate(
+                    backend, ids, mask, params, os.path.join(args.out, f"{name}_{vname}")
+                )
             if device.type == "cuda":
                 r["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             res["backends"][vname] = r
@@ -279,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--skip", nargs="*", default=[], help="backend variants to skip")
+    ap.add_argument("--only", nargs="*", default=[], help="run only these backend variants")
+    ap.add_argument("--profile", action="store_true", help="one profiled generate per compiled variant")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     if args.tiny:

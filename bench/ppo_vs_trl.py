@@ -45,11 +45,13 @@ from bench.common import (  # noqa: E402
     fmt,
     hh_prompt_ids,
     llama_config,
+    matmul_peak_tflops,
     median_after_warmup,
     memory_stats,
     reset_peak_memory,
     run_worker,
     sync,
+    train_model_flops,
     write_json,
     write_text,
 )
@@ -121,6 +123,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     from rlhf_kit.training.precision import make_optimizer
 
     device = _device(args)
+    peak = matmul_peak_tflops(device)  # before any model: the card's bf16 matrix rate, for the train MFU
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)  # as the recipes' make_accelerator does
     sh = shape(args)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -203,6 +206,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
             "step_s": sum(clock.phases.values()),
             "phases_s": dict(clock.phases),
             "generated_tokens": n_tok,
+            "seq_width": int(gens[0].sequences.shape[1]),
             "prompt_tokens": int(sum(len(p) for p in batch)),
             "policy_loss": tstats.get("policy/loss"),
             "kl": stats["kl/seq_mean"],
@@ -224,6 +228,13 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
     res["keep_cache"] = bool(args.keep_cache)
+    # one epoch of one mini-batch: every rollout goes forward and backward once through actor and critic
+    flops = sum(train_model_flops(m, sh["batch"], steps[-1]["seq_width"]) for m in (actor, critic))
+    train_s = res.get("median_phases_s", {}).get("train", float("nan"))
+    res["train_model_tflop"] = flops / 1e12
+    res["train_tflops_per_s"] = flops / train_s / 1e12
+    res["matmul_peak_tflops"] = peak
+    res["train_mfu"] = res["train_tflops_per_s"] / peak
     if args.profile and device.type == "cuda":
         res["profile"] = profile_step(one_step, args.steps, device)
     return res
@@ -383,6 +394,13 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {c['config']} | {name} | {fmt(r['median_step_s'], '.3f')} | "
                 f"{fmt(r['generated_tokens_per_s'], '.0f')} | {fmt(r['peak_allocated_gib'])} | {split} |"
+            )
+        ours = c.get("ours") or {}
+        if ours.get("train_model_tflop"):
+            lines.append(
+                f"| {c['config']} | ours, train phase | {fmt(ours['train_model_tflop'], '.1f')} TFLOP at "
+                f"{fmt(ours['train_tflops_per_s'], '.0f')} TFLOP/s = {fmt(100 * ours['train_mfu'], '.0f')}% of "
+                f"{fmt(ours['matmul_peak_tflops'], '.0f')} (bf16 matmul, measured) | | | |"
             )
         if c.get("speedup"):
             lines.append(

@@ -14,6 +14,10 @@ How it works
   exponential-race draw ``argmax(p / E)``), and the outputs written at column ``step``. On CUDA the step
   is compiled with ``torch.compile`` (Inductor, no own graphs) and captured once per
   ``(batch bucket, sampling flags)`` in a CUDA graph, so a decode step costs one graph launch.
+* What is compiled (``compile_scope``): ``"blocks"`` compiles one transformer block, which every layer
+  reuses, and the sampler; ``"step"`` compiles the whole step as one graph (unrolled over the layers:
+  Inductor can fuse across block boundaries, but tracing and compiling take about as many times longer
+  as there are layers, on every cold and warm start). Prefill stays eager in both.
 * Batches are padded up to a bucket size; the host checks "all finished?" only every ``check_every``
   steps to avoid a device sync per token.
 
@@ -55,10 +59,18 @@ from rlhf_kit.generation.static_cache import (
     _register_attention,
     _sliding_window,
 )
+from rlhf_kit.models.compile import compile_blocks
 
 __all__ = ["ATTN_IMPLEMENTATION", "CompiledBackend", "filter_top_k_top_p", "sample_from_scores"]
 
 logger = logging.getLogger(__name__)
+
+COMPILE_SCOPES = ("blocks", "step")
+
+
+def _eager() -> Any:
+    """Run compiled functions (the compiled blocks and sampler) eagerly inside this context."""
+    return torch.compiler.set_stance("force_eager")
 
 
 class CompiledBackend:
@@ -77,6 +89,8 @@ class CompiledBackend:
         tokenizer: needed only for ``stop_strings``.
         check_every: host check of "all finished" (and stop strings) every this many steps.
         compile_options: extra ``torch.compile`` keyword arguments (e.g. ``{"fullgraph": True}``).
+        compile_scope: ``"blocks"`` (one compiled transformer block shared by all layers, plus the
+            compiled sampler) or ``"step"`` (the whole decode step as one graph); see the module docstring.
     """
 
     def __init__(
@@ -90,6 +104,7 @@ class CompiledBackend:
         tokenizer: Any = None,
         check_every: int = 16,
         compile_options: dict[str, Any] | None = None,
+        compile_scope: str = "blocks",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -98,6 +113,9 @@ class CompiledBackend:
         for name, val in (("compile", compile), ("cuda_graphs", cuda_graphs)):
             if val not in (True, False, "auto"):
                 raise ValueError(f"{name} must be True, False or 'auto', got {val!r}")
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
+        self.compile_scope = compile_scope
         _register_attention()
         self.model = model.eval()
         self.model.requires_grad_(False)
@@ -134,6 +152,7 @@ class CompiledBackend:
         self._graphs: dict[tuple[int, _Flags], Any] = {}
         self._graph_pool: Any = None
         self._compiled: Any = None
+        self._sampler = self._sample_into  # the compiled sampler under compile_scope="blocks"
         self.mode = "eager"  # what the last decode loop ran: eager / compiled / graph / compiled+graph
 
     # -- memory ---------------------------------------------------------------------------------------
@@ -147,6 +166,8 @@ class CompiledBackend:
         """Free the KV cache, the static buffers and the captured graphs (weights stay)."""
         self._graphs.clear()
         self._bufs.clear()
+        if self._state is not None:
+            self._state.release()
         self._state = None
         self._graph_pool = None
         if self.device.type == "cuda":
@@ -205,7 +226,7 @@ class CompiledBackend:
         assert state is not None
         bufs.mask.index_fill_(-1, state.cache_pos, 0.0)  # the slot written this step becomes visible
         out = self.model(input_ids=bufs.tok, position_ids=bufs.pos, attention_mask=bufs.mask, use_cache=False)
-        self._sample_into(out.logits[:, -1, :], bufs, flags)
+        self._sampler(out.logits[:, -1, :], bufs, flags)
         bufs.pos.add_(1)
         bufs.step.add_(1)
         state.cache_pos.add_(1)
@@ -221,7 +242,12 @@ class CompiledBackend:
             limit_name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
             setattr(cfg, limit_name, max(getattr(cfg, limit_name), 64))
             opts = {"dynamic": False, **self.compile_options}
-            self._compiled = torch.compile(self._decode_step, **opts)
+            if self.compile_scope == "step":
+                self._compiled = torch.compile(self._decode_step, **opts)
+            else:  # one block compiled for every layer (its KV buffers are module inputs), and the sampler
+                compile_blocks(self.model, **opts)
+                self._sampler = torch.compile(self._sample_into, **opts)
+                self._compiled = self._decode_step
         return self._compiled
 
     def _graph_for(self, b: int, flags: _Flags) -> Any:
@@ -236,6 +262,8 @@ class CompiledBackend:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), _activate(state):
+            with _eager():  # allocates the KV buffers outside compiled code
+                self._decode_step(b, flags)
             for _ in range(3):
                 fn(b, flags)
         torch.cuda.current_stream(self.device).wait_stream(stream)
@@ -260,7 +288,7 @@ class CompiledBackend:
         prefill_mask = torch.zeros(b, 1, p, p, dtype=self.dtype, device=self.device)
         prefill_mask.masked_fill_(~allowed[:, None], neg)
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        with _activate(state):
+        with _activate(state), _eager():  # compiled blocks see one prompt width per batch: not compiled
             out = self.model(
                 input_ids=ids,
                 position_ids=position_ids,
@@ -275,23 +303,6 @@ class CompiledBackend:
         bufs.mask.fill_(neg)
         bufs.mask[:, 0, 0, :p].masked_fill_(valid, 0.0)
         state.cache_pos.fill_(p)
-
-    def _set_params(self, bufs: _Buffers, params: SamplingParams, eos: list[int], pad: int) -> _Flags:
-        bufs.temperature.fill_(params.temperature)
-        bufs.top_k.fill_(params.top_k)
-        bufs.top_p.fill_(params.top_p)
-        bufs.min_new.fill_(params.min_new_tokens)
-        bufs.pad.fill_(pad)
-        bufs.eos_onehot.zero_()
-        if eos:
-            bufs.eos_onehot[torch.tensor([e for e in eos if e < self.vocab], dtype=torch.long)] = True
-        return _Flags(
-            greedy=params.greedy,
-            top_k=params.top_k > 0 and not params.greedy,
-            top_p=params.top_p < 1.0 and not params.greedy,
-            min_new=params.min_new_tokens > 0 and bool(eos),
-            eos=bool(eos),
-        )
 
     def _check_stops(self, bufs: _Buffers, n_rows: int, upto: int, params: SamplingParams) -> None:
         """Mark rows whose text so far contains a stop string as finished (host side)."""
@@ -321,7 +332,7 @@ class CompiledBackend:
         eos, pad = eos_ids(params, cfg), pad_id(params, cfg)
         b = self._bucket(n_rows)
         state, bufs = self._ensure_state(), self._buffers(b)
-        flags = self._set_params(bufs, params, eos, pad)
+        flags = bufs.set_params(params, eos, pad, self.vocab)
         graph = self._graph_for(b, flags) if self.use_graphs else None
         if params.seed is not None:  # after capture: warm-up steps draw random numbers too
             torch.manual_seed(params.seed)

@@ -13,29 +13,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_kit.generation.sampling import _Flags
+
 ATTN_IMPLEMENTATION = "rlhf_kit_static_kv"
 
 
+_KV_ATTR = "_rlhf_kit_kv"  # attribute of an attention module holding its (k, v) buffers while a state lives
+
+
 class _KVState:
-    """Per-layer static KV buffers ``(max_batch, kv_heads, L, head_dim)`` plus the write slot."""
+    """Static KV buffers ``(max_batch, kv_heads, L, head_dim)`` of every attention layer, plus the write slot.
+
+    Each layer's buffers live on its attention module (attribute ``_rlhf_kit_kv``), not in a table
+    indexed by ``layer_idx``: compiled code then reads them as tensor inputs of the module, so one
+    compiled transformer block serves every layer (a lookup by the layer's number would specialise
+    the compiled block on that number and compile it once per layer). :meth:`release` removes them.
+    """
 
     def __init__(self, max_batch: int, max_len: int, device: torch.device) -> None:
         self.max_batch = max_batch
         self.max_len = max_len
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
+        self.modules: list[nn.Module] = []
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=device)
 
-    def buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer not in self.k:
+    def buffers(self, module: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = module.__dict__.get(_KV_ATTR)
+        if kv is None:  # first use in this state; the backend makes it happen eagerly, never in compiled code
             # zeros, not empty: masked slots are multiplied by 0 in P @ V, and 0 * NaN would be NaN
             shape = (self.max_batch, like.shape[1], self.max_len, like.shape[3])
-            self.k[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            self.v[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        return self.k[layer], self.v[layer]
+            kv = (
+                torch.zeros(shape, dtype=like.dtype, device=like.device),
+                torch.zeros(shape, dtype=like.dtype, device=like.device),
+            )
+            setattr(module, _KV_ATTR, kv)
+            self.modules.append(module)
+        return kv
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
+        return sum(t.numel() * t.element_size() for m in self.modules for t in m.__dict__.get(_KV_ATTR, ()))
+
+    def release(self) -> None:
+        """Drop the buffers from the modules (the memory is freed once nothing else holds them)."""
+        for module in self.modules:
+            module.__dict__.pop(_KV_ATTR, None)
+        self.modules.clear()
 
 
 _ACTIVE: _KVState | None = None
@@ -83,7 +104,7 @@ def static_kv_attention(
         )
     b, h, q_len, d = query.shape
     kv = key.shape[1]
-    k_buf, v_buf = state.buffers(module.layer_idx, key)
+    k_buf, v_buf = state.buffers(module, key)
     k_buf, v_buf = k_buf[:b], v_buf[:b]
     if q_len == 1:
         k_buf.index_copy_(2, state.cache_pos, key)
@@ -132,6 +153,25 @@ class _Buffers:
         self.min_new = torch.zeros((), dtype=torch.long, **kw)
         self.pad = torch.zeros((), dtype=torch.long, **kw)
         self.eos_onehot = torch.zeros(vocab, dtype=torch.bool, **kw)
+
+    def set_params(self, params: Any, eos: list[int], pad: int, vocab: int) -> _Flags:
+        """Write ``params`` (a ``SamplingParams``) into the static tensors; return the flags that select
+        which compiled variant (and captured graph) of the decode step runs."""
+        self.temperature.fill_(params.temperature)
+        self.top_k.fill_(params.top_k)
+        self.top_p.fill_(params.top_p)
+        self.min_new.fill_(params.min_new_tokens)
+        self.pad.fill_(pad)
+        self.eos_onehot.zero_()
+        if eos:
+            self.eos_onehot[torch.tensor([e for e in eos if e < vocab], dtype=torch.long)] = True
+        return _Flags(
+            greedy=params.greedy,
+            top_k=params.top_k > 0 and not params.greedy,
+            top_p=params.top_p < 1.0 and not params.greedy,
+            min_new=params.min_new_tokens > 0 and bool(eos),
+            eos=bool(eos),
+        )
 
 
 def _default_buckets(max_batch_size: int) -> tuple[int, ...]:

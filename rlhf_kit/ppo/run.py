@@ -46,16 +46,18 @@ def step_metrics(
     device: torch.device | str,
 ) -> dict:
     """One PPO step's log row: experience and update statistics averaged over ranks, phase times,
-    rollout statistics, generated tokens per second (summed over ranks), learning rates (the critic's
-    only when it trains here) and peak GPU memory (none on CPU)."""
+    seconds since the process started (``time/since_launch``), rollout statistics, generated tokens per
+    second (summed over ranks), learning rates (the critic's only when it trains here) and peak GPU
+    memory (none on CPU)."""
     from rlhf_kit.training.dist import all_reduce_sum
-    from rlhf_kit.training.metrics import device_memory_stats
+    from rlhf_kit.training.metrics import device_memory_stats, seconds_since_launch
 
     rollout_stats = dict(rollout_stats)
     n_tokens = all_reduce_sum([rollout_stats.pop("rollout/generated_tokens")], device)[0]
     return {
         **mean_over_ranks({**exp_stats, **train_stats}, device),
         **times,
+        "time/since_launch": seconds_since_launch(),
         **rollout_stats,
         "throughput/generated_tokens_per_s": n_tokens / max(times.get("time/generate", 0.0), 1e-9),
         **{f"lr/{name}": sched.get_last_lr()[0] for name, sched in schedulers.items()},

@@ -208,6 +208,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def seconds_since_launch() -> float:
+    """Wall-clock seconds since this process started (its creation time, so interpreter start-up and
+    imports count): a run's first step logs how long it waited for it (loading, compilation)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 class StepTimer:
     """Wall-clock seconds per named phase, accumulated until :meth:`reset`.
 

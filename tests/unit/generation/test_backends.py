@@ -181,17 +181,43 @@ def test_attention_function_is_sdpa_outside_generation(left_tokenizer, batch):
     assert torch.allclose(ref, got, atol=1e-5)
 
 
-def test_decode_step_traces_as_one_graph(left_tokenizer, batch):
-    """No graph breaks (e.g. host syncs) in the decode step: what CUDA-graph capture needs on GPU."""
+@pytest.mark.parametrize("scope", ["step", "blocks"])
+def test_compiled_decode_has_no_graph_breaks(left_tokenizer, batch, scope):
+    """No graph breaks (e.g. host syncs) in the compiled decode: what CUDA-graph capture needs on GPU."""
     ids, mask = batch
     model = make_causal_lm(left_tokenizer, "llama")
     eager = CompiledBackend(copy.deepcopy(model), max_seq_len=64)
     traced = CompiledBackend(
-        model, max_seq_len=64, compile=True, compile_options={"backend": "eager", "fullgraph": True}
+        model,
+        max_seq_len=64,
+        compile=True,
+        compile_options={"backend": "eager", "fullgraph": True},
+        compile_scope=scope,
     )
     params = SamplingParams(max_new_tokens=6, top_k=20, top_p=0.95, min_new_tokens=2, seed=4)
     _assert_same(eager.generate(ids, mask, params), traced.generate(ids, mask, params))
     assert traced.mode == "compiled"
+
+
+def test_block_scope_compiles_one_block_for_every_layer(left_tokenizer, batch):
+    """compile_scope="blocks": one graph for all layers (the KV buffers are module inputs, not a lookup
+    by layer number that would specialise the block per layer) and one for the sampler; greedy tokens
+    equal the eager backend's, also after sleep/wake and with a second batch."""
+    from torch._dynamo.utils import counters
+
+    ids, mask = batch
+    model = make_causal_lm(left_tokenizer, "qwen2", num_hidden_layers=4)
+    eager = CompiledBackend(copy.deepcopy(model), max_seq_len=64)
+    torch._dynamo.reset()
+    counters.clear()
+    blocks = CompiledBackend(model, max_seq_len=64, compile=True, compile_options={"backend": "eager"})
+    params = SamplingParams(max_new_tokens=6, greedy=True)
+    _assert_same(eager.generate(ids, mask, params), blocks.generate(ids, mask, params))
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    blocks.sleep()
+    assert blocks.kv_cache_bytes() == 0 and not any(hasattr(m, "_rlhf_kit_kv") for m in model.modules())
+    _assert_same(eager.generate(ids[:2], mask[:2], params), blocks.generate(ids[:2], mask[:2], params))
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
 def test_input_validation(left_tokenizer, batch):

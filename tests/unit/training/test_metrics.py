@@ -15,6 +15,7 @@ from rlhf_kit.training.metrics import (
     check_report_to,
     progress,
     read_metrics,
+    seconds_since_launch,
     tracker_names,
 )
 
@@ -132,6 +133,19 @@ def test_step_timer():
     assert set(s) == {"time/generate", "time/train"} and s["time/generate"] >= 0.03
     timer.reset()
     assert timer.summary() == {}
+
+
+def test_seconds_since_launch_counts_from_process_start(tmp_path):
+    """The clock starts when the process does, not when the function is first called: a fresh process
+    that sleeps before asking reports at least that sleep."""
+    import subprocess
+
+    code = "import time; time.sleep(0.6); from rlhf_kit.training.metrics import seconds_since_launch as s; print(s())"
+    got = float(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    assert 0.6 <= got < 60
+    assert seconds_since_launch() > 0
 
 
 def test_progress_on_rank_zero():
