@@ -223,6 +223,8 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
         variants += [
             ("compiled_graphs", compiled()),  # compile_scope="blocks", the default
             ("compiled_graphs_step", compiled(compile_scope="step")),
+            ("compiled_graphs_matmul", compiled(decode_attention="matmul")),
+            ("compiled_graphs_reduce", compiled(decode_attention="reduce")),
             ("compiled_graphs_autotune", compiled(compile_options={"mode": "max-autotune-no-cudagraphs"})),
             ("eager_graphs", lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, False, True)),
         ]
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip", nargs="*", default=[], help="backend variants to skip")
     ap.add_argument("--only", nargs="*", default=[], help="run only these backend variants")
     ap.add_argument("--profile", action="store_true", help="one profiled generate per compiled variant")
+    ap.add_argument("--no-cudnn", action="store_true", help="SDPA without cuDNN (as the recipes run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     if args.tiny:
@@ -316,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs = args.configs or ["A", "1B"]
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    torch.backends.cuda.enable_cudnn_sdp(not args.no_cudnn)
     import transformers
 
     t0 = time.perf_counter()
@@ -327,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "copy_bandwidth_GBps": bw / 1e9 if bw == bw else float("nan"),
+        "cudnn_sdpa": not args.no_cudnn,
         "command": " ".join(["python", "bench/generation.py", *(argv if argv is not None else sys.argv[1:])]),
         "configs": [],
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Warm start of the PPO recipe on one GPU: the same short run twice with one Inductor cache directory
 # (cold, then warm), without and with --compile-blocks; config-A widths, random init (bench/gpu_setup.sh).
-# Reports process wall, step-1 and step-2 phase times (the step-1 excess is the warm-up) in $OUT/warm_start.md.
+# Reports process wall, launch to the end of step 1 (time/since_launch), step-1 and step-2 phase times (the step-1 excess is the warm-up) in $OUT/warm_start.md.
 #   bash bench/warm_start_gpu.sh      (carry .whl)
 set -u
 OUT=${OUT:-warm_start_out}; W=/tmp/ws; mkdir -p "$OUT"; source bench/gpu_setup.sh
@@ -19,13 +19,14 @@ for name in $RUNS; do
 done
 python3 - "$W/runs.txt" "$OUT" <<'PY' | tee "$OUT/warm_start.md"
 import json, os, sys
-print("| run | rc | process wall s | step 1 generate / score / train s | step 2 generate / score / train s |")
-print("|---|---|---|---|---|")
+print("| run | rc | process wall s | launch to end of step 1 s | step 1 generate / score / train s | step 2 generate / score / train s |")
+print("|---|---|---|---|---|---|")
 for line in open(sys.argv[1]):
     name, rc, wall = line.split()
     path = os.path.join(sys.argv[2], f"{name}_metrics.jsonl")
     rows = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
     steps = [r for r in rows if "time/generate" in r]
     cell = lambda r: " / ".join(f"{r.get('time/' + k, float('nan')):.3f}" for k in ("generate", "score", "train"))
-    print(f"| {name} | {rc} | {wall} | {cell(steps[0]) if steps else '-'} | {cell(steps[1]) if len(steps) > 1 else '-'} |")
+    launch = f"{steps[0]['time/since_launch']:.1f}" if steps and "time/since_launch" in steps[0] else "-"
+    print(f"| {name} | {rc} | {wall} | {launch} | {cell(steps[0]) if steps else '-'} | {cell(steps[1]) if len(steps) > 1 else '-'} |")
 PY

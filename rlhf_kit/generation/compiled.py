@@ -52,6 +52,7 @@ from rlhf_kit.generation.base import (
 from rlhf_kit.generation.sampling import _Flags, filter_top_k_top_p, sample_from_scores
 from rlhf_kit.generation.static_cache import (
     ATTN_IMPLEMENTATION,
+    DECODE_ATTENTION,
     _activate,
     _Buffers,
     _default_buckets,
@@ -91,6 +92,8 @@ class CompiledBackend:
         compile_options: extra ``torch.compile`` keyword arguments (e.g. ``{"fullgraph": True}``).
         compile_scope: ``"blocks"`` (one compiled transformer block shared by all layers, plus the
             compiled sampler) or ``"step"`` (the whole decode step as one graph); see the module docstring.
+        decode_attention: the decode step's attention over the cache, ``"sdpa"``, ``"matmul"`` or
+            ``"reduce"`` (:func:`~rlhf_kit.generation.static_cache.grouped_decode_attention`).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class CompiledBackend:
         check_every: int = 16,
         compile_options: dict[str, Any] | None = None,
         compile_scope: str = "blocks",
+        decode_attention: str = "sdpa",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -116,6 +120,9 @@ class CompiledBackend:
         if compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
         self.compile_scope = compile_scope
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
+        self.decode_attention = decode_attention
         _register_attention()
         self.model = model.eval()
         self.model.requires_grad_(False)
@@ -186,7 +193,7 @@ class CompiledBackend:
 
     def _ensure_state(self) -> _KVState:
         if self._state is None:
-            self._state = _KVState(self.max_batch_size, self.max_seq_len, self.device)
+            self._state = _KVState(self.max_batch_size, self.max_seq_len, self.device, self.decode_attention)
         return self._state
 
     def _buffers(self, b: int) -> _Buffers:
@@ -304,20 +311,6 @@ class CompiledBackend:
         bufs.mask[:, 0, 0, :p].masked_fill_(valid, 0.0)
         state.cache_pos.fill_(p)
 
-    def _check_stops(self, bufs: _Buffers, n_rows: int, upto: int, params: SamplingParams) -> None:
-        """Mark rows whose text so far contains a stop string as finished (host side)."""
-        from rlhf_kit.generation.base import find_stop
-
-        toks = bufs.out_tok[:n_rows, :upto].cpu()
-        valid = bufs.out_valid[:n_rows, :upto].cpu()
-        done = bufs.finished[:n_rows].cpu()
-        for i in range(n_rows):
-            if done[i]:
-                continue
-            n_i = int(valid[i].sum())
-            if find_stop(self.tokenizer, toks[i, :n_i].tolist(), params.stop_strings) is not None:
-                bufs.finished[i] = True
-
     @torch.no_grad()
     def _generate_chunk(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams
@@ -356,7 +349,7 @@ class CompiledBackend:
                 done_steps += 1
                 if can_exit and done_steps % self.check_every == 0:
                     if stop_check:
-                        self._check_stops(bufs, n_rows, done_steps, params)
+                        bufs.mark_stopped(self.tokenizer, n_rows, done_steps, params.stop_strings)
                     if bool(bufs.finished.all()):
                         break
         self.mode = ("compiled" if self.use_compile else "eager") + ("+graph" if graph is not None else "")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_kit.generation.base import find_stop
 from rlhf_kit.generation.sampling import _Flags
 
 ATTN_IMPLEMENTATION = "rlhf_kit_static_kv"
@@ -30,9 +31,12 @@ class _KVState:
     the compiled block on that number and compile it once per layer). :meth:`release` removes them.
     """
 
-    def __init__(self, max_batch: int, max_len: int, device: torch.device) -> None:
+    def __init__(
+        self, max_batch: int, max_len: int, device: torch.device, decode_attention: str = "sdpa"
+    ) -> None:
         self.max_batch = max_batch
         self.max_len = max_len
+        self.decode_attention = decode_attention
         self.modules: list[nn.Module] = []
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=device)
 
@@ -79,6 +83,43 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
 
 
+DECODE_ATTENTION = ("sdpa", "matmul", "reduce")
+
+
+def grouped_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    how: str,
+) -> torch.Tensor:
+    """Attention of one new token per row over a static cache, heads grouped per KV head (GQA).
+
+    ``query (b, kv, g, d)`` (``g = heads / kv_heads``), ``key``/``value (b, kv, L, d)``, ``mask`` additive,
+    broadcastable to ``(b, 1, 1, L)``; returns ``(b, kv, g, d)``. Softmax in float32 in every variant:
+
+    * ``"sdpa"``: ``F.scaled_dot_product_attention`` (whatever kernel SDPA picks for a 2-query, masked call);
+    * ``"matmul"``: two batched matrix products (the scores rounded to the input dtype, as HF's eager
+      attention does);
+    * ``"reduce"``: products and sums with float32 accumulation, written so that Inductor fuses each of
+      ``Q K^T`` and ``P V`` into one pass over the cache (eagerly it materialises ``(b, kv, g, L, d)``).
+    """
+    if how == "sdpa":
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if how == "matmul":
+        scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    else:
+        scores = (query.float().unsqueeze(-2) * key.unsqueeze(2)).sum(-1) * scale  # (b, kv, g, L)
+    if mask is not None:
+        scores = scores + mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    if how == "matmul":
+        return torch.matmul(probs.to(value.dtype), value)
+    return (probs.unsqueeze(-1) * value.unsqueeze(2)).sum(-2).to(value.dtype)
+
+
 def static_kv_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -110,7 +151,7 @@ def static_kv_attention(
         k_buf.index_copy_(2, state.cache_pos, key)
         v_buf.index_copy_(2, state.cache_pos, value)
         grouped = query.reshape(b, kv, h // kv, d)
-        out = F.scaled_dot_product_attention(grouped, k_buf, v_buf, attn_mask=attention_mask, scale=scaling)
+        out = grouped_decode_attention(grouped, k_buf, v_buf, attention_mask, scaling, state.decode_attention)
         return out.reshape(b, 1, h, d), None
     k_buf[:, :, :q_len].copy_(key)
     v_buf[:, :, :q_len].copy_(value)
@@ -153,6 +194,18 @@ class _Buffers:
         self.min_new = torch.zeros((), dtype=torch.long, **kw)
         self.pad = torch.zeros((), dtype=torch.long, **kw)
         self.eos_onehot = torch.zeros(vocab, dtype=torch.bool, **kw)
+
+    def mark_stopped(self, tokenizer: Any, n_rows: int, upto: int, stop_strings: Any) -> None:
+        """Mark rows whose text in the first ``upto`` columns contains a stop string as finished (host side)."""
+        toks = self.out_tok[:n_rows, :upto].cpu()
+        valid = self.out_valid[:n_rows, :upto].cpu()
+        done = self.finished[:n_rows].cpu()
+        for i in range(n_rows):
+            if (
+                not done[i]
+                and find_stop(tokenizer, toks[i, : int(valid[i].sum())].tolist(), stop_strings) is not None
+            ):
+                self.finished[i] = True
 
     def set_params(self, params: Any, eos: list[int], pad: int, vocab: int) -> _Flags:
         """Write ``params`` (a ``SamplingParams``) into the static tensors; return the flags that select

@@ -1,0 +1,71 @@
+"""The static cache's decode attention: every variant equals a float64 reference of grouped-query
+attention (KV heads repeated, masked slots excluded), on fresh random inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhf_kit.generation import CompiledBackend, HFBackend, SamplingParams
+from rlhf_kit.generation.static_cache import DECODE_ATTENTION, grouped_decode_attention
+from tests.conftest import make_causal_lm
+
+
+def _reference(q, k, v, visible, scale):
+    b, kv, g, d = q.shape
+    k64 = k.double().repeat_interleave(g, dim=1)  # (b, kv*g, L, d): head i reads KV head i // g
+    v64 = v.double().repeat_interleave(g, dim=1)
+    scores = q.double().reshape(b, kv * g, 1, d) @ k64.transpose(-1, -2) * scale
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v64).reshape(b, kv, g, d)
+
+
+@pytest.mark.parametrize("how", DECODE_ATTENTION)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_float64_reference(how, dtype):
+    gen = torch.Generator().manual_seed(hash((how, str(dtype))) % 2**31)
+    b, kv, g, length, d = 3, 2, 4, 37, 16
+    q, k, v = (
+        torch.randn(*s, generator=gen).to(dtype)
+        for s in [(b, kv, g, d), (b, kv, length, d), (b, kv, length, d)]
+    )
+    visible = torch.rand(b, length, generator=gen) < 0.6
+    visible[:, 0] = True
+    mask = torch.zeros(b, 1, 1, length, dtype=dtype).masked_fill(
+        ~visible[:, None, None, :], torch.finfo(dtype).min
+    )
+    out = grouped_decode_attention(q, k, v, mask, 0.3, how)
+    ref = _reference(q, k, v, visible, 0.3)
+    assert out.shape == (b, kv, g, d) and out.dtype == dtype
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+    # a masked slot has no influence: change its key and value
+    k2, v2 = k.clone(), v.clone()
+    k2[~visible[:, None, :, None].expand_as(k)] = 100.0
+    v2[~visible[:, None, :, None].expand_as(v)] = -100.0
+    assert torch.allclose(
+        grouped_decode_attention(q, k2, v2, mask, 0.3, how),
+        out,
+        atol=1e-6 if dtype == torch.float32 else 1e-2,
+    )
+
+
+@pytest.mark.parametrize("how", ["matmul", "reduce"])
+def test_backend_with_each_decode_attention_is_greedy_equal_to_hf(left_tokenizer, how):
+    enc = left_tokenizer(
+        ["Human: hi\n\nAssistant:", "Human: How do I bake bread?\n\nAssistant:"],
+        return_tensors="pt",
+        padding=True,
+    )
+    model = make_causal_lm(left_tokenizer, "llama", seed=3)
+    params = SamplingParams(max_new_tokens=12, greedy=True, ignore_eos=True)
+    want = HFBackend(model, left_tokenizer).generate(enc.input_ids, enc.attention_mask, params)
+    got = CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention=how).generate(
+        enc.input_ids, enc.attention_mask, params
+    )
+    assert torch.equal(want.sequences, got.sequences)
+    assert (want.logprobs - got.logprobs).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="decode_attention"):
+        CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention="flash")
