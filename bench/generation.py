@@ -221,9 +221,12 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             return lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, True, True, **kw)
 
         variants += [
-            ("compiled_graphs", compiled()),  # compile_scope="blocks", the default
+            (
+                "compiled_graphs",
+                compiled(),
+            ),  # the defaults: compile_scope="blocks", decode_attention="matmul"
             ("compiled_graphs_step", compiled(compile_scope="step")),
-            ("compiled_graphs_matmul", compiled(decode_attention="matmul")),
+            ("compiled_graphs_sdpa", compiled(decode_attention="sdpa")),
             ("compiled_graphs_reduce", compiled(decode_attention="reduce")),
             ("compiled_graphs_autotune", compiled(compile_options={"mode": "max-autotune-no-cudagraphs"})),
             ("eager_graphs", lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, False, True)),

@@ -6,11 +6,13 @@
 set -u
 OUT=${OUT:-warm_start_out}; W=/tmp/ws; mkdir -p "$OUT"; source bench/gpu_setup.sh
 export TORCHINDUCTOR_CACHE_DIR=$W/inductor_cache   # shared by every run below: the first of each pair is cold
-PPO="recipes/ppo.py --actor $W/lm --reward-model $W/rm --train-prompts $W/data/train_prompts.jsonl
+PPO="--actor $W/lm --reward-model $W/rm --train-prompts $W/data/train_prompts.jsonl
     --val-prompts $W/data/test_prompts.jsonl --num-rollout-samples 64 --global-batch-size 64 --micro-batch-size 16
     --rollout-micro-batch-size 64 --max-new-tokens 128 --max-steps 2 --val-check-interval 1000 --save-interval 1000"
 run() { local name=$1; shift; local t0=$(date +%s.%N)
-  timeout 200 python3 $PPO "$@" --output-dir $W/$name > $W/$name.log 2>&1; local rc=$?; local t1=$(date +%s.%N)
+  # bench/startup_timeline.py runs recipes/ppo.py with a timestamp before each numbered step of main()
+  timeout 200 python3 bench/startup_timeline.py --out $OUT/${name}_timeline.json -- $PPO "$@" --output-dir $W/$name \
+    > $W/$name.log 2>&1; local rc=$?; local t1=$(date +%s.%N)
   echo "$name $rc $(python3 -c "print(round($t1-$t0,1))")" >> $W/runs.txt
   cp $W/$name.log $OUT/; cp $W/$name/metrics.jsonl $OUT/${name}_metrics.jsonl 2>/dev/null; }
 RUNS=${RUNS:-default_cold default_warm blocks_cold blocks_warm}   # a subset: RUNS="default_cold default_warm"
@@ -29,4 +31,7 @@ for line in open(sys.argv[1]):
     cell = lambda r: " / ".join(f"{r.get('time/' + k, float('nan')):.3f}" for k in ("generate", "score", "train"))
     launch = f"{steps[0]['time/since_launch']:.1f}" if steps and "time/since_launch" in steps[0] else "-"
     print(f"| {name} | {rc} | {wall} | {launch} | {cell(steps[0]) if steps else '-'} | {cell(steps[1]) if len(steps) > 1 else '-'} |")
+    tl = os.path.join(sys.argv[2], f"{name}_timeline.json")
+    if os.path.exists(tl):  # seconds since launch at each numbered step of the recipe's main()
+        print(f"|  | {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in json.load(open(tl))["marks"]) + " | | | | |")
 PY
