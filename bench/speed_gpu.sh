@@ -16,6 +16,10 @@ for stage in $STAGES; do
   t0=$(date +%s)
   case $stage in
     attn) timeout 200 python3 bench/generation.py --configs A 1B --only $ATTN --profile --out $R/gen_attn > $R/gen_attn.log 2>&1 ;;
+    fused) timeout 200 python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_unfused --no-cudnn \
+             --profile --out $R/gen_fused > $R/gen_fused.log 2>&1 ;;
+    ppo_a_ours) timeout 200 python3 bench/ppo_vs_trl.py --configs A --keep-cache --compile-blocks --master-weights \
+             --systems ours --timeout 190 --out $R/ppo_a_ours > $R/ppo_a_ours.log 2>&1 ;;
     nocudnn) timeout 150 python3 bench/generation.py --configs A 1B --only $ATTN --no-cudnn --out $R/gen_nocudnn > $R/gen_nocudnn.log 2>&1 ;;
     warm) OUT=$R/warm_start RUNS="default_cold default_warm" timeout 220 bash bench/warm_start_gpu.sh > $R/warm.log 2>&1 ;;
     ppo_a) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site112 .whl112/*.whl
@@ -26,7 +30,7 @@ for stage in $STAGES; do
   esac
   echo "stage $stage rc=$? $(( $(date +%s) - t0 ))s" | tee -a $R/stages.txt
 done
-for f in $R/gen_attn/generation.md $R/gen_nocudnn/generation.md $R/warm_start/warm_start.md $R/mfu_b/*.md $R/ppo_a/*.md; do
+for f in $R/gen_fused/generation.md $R/ppo_a_ours/*.md $R/gen_attn/generation.md $R/gen_nocudnn/generation.md $R/warm_start/warm_start.md $R/mfu_b/*.md $R/ppo_a/*.md; do
   [ -f "$f" ] && { echo "== $f"; cat "$f"; }
 done
 tar czf "$FINAL/speed.tgz" -C "$R" .

@@ -49,6 +49,7 @@ from rlhf_kit.generation.base import (
     load_weights_,
     pad_id,
 )
+from rlhf_kit.generation.fused import fuse_projections
 from rlhf_kit.generation.sampling import _Flags, filter_top_k_top_p, sample_from_scores
 from rlhf_kit.generation.static_cache import (
     ATTN_IMPLEMENTATION,
@@ -59,6 +60,7 @@ from rlhf_kit.generation.static_cache import (
     _KVState,
     _register_attention,
     _sliding_window,
+    static_kv_attention,
 )
 from rlhf_kit.models.compile import compile_blocks
 
@@ -95,6 +97,7 @@ class CompiledBackend:
         decode_attention: the decode step's attention over the cache, ``"matmul"`` (2-4% faster per step
             than SDPA on an H200, docs/benchmarks.md), ``"sdpa"`` or ``"reduce"``
             (:func:`~rlhf_kit.generation.static_cache.grouped_decode_attention`).
+        fuse: stack QKV and gate/up projections of Llama-family blocks (:mod:`rlhf_kit.generation.fused`).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class CompiledBackend:
         compile_options: dict[str, Any] | None = None,
         compile_scope: str = "blocks",
         decode_attention: str = "matmul",
+        fuse: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -128,6 +132,7 @@ class CompiledBackend:
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.model.config._attn_implementation = ATTN_IMPLEMENTATION
+        self.fused_modules = fuse_projections(self.model, static_kv_attention) if fuse else 0
         self.tokenizer = tokenizer
         self.check_every = check_every
         self.compile_options = dict(compile_options or {})

@@ -1,0 +1,66 @@
+"""Fused QKV and gate/up projections of a backend's inference copy: same names, same outputs, weight
+updates reach the stacked storage, and a module whose fused forward disagrees stays unfused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhf_kit.generation import CompiledBackend, SamplingParams
+from rlhf_kit.generation import fused as fused_mod
+from rlhf_kit.generation.static_cache import static_kv_attention
+from tests.conftest import make_causal_lm
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "gpt_neox"])
+def test_fuse_keeps_names_and_outputs(left_tokenizer, family):
+    model = make_causal_lm(left_tokenizer, family, seed=5)
+    ids = torch.randint(0, len(left_tokenizer), (2, 9))
+    want = model(input_ids=ids).logits
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    n = fused_mod.fuse_projections(model, static_kv_attention)
+    layers = model.config.num_hidden_layers
+    assert n == (2 * layers if family in ("llama", "mistral", "qwen2") else 0)
+    assert set(model.state_dict()) == set(keys)  # the stacked tensors are non-persistent buffers
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in keys.items())
+    assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+
+
+def test_weight_updates_reach_the_stacked_weights(left_tokenizer):
+    """update_weights copies into q_proj.weight (a view): the fused product must use the new values,
+    so a backend updated to another model's weights generates exactly what that model's backend does."""
+    a, b = make_causal_lm(left_tokenizer, "qwen2", seed=1), make_causal_lm(left_tokenizer, "qwen2", seed=2)
+    enc = left_tokenizer(
+        ["Human: hi\n\nAssistant:", "Human: tell me a story\n\nAssistant:"], return_tensors="pt", padding=True
+    )
+    params = SamplingParams(max_new_tokens=10, greedy=True, ignore_eos=True)
+    backend = CompiledBackend(copy.deepcopy(a), max_seq_len=64)
+    assert backend.fused_modules > 0
+    backend.update_weights(b.state_dict())
+    attn = backend.model.model.layers[0].self_attn
+    assert torch.equal(
+        attn._rlhf_kit_qkv[: attn.q_proj.out_features], b.model.layers[0].self_attn.q_proj.weight
+    )
+    want = CompiledBackend(copy.deepcopy(b), max_seq_len=64, fuse=False).generate(
+        enc.input_ids, enc.attention_mask, params
+    )
+    got = backend.generate(enc.input_ids, enc.attention_mask, params)
+    assert torch.equal(want.sequences, got.sequences)
+
+
+def test_a_fused_forward_that_disagrees_stays_unfused(left_tokenizer, monkeypatch, caplog):
+    model = make_causal_lm(left_tokenizer, "llama", seed=0)
+    ids = torch.randint(0, len(left_tokenizer), (2, 7))
+    want = model(input_ids=ids).logits
+    monkeypatch.setattr(
+        fused_mod, "_fused_mlp_forward", lambda self, x: self.down_proj(self.act_fn(self.up_proj(x)))
+    )
+    n = fused_mod.fuse_projections(model, static_kv_attention)
+    assert n == 1  # layer 0's attention fused; its MLP failed the check, so fusing stopped there
+    assert "kept unfused" in caplog.text
+    assert "forward" not in vars(model.model.layers[0].mlp) and "forward" not in vars(
+        model.model.layers[1].self_attn
+    )
+    assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
