@@ -225,6 +225,7 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
                 "compiled_graphs",
                 compiled(),
             ),  # the defaults: compile_scope="blocks", decode_attention="matmul"
+            ("compiled_graphs_unfused", compiled(fuse=False)),
             ("compiled_graphs_step", compiled(compile_scope="step")),
             ("compiled_graphs_sdpa", compiled(decode_attention="sdpa")),
             ("compiled_graphs_reduce", compiled(decode_attention="reduce")),
