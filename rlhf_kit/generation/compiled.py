@@ -95,7 +95,7 @@ class CompiledBackend:
         compile_scope: ``"blocks"`` (one compiled transformer block shared by all layers, plus the
             compiled sampler) or ``"step"`` (the whole decode step as one graph); see the module docstring.
         decode_attention: the decode step's attention over the cache, ``"matmul"`` (2-4% faster per step
-            than SDPA on an H200, docs/benchmarks.md), ``"sdpa"`` or ``"reduce"``
+            than SDPA on an H200, docs/benchmarks.md) or ``"sdpa"``
             (:func:`~rlhf_kit.generation.static_cache.grouped_decode_attention`).
         fuse: stack QKV and gate/up projections of Llama-family blocks (:mod:`rlhf_kit.generation.fused`).
     """

@@ -83,7 +83,7 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
 
 
-DECODE_ATTENTION = ("sdpa", "matmul", "reduce")
+DECODE_ATTENTION = ("matmul", "sdpa")
 
 
 def grouped_decode_attention(
@@ -97,27 +97,19 @@ def grouped_decode_attention(
     """Attention of one new token per row over a static cache, heads grouped per KV head (GQA).
 
     ``query (b, kv, g, d)`` (``g = heads / kv_heads``), ``key``/``value (b, kv, L, d)``, ``mask`` additive,
-    broadcastable to ``(b, 1, 1, L)``; returns ``(b, kv, g, d)``. Softmax in float32 in every variant:
+    broadcastable to ``(b, 1, 1, L)``; returns ``(b, kv, g, d)``. Softmax in float32 in both variants:
 
-    * ``"sdpa"``: ``F.scaled_dot_product_attention`` (whatever kernel SDPA picks for a 2-query, masked call);
     * ``"matmul"``: two batched matrix products (the scores rounded to the input dtype, as HF's eager
       attention does);
-    * ``"reduce"``: products and sums with float32 accumulation, written so that Inductor fuses each of
-      ``Q K^T`` and ``P V`` into one pass over the cache (eagerly it materialises ``(b, kv, g, L, d)``).
+    * ``"sdpa"``: ``F.scaled_dot_product_attention`` (whatever kernel SDPA picks for a 2-query, masked call).
     """
     if how == "sdpa":
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    if how == "matmul":
-        scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
-    else:
-        scores = (query.float().unsqueeze(-2) * key.unsqueeze(2)).sum(-1) * scale  # (b, kv, g, L)
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale  # (b, kv, g, L)
     if mask is not None:
         scores = scores + mask.float()
-    probs = torch.softmax(scores, dim=-1)
-    if how == "matmul":
-        return torch.matmul(probs.to(value.dtype), value)
-    return (probs.unsqueeze(-1) * value.unsqueeze(2)).sum(-2).to(value.dtype)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
 
 
 def static_kv_attention(

@@ -25,7 +25,7 @@ def _reference(q, k, v, visible, scale):
 @pytest.mark.parametrize("how", DECODE_ATTENTION)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_matches_float64_reference(how, dtype):
-    gen = torch.Generator().manual_seed(hash((how, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(DECODE_ATTENTION.index(how) + (10 if dtype == torch.bfloat16 else 0))
     b, kv, g, length, d = 3, 2, 4, 37, 16
     q, k, v = (
         torch.randn(*s, generator=gen).to(dtype)
@@ -52,7 +52,7 @@ def test_decode_attention_matches_float64_reference(how, dtype):
     )
 
 
-@pytest.mark.parametrize("how", ["matmul", "reduce"])
+@pytest.mark.parametrize("how", DECODE_ATTENTION)
 def test_backend_with_each_decode_attention_is_greedy_equal_to_hf(left_tokenizer, how):
     enc = left_tokenizer(
         ["Human: hi\n\nAssistant:", "Human: How do I bake bread?\n\nAssistant:"],
