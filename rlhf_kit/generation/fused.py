@@ -75,15 +75,24 @@ def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.act_fn(gate) * up)
 
 
+def _stackable(m: nn.Module, names: tuple[str, ...]) -> bool:
+    """Plain linears (not sharded DTensors) that all have a bias or none has."""
+    linears = [getattr(m, n, None) for n in names]
+    if not all(isinstance(lin, nn.Linear) for lin in linears):
+        return False
+    plain = not any(hasattr(lin.weight, "device_mesh") for lin in linears)
+    return plain and len({lin.bias is None for lin in linears}) == 1
+
+
 def _is_llama_attention(m: nn.Module) -> bool:
-    return all(isinstance(getattr(m, n, None), nn.Linear) for n in (*_ATTN, "o_proj")) and hasattr(
-        m, "head_dim"
+    return (
+        _stackable(m, _ATTN) and isinstance(getattr(m, "o_proj", None), nn.Linear) and hasattr(m, "head_dim")
     )
 
 
 def _is_llama_mlp(m: nn.Module) -> bool:
-    return all(isinstance(getattr(m, n, None), nn.Linear) for n in (*_MLP, "down_proj")) and hasattr(
-        m, "act_fn"
+    return (
+        _stackable(m, _MLP) and isinstance(getattr(m, "down_proj", None), nn.Linear) and hasattr(m, "act_fn")
     )
 
 

@@ -32,7 +32,7 @@ class _KVState:
     """
 
     def __init__(
-        self, max_batch: int, max_len: int, device: torch.device, decode_attention: str = "sdpa"
+        self, max_batch: int, max_len: int, device: torch.device, decode_attention: str = "matmul"
     ) -> None:
         self.max_batch = max_batch
         self.max_len = max_len

@@ -64,3 +64,15 @@ def test_a_fused_forward_that_disagrees_stays_unfused(left_tokenizer, monkeypatc
         model.model.layers[1].self_attn
     )
     assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+
+
+def test_linears_with_mixed_biases_are_not_stacked(left_tokenizer):
+    model = make_causal_lm(left_tokenizer, "qwen2", seed=0)  # q, k and v have biases
+    ids = torch.randint(0, len(left_tokenizer), (2, 7))
+    for layer in model.model.layers:
+        layer.self_attn.k_proj.bias = None
+    want = model(input_ids=ids).logits
+    n = fused_mod.fuse_projections(model, static_kv_attention)
+    assert n == model.config.num_hidden_layers  # the MLPs only
+    assert not hasattr(model.model.layers[0].self_attn, "_rlhf_kit_qkv")
+    assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
