@@ -106,6 +106,24 @@ def _self_check(module: nn.Module, fused: Any, args: tuple, kwargs: dict) -> boo
     return bool(torch.allclose(want.float(), got.float(), atol=tol, rtol=tol))
 
 
+def _check_attention(module: nn.Module) -> bool:
+    """The self-check of one attention module, outside generation (its attention function then is SDPA)."""
+    w = module.q_proj.weight
+    b, t, d = 2, 5, module.q_proj.in_features
+    x = torch.randn(b, t, d, dtype=w.dtype, device=w.device)
+    cos = torch.randn(b, t, module.head_dim, dtype=w.dtype, device=w.device)
+    sin = torch.randn(b, t, module.head_dim, dtype=w.dtype, device=w.device)
+    kwargs = {"position_embeddings": (cos, sin), "attention_mask": None}
+    return _self_check(module, _fused_attention_forward, (x,), kwargs)
+
+
+def _check_mlp(module: nn.Module) -> bool:
+    """The self-check of one MLP module."""
+    w = module.gate_proj.weight
+    x = torch.randn(2, 3, module.gate_proj.in_features, dtype=w.dtype, device=w.device)
+    return _self_check(module, _fused_mlp_forward, (x,), {})
+
+
 def fuse_projections(model: nn.Module, attention_fn: Any) -> int:
     """Stack QKV and gate/up projections of every Llama-family block of ``model`` in place; returns the
     number of modules fused (0 for families without those modules; it stops at the first module whose
@@ -131,9 +149,7 @@ def fuse_projections(model: nn.Module, attention_fn: Any) -> int:
             fused += 1
         elif _is_llama_mlp(module):
             _stack(module, _MLP, "_rlhf_kit_gate_up")
-            x = torch.randn(2, 3, module.gate_proj.in_features, dtype=module.gate_proj.weight.dtype,
-                            device=module.gate_proj.weight.device)  # fmt: skip
-            if not _self_check(module, _fused_mlp_forward, (x,), {}):
+            if not _check_mlp(module):
                 logger.warning(
                     "%s: fused gate/up does not match its forward; kept unfused", type(module).__name__
                 )
@@ -141,14 +157,3 @@ def fuse_projections(model: nn.Module, attention_fn: Any) -> int:
             module.forward = types.MethodType(_fused_mlp_forward, module)
             fused += 1
     return fused
-
-
-def _check_attention(module: nn.Module) -> bool:
-    """The self-check of one attention module, outside generation (its attention function then is SDPA)."""
-    w = module.q_proj.weight
-    b, t, d = 2, 5, module.q_proj.in_features
-    x = torch.randn(b, t, d, dtype=w.dtype, device=w.device)
-    cos = torch.randn(b, t, module.head_dim, dtype=w.dtype, device=w.device)
-    sin = torch.randn(b, t, module.head_dim, dtype=w.dtype, device=w.device)
-    kwargs = {"position_embeddings": (cos, sin), "attention_mask": None}
-    return _self_check(module, _fused_attention_forward, (x,), kwargs)

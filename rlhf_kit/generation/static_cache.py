@@ -31,9 +31,7 @@ class _KVState:
     the compiled block on that number and compile it once per layer). :meth:`release` removes them.
     """
 
-    def __init__(
-        self, max_batch: int, max_len: int, device: torch.device, decode_attention: str = "matmul"
-    ) -> None:
+    def __init__(self, max_batch: int, max_len: int, device: torch.device, decode_attention: str) -> None:
         self.max_batch = max_batch
         self.max_len = max_len
         self.decode_attention = decode_attention
