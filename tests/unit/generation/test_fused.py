@@ -76,3 +76,30 @@ def test_linears_with_mixed_biases_are_not_stacked(left_tokenizer):
     assert n == model.config.num_hidden_layers  # the MLPs only
     assert not hasattr(model.model.layers[0].self_attn, "_rlhf_kit_qkv")
     assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+
+
+def test_a_real_like_bf16_checkpoint_fuses_and_generates_like_unfused(tmp_path):
+    """bf16 weights on disk, pad == EOS in the tokenizer, config pad id 0 (not the tokenizer's), attention
+    dropout 0.3 and sampling settings in generation_config: every block fuses at bf16 tolerance, and the
+    fused backend's greedy output is the unfused backend's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_kit.tiny import save_real_like_checkpoint
+
+    path = save_real_like_checkpoint(str(tmp_path / "ckpt"), pad="eos")
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    assert tok.pad_token_id == tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert model.config.pad_token_id != tok.pad_token_id and model.config.attention_dropout > 0
+    enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nHow do I bake bread?"
+               "<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", padding=True)  # fmt: skip
+    params = SamplingParams(
+        max_new_tokens=8, greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    fused = CompiledBackend(copy.deepcopy(model), max_seq_len=64)
+    assert fused.fused_modules == 2 * model.config.num_hidden_layers
+    plain = CompiledBackend(copy.deepcopy(model), max_seq_len=64, fuse=False)
+    a = fused.generate(enc.input_ids, enc.attention_mask, params)
+    b = plain.generate(enc.input_ids, enc.attention_mask, params)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.finished, b.finished)
+    assert (a.logprobs - b.logprobs).abs().max() < 5e-2
