@@ -1,8 +1,8 @@
 """GPU check of --optimizer adamw8bit's state: bytes per parameter, and an exact offload round trip.
 
 ``rlhf_kit.training.offload`` moves optimizer state to the host during generation (``--offload-optimizer``);
-torchao's 8-bit moments are tensor subclasses, which must travel as they are (a copy into a plain tensor
-would de-quantise them). On CPU the move is a no-op, so this runs where a CUDA device exists:
+the 8-bit moments (uint8 codes and fp32 block scales) must come back exactly as they left. On CPU the
+move is a no-op, so this runs where a CUDA device exists:
 
     python3 bench/lowbit_check.py --out $OUT/lowbit_check.json
 """
@@ -41,13 +41,10 @@ def main() -> None:
     step(a, opt_a, 1)
     step(b, opt_b, 1)
     w = a[0].weight
-    state_bytes = sum(
-        t.codes.nbytes + t.scale.nbytes if hasattr(t, "codes") else t.nbytes
-        for t in (opt_a.state[w]["exp_avg"], opt_a.state[w]["exp_avg_sq"])
-    )
+    state_bytes = sum(t.nbytes for k, t in opt_a.state[w].items() if k != "step")  # codes and scales
     offload_optimizer_state(opt_b)  # what --offload-optimizer does around generation
     moved = opt_b.state[b[0].weight]["exp_avg"]
-    on_host = {"type": type(moved).__name__, "device": str(moved.device)}
+    on_host = {"dtype": str(moved.dtype), "device": str(moved.device), "pinned": moved.is_pinned()}
     before = torch.cuda.memory_allocated(dev)
     onload_optimizer_state(opt_b, dev)
     step(a, opt_a, 2)

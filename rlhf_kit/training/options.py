@@ -40,9 +40,10 @@ class TrainingOptions:
     """bf16 model weights with fp32 master weights in AdamW (one process; faster, less memory than
     fp32 weights under autocast). --mixed-precision auto picks it on one bf16 GPU without FSDP or LoRA."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """adamw: torch's AdamW (fused on CUDA; fp32 moments). adamw8bit: torchao's 8-bit AdamW over bf16
-    weights with stochastic rounding, 6 bytes per trained parameter instead of 16-18 (for models whose
-    optimizer state does not fit; all weights trained, no FSDP; pip install 'rlhf-kit[lowbit]')."""
+    """adamw: torch's AdamW (fused on CUDA; fp32 moments). adamw8bit: 8-bit block-wise AdamW moments over bf16
+    weights with stochastic rounding (torchao's quantisation, one fused update per chunk of parameters),
+    6 bytes per trained parameter instead of 16-18 (for models whose optimizer state does not fit; all
+    weights trained, no FSDP; pip install 'rlhf-kit[lowbit]')."""
     lora_r: int = 0
     """LoRA rank on the trained model (PPO: the actor), 8-64 usual; 0 trains all weights. A reward model's score head
     still trains in full; the PPO reference is then the actor with its adapters disabled; the final
@@ -193,6 +194,6 @@ def check_optimizer_choice(opts: TrainingOptions, *, world_size: int, fsdp: bool
     fsdp_launch = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if world_size > 1 and (fsdp or fsdp_launch):
         raise ConfigError("--optimizer adamw8bit is not built for FSDP2 sharding: one process or DDP")
-    from rlhf_kit.training.lowbit import adamw8bit_class
+    from rlhf_kit.training.lowbit import torchao_quant_utils
 
-    adamw8bit_class()  # torchao missing: one line with the install hint, before any model is built
+    torchao_quant_utils()  # torchao missing: one line with the install hint, before any model is built

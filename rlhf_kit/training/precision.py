@@ -91,7 +91,7 @@ def build_master_weight_optimizer(
     return opt
 
 
-#: ``--optimizer`` choices: torch's AdamW (fused on CUDA), or torchao's 8-bit AdamW over bf16 weights.
+#: ``--optimizer`` choices: torch's AdamW (fused on CUDA), or 8-bit AdamW over bf16 weights (:mod:`.lowbit`).
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
