@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import traceback
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import torch.multiprocessing as mp
 
 
 def _run_rank(body: Callable[[int], None], rank: int, store: str, world: int, errors) -> None:
+    faulthandler.enable()  # a rank killed by a signal (a C++ abort) prints its Python stack
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:

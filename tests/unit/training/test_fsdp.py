@@ -42,6 +42,9 @@ def _assert_close(a, b, what, atol=1e-10):
 
 
 def _worker(rank: int, store: str) -> None:
+    import faulthandler
+
+    faulthandler.enable()  # a rank that aborts (SIGABRT, seen once under load) prints where it was
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
