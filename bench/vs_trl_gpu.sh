@@ -6,8 +6,9 @@
 #   bash bench/vs_trl_gpu.sh e    # RM: ours with gradient checkpointing / master weights / compiled blocks (session 3)
 #   bash bench/vs_trl_gpu.sh f    # PPO config B: TRL, ours --optimizer adamw8bit, ours with master weights (session 11)
 #   bash bench/vs_trl_gpu.sh g    # the multi-tensor 8-bit AdamW: one optimizer step on config B's actor (ours,
-#                                 # torchao, master weights), the offload check, PPO config B (session 13;
-#                                 # SYSTEMS="trl ours" adds TRL, default ours only)
+#                                 # torchao, master weights), the offload check, the kept generation cache,
+#                                 # PPO config B with adamw8bit (session 13; SYSTEMS="trl ours" adds TRL)
+#   bash bench/vs_trl_gpu.sh h    # PPO config B with master weights (the second call of session 13)
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -45,12 +46,17 @@ if [ "$phase" = f ]; then  # session 11, config B memory: 8-bit AdamW over bf16 
   $B --systems ours --master-weights --work $WORK/bm --out "$OUT/b_master" 2>&1 | tee -a "$OUT/ppo_log.txt"
   cat "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = g ]; then  # session 13: rlhf_kit.training.lowbit.AdamW8bit (torchao's wheel in .whl/)
+if [ "$phase" = g ]; then  # session 13: rlhf_kit.training.lowbit.AdamW8bit (torchao's wheel in .whl/), the kept cache
   python3 bench/optimizer_step.py --config B --out "$OUT/optimizer_step.json" 2>&1 | tee "$OUT/opt_log.txt"
   python3 bench/lowbit_check.py --out "$OUT/lowbit_check.json" 2>&1 | tail -1
+  python3 bench/cache_check.py --config A --out "$OUT/cache_check.json" 2>&1 | tail -1
   B="python3 bench/ppo_vs_trl.py --configs B --keep-cache --compile-blocks --timeout 240"
   $B --systems ${SYSTEMS:-ours} --optimizer adamw8bit --trl-site /tmp/site112 --work $WORK/b8 --out "$OUT/b_8bit" 2>&1 | tee "$OUT/ppo_log.txt"
-  $B --systems ours --master-weights --work $WORK/bm --out "$OUT/b_master" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  cat "$OUT"/*/*.md; rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = h ]; then  # session 13, second call: PPO config B with master weights (the default), same machine
+  B="python3 bench/ppo_vs_trl.py --configs B --keep-cache --compile-blocks --timeout 240"
+  $B --systems ours --master-weights --work $WORK/bm --out "$OUT/b_master" 2>&1 | tee "$OUT/ppo_log.txt"
   cat "$OUT"/*/*.md; rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile

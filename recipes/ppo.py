@@ -36,6 +36,7 @@ from rlhf_kit.ppo import (
     collect_experience,
     compute_advantages,
     experience_config,
+    generation_cache_mode,
     load_ppo_models,
     load_prompt_sets,
     make_backend,
@@ -201,6 +202,9 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     """Move optimizer state to CPU during generation and scoring."""
     compile_blocks: bool = False
     """torch.compile each transformer block of the four models (GPU: fewer, fused kernels per layer)."""
+    generation_cache: Literal["auto", "keep", "release"] = "auto"
+    """The compiled backend's KV cache and CUDA graphs between rollouts: keep (no re-capture each step),
+    release (memory back to training), auto (keep when they take <= 5% of the GPU, release with offloading)."""
 
     # --- bookkeeping ---------------------------------------------------------------------------
     val_check_interval: int = 2
@@ -218,7 +222,7 @@ POSITIVE = ("max_steps", "num_rollout_samples", "rollout_micro_batch_size", "max
 NON_NEGATIVE = ("actor_min_lr", "critic_min_lr", "kl_coef", "entropy_coef", "ratio_eps", "value_clip",
                 "weight_decay", "max_grad_norm", "warmup_steps", "critic_warmup_steps", "max_bad_steps")  # fmt: skip
 #: Settings that may change on --resume besides output and reporting ones (they change no weights).
-MAY_CHANGE = ("offload_idle_models", "offload_optimizer")
+MAY_CHANGE = ("offload_idle_models", "offload_optimizer", "generation_cache")
 
 
 def validate(cfg: PPOConfig, world_size: int) -> int:
@@ -308,6 +312,7 @@ def main(cfg: PPOConfig) -> dict:
         params=sampling_params(cfg, tokenizer), models=models, scorer=scorer, cfg=exp_cfg,
         generation_batch_size=cfg.rollout_micro_batch_size, device=device, pad_token_id=tokenizer.pad_token_id,
         dynamic=dynamic, offload_frozen=cfg.offload_idle_models, phase=timer, autocast=acc.autocast, remote=remote,
+        generation_cache=generation_cache_mode(cfg),
     )  # fmt: skip
 
     # 5. Resume: weights, optimizers, schedules, KL controller, data position (and the server's state).

@@ -274,12 +274,16 @@ class CompiledBackend:
         bufs.step.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        # The warm-up samples too; restoring the generator afterwards makes a capture draw nothing, so the
+        # caller's random stream is the same whether this call captures or replays a kept graph.
+        rng = torch.cuda.get_rng_state(self.device)
         with torch.cuda.stream(stream), _activate(state):
             with _eager():  # allocates the KV buffers outside compiled code
                 self._decode_step(b, flags)
             for _ in range(3):
                 fn(b, flags)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.set_rng_state(rng, self.device)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -333,7 +337,7 @@ class CompiledBackend:
         state, bufs = self._ensure_state(), self._buffers(b)
         flags = bufs.set_params(params, eos, pad, self.vocab)
         graph = self._graph_for(b, flags) if self.use_graphs else None
-        if params.seed is not None:  # after capture: warm-up steps draw random numbers too
+        if params.seed is not None:
             torch.manual_seed(params.seed)
         ids = torch.full((b, p), pad, dtype=torch.long, device=self.device)
         mask = torch.zeros((b, p), dtype=torch.long, device=self.device)

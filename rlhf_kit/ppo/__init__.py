@@ -32,8 +32,10 @@ from rlhf_kit.ppo.experience import (
     score_rollouts,
 )
 from rlhf_kit.ppo.generate import (
+    GENERATION_CACHE,
     generate_rollouts,
     generate_rollouts_dynamic,
+    keep_generation_cache,
     merge_generations,
     split_generation,
 )
@@ -68,6 +70,7 @@ from rlhf_kit.ppo.update import UpdateConfig, mean_over_ranks, ppo_update
 from rlhf_kit.ppo.wiring import (
     check_run_settings,
     experience_config,
+    generation_cache_mode,
     held_out_size,
     load_prompt_sets,
     make_losses,
@@ -78,6 +81,7 @@ from rlhf_kit.ppo.wiring import (
 )
 
 __all__ = [
+    "GENERATION_CACHE",
     "CriticInference",
     "CriticTrainer",
     "EstimatorOptions",
@@ -97,6 +101,7 @@ __all__ = [
     "experience_config",
     "generate_rollouts",
     "generate_rollouts_dynamic",
+    "generation_cache_mode",
     "held_out_size",
     "load_critic_and_reward_model",
     "load_ppo_models",
@@ -107,6 +112,7 @@ __all__ = [
     "make_kl_controller",
     "make_losses",
     "make_scorer",
+    "keep_generation_cache",
     "mean_over_ranks",
     "merge_generations",
     "optimizer_state_offloaded",

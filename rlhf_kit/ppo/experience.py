@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.models.value import response_values
-from rlhf_kit.ppo.generate import generate_rollouts, generate_rollouts_dynamic
+from rlhf_kit.ppo.generate import generate_rollouts, generate_rollouts_dynamic, keep_generation_cache
 from rlhf_kit.ppo.models import PPOModels
 from rlhf_kit.ppo.remote import CriticInference
 from rlhf_kit.rollout import Rollout
@@ -177,6 +177,7 @@ def collect_experience(
     phase: Callable[[str], object] | None = None,
     autocast: Callable[[], object] | None = None,
     remote: CriticInference | None = None,
+    generation_cache: str = "release",
 ) -> tuple[Rollout, dict]:
     """Generate for ``prompts`` and score with the four models: the experience half of a PPO step.
 
@@ -189,6 +190,9 @@ def collect_experience(
             (e.g. :class:`rlhf_kit.training.metrics.StepTimer`); ``autocast()`` one for mixed precision.
         remote: a critic server client; values and (with ``scorer=None``) scores come from it
             (see :func:`make_experience`).
+        generation_cache: ``"release"`` frees the backend's KV cache and captured graphs after the
+            rollout, ``"keep"`` keeps them for the next one, ``"auto"`` keeps them when small
+            (:func:`~rlhf_kit.ppo.generate.keep_generation_cache`).
 
     Returns the rollout (advantages not yet computed) and statistics (generated tokens, dispatch).
     """
@@ -203,13 +207,17 @@ def collect_experience(
     with phase("generate"), torch.no_grad(), offloaded(*frozen, device=device):  # frozen back on exit
         if dynamic:
             gens, dispatch = generate_rollouts_dynamic(
-                backend, prompts, collate, params, generation_batch_size, device, pad_token_id
+                backend, prompts, collate, params, generation_batch_size, device, pad_token_id, release=False
             )
             stats["dispatch/samples_generated_min"] = min(dispatch.counts_before)
             stats["dispatch/samples_generated_max"] = max(dispatch.counts_before)
             stats["dispatch/samples_moved"] = dispatch.moved
         else:
-            gens = generate_rollouts(backend, prompts, collate, params, generation_batch_size, device)
+            gens = generate_rollouts(
+                backend, prompts, collate, params, generation_batch_size, device, release=False
+            )
+        if not keep_generation_cache(backend, generation_cache, device):
+            backend.sleep()
     with phase("score"), autocast():
         m = models
         rollout = score_rollouts(

@@ -41,6 +41,14 @@ def one_step_on_policy(cfg: Any) -> bool:
     return one_step and no_kl_reward
 
 
+def generation_cache_mode(cfg: Any) -> str:
+    """``cfg.generation_cache``, except that ``"auto"`` releases the generation cache when the run offloads
+    models or optimizer state: those runs asked for memory first."""
+    if cfg.generation_cache == "auto" and (cfg.offload_idle_models or cfg.offload_optimizer):
+        return "release"
+    return cfg.generation_cache
+
+
 def sampling_params(cfg: Any, tokenizer) -> SamplingParams:
     """Generation settings of the rollouts (and of validation); stops at EOS and the end of turn."""
     return SamplingParams(

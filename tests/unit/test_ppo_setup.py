@@ -99,3 +99,74 @@ def test_compiled_backend_has_one_bucket_so_validation_reuses_the_rollout_graph(
                               max_batch_size=16, max_seq_len=64)  # fmt: skip
     assert backend.buckets == (16,)
     assert backend._bucket(3) == 16
+
+
+class _Backend:
+    """Stands in for a backend that reports its KV cache size."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+    def kv_cache_bytes(self) -> int:
+        return self.nbytes
+
+
+def test_generation_cache_is_kept_when_small_on_cuda_and_released_otherwise(monkeypatch):
+    from types import SimpleNamespace
+
+    from rlhf_kit.ppo import generation_cache_mode, keep_generation_cache
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * gib))
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert keep_generation_cache(_Backend(gib), "auto", cuda)  # 1.25% of the card
+    assert not keep_generation_cache(_Backend(5 * gib), "auto", cuda)  # 6.25%: training may need it
+    assert not keep_generation_cache(_Backend(0), "auto", cuda)  # asleep, or nothing to keep
+    assert not keep_generation_cache(object(), "auto", cuda)  # a backend without a cache (HF)
+    assert not keep_generation_cache(_Backend(gib), "auto", cpu)  # no graphs to keep on CPU
+    assert keep_generation_cache(_Backend(5 * gib), "keep", cuda) and keep_generation_cache(
+        object(), "keep", cpu
+    )
+    assert not keep_generation_cache(_Backend(gib), "release", cuda)
+    with pytest.raises(ValueError, match="choose one of auto, keep, release"):
+        keep_generation_cache(_Backend(gib), "always", cuda)
+    run = SimpleNamespace(generation_cache="auto", offload_idle_models=False, offload_optimizer=False)
+    assert generation_cache_mode(run) == "auto"
+    assert generation_cache_mode(SimpleNamespace(**{**vars(run), "offload_optimizer": True})) == "release"
+    kept = SimpleNamespace(**{**vars(run), "generation_cache": "keep", "offload_idle_models": True})
+    assert generation_cache_mode(kept) == "keep"
+
+
+def test_a_kept_generation_cache_gives_the_rollouts_a_released_one_gives(tokenizer):
+    """Two consecutive rollouts through one CompiledBackend: with the cache kept the second reuses the
+    first's KV buffers and state, and must sample exactly what a backend that released them samples."""
+    from rlhf_kit.data import PromptCollator
+    from rlhf_kit.generation import CompiledBackend, SamplingParams
+    from rlhf_kit.models import TokenValueModel
+    from rlhf_kit.ppo import ExperienceConfig, FunctionScorer, PPOModels, collect_experience
+    from tests.conftest import make_causal_lm
+
+    actor = make_causal_lm(tokenizer, seed=1)
+    critic = TokenValueModel(make_reward_model(tokenizer, seed=4))
+    models = PPOModels(actor=actor, critic=critic, reference=make_causal_lm(tokenizer, seed=2))
+    prompts = [tokenizer(t)["input_ids"] for t in ("Human: hi", "Human: how are you today", "Human: ok")]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, pad_token_id=tokenizer.pad_token_id)
+    scorer = FunctionScorer(lambda prompts, responses: [1.0] * len(responses), tokenizer)
+    runs = {}
+    for mode in ("keep", "release"):
+        backend = CompiledBackend(make_causal_lm(tokenizer, seed=1), max_batch_size=4, max_seq_len=32)
+        torch.manual_seed(0)
+        rollouts, held = [], []
+        for _ in range(2):
+            rollout, _ = collect_experience(
+                backend, prompts, PromptCollator(tokenizer.pad_token_id), params,
+                models, scorer, ExperienceConfig(), generation_batch_size=4, device="cpu",
+                pad_token_id=tokenizer.pad_token_id, generation_cache=mode,
+            )  # fmt: skip
+            rollouts.append(rollout)
+            held.append(backend.kv_cache_bytes())
+        runs[mode] = rollouts
+        assert (held[-1] > 0) == (mode == "keep"), held
+    for kept, released in zip(runs["keep"], runs["release"]):
+        assert torch.equal(kept.sequences, released.sequences)
+        assert torch.equal(kept.logprobs, released.logprobs)
