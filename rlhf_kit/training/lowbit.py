@@ -13,9 +13,9 @@ parameter, and on a GPU its host time (about 0.7 ms a parameter, 0.28 s per PPO 
 critic: docs/benchmarks.md) was the whole cost of the switch. Here the parameters of a group are packed
 into chunks of up to ``chunk_numel`` values: each chunk's weights, gradients and quantised moments are
 gathered into flat buffers (one ``torch.cat`` each), updated by one function (compiled once on CUDA,
-with symbolic sizes), and written back with ``torch._foreach_copy_``. A parameter larger than a chunk
-is split on block boundaries; every parameter starts on a new block, so a block never mixes two
-tensors. The quantisation map and the rounding to codes are torchao's (``torchao.optim.quant_utils``,
+the number of blocks symbolic), and written back with ``torch._foreach_copy_``. A parameter larger
+than a chunk is split on block boundaries; every parameter starts on a new block, so a block never
+mixes two tensors. The quantisation map and the rounding to codes are torchao's (``torchao.optim.quant_utils``,
 the optional ``[lowbit]`` extra), so the format matches torchao's and bitsandbytes'.
 
 State, per parameter: ``step`` (a 0-d CPU tensor, as torch's AdamW), ``exp_avg`` / ``exp_avg_sq`` (uint8
@@ -85,8 +85,8 @@ def adamw8bit_update(
 ) -> tuple[torch.Tensor, ...]:
     """One AdamW step (Loshchilov & Hutter, 2019) on flat buffers with 8-bit block-wise moments.
 
-    Shapes: ``w``, ``g``, ``m_codes``, ``v_codes`` (n,) with n a whole number of blocks; ``m_scale``,
-    ``v_scale`` (n / block,); ``qmap_*`` (256,) code values. ``hyper`` holds 0-d tensors: decay
+    Shapes: ``w``, ``g``, ``m_codes``, ``v_codes`` (n_blocks, block); ``m_scale``, ``v_scale``
+    (n_blocks,); ``qmap_*`` (256,) code values. ``hyper`` holds 0-d tensors: decay
     (1 - lr * weight_decay), step size (lr / bias correction 1), sqrt of bias correction 2, 1 - beta1,
     1 - beta2, eps. Returns the new ``(w, m_codes, m_scale, v_codes, v_scale)``; ``w`` in its own dtype,
     rounded stochastically from fp32 when ``stochastic``.
@@ -97,7 +97,7 @@ def adamw8bit_update(
     m = qu.dequant_with_qmap(m_codes, qmap_signed, m_scale).lerp(g32, one_minus_b1)
     v = qu.dequant_with_qmap(v_codes, qmap_unsigned, v_scale).lerp(g32 * g32, one_minus_b2)
     new = w.float() * decay - step_size * m / (v.sqrt() / bc2_sqrt + eps)
-    block = m_codes.numel() // m_scale.numel()
+    block = m_codes.shape[-1]
     m, m_scale = qu.scale_tensor(m, block)
     v, v_scale = qu.scale_tensor(v, block)
     m_codes, v_codes = (
@@ -115,8 +115,8 @@ class AdamW8bit(torch.optim.Optimizer):
     ``stochastic_round=False``, which rounds to nearest as torchao does with it off); ``block_size`` values
     share one scale; ``chunk_numel`` (a multiple of ``block_size``) bounds the values updated per call and
     so the transient memory; ``compile`` (default: when the parameters are on CUDA) runs the update
-    through ``torch.compile`` once, with symbolic sizes. Learning rates stay plain floats, so schedulers
-    and logging see what they see with torch's AdamW.
+    through ``torch.compile`` once, with a symbolic number of blocks. Learning rates stay plain floats,
+    so schedulers and logging see what they see with torch's AdamW.
     """
 
     def __init__(
@@ -157,7 +157,14 @@ class AdamW8bit(torch.optim.Optimizer):
         if not (self.compile if self.compile is not None else device.type == "cuda"):
             return adamw8bit_update
         if self._compiled is None:
-            self._compiled = torch.compile(adamw8bit_update, dynamic=True)
+            compiled = torch.compile(adamw8bit_update)
+
+            def call(*args):  # the number of blocks varies between chunks; the block size does not
+                for t in args[:6]:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                return compiled(*args)
+
+            self._compiled = call
         return self._compiled
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
@@ -224,7 +231,7 @@ class AdamW8bit(torch.optim.Optimizer):
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in _CODES + _SCALES}  # views of the state
         for p, start, end in pieces:
             state, pad = self.state[p], -(end - start) % b
-            w, g = p.view(-1)[start:end], p.grad.reshape(-1)[start:end]
+            w, g = p.detach().view(-1)[start:end], p.grad.reshape(-1)[start:end]
             if pad:  # the last piece of a parameter whose size is not a whole number of blocks
                 w, g = nn.functional.pad(w, (0, pad)), nn.functional.pad(g, (0, pad))
             weights.append(w)
@@ -235,12 +242,14 @@ class AdamW8bit(torch.optim.Optimizer):
             for k in _SCALES:
                 parts[k].append(state[k][start // b : (end + pad) // b])
         flat = {k: _cat(v) for k, v in parts.items()}
+        blocks = {k: flat[k].view(-1, b) for k in _CODES}
         qs, qu = self._qmap(device)
         w_new, m_codes, m_scale, v_codes, v_scale = self._update_fn(device)(
-            _cat(weights), _cat(grads),
-            flat["exp_avg"], flat["exp_avg_scale"], flat["exp_avg_sq"], flat["exp_avg_sq_scale"],
+            _cat(weights).view(-1, b), _cat(grads).view(-1, b),
+            blocks["exp_avg"], flat["exp_avg_scale"], blocks["exp_avg_sq"], flat["exp_avg_sq_scale"],
             qs, qu, hyper, self.stochastic_round and pieces[0][0].dtype == torch.bfloat16,
         )  # fmt: skip
+        w_new, m_codes, v_codes = w_new.view(-1), m_codes.view(-1), v_codes.view(-1)
         padded = [t.numel() for t in parts["exp_avg"]]
         torch._foreach_copy_([p.view(-1)[s:e] for p, s, e in pieces], _split(w_new, padded, sizes))
         for k, new in (("exp_avg", m_codes), ("exp_avg_sq", v_codes)):
