@@ -47,11 +47,11 @@ if [ "$phase" = f ]; then  # session 11, config B memory: 8-bit AdamW over bf16 
   cat "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = g ]; then  # session 13: rlhf_kit.training.lowbit.AdamW8bit (torchao's wheel in .whl/), the kept cache
-  python3 bench/optimizer_step.py --config B --out "$OUT/optimizer_step.json" 2>&1 | tee "$OUT/opt_log.txt"
-  python3 bench/lowbit_check.py --out "$OUT/lowbit_check.json" 2>&1 | tail -1
+  python3 bench/optimizer_step.py --config B --variants ours_compiled torchao master_fused --out "$OUT/optimizer_step.json" 2>&1 | tee "$OUT/opt_log.txt"
   python3 bench/cache_check.py --config A --out "$OUT/cache_check.json" 2>&1 | tail -1
   B="python3 bench/ppo_vs_trl.py --configs B --keep-cache --compile-blocks --timeout 240"
   $B --systems ${SYSTEMS:-ours} --optimizer adamw8bit --trl-site /tmp/site112 --work $WORK/b8 --out "$OUT/b_8bit" 2>&1 | tee "$OUT/ppo_log.txt"
+  python3 bench/lowbit_check.py --out "$OUT/lowbit_check.json" 2>&1 | tail -1
   cat "$OUT"/*/*.md; rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = h ]; then  # session 13, second call: PPO config B with master weights (the default), same machine
