@@ -9,8 +9,8 @@ et al., 2020, "Revisiting BFloat16 Training"): a step smaller than the weight's 
 in expectation, which rounding to nearest would drop.
 
 :class:`AdamW8bit` is a multi-tensor optimizer. torchao's ``AdamW8bit`` calls one compiled update per
-parameter, and on a GPU its host time (about 0.7 ms a parameter, 0.28 s per PPO step on a 1B actor and
-critic: docs/benchmarks.md) was the whole cost of the switch. Here the parameters of a group are packed
+parameter, and its host time (0.4-0.7 ms a parameter, 0.28 s per PPO step on a 1B actor and critic on an
+H200: docs/benchmarks.md) was the cost of the switch. Here the parameters of a group are packed
 into chunks of up to ``chunk_numel`` values: each chunk's weights, gradients and quantised moments are
 gathered into flat buffers (one ``torch.cat`` each), updated by one function (compiled once on CUDA,
 the number of blocks symbolic), and written back with ``torch._foreach_copy_``. A parameter larger
