@@ -121,3 +121,19 @@ def test_nan_probe_runs_every_backend_on_cpu(tmp_path):
             assert "error" not in r and r["lp_nonfinite_real"] == 0 and r["val_nonfinite_real"] == 0, r
             if r["grad"]:
                 assert r["grad_nonfinite_params"] == 0, r
+
+
+def test_optimizer_step_bench_reports_each_variant_on_cpu(tmp_path):
+    """bench/optimizer_step.py's CPU dry run (torchao's variant, which compiles per shape, left to the GPU
+    call): our 8-bit state is 2.03 bytes a value (codes plus one fp32 scale per 256), the master-weight
+    AdamW's 12 (fp32 master and two moments)."""
+    from bench import optimizer_step
+
+    out = optimizer_step.main(
+        ["--config", "tiny", "--variants", "ours_eager", "master_fused", "--steps", "2", "--warmup", "1",
+         "--out", str(tmp_path / "opt.json")]
+    )  # fmt: skip
+    ours, master = out["variants"]["ours_eager"], out["variants"]["master_fused"]
+    assert 2.03 <= ours["state_bytes_per_param"] < 2.1 and master["state_bytes_per_param"] == 12.0
+    assert ours["trained_params"] == master["trained_params"] > 0 and ours["median_step_s"] > 0
+    assert (tmp_path / "opt.json").exists() and "agreement_vs_torchao" not in out
