@@ -205,19 +205,22 @@ def collect_experience(
     frozen = models.frozen() if offload_frozen else []
     stats: dict = {}
     with phase("generate"), torch.no_grad(), offloaded(*frozen, device=device):  # frozen back on exit
-        if dynamic:
-            gens, dispatch = generate_rollouts_dynamic(
-                backend, prompts, collate, params, generation_batch_size, device, pad_token_id, release=False
-            )
-            stats["dispatch/samples_generated_min"] = min(dispatch.counts_before)
-            stats["dispatch/samples_generated_max"] = max(dispatch.counts_before)
-            stats["dispatch/samples_moved"] = dispatch.moved
-        else:
-            gens = generate_rollouts(
-                backend, prompts, collate, params, generation_batch_size, device, release=False
-            )
-        if not keep_generation_cache(backend, generation_cache, device):
-            backend.sleep()
+        try:
+            if dynamic:
+                gens, dispatch = generate_rollouts_dynamic(
+                    backend, prompts, collate, params, generation_batch_size, device, pad_token_id,
+                    release=False,
+                )  # fmt: skip
+                stats["dispatch/samples_generated_min"] = min(dispatch.counts_before)
+                stats["dispatch/samples_generated_max"] = max(dispatch.counts_before)
+                stats["dispatch/samples_moved"] = dispatch.moved
+            else:
+                gens = generate_rollouts(
+                    backend, prompts, collate, params, generation_batch_size, device, release=False
+                )
+        finally:  # released on an error too, as generate_rollouts does with release=True
+            if not keep_generation_cache(backend, generation_cache, device):
+                backend.sleep()
     with phase("score"), autocast():
         m = models
         rollout = score_rollouts(

@@ -170,8 +170,12 @@ class AdamW8bit(torch.optim.Optimizer):
             self._compiled = call
         return self._compiled
 
+    def _padded(self, n: int) -> int:
+        """``n`` values rounded up to whole blocks."""
+        return -(-n // self.block_size) * self.block_size
+
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
-        padded = -(-p.numel() // self.block_size) * self.block_size
+        padded = self._padded(p.numel())
         state["step"] = torch.tensor(0.0)
         for codes, scale in zip(_CODES, _SCALES):
             state[codes] = torch.zeros(padded, dtype=torch.uint8, device=p.device)
@@ -197,7 +201,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 key = (float(state["step"]), p.device, p.dtype, p.grad.dtype)
                 for start in range(0, p.numel(), c):
                     end = min(start + c, p.numel())
-                    size = -(-(end - start) // self.block_size) * self.block_size
+                    size = self._padded(end - start)
                     entry = open_chunks.get(key)
                     if entry is None or entry[1] + size > c:
                         entry = open_chunks[key] = [[], 0]
@@ -233,7 +237,7 @@ class AdamW8bit(torch.optim.Optimizer):
         weights, grads, sizes = [], [], []
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in _CODES + _SCALES}  # views of the state
         for p, start, end in pieces:
-            state, pad = self.state[p], -(end - start) % b
+            state, pad = self.state[p], self._padded(end - start) - (end - start)
             w, g = p.detach().view(-1)[start:end], p.grad.reshape(-1)[start:end]
             if pad:  # the last piece of a parameter whose size is not a whole number of blocks
                 w, g = nn.functional.pad(w, (0, pad)), nn.functional.pad(g, (0, pad))
