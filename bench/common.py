@@ -115,17 +115,59 @@ class PhaseClock:
         self.device = device
         self.t = 0.0
         self.phases: dict[str, float] = {}
+        self.laps: list[str] = []  # phase names in order: the profiler ranges "phase#i" (phase_device_times)
+        self._range = None
 
     def start(self) -> None:
         sync(self.device)
         self.t = time.perf_counter()
         self.phases = {}
+        self.laps = []
+        self._open()
 
     def lap(self, name: str) -> None:
         sync(self.device)
         now = time.perf_counter()
         self.phases[name] = self.phases.get(name, 0.0) + now - self.t
         self.t = now
+        self._range.__exit__(None, None, None)
+        self.laps.append(name)
+        self._open()
+
+    def _open(self) -> None:
+        if self._range is not None and not self.laps:  # start() again without a lap: close the stale range
+            self._range.__exit__(None, None, None)
+        self._range = torch.profiler.record_function(f"phase#{len(self.laps)}")
+        self._range.__enter__()
+
+
+def phase_device_times(prof, laps: list[str], top: int = 8) -> dict[str, dict]:
+    """Per phase of a profiled :class:`PhaseClock` step: wall seconds of the phase's range, the device
+    seconds its kernels ran (each lap syncs, so a phase's kernels run inside its range), their count,
+    and the ``top`` kernels by device time. ``prof`` is a finished ``torch.profiler.profile``."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    ranges = {e.name: e.time_range for e in events if e.name.startswith("phase#")}
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+    out: dict[str, dict] = {}
+    for i, name in enumerate(laps):
+        r = ranges.get(f"phase#{i}")
+        if r is None:
+            continue
+        inside = [k for k in kernels if r.start <= k.time_range.start < r.end]
+        busy: dict[str, float] = {}
+        for k in inside:
+            busy[k.name] = busy.get(k.name, 0.0) + k.time_range.elapsed_us() / 1e6
+        out[name] = {
+            "wall_s": r.elapsed_us() / 1e6,
+            "device_busy_s": sum(busy.values()),
+            "kernels": len(inside),
+            "top_kernels": sorted(([n[:100], round(t, 6)] for n, t in busy.items()), key=lambda x: -x[1])[
+                :top
+            ],
+        }
+    return out
 
 
 def median_after_warmup(times: list[float], warmup: int) -> float:

@@ -48,6 +48,7 @@ from bench.common import (  # noqa: E402
     matmul_peak_tflops,
     median_after_warmup,
     memory_stats,
+    phase_device_times,
     reset_peak_memory,
     run_worker,
     sync,
@@ -236,17 +237,19 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["matmul_peak_tflops"] = peak
     res["train_mfu"] = res["train_tflops_per_s"] / peak
     if args.profile and device.type == "cuda":
-        res["profile"] = profile_step(one_step, args.steps, device)
+        res["profile"] = profile_step(one_step, args.steps, device, clock)
     return res
 
 
-def profile_step(one_step, step: int, device: torch.device) -> dict[str, Any]:
-    """One extra step under ``torch.profiler``: the top CUDA kernels by total device time."""
+def profile_step(one_step, step: int, device: torch.device, clock: PhaseClock) -> dict[str, Any]:
+    """One extra step under ``torch.profiler``: the top CUDA kernels by total device time, and per phase
+    the device-busy seconds, kernel count and top kernels (:func:`phase_device_times`)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         one = one_step(step)
     sync(device)
+    phases = phase_device_times(prof, clock.laps)
     events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     total = sum(e.self_device_time_total for e in events) / 1e6
@@ -254,7 +257,8 @@ def profile_step(one_step, step: int, device: torch.device) -> dict[str, Any]:
         {"name": e.key[:120], "self_device_s": e.self_device_time_total / 1e6, "calls": e.count}
         for e in events[:25]
     ]
-    return {"step_s": one["step_s"], "phases_s": one["phases_s"], "device_busy_s": total, "top_kernels": top}
+    return {"step_s": one["step_s"], "phases_s": one["phases_s"], "device_busy_s": total, "top_kernels": top,
+            "phases": phases}  # fmt: skip
 
 
 def summarize(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]:

@@ -93,12 +93,15 @@ def ppo_update(
     backward = backward or (lambda loss: loss.backward())
     clip_grad = clip_grad or (lambda m, n: float(torch.nn.utils.clip_grad_norm_(m.parameters(), n)))
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    totals: dict[str, float] = {}
+    # statistics stay on the device until the end: a float() per micro-batch statistic would wait for
+    # the GPU each time and leave it idle while the host launches the next forward
+    totals: dict[str, torch.Tensor | float] = {}
     n_micro = 0
     seq_kl: list[torch.Tensor] = []  # (b,) per micro-batch: the rollout's KL, with skip_old_logprobs
 
-    def add(key: str, value) -> None:
-        totals[key] = totals.get(key, 0.0) + float(value)
+    def add(key: str, value: torch.Tensor | float) -> None:
+        value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+        totals[key] = totals[key] + value if key in totals else value
 
     agg = getattr(policy_loss, "aggregation", "token_mean")
     reuse = exp_cfg.skip_old_logprobs and train_actor
@@ -161,12 +164,22 @@ def ppo_update(
             critic_opt.step()
             critic_opt.zero_grad(set_to_none=True)
         add("_steps", 1)
-    steps = max(totals.pop("_steps", 1), 1)
+    steps = max(float(totals.pop("_steps", 1)), 1)
     out = {}
-    for k, v in totals.items():
+    for k, v in _to_floats(totals).items():
         out[k] = v / (steps if k.endswith("grad_norm") else max(n_micro, 1))
     if reuse:  # the mean over every rank's sequences, as compute_advantages reports it otherwise
         out["kl/seq_mean"] = global_mean(torch.cat(seq_kl) if seq_kl else torch.zeros(0, device=device))
+    return out
+
+
+def _to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Python floats of scalar statistics, with one device-to-host copy for all the tensors among them."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        device = values[keys[0]].device
+        out |= dict(zip(keys, torch.stack([values[k].reshape(()).to(device) for k in keys]).tolist()))
     return out
 
 

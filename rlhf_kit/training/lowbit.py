@@ -15,11 +15,13 @@ into chunks of up to ``chunk_numel`` values: each chunk's weights, gradients and
 gathered into flat buffers (one ``torch.cat`` each), updated by one function (compiled once on CUDA,
 the number of blocks symbolic), and written back with ``torch._foreach_copy_``. A parameter larger
 than a chunk is split on block boundaries; every parameter starts on a new block, so a block never
-mixes two tensors. The quantisation map and the rounding to codes are torchao's
-(``torchao.optim.quant_utils``, the optional ``[lowbit]`` extra), so the codes equal torchao's (tested).
-Measured on an H100 for a 1B-parameter model: 14 ms of host time per step against torchao's 89 ms, but
-0.107 s on the device against torchao's 0.089 s step, because the fused kernel is bound by the code
-table's lookups (about 22 per value), not by bytes (docs/benchmarks.md).
+mixes two tensors. The quantisation map, the block scaling and de-quantisation are torchao's
+(``torchao.optim.quant_utils``, the optional ``[lowbit]`` extra). Rounding to codes reads two tables
+built from torchao's rounding function (:mod:`rlhf_kit.training.lowbit_codes`) instead of its 8-step
+binary search, and the codes equal torchao's (tested). With the binary search, on an H100 for a
+1B-parameter model, the step took 14 ms of host time against torchao's 89 ms, but 0.107 s on the device
+against torchao's 0.089 s: the fused kernel was bound by the map's dependent reads (about 22 per value),
+not by bytes (docs/benchmarks.md).
 
 State, per parameter: ``step`` (a 0-d CPU tensor, as torch's AdamW), ``exp_avg`` / ``exp_avg_sq`` (uint8
 codes, padded to whole blocks) and ``exp_avg_scale`` / ``exp_avg_sq_scale`` (fp32, one per block): about
@@ -30,36 +32,16 @@ generator, which checkpoints carry).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from rlhf_kit.errors import ConfigError
+from rlhf_kit.training.lowbit_codes import code_tables, quantize_with_tables, torchao_quant_utils
 from rlhf_kit.training.optim import param_groups
 
 _CODES = ("exp_avg", "exp_avg_sq")
 _SCALES = ("exp_avg_scale", "exp_avg_sq_scale")
-_QUANT_UTILS = None  # torchao.optim.quant_utils once imported (read by the compiled update)
-
-
-def torchao_quant_utils():
-    """torchao's ``quant_utils`` module (a one-line :class:`ConfigError` with the install hint when missing)."""
-    global _QUANT_UTILS
-    if _QUANT_UTILS is not None:
-        return _QUANT_UTILS
-    quiet = logging.getLogger("torchao")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # it names each prebuilt C++ kernel this torch cannot load (unused here)
-    try:
-        from torchao.optim import quant_utils
-    except ImportError as e:
-        raise ConfigError(f"--optimizer adamw8bit needs torchao: pip install 'rlhf-kit[lowbit]' ({e})") from e
-    finally:
-        quiet.setLevel(level)
-    _QUANT_UTILS = quant_utils
-    return quant_utils
 
 
 def bf16_stochastic_round(x: torch.Tensor) -> torch.Tensor:
@@ -81,15 +63,16 @@ def adamw8bit_update(
     m_scale: torch.Tensor,
     v_codes: torch.Tensor,
     v_scale: torch.Tensor,
-    qmap_signed: torch.Tensor,
-    qmap_unsigned: torch.Tensor,
+    signed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    unsigned: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     hyper: tuple[torch.Tensor, ...],
     stochastic: bool,
 ) -> tuple[torch.Tensor, ...]:
     """One AdamW step (Loshchilov & Hutter, 2019) on flat buffers with 8-bit block-wise moments.
 
     Shapes: ``w``, ``g``, ``m_codes``, ``v_codes`` (n_blocks, block); ``m_scale``, ``v_scale``
-    (n_blocks,); ``qmap_*`` (256,) code values. ``hyper`` holds 0-d tensors: decay
+    (n_blocks,); ``signed`` and ``unsigned`` are each a map's ``(qmap (256,) code values, table, bounds)``
+    (:func:`rlhf_kit.training.lowbit_codes.code_tables`). ``hyper`` holds 0-d tensors: decay
     (1 - lr * weight_decay), step size (lr / bias correction 1), sqrt of bias correction 2, 1 - beta1,
     1 - beta2, eps. Returns the new ``(w, m_codes, m_scale, v_codes, v_scale)``; ``w`` in its own dtype,
     rounded stochastically from fp32 when ``stochastic``.
@@ -97,16 +80,13 @@ def adamw8bit_update(
     qu = torchao_quant_utils()
     decay, step_size, bc2_sqrt, one_minus_b1, one_minus_b2, eps = hyper
     g32 = g.float()
-    m = qu.dequant_with_qmap(m_codes, qmap_signed, m_scale).lerp(g32, one_minus_b1)
-    v = qu.dequant_with_qmap(v_codes, qmap_unsigned, v_scale).lerp(g32 * g32, one_minus_b2)
+    m = qu.dequant_with_qmap(m_codes, signed[0], m_scale).lerp(g32, one_minus_b1)
+    v = qu.dequant_with_qmap(v_codes, unsigned[0], v_scale).lerp(g32 * g32, one_minus_b2)
     new = w.float() * decay - step_size * m / (v.sqrt() / bc2_sqrt + eps)
     block = m_codes.shape[-1]
     m, m_scale = qu.scale_tensor(m, block)
     v, v_scale = qu.scale_tensor(v, block)
-    m_codes, v_codes = (
-        qu.quantize_8bit_with_qmap(m, qmap_signed),
-        qu.quantize_8bit_with_qmap(v, qmap_unsigned),
-    )
+    m_codes, v_codes = quantize_with_tables(m, *signed[1:]), quantize_with_tables(v, *unsigned[1:])
     new = bf16_stochastic_round(new) if stochastic else new.to(w.dtype)
     return new, m_codes, m_scale, v_codes, v_scale
 
@@ -144,16 +124,18 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.block_size, self.chunk_numel, self.compile = block_size, chunk_numel, compile
         self.stochastic_round = stochastic_round
-        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._qmaps: dict[torch.device, tuple[tuple[torch.Tensor, ...], ...]] = {}
         self._compiled = None
 
-    def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _qmap(self, device: torch.device) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """The signed and the unsigned map on ``device``, each ``(qmap, table, bounds)``."""
         if device not in self._qmaps:
             qu = torchao_quant_utils()
-            self._qmaps[device] = tuple(
-                torch.tensor(qu.create_dynamic_map(signed), dtype=torch.float32, device=device)
-                for signed in (True, False)
-            )
+            maps = []
+            for signed in (True, False):
+                qmap = torch.tensor(qu.create_dynamic_map(signed), dtype=torch.float32, device=device)
+                maps.append((qmap, *code_tables(qmap)))
+            self._qmaps[device] = tuple(maps)
         return self._qmaps[device]
 
     def _update_fn(self, device: torch.device):
@@ -250,11 +232,11 @@ class AdamW8bit(torch.optim.Optimizer):
                 parts[k].append(state[k][start // b : (end + pad) // b])
         flat = {k: _cat(v) for k, v in parts.items()}
         blocks = {k: flat[k].view(-1, b) for k in _CODES}
-        qs, qu = self._qmap(device)
+        signed, unsigned = self._qmap(device)
         w_new, m_codes, m_scale, v_codes, v_scale = self._update_fn(device)(
             _cat(weights).view(-1, b), _cat(grads).view(-1, b),
             blocks["exp_avg"], flat["exp_avg_scale"], blocks["exp_avg_sq"], flat["exp_avg_sq_scale"],
-            qs, qu, hyper, self.stochastic_round and pieces[0][0].dtype == torch.bfloat16,
+            signed, unsigned, hyper, self.stochastic_round and pieces[0][0].dtype == torch.bfloat16,
         )  # fmt: skip
         w_new, m_codes, v_codes = w_new.view(-1), m_codes.view(-1), v_codes.view(-1)
         padded = [t.numel() for t in parts["exp_avg"]]

@@ -1,4 +1,5 @@
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -285,3 +286,35 @@ def test_update_forwards_run_without_cudnn_sdpa(tokenizer, four_models):
     assert seen and not any(seen), seen
     assert len(seen) == 4  # 2 micro-batches x (actor + critic)
     assert cudnn_sdpa_enabled()
+
+
+def test_update_reads_statistics_to_the_host_once_not_per_micro_batch(tokenizer, four_models, monkeypatch):
+    """Each float() of a device tensor waits for the GPU; the micro-batch loop must not do one per
+    statistic (the host would stall before every forward): the count of our reads (those made from
+    rlhf_kit's code; transformers' mask building makes its own) does not grow with the number of
+    micro-batches, and the statistics are still plain floats."""
+    import sys
+
+    actor, ref, critic, rm = four_models
+    gen = fake_generation(tokenizer)
+    cfg = ExperienceConfig(temperature=0.8)
+    r, _ = compute_advantages(make_experience(gen, actor, ref, critic, RewardModelScorer(rm), cfg), 0.05, cfg)
+    reads = {"n": 0}
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            reads["n"] += "rlhf_kit" in sys._getframe(1).f_code.co_filename
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_for(micro):
+        reads["n"] = 0
+        stats = _update(copy.deepcopy(actor), copy.deepcopy(critic), r, micro=micro, mini=4)
+        return reads["n"], stats
+
+    n4, s4 = reads_for(4)  # one micro-batch
+    n1, s1 = reads_for(1)  # four micro-batches
+    assert n1 == n4, (n1, n4)
+    assert set(s1) == set(s4) and all(isinstance(v, float) and math.isfinite(v) for v in s1.values())

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rlhf_kit.errors import ConfigError
-from rlhf_kit.training import lowbit
+from rlhf_kit.training import lowbit_codes
 from rlhf_kit.training.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_kit.training.lowbit import AdamW8bit, build_8bit_optimizer
 from rlhf_kit.training.optim import clip_grad_norm, cosine_schedule
@@ -238,7 +238,7 @@ def test_settings_that_cannot_run_with_adamw8bit_stop_with_one_line(monkeypatch)
 
 def test_a_missing_torchao_is_one_line_with_the_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # makes the import fail
-    monkeypatch.setattr(lowbit, "_QUANT_UTILS", None)  # as in a process that never imported it
+    monkeypatch.setattr(lowbit_codes, "_QUANT_UTILS", None)  # as in a process that never imported it
     with pytest.raises(ConfigError, match=r"pip install 'rlhf-kit\[lowbit\]'"):
         check_optimizer_choice(TrainingOptions(optimizer="adamw8bit"), world_size=1)
     check_optimizer_choice(TrainingOptions(), world_size=1)  # adamw needs no torchao
