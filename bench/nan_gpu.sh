@@ -18,5 +18,5 @@ for l in open('$W/ppo_$name/metrics.jsonl'):
     r=json.loads(l); print({k:r.get(k) for k in ('step','policy/loss','value/loss','policy/grad_norm','reward/score_mean','kl/seq_mean','time/generate','time/score','time/train')})
 "
   cp $W/ppo_$name/metrics.jsonl $OUT/ppo_$name.jsonl; }
-run plain
-[ -n "${FAST:-}" ] && run fast --compile-blocks --master-weights
+run plain --compile-blocks off
+[ -n "${FAST:-}" ] && run fast --compile-blocks on --master-weights

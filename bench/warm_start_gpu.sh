@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Warm start of the PPO recipe on one GPU: the same short run twice with one Inductor cache directory
-# (cold, then warm), without and with --compile-blocks; config-A widths, random init (bench/gpu_setup.sh).
+# (cold, then warm), with --compile-blocks off and on; config-A widths, random init (bench/gpu_setup.sh).
 # Reports process wall, launch to the end of step 1 (time/since_launch), step-1 and step-2 phase times (the step-1 excess is the warm-up) in $OUT/warm_start.md.
 #   bash bench/warm_start_gpu.sh      (carry .whl)
 set -u
@@ -17,7 +17,7 @@ run() { local name=$1; shift; local t0=$(date +%s.%N)
   cp $W/$name.log $OUT/; cp $W/$name/metrics.jsonl $OUT/${name}_metrics.jsonl 2>/dev/null; }
 RUNS=${RUNS:-default_cold default_warm blocks_cold blocks_warm}   # a subset: RUNS="default_cold default_warm"
 for name in $RUNS; do
-  case $name in blocks_*) run $name --compile-blocks ;; *) run $name ;; esac
+  case $name in blocks_*) run $name --compile-blocks on ;; *) run $name --compile-blocks off ;; esac
 done
 python3 - "$W/runs.txt" "$OUT" <<'PY' | tee "$OUT/warm_start.md"
 import json, os, sys

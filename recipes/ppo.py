@@ -65,7 +65,12 @@ from rlhf_kit.training.guard import NonFiniteGuard
 from rlhf_kit.training.hf import LoraSettings, make_accelerator
 from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
 from rlhf_kit.training.model_card import write_model_card
-from rlhf_kit.training.options import TrainingOptions, check_optimizer_choice, settle_ppo_master_weights
+from rlhf_kit.training.options import (
+    TrainingOptions,
+    check_optimizer_choice,
+    resolve_compile_blocks,
+    settle_ppo_master_weights,
+)
 from rlhf_kit.training.placement import OptimSettings
 from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import start_run
@@ -200,8 +205,10 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     """Keep reference and reward model on CPU (pinned) except while scoring."""
     offload_optimizer: bool = False
     """Move optimizer state to CPU during generation and scoring."""
-    compile_blocks: bool = False
-    """torch.compile each transformer block of the four models (GPU: fewer, fused kernels per layer)."""
+    compile_blocks: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each transformer block of the four models: fused kernels per layer, tens of seconds of
+    compilation at the first step. auto: on with one CUDA GPU, all weights trained, no FSDP and no gradient
+    checkpointing; off on CPU, where compiling costs more than it saves."""
     generation_cache: Literal["auto", "keep", "release"] = "auto"
     """The compiled backend's KV cache and CUDA graphs between rollouts: keep (no re-capture each step),
     release (memory back to training), auto (keep when they take <= 5% of the GPU, release with offloading)."""
@@ -247,6 +254,9 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
     note = settle_ppo_master_weights(cfg, cfg.mixed_precision, world_size=world_size, fsdp=cfg.fsdp)
     if note:  # only ever with one process
         print(note)
+    compiled = resolve_compile_blocks(cfg.compile_blocks, cfg, world_size=world_size, fsdp=cfg.fsdp)
+    if compiled and cfg.compile_blocks == "auto":
+        print("--compile-blocks auto: every transformer block compiled, the first step pays it (--compile-blocks off)")
     return accum
 
 
@@ -292,7 +302,7 @@ def main(cfg: PPOConfig) -> dict:
         acc, models, OptimSettings(cfg.actor_lr, cfg.actor_min_lr, cfg.weight_decay),
         OptimSettings(cfg.critic_lr, cfg.critic_min_lr, cfg.weight_decay), warmup_steps=cfg.warmup_steps,
         total_steps=total, fsdp=cfg.fsdp, master_weights=cfg.master_weights, optimizer=cfg.optimizer,
-        compile_blocks=cfg.compile_blocks,
+        compile_blocks=resolve_compile_blocks(cfg.compile_blocks, cfg, world_size=acc.num_processes, fsdp=cfg.fsdp),
     )  # fmt: skip
     actor, critic, opts, scheds = models.actor, models.critic, placed.optimizers, placed.schedulers
 

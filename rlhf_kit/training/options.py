@@ -168,6 +168,19 @@ def settle_ppo_master_weights(
     return "--mixed-precision auto: bf16 actor and critic with fp32 master weights (--mixed-precision bf16: fp32 weights)"
 
 
+def resolve_compile_blocks(choice: str, opts: TrainingOptions, *, world_size: int, fsdp: bool) -> bool:
+    """PPO's ``--compile-blocks auto|on|off``: auto compiles on one CUDA GPU with all weights trained, no
+    FSDP and no gradient checkpointing (where compiled blocks were measured to win); CPU never gains."""
+    if choice in ("on", "off"):
+        return choice == "on"
+    if choice != "auto":
+        raise ConfigError(f"--compile-blocks must be auto, on or off, got {choice!r}")
+    fsdp_launch = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if world_size != 1 or opts.lora_r or fsdp or fsdp_launch or opts.gradient_checkpointing:
+        return False
+    return torch.cuda.is_available()
+
+
 def auto_master_weights(world_size: int, lora_r: int) -> bool:
     """Whether ``--mixed-precision auto`` means bf16 weights with fp32 masters: one process on a GPU that
     has bf16, all weights trained, no FSDP launch and no ``accelerate launch`` precision other than bf16."""

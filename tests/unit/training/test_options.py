@@ -94,3 +94,28 @@ def test_ppo_auto_picks_master_weights_only_where_they_apply(bf16_gpu, monkeypat
     launched = TrainingOptions()
     assert settle_ppo_master_weights(launched, "auto", world_size=1, fsdp=False) is None
     assert launched.master_weights is False
+
+
+def test_compile_blocks_auto_compiles_on_one_gpu_only(bf16_gpu, monkeypatch):
+    from rlhf_kit.errors import ConfigError
+    from rlhf_kit.training.options import resolve_compile_blocks
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+
+    def auto(world=1, fsdp=False, **change):
+        return resolve_compile_blocks("auto", TrainingOptions(**change), world_size=world, fsdp=fsdp)
+
+    assert auto() is True
+    assert auto(world=2) is False  # several processes: not measured there
+    assert auto(fsdp=True) is False
+    assert auto(lora_r=8) is False
+    assert auto(gradient_checkpointing=True) is False
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate/fsdp.yaml
+    assert auto() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert auto() is False  # CPU: compiling costs more than it saves
+    assert resolve_compile_blocks("on", TrainingOptions(), world_size=1, fsdp=False) is True
+    assert resolve_compile_blocks("off", TrainingOptions(), world_size=4, fsdp=True) is False
+    with pytest.raises(ConfigError, match="auto, on or off"):
+        resolve_compile_blocks("yes", TrainingOptions(), world_size=1, fsdp=False)
