@@ -162,7 +162,12 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     actor_opt = make_optimizer(actor, args.lr, 0.0, kind=kind, master_weights=master)
     critic_opt = make_optimizer(critic, args.lr, 0.0, kind=kind, master_weights=master)
     exp_cfg = ExperienceConfig(temperature=1.0, micro_batch_size=args.score_micro or sh["batch"])
-    upd_cfg = UpdateConfig(mini_batch_size=sh["batch"], micro_batch_size=sh["micro"], ppo_epochs=1)
+    upd_cfg = UpdateConfig(
+        mini_batch_size=sh["batch"],
+        micro_batch_size=sh["micro"],
+        ppo_epochs=1,
+        micro_batch_tokens=args.micro_tokens,
+    )
     params = SamplingParams(max_new_tokens=sh["new_tokens"], temperature=1.0, ignore_eos=True)
     stream = PromptStream(prompts, seed=0)
     collate = PromptCollator(tok.pad_token_id)
@@ -426,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--micro", type=int, default=16, help="training micro-batch")
+    ap.add_argument(
+        "--micro-tokens", type=int, default=0, help="ours: training micro-batches by this token budget"
+    )
     ap.add_argument("--score-micro", type=int, default=0, help="ours: scoring micro-batch (0: whole batch)")
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--profile", action="store_true", help="ours: one more step under torch.profiler")
@@ -497,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     passthrough = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
                    "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                   "--micro", str(args.micro), "--score-micro", str(args.score_micro), "--lr", str(args.lr),
+                   "--micro", str(args.micro), "--micro-tokens", str(args.micro_tokens), "--score-micro", str(args.score_micro), "--lr", str(args.lr),
                    "--tokenizer", tok_dir, "--prompts", prompts_path]  # fmt: skip
     if args.tiny:
         passthrough.append("--tiny")

@@ -11,7 +11,8 @@
 #   bash bench/vs_trl_gpu.sh h    # PPO config B with master weights (the second call of session 13)
 #   bash bench/vs_trl_gpu.sh i    # 8-bit AdamW with table-read rounding; PPO config A at micro-batches 16/32/64,
 #                                 # each with a per-phase profile (session 14)
-#   bash bench/vs_trl_gpu.sh j    # PPO config A: TRL, and the code at BASE (a git archive of the session's start)
+#   bash bench/vs_trl_gpu.sh j    # PPO config A: TRL, and the code at BASE (a git archive of the session's start);
+#                                 # PPO config B with adamw8bit
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -74,6 +75,7 @@ fi
 if [ "$phase" = j ]; then  # session 14, second call: TRL and the session's starting code (BASE, a git archive) on A
   python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 240 --work $WORK/t --out "$OUT/a_trl" 2>&1 | tee "$OUT/ppo_log.txt"
   python3 "${BASE:-.base}/bench/ppo_vs_trl.py" --configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 16 --timeout 200 --work $WORK/base --out "$OUT/a_base16" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  python3 bench/ppo_vs_trl.py --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --timeout 240 --work $WORK/b8 --out "$OUT/b_8bit" 2>&1 | tee -a "$OUT/ppo_log.txt"
   cat "$OUT"/*/*.md; rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile

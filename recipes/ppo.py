@@ -171,7 +171,11 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     """Rollout samples per optimizer step across all ranks (NeMo-Aligner 64; TRL: the rollout divided by
     num_mini_batches). Must divide --num-rollout-samples."""
     micro_batch_size: int = 4
-    """Samples per forward/backward on one rank (NeMo-Aligner 1); accumulation fills the global batch."""
+    """Samples per forward/backward on one rank (NeMo-Aligner 1); accumulation fills the global batch.
+    Samples are grouped by length and each micro-batch is cut to its own widest one (same gradient)."""
+    micro_batch_tokens: int = 0
+    """> 0: micro-batches by a token budget instead, samples x the longest's tokens within it (veRL's
+    dynamic batch size); 0: --micro-batch-size samples each."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up of actor and critic, in optimizer steps (NeMo-Aligner 10)."""
     weight_decay: float = 0.1
@@ -226,7 +230,7 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
 #: Fields checked > 0 / >= 0 before anything is loaded (every float field is also checked finite).
 POSITIVE = ("max_steps", "num_rollout_samples", "rollout_micro_batch_size", "max_prompt_length",
             "max_new_tokens", "actor_lr", "critic_lr", "ppo_epochs", "val_check_interval", "save_interval")  # fmt: skip
-NON_NEGATIVE = ("actor_min_lr", "critic_min_lr", "kl_coef", "entropy_coef", "ratio_eps", "value_clip",
+NON_NEGATIVE = ("micro_batch_tokens", "actor_min_lr", "critic_min_lr", "kl_coef", "entropy_coef", "ratio_eps", "value_clip",
                 "weight_decay", "max_grad_norm", "warmup_steps", "critic_warmup_steps", "max_bad_steps")  # fmt: skip
 #: Settings that may change on --resume besides output and reporting ones (they change no weights).
 MAY_CHANGE = ("offload_idle_models", "offload_optimizer", "generation_cache")
@@ -256,7 +260,9 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
         print(note)
     compiled = resolve_compile_blocks(cfg.compile_blocks, cfg, world_size=world_size, fsdp=cfg.fsdp)
     if compiled and cfg.compile_blocks == "auto":
-        print("--compile-blocks auto: every transformer block compiled, the first step pays it (--compile-blocks off)")
+        print(
+            "--compile-blocks auto: every transformer block compiled, the first step pays it (--compile-blocks off)"
+        )
     return accum
 
 

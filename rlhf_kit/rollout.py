@@ -187,6 +187,39 @@ def trim_responses(r: Rollout) -> Rollout:
     return r.map(lambda x: x[:, : x.shape[1] - cut] if x.dim() == 2 else x)
 
 
-def split_rollout(r: Rollout, micro_batch_size: int) -> list[Rollout]:
-    """Cut ``r`` into consecutive micro-batches of at most ``micro_batch_size`` samples."""
-    return [r[s : s + micro_batch_size] for s in range(0, r.batch_size, micro_batch_size)]
+def sample_extents(r: Rollout) -> tuple[list[int], list[int]]:
+    """Per sample, the first prompt column it uses (after its left padding) and how many response
+    columns it uses (up to its last response token); one device-to-host read for both lists."""
+    p, n = r.prompt_length, r.response_mask.shape[1]
+    used = r.attention_mask[:, :p] != 0
+    first = torch.where(used.any(-1), used.int().argmax(-1), p)
+    columns = torch.arange(1, n + 1, device=r.response_mask.device)
+    last = (r.response_mask.ne(0) * columns).amax(-1) if n else torch.zeros_like(first)
+    firsts, lasts = torch.stack([first, last]).tolist()
+    return firsts, lasts
+
+
+def length_grouped_micro_batches(
+    r: Rollout, groups: list[list[int]], extents: tuple[list[int], list[int]] | None = None
+) -> list[Rollout]:
+    """The micro-batches ``r[group]`` for each list of sample indices, each cut to the prompt and
+    response columns its samples use, so similar lengths grouped together cost fewer padded tokens.
+    Only padding goes: every sample's tokens, masks and positions stay. The column counts come from one
+    read of :func:`sample_extents` (no device sync per micro-batch), or from ``extents`` if given."""
+    firsts, lasts = extents or sample_extents(r)
+    p = r.prompt_length
+    out = []
+    for idx in groups:
+        first = min(firsts[i] for i in idx)
+        keep = max(1, max(lasts[i] for i in idx))  # as trim_responses: at least one response column
+        sub = r[torch.tensor(idx, device=r.sequences.device)]
+        fields = {}
+        for f in dataclasses.fields(sub):
+            x = getattr(sub, f.name)
+            if f.name in _PROMPT_SIDE:
+                x = x[:, first : p + keep]
+            elif x.dim() == 2:
+                x = x[:, :keep]
+            fields[f.name] = x
+        out.append(Rollout(**fields))
+    return out

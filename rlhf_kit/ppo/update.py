@@ -18,7 +18,8 @@ from rlhf_kit.models.attention import padding_safe_sdpa
 from rlhf_kit.models.value import response_values
 from rlhf_kit.ppo.advantages import global_mean
 from rlhf_kit.ppo.experience import ExperienceConfig
-from rlhf_kit.rollout import Rollout, RolloutBuffer, split_rollout
+from rlhf_kit.rollout import Rollout, RolloutBuffer, length_grouped_micro_batches, sample_extents
+from rlhf_kit.training.batching import split_by_token_budget
 from rlhf_kit.training.precision import grad_holder
 
 
@@ -37,7 +38,14 @@ class UpdateConfig:
     mini_batch_size: int = 64
     """Samples per optimizer step on this rank (global batch / world size)."""
     micro_batch_size: int = 8
-    """Samples per forward/backward; mini_batch_size / micro_batch_size steps of accumulation."""
+    """Samples per forward/backward; mini_batch_size / micro_batch_size steps of accumulation. The
+    mini-batch's samples are sorted by length first, and each micro-batch is trimmed to its own widest
+    sample (the accumulated gradient does not depend on the grouping)."""
+    micro_batch_tokens: int = 0
+    """> 0: instead of fixed micro-batches, the longest samples first, each micro-batch as many samples as
+    fit in this many tokens (samples x the longest sample's prompt + response tokens), at least one;
+    every rank runs as many micro-batches as the rank that needs most
+    (rlhf_kit.training.batching.split_by_token_budget)."""
     ppo_epochs: int = 1
     max_grad_norm: float = 1.0
     train_actor: bool = True
@@ -119,7 +127,7 @@ def ppo_update(
             p_tokens = _global_count(aggregation_units(_policy_mask(mb, exp_cfg), agg)).clamp(min=1)
         if train_critic:
             v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
-        for micro in split_rollout(mb, cfg.micro_batch_size):
+        for micro in _micro_batches(mb, cfg):
             # cuDNN's SDPA backward is NaN on the left-padding rows: see rlhf_kit.models.attention
             with padding_safe_sdpa():
                 p = micro.prompt_length
@@ -171,6 +179,26 @@ def ppo_update(
     if reuse:  # the mean over every rank's sequences, as compute_advantages reports it otherwise
         out["kl/seq_mean"] = global_mean(torch.cat(seq_kl) if seq_kl else torch.zeros(0, device=device))
     return out
+
+
+def _micro_batches(mb: Rollout, cfg: UpdateConfig) -> list[Rollout]:
+    """The mini-batch cut by length (:func:`rlhf_kit.rollout.length_grouped_micro_batches`): fixed
+    sizes over the samples sorted longest first, or a token budget with the same count on every rank."""
+    extents = firsts, lasts = sample_extents(mb)  # one read of the lengths per mini-batch
+    widths = [mb.prompt_length - f + n for f, n in zip(firsts, lasts)]
+    order = sorted(range(len(widths)), key=lambda i: (-widths[i], i))
+    if cfg.micro_batch_tokens <= 0:
+        step = cfg.micro_batch_size
+        return length_grouped_micro_batches(
+            mb, [order[s : s + step] for s in range(0, len(order), step)], extents
+        )
+    budget, samples = cfg.micro_batch_tokens, range(len(widths))
+    parts = len(split_by_token_budget(samples, widths, budget))
+    if dist.is_available() and dist.is_initialized():  # FSDP2: every rank the same number of passes
+        count = torch.tensor(float(parts), device=mb.sequences.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        parts = int(count)
+    return length_grouped_micro_batches(mb, split_by_token_budget(samples, widths, budget, parts), extents)
 
 
 def _to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:

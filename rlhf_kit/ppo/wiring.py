@@ -63,7 +63,7 @@ def update_config(cfg: Any, world_size: int, train_critic: bool) -> UpdateConfig
     return UpdateConfig(
         mini_batch_size=cfg.global_batch_size // world_size, micro_batch_size=cfg.micro_batch_size,
         ppo_epochs=cfg.ppo_epochs, max_grad_norm=cfg.max_grad_norm, train_critic=train_critic,
-        group_size=cfg.samples_per_prompt,
+        group_size=cfg.samples_per_prompt, micro_batch_tokens=getattr(cfg, "micro_batch_tokens", 0),
     )  # fmt: skip
 
 

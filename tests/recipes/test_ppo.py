@@ -322,14 +322,15 @@ def test_evaluate_recipe_on_the_ppo_run(default_run, tmp_path):
     [
         [],
         ["--backend", "compiled", "--dynamic-dispatch"],
-        ["--fsdp", "--backend", "compiled", "--dynamic-dispatch"],
+        ["--fsdp", "--backend", "compiled", "--dynamic-dispatch", "--micro-batch-tokens", "150"],
     ],
-    ids=["ddp-static", "ddp-dynamic", "fsdp2-dynamic"],
+    ids=["ddp-static", "ddp-dynamic", "fsdp2-dynamic-token-budget"],
 )
 def test_two_processes(tmp_path, extra):
     """2 processes (accelerate MULTI_CPU, DDP over gloo): the run completes with a fixed slice of
     the rollout per rank, or with micro-batches handed out dynamically and rebalanced (compiled backend
-    syncing weights from the DDP actor), and rank 0 logs the all-rank means."""
+    syncing weights from the DDP actor), and rank 0 logs the all-rank means. Under FSDP2 the training
+    micro-batches also come from a token budget (every rank must run as many as the others)."""
     out = tmp_path / "ddp"
     # accelerate forms a 2-process CPU group (MULTI_CPU, gloo) under torchrun with ACCELERATE_USE_CPU=1
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]

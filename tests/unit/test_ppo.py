@@ -122,7 +122,7 @@ def test_function_scorer_decodes_prompt_and_response(tokenizer):
     assert seen["p"][1] == tokenizer.decode(gen.sequences[1, 2:5])
 
 
-def _update(actor, critic, rollout, micro, mini, epochs=1):
+def _update(actor, critic, rollout, micro, mini, epochs=1, tokens=0):
     a_opt = torch.optim.AdamW(actor.parameters(), lr=1e-3)
     c_opt = torch.optim.AdamW(critic.parameters(), lr=1e-3)
     buf = RolloutBuffer(seed=0)
@@ -135,7 +135,13 @@ def _update(actor, critic, rollout, micro, mini, epochs=1):
         buf,
         PPOPolicyLoss(0.2, entropy_coef=0.01),
         ValueLoss(0.2),
-        UpdateConfig(mini_batch_size=mini, micro_batch_size=micro, ppo_epochs=epochs, max_grad_norm=1e9),
+        UpdateConfig(
+            mini_batch_size=mini,
+            micro_batch_size=micro,
+            ppo_epochs=epochs,
+            max_grad_norm=1e9,
+            micro_batch_tokens=tokens,
+        ),
         ExperienceConfig(temperature=0.8),
     )
 
@@ -148,15 +154,23 @@ def test_micro_batch_times_accumulation_equivalence(tokenizer, four_models):
     # float64: in float32 the two accumulation orders differ by rounding (~1e-8 in the gradients), which
     # AdamW's m / (sqrt(v) + eps) amplifies to ~2e-6 in single weights (a tolerance that then breaks on
     # small changes elsewhere); in float64 they agree to ~1e-12, and a wrong scale would not
+    # micro 4 is the whole batch, whose widest prompt and response leave nothing to trim; micro 1 and the
+    # token budget (12: micro-batches of samples 0 | 3 | 1 and 2) cut every micro-batch to its own columns
     a1, c1 = copy.deepcopy(actor).double(), copy.deepcopy(critic).double()
     a4, c4 = copy.deepcopy(actor).double(), copy.deepcopy(critic).double()
+    ab, cb = copy.deepcopy(actor).double(), copy.deepcopy(critic).double()
     s1 = _update(a1, c1, r, micro=1, mini=4)
     s4 = _update(a4, c4, r, micro=4, mini=4)
-    for p1, p4 in zip(
-        list(a1.parameters()) + list(c1.parameters()), list(a4.parameters()) + list(c4.parameters())
+    sb = _update(ab, cb, r, micro=4, mini=4, tokens=12)
+    for p1, p4, pb in zip(
+        list(a1.parameters()) + list(c1.parameters()),
+        list(a4.parameters()) + list(c4.parameters()),
+        list(ab.parameters()) + list(cb.parameters()),
     ):
         torch.testing.assert_close(p1, p4, atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(pb, p4, atol=1e-10, rtol=1e-8)
     assert s1["policy/grad_norm"] == pytest.approx(s4["policy/grad_norm"], rel=1e-9)
+    assert sb["policy/grad_norm"] == pytest.approx(s4["policy/grad_norm"], rel=1e-9)
     # and the update did change the weights
     assert not torch.allclose(next(a1.parameters()).float(), next(actor.parameters()))
 
@@ -318,3 +332,22 @@ def test_update_reads_statistics_to_the_host_once_not_per_micro_batch(tokenizer,
     n1, s1 = reads_for(1)  # four micro-batches
     assert n1 == n4, (n1, n4)
     assert set(s1) == set(s4) and all(isinstance(v, float) and math.isfinite(v) for v in s1.values())
+
+
+@pytest.mark.parametrize(
+    "micro, tokens, widths", [(2, 0, [(2, 11), (2, 7)]), (4, 12, [(1, 11), (1, 9), (2, 7)])]
+)
+def test_update_micro_batches_group_by_length_and_skip_padding(tokenizer, four_models, micro, tokens, widths):
+    """The forward passes see similar lengths together, each cut to the columns its samples use:
+    fake_generation's samples use 11, 6, 5 and 9 columns (prompt 5 - left padding + response)."""
+    actor, ref, critic, rm = four_models
+    gen = fake_generation(tokenizer)
+    cfg = ExperienceConfig(temperature=0.8)
+    r, _ = compute_advantages(make_experience(gen, actor, ref, critic, RewardModelScorer(rm), cfg), 0.05, cfg)
+    seen = []
+    a = copy.deepcopy(actor)
+    a.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    _update(a, copy.deepcopy(critic), r, micro=micro, mini=4, tokens=tokens)
+    assert seen == widths

@@ -125,3 +125,22 @@ def test_adaptive_kl_controller_sees_the_kl_of_all_ranks(tmp_path):
     from tests.gloo import spawn_ranks
 
     spawn_ranks(_adaptive_kl_rank, str(tmp_path / "store"))
+
+
+def _token_budget_rank(rank: int) -> None:
+    from rlhf_kit.ppo.update import UpdateConfig, _micro_batches
+    from tests.unit.test_rollout import make_rollout
+
+    # rank 0's two samples fit one budget together (2 x 6 columns <= 12); rank 1's need two micro-batches
+    r = make_rollout(2, 2, 8, fill=1, resp_len=[4, 3] if rank == 0 else [8, 7])
+    parts = _micro_batches(r, UpdateConfig(micro_batch_size=2, micro_batch_tokens=12))
+    counts = [None, None]
+    dist.all_gather_object(counts, len(parts))
+    assert counts == [2, 2], counts  # rank 0 splits too: FSDP2 needs the same passes on every rank
+    assert sorted(i for p in parts for i in p.scores.tolist()) == [1.0, 1.0]
+
+
+def test_token_budget_gives_every_rank_the_same_number_of_micro_batches(tmp_path):
+    from tests.gloo import spawn_ranks
+
+    spawn_ranks(_token_budget_rank, str(tmp_path / "store"))

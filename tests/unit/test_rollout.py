@@ -1,6 +1,13 @@
 import torch
 
-from rlhf_kit.rollout import Rollout, RolloutBuffer, concat_rollouts, split_rollout, trim_responses
+from rlhf_kit.rollout import (
+    Rollout,
+    RolloutBuffer,
+    concat_rollouts,
+    length_grouped_micro_batches,
+    sample_extents,
+    trim_responses,
+)
 
 
 def make_rollout(b, p, n, fill, resp_len=None):
@@ -60,10 +67,34 @@ def test_buffer_minibatches_cover_every_sample_once_per_epoch_and_are_seeded():
     assert [x for mb in buf3.minibatches(4, 2) for x in mb.scores.tolist()] != seen
 
 
-def test_trim_and_split():
+def test_trim_responses():
     r = make_rollout(3, 2, 6, fill=1, resp_len=[2, 3, 1])
     t = trim_responses(r)
     assert t.response_mask.shape == (3, 3) and t.sequences.shape == (3, 5)
-    parts = split_rollout(r, 2)
-    assert [p.batch_size for p in parts] == [2, 1]
     assert r.to("cpu").sequences.data_ptr() == r.sequences.data_ptr()
+
+
+def test_length_grouped_micro_batches_drop_only_padding():
+    """Samples with different left padding and response lengths: each micro-batch keeps the columns its
+    samples use, and every sample's real tokens, masks and per-token fields are unchanged."""
+    r = make_rollout(4, 5, 6, fill=3, resp_len=[6, 2, 4, 1])
+    pads = [0, 3, 1, 4]  # left padding of each prompt
+    for i, k in enumerate(pads):
+        r.sequences[i, :k] = 0
+        r.attention_mask[i, :k] = 0
+    r.sequences[:, :5] += torch.arange(5)  # distinct prompt tokens, so a shifted column would show
+    firsts, lasts = sample_extents(r)
+    assert firsts == pads and lasts == [6, 2, 4, 1]
+    groups = [[1, 3], [0, 2]]
+    parts = length_grouped_micro_batches(r, groups)
+    assert [tuple(m.sequences.shape) for m in parts] == [(2, 2 + 2), (2, 5 + 6)]
+    assert [m.prompt_length for m in parts] == [2, 5]
+    for m, idx in zip(parts, groups):
+        for row, i in enumerate(idx):
+            keep = m.attention_mask[row].bool()
+            assert torch.equal(m.sequences[row][keep], r.sequences[i][r.attention_mask[i].bool()])
+            n = m.response_mask.shape[1]
+            for f in ("response_mask", "logprobs", "advantages", "returns"):
+                full = getattr(r, f)[i]
+                assert torch.equal(getattr(m, f)[row], full[:n]) and not full[n:].any()
+            assert m.scores[row] == r.scores[i]
