@@ -149,7 +149,10 @@ def phase_device_times(prof, laps: list[str], top: int = 8) -> dict[str, dict]:
 
     events = prof.events()
     ranges = {e.name: e.time_range for e in events if e.name.startswith("phase#")}
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+    kernels = [  # the ranges' own annotations on the GPU timeline are not kernels
+        e for e in events
+        if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0 and not e.name.startswith("phase#")
+    ]  # fmt: skip
     out: dict[str, dict] = {}
     for i, name in enumerate(laps):
         r = ranges.get(f"phase#{i}")

@@ -9,10 +9,8 @@
 #                                 # torchao, master weights), the offload check, the kept generation cache,
 #                                 # PPO config B with adamw8bit (session 13; SYSTEMS="trl ours" adds TRL)
 #   bash bench/vs_trl_gpu.sh h    # PPO config B with master weights (the second call of session 13)
-#   bash bench/vs_trl_gpu.sh i    # 8-bit AdamW with table-read rounding; PPO config A at micro-batches 16/32/64,
-#                                 # each with a per-phase profile (session 14)
-#   bash bench/vs_trl_gpu.sh j    # PPO config A: TRL, and the code at BASE (a git archive of the session's start);
-#                                 # PPO config B with adamw8bit
+#   bash bench/vs_trl_gpu.sh i    # session 14: PPO config A (ours profiled per phase, the code at BASE, TRL), the
+#                                 # table-read 8-bit AdamW step, A at micro-batches 64 and 32, B with adamw8bit
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -63,19 +61,19 @@ if [ "$phase" = h ]; then  # session 13, second call: PPO config B with master w
   $B --systems ours --master-weights --work $WORK/bm --out "$OUT/b_master" 2>&1 | tee "$OUT/ppo_log.txt"
   cat "$OUT"/*/*.md; rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = i ]; then  # session 14: the table-read rounding of AdamW8bit; PPO config A micro-batches, profiled
-  python3 bench/optimizer_step.py --config B --variants ours_compiled torchao master_fused --out "$OUT/optimizer_step.json" 2>&1 | tee "$OUT/opt_log.txt"
-  python3 bench/lowbit_check.py --out "$OUT/lowbit_check.json" 2>&1 | tail -1
+if [ "$phase" = i ]; then  # session 14, one call, most important first: PPO config A (ours profiled per phase, the
+  # session's starting code at BASE, a git archive, and TRL), the table-read AdamW8bit step, A at micro-batches 64
+  # and 32, config B with adamw8bit, the GPU codes check
   A="python3 bench/ppo_vs_trl.py --configs A --systems ours --keep-cache --compile-blocks --master-weights --timeout 200"
-  for micro in 16 32 64; do
-    $A --micro $micro --profile --work $WORK/a$micro --out "$OUT/a_micro$micro" 2>&1 | tee -a "$OUT/ppo_log.txt"
-  done
-  cat "$OUT"/*/*.md; rm -f "$OUT"/*/*.md; exit 0
-fi
-if [ "$phase" = j ]; then  # session 14, second call: TRL and the session's starting code (BASE, a git archive) on A
-  python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 240 --work $WORK/t --out "$OUT/a_trl" 2>&1 | tee "$OUT/ppo_log.txt"
+  $A --micro 16 --profile --work $WORK/a16 --out "$OUT/a_micro16" 2>&1 | tee -a "$OUT/ppo_log.txt"
   python3 "${BASE:-.base}/bench/ppo_vs_trl.py" --configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 16 --timeout 200 --work $WORK/base --out "$OUT/a_base16" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 240 --work $WORK/t --out "$OUT/a_trl" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  python3 bench/optimizer_step.py --config B --variants ours_compiled torchao --out "$OUT/optimizer_step.json" 2>&1 | tee "$OUT/opt_log.txt"
+  for micro in 64 32; do
+    $A --micro $micro --work $WORK/a$micro --out "$OUT/a_micro$micro" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  done
   python3 bench/ppo_vs_trl.py --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --timeout 240 --work $WORK/b8 --out "$OUT/b_8bit" 2>&1 | tee -a "$OUT/ppo_log.txt"
+  python3 bench/lowbit_check.py --out "$OUT/lowbit_check.json" 2>&1 | tail -1
   cat "$OUT"/*/*.md; rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile

@@ -173,9 +173,10 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     micro_batch_size: int = 4
     """Samples per forward/backward on one rank (NeMo-Aligner 1); accumulation fills the global batch.
     Samples are grouped by length and each micro-batch is cut to its own widest one (same gradient)."""
-    micro_batch_tokens: int = 0
-    """> 0: micro-batches by a token budget instead, samples x the longest's tokens within it (veRL's
-    dynamic batch size); 0: --micro-batch-size samples each."""
+    micro_batch_tokens: int | None = None
+    """Micro-batches by a padded-token budget (samples x (longest prompt + longest response)), longest
+    first, as veRL's dynamic batch size; None: --micro-batch-size x (--max-prompt-length + --max-new-tokens),
+    never more than a full-length fixed micro-batch; 0: --micro-batch-size samples each."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up of actor and critic, in optimizer steps (NeMo-Aligner 10)."""
     weight_decay: float = 0.1

@@ -223,3 +223,39 @@ def length_grouped_micro_batches(
             fields[f.name] = x
         out.append(Rollout(**fields))
     return out
+
+
+def pack_by_token_budget(
+    prompts: list[int], responses: list[int], budget: int, parts: int | None = None
+) -> list[list[int]]:
+    """Sample indices cut into groups whose padded size, ``len(group) x (longest prompt + longest
+    response in the group)``, stays within ``budget`` tokens (a sample over the budget alone).
+
+    ``prompts[i]`` / ``responses[i]`` are sample ``i``'s token counts. Samples are taken longest first
+    (prompt plus response) and a group grows while it fits. With ``parts`` (at least the greedy count,
+    at most the number of samples) the costliest group is halved until there are ``parts`` groups, so
+    every rank can run as many forward passes as the rank that needs most. A pure function.
+    """
+    if budget < 1:
+        raise ValueError(f"token budget must be positive, got {budget}")
+    order = sorted(range(len(prompts)), key=lambda i: (-(prompts[i] + responses[i]), i))
+
+    def cost(group: list[int]) -> int:
+        return len(group) * (max(prompts[i] for i in group) + max(responses[i] for i in group))
+
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and cost(groups[-1] + [i]) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if parts is not None:
+        if not len(groups) <= parts <= len(order):
+            raise ValueError(
+                f"cannot cut {len(order)} samples into {parts} micro-batches (at least {len(groups)})"
+            )
+        while len(groups) < parts:
+            j = max((k for k in range(len(groups)) if len(groups[k]) > 1), key=lambda k: cost(groups[k]))
+            half = len(groups[j]) // 2
+            groups[j : j + 1] = [groups[j][:half], groups[j][half:]]
+    return groups

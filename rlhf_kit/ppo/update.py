@@ -18,8 +18,13 @@ from rlhf_kit.models.attention import padding_safe_sdpa
 from rlhf_kit.models.value import response_values
 from rlhf_kit.ppo.advantages import global_mean
 from rlhf_kit.ppo.experience import ExperienceConfig
-from rlhf_kit.rollout import Rollout, RolloutBuffer, length_grouped_micro_batches, sample_extents
-from rlhf_kit.training.batching import split_by_token_budget
+from rlhf_kit.rollout import (
+    Rollout,
+    RolloutBuffer,
+    length_grouped_micro_batches,
+    pack_by_token_budget,
+    sample_extents,
+)
 from rlhf_kit.training.precision import grad_holder
 
 
@@ -43,9 +48,8 @@ class UpdateConfig:
     sample (the accumulated gradient does not depend on the grouping)."""
     micro_batch_tokens: int = 0
     """> 0: instead of fixed micro-batches, the longest samples first, each micro-batch as many samples as
-    fit in this many tokens (samples x the longest sample's prompt + response tokens), at least one;
-    every rank runs as many micro-batches as the rank that needs most
-    (rlhf_kit.training.batching.split_by_token_budget)."""
+    fit in this many padded tokens (samples x (longest prompt + longest response)), at least one; every
+    rank runs as many micro-batches as the rank that needs most (rlhf_kit.rollout.pack_by_token_budget)."""
     ppo_epochs: int = 1
     max_grad_norm: float = 1.0
     train_actor: bool = True
@@ -185,20 +189,20 @@ def _micro_batches(mb: Rollout, cfg: UpdateConfig) -> list[Rollout]:
     """The mini-batch cut by length (:func:`rlhf_kit.rollout.length_grouped_micro_batches`): fixed
     sizes over the samples sorted longest first, or a token budget with the same count on every rank."""
     extents = firsts, lasts = sample_extents(mb)  # one read of the lengths per mini-batch
-    widths = [mb.prompt_length - f + n for f, n in zip(firsts, lasts)]
-    order = sorted(range(len(widths)), key=lambda i: (-widths[i], i))
+    prompts = [mb.prompt_length - f for f in firsts]
     if cfg.micro_batch_tokens <= 0:
+        order = sorted(range(len(prompts)), key=lambda i: (-(prompts[i] + lasts[i]), i))
         step = cfg.micro_batch_size
         return length_grouped_micro_batches(
             mb, [order[s : s + step] for s in range(0, len(order), step)], extents
         )
-    budget, samples = cfg.micro_batch_tokens, range(len(widths))
-    parts = len(split_by_token_budget(samples, widths, budget))
+    parts = len(pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens))
     if dist.is_available() and dist.is_initialized():  # FSDP2: every rank the same number of passes
         count = torch.tensor(float(parts), device=mb.sequences.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         parts = int(count)
-    return length_grouped_micro_batches(mb, split_by_token_budget(samples, widths, budget, parts), extents)
+    groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens, parts)
+    return length_grouped_micro_batches(mb, groups, extents)
 
 
 def _to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -63,8 +63,18 @@ def update_config(cfg: Any, world_size: int, train_critic: bool) -> UpdateConfig
     return UpdateConfig(
         mini_batch_size=cfg.global_batch_size // world_size, micro_batch_size=cfg.micro_batch_size,
         ppo_epochs=cfg.ppo_epochs, max_grad_norm=cfg.max_grad_norm, train_critic=train_critic,
-        group_size=cfg.samples_per_prompt, micro_batch_tokens=getattr(cfg, "micro_batch_tokens", 0),
+        group_size=cfg.samples_per_prompt, micro_batch_tokens=micro_batch_tokens(cfg),
     )  # fmt: skip
+
+
+def micro_batch_tokens(cfg: Any) -> int:
+    """The update's token budget: ``--micro-batch-tokens``, or when unset the fixed micro-batch at full
+    length (``--micro-batch-size x (--max-prompt-length + --max-new-tokens)``), so no micro-batch is
+    larger than that and shorter samples go more at a time; 0 keeps fixed micro-batches."""
+    tokens = getattr(cfg, "micro_batch_tokens", 0)
+    if tokens is None:
+        tokens = cfg.micro_batch_size * (cfg.max_prompt_length + cfg.max_new_tokens)
+    return tokens
 
 
 def updates_per_step(cfg: Any) -> int:

@@ -155,13 +155,13 @@ def test_micro_batch_times_accumulation_equivalence(tokenizer, four_models):
     # AdamW's m / (sqrt(v) + eps) amplifies to ~2e-6 in single weights (a tolerance that then breaks on
     # small changes elsewhere); in float64 they agree to ~1e-12, and a wrong scale would not
     # micro 4 is the whole batch, whose widest prompt and response leave nothing to trim; micro 1 and the
-    # token budget (12: micro-batches of samples 0 | 3 | 1 and 2) cut every micro-batch to its own columns
+    # token budget (14: micro-batches of samples 0 | 3 | 1 and 2) cut every micro-batch to its own columns
     a1, c1 = copy.deepcopy(actor).double(), copy.deepcopy(critic).double()
     a4, c4 = copy.deepcopy(actor).double(), copy.deepcopy(critic).double()
     ab, cb = copy.deepcopy(actor).double(), copy.deepcopy(critic).double()
     s1 = _update(a1, c1, r, micro=1, mini=4)
     s4 = _update(a4, c4, r, micro=4, mini=4)
-    sb = _update(ab, cb, r, micro=4, mini=4, tokens=12)
+    sb = _update(ab, cb, r, micro=4, mini=4, tokens=14)
     for p1, p4, pb in zip(
         list(a1.parameters()) + list(c1.parameters()),
         list(a4.parameters()) + list(c4.parameters()),
@@ -335,7 +335,7 @@ def test_update_reads_statistics_to_the_host_once_not_per_micro_batch(tokenizer,
 
 
 @pytest.mark.parametrize(
-    "micro, tokens, widths", [(2, 0, [(2, 11), (2, 7)]), (4, 12, [(1, 11), (1, 9), (2, 7)])]
+    "micro, tokens, widths", [(2, 0, [(2, 11), (2, 7)]), (4, 14, [(1, 11), (1, 9), (2, 7)])]
 )
 def test_update_micro_batches_group_by_length_and_skip_padding(tokenizer, four_models, micro, tokens, widths):
     """The forward passes see similar lengths together, each cut to the columns its samples use:

@@ -170,3 +170,18 @@ def test_a_kept_generation_cache_gives_the_rollouts_a_released_one_gives(tokeniz
     for kept, released in zip(runs["keep"], runs["release"]):
         assert torch.equal(kept.sequences, released.sequences)
         assert torch.equal(kept.logprobs, released.logprobs)
+
+
+def test_update_token_budget_defaults_to_the_full_length_fixed_micro_batch():
+    from types import SimpleNamespace
+
+    from rlhf_kit.ppo.wiring import micro_batch_tokens
+
+    cfg = SimpleNamespace(
+        micro_batch_size=4, max_prompt_length=128, max_new_tokens=24, micro_batch_tokens=None
+    )
+    assert micro_batch_tokens(cfg) == 4 * 152
+    cfg.micro_batch_tokens = 0  # fixed micro-batches of --micro-batch-size
+    assert micro_batch_tokens(cfg) == 0
+    cfg.micro_batch_tokens = 4096
+    assert micro_batch_tokens(cfg) == 4096

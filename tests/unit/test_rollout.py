@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rlhf_kit.rollout import (
@@ -98,3 +99,18 @@ def test_length_grouped_micro_batches_drop_only_padding():
                 full = getattr(r, f)[i]
                 assert torch.equal(getattr(m, f)[row], full[:n]) and not full[n:].any()
             assert m.scores[row] == r.scores[i]
+
+
+def test_pack_by_token_budget_counts_the_widest_prompt_and_response_of_each_group():
+    from rlhf_kit.rollout import pack_by_token_budget
+
+    # samples 0 and 1 are as long (10 tokens) but padded together they need 2 x (8 + 8) = 32 tokens
+    prompts, responses = [8, 2, 3, 1, 1], [2, 8, 3, 2, 1]
+    assert pack_by_token_budget(prompts, responses, 20) == [[0], [1], [2, 3, 4]]  # 3 x (3 + 3) = 18
+    assert pack_by_token_budget(prompts, responses, 32) == [[0, 1], [2, 3, 4]]
+    for budget in (1, 6, 20, 32, 100):
+        for parts in range(len(pack_by_token_budget(prompts, responses, budget)), 6):
+            groups = pack_by_token_budget(prompts, responses, budget, parts)
+            assert len(groups) == parts and sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="cannot cut 5 samples into 6"):
+        pack_by_token_budget(prompts, responses, 20, 6)
