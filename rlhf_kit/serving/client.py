@@ -178,6 +178,7 @@ class RemoteCritic(_CriticAPI):
         ppo_epochs: int = 1,
         max_grad_norm: float = 1.0,
         seed: int = 0,
+        micro_batch_tokens: int = 0,
         rank: int = 0,
         world_size: int = 1,
     ) -> dict[str, float]:
@@ -188,6 +189,7 @@ class RemoteCritic(_CriticAPI):
             "prompt_length": int(prompt_length),
             "mini_batch_size": mini_batch_size,
             "micro_batch_size": micro_batch_size,
+            "micro_batch_tokens": micro_batch_tokens,
             "ppo_epochs": ppo_epochs,
             "max_grad_norm": float(max_grad_norm),
             "seed": seed,

@@ -30,7 +30,14 @@ from rlhf_kit.serving.service import CriticRewardService, TrainShare
 from rlhf_kit.serving.wire import decode, encode, field, float_field, int_field
 
 ENDPOINTS = "POST /infer, /train, /save, /load, /health, /shutdown; GET /health"
-_KNOBS = ("mini_batch_size", "micro_batch_size", "ppo_epochs", "max_grad_norm", "world_size")
+_KNOBS = (
+    "mini_batch_size",
+    "micro_batch_size",
+    "micro_batch_tokens",
+    "ppo_epochs",
+    "max_grad_norm",
+    "world_size",
+)
 
 
 def _import_stack():
@@ -187,6 +194,7 @@ class _App:
                            int_field(meta, "seed"))  # fmt: skip
         knobs = {k: int_field(meta, k) for k in ("mini_batch_size", "micro_batch_size", "ppo_epochs")}
         knobs["max_grad_norm"] = float_field(meta, "max_grad_norm")
+        knobs["micro_batch_tokens"] = int_field(meta, "micro_batch_tokens", 0)  # 0: fixed micro-batches
         world, rank = int_field(meta, "world_size", 1), int_field(meta, "rank", 0)
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, world_size {world})")

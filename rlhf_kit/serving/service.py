@@ -111,6 +111,7 @@ class _CriticAPI:
             ppo_epochs=cfg.ppo_epochs,
             max_grad_norm=cfg.max_grad_norm,
             seed=seed,
+            micro_batch_tokens=cfg.micro_batch_tokens,
             **({"rank": rank, "world_size": world_size} if world_size != 1 else {}),
         )
 
@@ -242,13 +243,15 @@ class CriticRewardService(_CriticAPI):
         ppo_epochs: int = 1,
         max_grad_norm: float = 1.0,
         seed: int = 0,
+        micro_batch_tokens: int = 0,
     ) -> dict[str, float]:
         """One critic update on a rollout: exactly the critic half of :func:`rlhf_kit.ppo.ppo_update`.
 
         Args:
             sequences, attention_mask: ``(b, p + n)``; response_mask, values (old values), returns:
                 ``(b, n)``; prompt_length: ``p``.
-            mini_batch_size: samples per optimizer step; micro_batch_size: samples per forward/backward.
+            mini_batch_size: samples per optimizer step; micro_batch_size: samples per forward/backward;
+                micro_batch_tokens: a padded-token budget per forward instead (0: fixed micro-batches).
             ppo_epochs: passes over the rollout; max_grad_norm: gradient clipping.
             seed: the seed of the actor job's ``RolloutBuffer`` (mini-batches come in the same order).
 
@@ -257,7 +260,8 @@ class CriticRewardService(_CriticAPI):
         """
         share = TrainShare(sequences, attention_mask, response_mask, values, returns, prompt_length, seed)
         return self.train_shares([share], mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size,
-                                 ppo_epochs=ppo_epochs, max_grad_norm=max_grad_norm)  # fmt: skip
+                                 ppo_epochs=ppo_epochs, max_grad_norm=max_grad_norm,
+                                 micro_batch_tokens=micro_batch_tokens)  # fmt: skip
 
     def train_shares(
         self,
@@ -267,6 +271,7 @@ class CriticRewardService(_CriticAPI):
         micro_batch_size: int,
         ppo_epochs: int = 1,
         max_grad_norm: float = 1.0,
+        micro_batch_tokens: int = 0,
     ) -> dict[str, float]:
         """One critic update on a global batch sent by ``len(shares)`` actor ranks (rank order): the
         update a local data-parallel run of that many ranks makes (per-rank ``mini_batch_size`` and
@@ -278,6 +283,12 @@ class CriticRewardService(_CriticAPI):
             raise ValueError("no shares to train on")
         check_positive(mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size,
                        ppo_epochs=ppo_epochs)  # fmt: skip
+        if (
+            isinstance(micro_batch_tokens, bool)
+            or not isinstance(micro_batch_tokens, int)
+            or micro_batch_tokens < 0
+        ):
+            raise ValueError(f"micro_batch_tokens must be a non-negative integer, got {micro_batch_tokens!r}")
         for share in shares:
             share.check(self.vocab_size)
         steps = [math.ceil(s.sequences.shape[0] / mini_batch_size) for s in shares]
@@ -286,6 +297,7 @@ class CriticRewardService(_CriticAPI):
         cfg = UpdateConfig(
             mini_batch_size=mini_batch_size,
             micro_batch_size=micro_batch_size,
+            micro_batch_tokens=micro_batch_tokens,
             ppo_epochs=ppo_epochs,
             max_grad_norm=max_grad_norm,
             train_actor=False,
