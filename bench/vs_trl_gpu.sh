@@ -11,6 +11,7 @@
 #   bash bench/vs_trl_gpu.sh h    # PPO config B with master weights (the second call of session 13)
 #   bash bench/vs_trl_gpu.sh i    # session 14: PPO config A (ours profiled per phase, the code at BASE, TRL), the
 #                                 # table-read 8-bit AdamW step, A at micro-batches 64 and 32, B with adamw8bit
+#   bash bench/vs_trl_gpu.sh k    # this tree against $BASE (another commit's git archive): PPO A micro 64, B 8-bit micro 32
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -75,6 +76,15 @@ if [ "$phase" = i ]; then  # session 14, one call, most important first: PPO con
   python3 bench/ppo_vs_trl.py --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --timeout 240 --work $WORK/b8 --out "$OUT/b_8bit" 2>&1 | tee -a "$OUT/ppo_log.txt"
   python3 bench/lowbit_check.py --out "$OUT/lowbit_check.json" 2>&1 | tail -1
   cat "$OUT"/*/*.md; rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = k ]; then  # A/B of two trees in one call: this tree and $BASE (a git archive of another commit or
+  # branch, e.g. git archive maskless-ppo-layout rlhf_kit bench/common.py bench/ppo_vs_trl.py | tar -x -C .base)
+  for tree in . "${BASE:-.base}"; do
+    name=$([ "$tree" = . ] && echo this || echo base)
+    python3 "$tree/bench/ppo_vs_trl.py" --configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 200 --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\[ours|^\| A" | tee -a "$OUT/ppo_log.txt"
+    python3 "$tree/bench/ppo_vs_trl.py" --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 240 --work $WORK/b_$name --out "$OUT/b32_$name" 2>&1 | grep -E "^\[ours|^\| B" | tee -a "$OUT/ppo_log.txt"
+  done
+  rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile
   R="python3 bench/rm_vs_trl.py --timeout 150"
