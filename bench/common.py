@@ -123,6 +123,8 @@ class PhaseClock:
         self.t = time.perf_counter()
         self.phases = {}
         self.laps = []
+        if self._range is not None:  # the last range of the previous step is still open
+            self._range.__exit__(None, None, None)
         self._open()
 
     def lap(self, name: str) -> None:
@@ -135,8 +137,6 @@ class PhaseClock:
         self._open()
 
     def _open(self) -> None:
-        if self._range is not None and not self.laps:  # start() again without a lap: close the stale range
-            self._range.__exit__(None, None, None)
         self._range = torch.profiler.record_function(f"phase#{len(self.laps)}")
         self._range.__enter__()
 

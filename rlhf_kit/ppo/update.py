@@ -196,12 +196,12 @@ def _micro_batches(mb: Rollout, cfg: UpdateConfig) -> list[Rollout]:
         return length_grouped_micro_batches(
             mb, [order[s : s + step] for s in range(0, len(order), step)], extents
         )
-    parts = len(pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens))
+    groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens)
     if dist.is_available() and dist.is_initialized():  # FSDP2: every rank the same number of passes
-        count = torch.tensor(float(parts), device=mb.sequences.device)
+        count = torch.tensor(float(len(groups)), device=mb.sequences.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        parts = int(count)
-    groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens, parts)
+        if int(count) > len(groups):  # this rank needs fewer: cut again into as many as the most
+            groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens, int(count))
     return length_grouped_micro_batches(mb, groups, extents)
 
 
