@@ -224,9 +224,10 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             (
                 "compiled_graphs",
                 compiled(),
-            ),  # the defaults: compile_scope="blocks", decode_attention="matmul"
+            ),  # the defaults: compile_scope="blocks", decode_attention="auto" (the Triton kernel on CUDA)
             ("compiled_graphs_unfused", compiled(fuse=False)),
             ("compiled_graphs_step", compiled(compile_scope="step")),
+            ("compiled_graphs_matmul", compiled(decode_attention="matmul")),
             ("compiled_graphs_sdpa", compiled(decode_attention="sdpa")),
             ("compiled_graphs_autotune", compiled(compile_options={"mode": "max-autotune-no-cudagraphs"})),
             ("eager_graphs", lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, False, True)),

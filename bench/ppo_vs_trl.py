@@ -227,6 +227,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res = summarize(steps, args.warmup)
     res.update(mem)
     res["backend_mode"] = backend.mode
+    res["decode_attention"] = getattr(backend, "decode_attention", None)
     res["offload_idle"] = bool(args.offload_idle)
     res["fsdp_bf16"] = fsdp_bf16
     res["master_weights"] = master

@@ -12,6 +12,10 @@
 #   bash bench/vs_trl_gpu.sh i    # session 14: PPO config A (ours profiled per phase, the code at BASE, TRL), the
 #                                 # table-read 8-bit AdamW step, A at micro-batches 64 and 32, B with adamw8bit
 #   bash bench/vs_trl_gpu.sh k    # this tree against $BASE (another commit's git archive): PPO A micro 64, B 8-bit micro 32
+#   bash bench/vs_trl_gpu.sh l    # session 15: the decode-kernel tests on the GPU, generation A and 1B (Triton kernel
+#                                 # and matmul), PPO A micro 64 (this tree, then $BASE), PPO B 8-bit micro 32
+#   bash bench/vs_trl_gpu.sh m    # the decode kernel's launch settings (bench/decode_attention.py), then PPO A micro 64
+#                                 # with $BASE first and this tree second (the re-run of stage l's pair)
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -84,6 +88,24 @@ if [ "$phase" = k ]; then  # A/B of two trees in one call: this tree and $BASE (
     python3 "$tree/bench/ppo_vs_trl.py" --configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 200 --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\[ours|^\| A" | tee -a "$OUT/ppo_log.txt"
     python3 "$tree/bench/ppo_vs_trl.py" --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 240 --work $WORK/b_$name --out "$OUT/b32_$name" 2>&1 | grep -E "^\[ours|^\| B" | tee -a "$OUT/ppo_log.txt"
   done
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = l ] || [ "$phase" = m ]; then  # session 15: the Triton decode attention
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 200"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/generation/test_decode_kernel.py tests/unit/generation/test_static_cache.py 2>&1 | tail -2
+  if [ "$phase" = l ]; then
+    timeout 240 python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_matmul --profile --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -8
+    rm -f "$OUT"/gen/*.md "$OUT"/gen/1B_*profile.txt
+    trees=". ${BASE:-.base}"
+  else
+    timeout 120 python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tail -6
+    trees="${BASE:-.base} ."
+  fi
+  for tree in $trees; do
+    name=$([ "$tree" = . ] && echo this || echo base)
+    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  done
+  [ "$phase" = l ] && python3 bench/ppo_vs_trl.py --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 240 --work $WORK/b_this --out "$OUT/b32_this" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile

@@ -6,9 +6,15 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf_kit.tiny import FAMILIES, hh_texts, tiny_config_for, train_tokenizer
+# Triton kernels (rlhf_kit.generation.decode_kernel) run on CPU tensors only in Triton's interpreter, which
+# triton.jit selects when the kernel is defined: set it before anything imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402
+
+from rlhf_kit.tiny import FAMILIES, hh_texts, tiny_config_for, train_tokenizer  # noqa: E402
 
 torch.set_num_threads(2)
 # Every gloo group in the tests talks over loopback. Left unset, gloo binds the interface the host name

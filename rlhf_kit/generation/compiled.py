@@ -60,6 +60,7 @@ from rlhf_kit.generation.static_cache import (
     _KVState,
     _register_attention,
     _sliding_window,
+    resolve_decode_attention,
     static_kv_attention,
 )
 from rlhf_kit.models.compile import compile_blocks
@@ -94,9 +95,12 @@ class CompiledBackend:
         compile_options: extra ``torch.compile`` keyword arguments (e.g. ``{"fullgraph": True}``).
         compile_scope: ``"blocks"`` (one compiled transformer block shared by all layers, plus the
             compiled sampler) or ``"step"`` (the whole decode step as one graph); see the module docstring.
-        decode_attention: the decode step's attention over the cache, ``"matmul"`` (2-4% faster per step
-            than SDPA on an H200, docs/benchmarks.md) or ``"sdpa"``
-            (:func:`~rlhf_kit.generation.static_cache.grouped_decode_attention`).
+        decode_attention: the decode step's attention over the cache: ``"triton"`` (one kernel per layer
+            that also writes the cache, :mod:`rlhf_kit.generation.decode_kernel`), ``"matmul"`` (2-4% faster
+            per step than SDPA on an H200, docs/benchmarks.md) or ``"sdpa"``
+            (:func:`~rlhf_kit.generation.static_cache.grouped_decode_attention`); ``"auto"`` is
+            ``"triton"`` on CUDA where Triton imports and the head size is a power of two >= 16, else
+            ``"matmul"``.
         fuse: stack QKV and gate/up projections of Llama-family blocks (:mod:`rlhf_kit.generation.fused`).
     """
 
@@ -112,7 +116,7 @@ class CompiledBackend:
         check_every: int = 16,
         compile_options: dict[str, Any] | None = None,
         compile_scope: str = "blocks",
-        decode_attention: str = "matmul",
+        decode_attention: str = "auto",
         fuse: bool = True,
     ) -> None:
         if max_batch_size < 1:
@@ -127,7 +131,6 @@ class CompiledBackend:
         self.compile_scope = compile_scope
         if decode_attention not in DECODE_ATTENTION:
             raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
-        self.decode_attention = decode_attention
         _register_attention()
         self.model = model.eval()
         self.model.requires_grad_(False)
@@ -144,6 +147,14 @@ class CompiledBackend:
         if self.use_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.decode_attention = resolve_decode_attention(decode_attention, self.device, head_dim)
+        if self.decode_attention == "triton":
+            from rlhf_kit.generation.decode_kernel import AVAILABLE, fits
+
+            if not (AVAILABLE and fits(head_dim)):
+                raise ValueError(f"decode_attention='triton' needs Triton and a power-of-two head size >= 16 "
+                                 f"(Triton imported: {AVAILABLE}; head size {head_dim})")  # fmt: skip
         if max_seq_len is None:
             max_seq_len = min(int(getattr(cfg, "max_position_embeddings", 2048) or 2048), 2048)
         self.max_seq_len = int(math.ceil(max_seq_len / 64) * 64)

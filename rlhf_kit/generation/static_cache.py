@@ -81,7 +81,17 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
 
 
-DECODE_ATTENTION = ("matmul", "sdpa")
+DECODE_ATTENTION = ("auto", "triton", "matmul", "sdpa")
+
+
+def resolve_decode_attention(how: str, device: torch.device, head_dim: int) -> str:
+    """``"auto"``: the Triton kernel (:mod:`rlhf_kit.generation.decode_kernel`) on CUDA when Triton imports
+    and the head size suits it, else ``"matmul"``; any other choice is returned as given."""
+    if how != "auto":
+        return how
+    from rlhf_kit.generation.decode_kernel import AVAILABLE, fits
+
+    return "triton" if device.type == "cuda" and AVAILABLE and fits(head_dim) else "matmul"
 
 
 def grouped_decode_attention(
@@ -137,6 +147,15 @@ def static_kv_attention(
     kv = key.shape[1]
     k_buf, v_buf = state.buffers(module, key)
     k_buf, v_buf = k_buf[:b], v_buf[:b]
+    if q_len == 1 and state.decode_attention == "triton":  # one kernel: the cache write and the attention
+        from rlhf_kit.generation.decode_kernel import decode_attention
+
+        grouped = query.reshape(b, kv, h // kv, d)
+        scale = d**-0.5 if scaling is None else scaling
+        out = decode_attention(
+            grouped, key, value, *state.buffers(module, key), attention_mask, state.cache_pos, scale
+        )
+        return out.reshape(b, 1, h, d), None
     if q_len == 1:
         k_buf.index_copy_(2, state.cache_pos, key)
         v_buf.index_copy_(2, state.cache_pos, value)

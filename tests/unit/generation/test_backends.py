@@ -260,3 +260,23 @@ def test_hf_backend_ignores_the_checkpoints_generation_config(left_tokenizer, ba
     logits = model(out.sequences, attention_mask=out.attention_mask).logits[:, out.prompt_length - 1 : -1]
     rank = (logits > logits.gather(-1, out.responses[..., None])).sum(-1)
     assert int(rank.max()) >= 3
+
+
+def test_triton_decode_attention_equals_hf_for_every_family_without_graph_breaks(left_tokenizer, family, batch):
+    """The Triton decode kernel (Triton's interpreter on CPU) in each family's decode step: greedy tokens and
+    log-probs equal HF's, and the step traces whole (fullgraph) with the kernel's custom op inside."""
+    ids, mask = batch
+    model, hf, _ = _backends(left_tokenizer, family)
+    kernel = CompiledBackend(
+        copy.deepcopy(model),
+        max_batch_size=4,
+        max_seq_len=64,
+        compile=True,
+        compile_options={"backend": "eager", "fullgraph": True},
+        decode_attention="triton",
+    )
+    params = SamplingParams(max_new_tokens=8, greedy=True)
+    a, b = hf.generate(ids, mask, params), kernel.generate(ids, mask, params)
+    _assert_same(a, b)
+    assert (a.logprobs - b.logprobs).abs().max() < 1e-5
+    assert kernel.mode == "compiled"

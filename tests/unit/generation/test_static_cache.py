@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from rlhf_kit.generation import CompiledBackend, HFBackend, SamplingParams
-from rlhf_kit.generation.static_cache import DECODE_ATTENTION, grouped_decode_attention
+from rlhf_kit.generation.static_cache import (
+    DECODE_ATTENTION,
+    grouped_decode_attention,
+    resolve_decode_attention,
+)
 from tests.conftest import make_causal_lm
 
 
@@ -22,10 +26,13 @@ def _reference(q, k, v, visible, scale):
     return (scores.softmax(-1) @ v64).reshape(b, kv, g, d)
 
 
-@pytest.mark.parametrize("how", DECODE_ATTENTION)
+GROUPED = ("matmul", "sdpa")  # the variants of grouped_decode_attention; the Triton kernel: test_decode_kernel
+
+
+@pytest.mark.parametrize("how", GROUPED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_matches_float64_reference(how, dtype):
-    gen = torch.Generator().manual_seed(DECODE_ATTENTION.index(how) + (10 if dtype == torch.bfloat16 else 0))
+    gen = torch.Generator().manual_seed(GROUPED.index(how) + (10 if dtype == torch.bfloat16 else 0))
     b, kv, g, length, d = 3, 2, 4, 37, 16
     q, k, v = (
         torch.randn(*s, generator=gen).to(dtype)
@@ -54,18 +61,31 @@ def test_decode_attention_matches_float64_reference(how, dtype):
 
 @pytest.mark.parametrize("how", DECODE_ATTENTION)
 def test_backend_with_each_decode_attention_is_greedy_equal_to_hf(left_tokenizer, how):
+    """On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py), in float32 here."""
     enc = left_tokenizer(
         ["Human: hi\n\nAssistant:", "Human: How do I bake bread?\n\nAssistant:"],
         return_tensors="pt",
         padding=True,
     )
     model = make_causal_lm(left_tokenizer, "llama", seed=3)
+    if how == "triton" and torch.cuda.is_available():  # compiled Triton takes CUDA tensors only
+        model, enc = model.cuda(), enc.to("cuda")
     params = SamplingParams(max_new_tokens=12, greedy=True, ignore_eos=True)
     want = HFBackend(model, left_tokenizer).generate(enc.input_ids, enc.attention_mask, params)
-    got = CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention=how).generate(
-        enc.input_ids, enc.attention_mask, params
-    )
+    backend = CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention=how)
+    if how != "auto":  # auto: Triton on CUDA, matmul on CPU (test_auto_decode_attention_...)
+        assert backend.decode_attention == how
+    got = backend.generate(enc.input_ids, enc.attention_mask, params)
     assert torch.equal(want.sequences, got.sequences)
     assert (want.logprobs - got.logprobs).abs().max() < 1e-5
     with pytest.raises(ValueError, match="decode_attention"):
         CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention="flash")
+
+
+def test_auto_decode_attention_picks_triton_only_on_cuda_with_a_fitting_head_size():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_decode_attention("auto", cuda, 64) == "triton"  # Triton is installed with the dev extras
+    assert resolve_decode_attention("auto", cuda, 80) == "matmul"  # not a power of two
+    assert resolve_decode_attention("auto", cuda, 8) == "matmul"  # below tl.dot's 16
+    assert resolve_decode_attention("auto", cpu, 64) == "matmul"
+    assert resolve_decode_attention("sdpa", cuda, 64) == "sdpa"
