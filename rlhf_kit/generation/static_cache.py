@@ -145,22 +145,21 @@ def static_kv_attention(
         )
     b, h, q_len, d = query.shape
     kv = key.shape[1]
-    k_buf, v_buf = state.buffers(module, key)
-    k_buf, v_buf = k_buf[:b], v_buf[:b]
-    if q_len == 1 and state.decode_attention == "triton":  # one kernel: the cache write and the attention
-        from rlhf_kit.generation.decode_kernel import decode_attention
-
-        grouped = query.reshape(b, kv, h // kv, d)
-        scale = d**-0.5 if scaling is None else scaling
-        out = decode_attention(
-            grouped, key, value, *state.buffers(module, key), attention_mask, state.cache_pos, scale
-        )
-        return out.reshape(b, 1, h, d), None
+    k_all, v_all = state.buffers(module, key)  # (max_batch, kv, L, d)
+    k_buf, v_buf = k_all[:b], v_all[:b]
     if q_len == 1:
-        k_buf.index_copy_(2, state.cache_pos, key)
-        v_buf.index_copy_(2, state.cache_pos, value)
         grouped = query.reshape(b, kv, h // kv, d)
-        out = grouped_decode_attention(grouped, k_buf, v_buf, attention_mask, scaling, state.decode_attention)
+        if state.decode_attention == "triton":  # one kernel: the cache write and the attention
+            from rlhf_kit.generation.decode_kernel import decode_attention
+
+            scale = d**-0.5 if scaling is None else scaling
+            out = decode_attention(grouped, key, value, k_all, v_all, attention_mask, state.cache_pos, scale)
+        else:
+            k_buf.index_copy_(2, state.cache_pos, key)
+            v_buf.index_copy_(2, state.cache_pos, value)
+            out = grouped_decode_attention(
+                grouped, k_buf, v_buf, attention_mask, scaling, state.decode_attention
+            )
         return out.reshape(b, 1, h, d), None
     k_buf[:, :, :q_len].copy_(key)
     v_buf[:, :, :q_len].copy_(value)
