@@ -42,8 +42,8 @@ if AVAILABLE:
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)
-        head = tl.program_id(1)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a large cache passes 2**31 elements
+        head = tl.program_id(1).to(tl.int64)
         pos = tl.load(pos_ptr)
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
