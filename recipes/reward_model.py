@@ -46,7 +46,7 @@ from rlhf_kit.training import (
     seed_everything,
 )
 from rlhf_kit.training.batching import BatchPlan, step_micro_batches
-from rlhf_kit.training.dist import env_world_size
+from rlhf_kit.training.dist import end_process_group, env_world_size
 from rlhf_kit.training.evaluation import evaluate_pairs, pair_scores
 from rlhf_kit.training.guard import NonFiniteGuard
 from rlhf_kit.training.hf import (
@@ -329,7 +329,8 @@ def main(cfg: Config) -> None:
         write_json(cfg.output_dir / "eval_results.json", results)
         print_summary("reward_model", run_outputs(cfg.output_dir, eval_results="eval_results.json"), results)
     logger.close()
-    accelerator.end_training()
+    model = None  # its DDP reducer holds the process group, which must end first (end_process_group)
+    end_process_group(accelerator)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from rlhf_kit.training import (
     seed_everything,
 )
 from rlhf_kit.training.batching import BatchPlan, step_micro_batches
-from rlhf_kit.training.dist import all_reduce_sum, env_world_size
+from rlhf_kit.training.dist import all_reduce_sum, end_process_group, env_world_size
 from rlhf_kit.training.evaluation import count_label_tokens, evaluate_lm, lm_loss
 from rlhf_kit.training.guard import NonFiniteGuard
 from rlhf_kit.training.hf import (
@@ -310,7 +310,8 @@ def main(cfg: Config) -> None:
         write_json(cfg.output_dir / "eval_results.json", results)
         print_summary("sft", run_outputs(cfg.output_dir, eval_results="eval_results.json"), results)
     logger.close()
-    accelerator.end_training()
+    model = None  # its DDP reducer holds the process group, which must end first (end_process_group)
+    end_process_group(accelerator)
 
 
 if __name__ == "__main__":

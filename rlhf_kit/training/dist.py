@@ -6,8 +6,10 @@ Every recipe calls these instead of ``torch.distributed`` directly so that ``pyt
 
 from __future__ import annotations
 
+import gc
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,3 +88,25 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def end_process_group(accelerator: Any = None) -> None:
+    """End the run's process group once every collective is done and nothing else owns it.
+
+    ``destroy_process_group`` must be what frees torch's gloo group. A DDP-wrapped model still alive
+    after it (a recipe's ``model`` until ``main`` returns) owns the group through its reducer, and
+    freeing the model then joins gloo's worker threads with the GIL held: a worker still finishing its
+    last collective needs the GIL (a hang) or is not joined (``terminate called without an active
+    exception``). Callers drop their own reference to the wrapped model first; this drops the accelerator's references
+    (``free_memory``), collects, waits at a barrier and then ends the group (``end_training``, which also
+    closes accelerate's trackers, when an accelerator is given). A no-op without a process group.
+    """
+    if accelerator is not None:
+        accelerator.free_memory()
+    gc.collect()
+    if is_dist():
+        dist.barrier()
+    if accelerator is not None:
+        accelerator.end_training()
+    elif is_dist():
+        dist.destroy_process_group()
