@@ -310,6 +310,8 @@ def main(cfg: Config) -> None:
     if step < total:
         accelerator.print(f"stopped at step {step} of {total} (--stop-at-step); continue with --resume")
         logger.close()
+        model = None  # as at the end: the process group ends after the DDP model is dropped
+        end_process_group(accelerator)
         return
 
     final_val = validate("val", val, step)

@@ -97,9 +97,10 @@ def end_process_group(accelerator: Any = None) -> None:
     after it (a recipe's ``model`` until ``main`` returns) owns the group through its reducer, and
     freeing the model then joins gloo's worker threads with the GIL held: a worker still finishing its
     last collective needs the GIL (a hang) or is not joined (``terminate called without an active
-    exception``). Callers drop their own reference to the wrapped model first; this drops the accelerator's references
-    (``free_memory``), collects, waits at a barrier and then ends the group (``end_training``, which also
-    closes accelerate's trackers, when an accelerator is given). A no-op without a process group.
+    exception``). Callers drop their own reference to the wrapped model first. This drops the
+    accelerator's references (``free_memory``), collects, waits at a barrier and then ends the group
+    (``end_training``, which also closes accelerate's trackers, when an accelerator is given). A no-op
+    without a process group.
     """
     if accelerator is not None:
         accelerator.free_memory()
