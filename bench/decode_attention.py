@@ -21,23 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.generation import copy_bandwidth  # noqa: E402
 from rlhf_kit.generation import decode_kernel  # noqa: E402
 from rlhf_kit.generation.static_cache import grouped_decode_attention  # noqa: E402
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 10)."""
-    x = torch.empty(2**29, dtype=torch.bfloat16, device=device)
-    y = torch.empty_like(x)
-    times = []
-    for _ in range(12):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * x.numel() * 2 / sorted(times[2:])[len(times[2:]) // 2]
 
 
 def timed(fn, replays: int) -> float:

@@ -149,12 +149,6 @@ class CompiledBackend:
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.decode_attention = resolve_decode_attention(decode_attention, self.device, head_dim)
-        if self.decode_attention == "triton":
-            from rlhf_kit.generation.decode_kernel import AVAILABLE, fits
-
-            if not (AVAILABLE and fits(head_dim)):
-                raise ValueError(f"decode_attention='triton' needs Triton and a power-of-two head size >= 16 "
-                                 f"(Triton imported: {AVAILABLE}; head size {head_dim})")  # fmt: skip
         if max_seq_len is None:
             max_seq_len = min(int(getattr(cfg, "max_position_embeddings", 2048) or 2048), 2048)
         self.max_seq_len = int(math.ceil(max_seq_len / 64) * 64)

@@ -86,12 +86,17 @@ DECODE_ATTENTION = ("auto", "triton", "matmul", "sdpa")
 
 def resolve_decode_attention(how: str, device: torch.device, head_dim: int) -> str:
     """``"auto"``: the Triton kernel (:mod:`rlhf_kit.generation.decode_kernel`) on CUDA when Triton imports
-    and the head size suits it, else ``"matmul"``; any other choice is returned as given."""
-    if how != "auto":
-        return how
+    and the head size suits it, else ``"matmul"``. ``"triton"`` where it cannot run is refused; any other
+    choice is returned as given."""
     from rlhf_kit.generation.decode_kernel import AVAILABLE, fits
 
-    return "triton" if device.type == "cuda" and AVAILABLE and fits(head_dim) else "matmul"
+    usable = AVAILABLE and fits(head_dim)
+    if how == "auto":
+        return "triton" if device.type == "cuda" and usable else "matmul"
+    if how == "triton" and not usable:
+        raise ValueError(f"decode_attention='triton' needs Triton and a power-of-two head size >= 16 "
+                         f"(Triton imported: {AVAILABLE}; head size {head_dim})")  # fmt: skip
+    return how
 
 
 def grouped_decode_attention(

@@ -262,7 +262,9 @@ def test_hf_backend_ignores_the_checkpoints_generation_config(left_tokenizer, ba
     assert int(rank.max()) >= 3
 
 
-def test_triton_decode_attention_equals_hf_for_every_family_without_graph_breaks(left_tokenizer, family, batch):
+def test_triton_decode_attention_equals_hf_for_every_family_without_graph_breaks(
+    left_tokenizer, family, batch
+):
     """The Triton decode kernel (Triton's interpreter on CPU) in each family's decode step: greedy tokens and
     log-probs equal HF's, and the step traces whole (fullgraph) with the kernel's custom op inside."""
     ids, mask = batch

@@ -26,7 +26,8 @@ def _reference(q, k, v, visible, scale):
     return (scores.softmax(-1) @ v64).reshape(b, kv, g, d)
 
 
-GROUPED = ("matmul", "sdpa")  # the variants of grouped_decode_attention; the Triton kernel: test_decode_kernel
+# the variants of grouped_decode_attention; the Triton kernel is tested in test_decode_kernel.py
+GROUPED = ("matmul", "sdpa")
 
 
 @pytest.mark.parametrize("how", GROUPED)
@@ -89,3 +90,7 @@ def test_auto_decode_attention_picks_triton_only_on_cuda_with_a_fitting_head_siz
     assert resolve_decode_attention("auto", cuda, 8) == "matmul"  # below tl.dot's 16
     assert resolve_decode_attention("auto", cpu, 64) == "matmul"
     assert resolve_decode_attention("sdpa", cuda, 64) == "sdpa"
+    # asked for by name it stays (CPU tensors then need Triton's interpreter)
+    assert resolve_decode_attention("triton", cpu, 64) == "triton"
+    with pytest.raises(ValueError, match="power-of-two head size"):
+        resolve_decode_attention("triton", cuda, 80)
