@@ -94,3 +94,31 @@ def test_auto_decode_attention_picks_triton_only_on_cuda_with_a_fitting_head_siz
     assert resolve_decode_attention("triton", cpu, 64) == "triton"
     with pytest.raises(ValueError, match="power-of-two head size"):
         resolve_decode_attention("triton", cuda, 80)
+
+
+def test_triton_decode_attention_on_a_real_like_bf16_checkpoint(tmp_path):
+    """bf16 weights on disk, pad == EOS in the tokenizer, config pad id 0 (not the tokenizer's), attention
+    dropout and sampling settings in generation_config: the kernel (Triton's interpreter on CPU) gives the
+    matmul path's greedy tokens and end flags, and log-probs within bf16 rounding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_kit.tiny import save_real_like_checkpoint
+
+    path = save_real_like_checkpoint(str(tmp_path / "ckpt"), pad="eos")
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    assert tok.pad_token_id == tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert model.config.pad_token_id != tok.pad_token_id and model.config.attention_dropout > 0
+    enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nHow do I bake bread?"
+               "<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", padding=True)  # fmt: skip
+    if torch.cuda.is_available():  # compiled Triton takes CUDA tensors only
+        model, enc = model.cuda(), enc.to("cuda")
+    params = SamplingParams(
+        max_new_tokens=8, greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    kernel = CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention="triton")
+    plain = CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention="matmul")
+    a = kernel.generate(enc.input_ids, enc.attention_mask, params)
+    b = plain.generate(enc.input_ids, enc.attention_mask, params)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.finished, b.finished)
+    assert (a.logprobs - b.logprobs).abs().max() < 5e-2
