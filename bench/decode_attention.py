@@ -1,5 +1,5 @@
 """A decode step's attention alone, on the GPU: the Triton kernel (rlhf_kit.generation.decode_kernel) at
-several launch settings against the ``"matmul"`` path (two cache writes and grouped_decode_attention).
+several launch settings and product modes (``decode_kernel.MODES``) against the ``"matmul"`` path (two cache writes and grouped_decode_attention).
 
 Shapes of the generation benchmark: batch 64, 8 KV heads, head size 64, 256 cache slots; query heads per
 KV head 2 (config A) and 4 (1B). Each variant runs 16 times (one per layer) inside a CUDA graph, replayed
@@ -91,20 +91,21 @@ def main() -> None:
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
     results = {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBps": bw / 1e9, "rows": []}
-    configs = [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}] + [
-        {"BLOCK_N": n, "num_warps": w, "num_stages": s}
-        for n, w, s in itertools.product((64, 128, 256), (4, 8), (1, 3))
+    configs = [
+        {"BLOCK_N": n, "num_warps": w, "num_stages": s, "MODE": m}
+        for m, n, w, s in itertools.product(decode_kernel.MODES, (32, 64, 128), (2, 4, 8), (1, 3))
     ]
+    default = dict(decode_kernel.CONFIG)
     for g, pos in itertools.product((2, 4), (192, 255)):
         results["rows"] += measure(device, g, pos, configs, args.replays)
     for g, pos in itertools.product((2, 4), (192, 255)):
         rows = [r for r in results["rows"] if r["g"] == g and r["pos"] == pos and "us" in r]
         best = sorted(rows, key=lambda r: r["us"])[:4]
         print(f"g={g} pos={pos}: " + "; ".join(
-            f"{r['variant']} {r.get('BLOCK_N', '')}/{r.get('num_warps', '')}/{r.get('num_stages', '')} "
+            f"{r['variant']} {r.get('MODE', '')}/{r.get('BLOCK_N', '')}/{r.get('num_warps', '')}/{r.get('num_stages', '')} "
             f"{r['us']:.1f} us {r['GBps']:.0f} GB/s" for r in best
         ) + f"; matmul {next(r['us'] for r in rows if r['variant'] == 'matmul'):.1f} us; "
-            f"default {next(r['us'] for r in rows if r.get('BLOCK_N') == 64 and r.get('num_warps') == 4 and r.get('num_stages') == 3):.1f} us")  # fmt: skip
+            f"default {next(r['us'] for r in rows if all(r.get(k) == v for k, v in default.items())):.1f} us")  # fmt: skip
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

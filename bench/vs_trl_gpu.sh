@@ -16,6 +16,8 @@
 #                                 # and matmul), PPO A micro 64 (this tree, then $BASE), PPO B 8-bit micro 32
 #   bash bench/vs_trl_gpu.sh m    # the decode kernel's launch settings (bench/decode_attention.py), then PPO A micro 64
 #                                 # with $BASE first and this tree second (the re-run of stage l's pair)
+#   bash bench/vs_trl_gpu.sh n    # session 16: the decode kernel's launch settings and product modes, PPO A micro 64
+#                                 # ($BASE first, this tree, then TRL), generation A and 1B with Inductor max-autotune
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -107,6 +109,17 @@ if [ "$phase" = l ] || [ "$phase" = m ]; then  # session 15: the Triton decode a
   done
   [ "$phase" = l ] && python3 bench/ppo_vs_trl.py --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 240 --work $WORK/b_this --out "$OUT/b32_this" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
   rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = n ]; then  # session 16, one call, each part under its own time limit
+  timeout 150 python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tail -6
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 200"
+  for tree in "${BASE:-.base}" .; do
+    name=$([ "$tree" = . ] && echo this || echo base)
+    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  done
+  python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 200 --work $WORK/t --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  timeout ${GEN_S:-150} python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_autotune --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -8
+  rm -f "$OUT"/*/*.md "$OUT"/gen/*profile.txt; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile
   R="python3 bench/rm_vs_trl.py --timeout 150"

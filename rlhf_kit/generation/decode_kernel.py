@@ -28,9 +28,18 @@ except ImportError:  # CPU builds of torch come without Triton
 
 AVAILABLE = triton is not None
 
-# Launch settings: slots per loop iteration, warps and software-pipelining stages (Triton's default 3).
-# These are the settings measured in docs/benchmarks.md; bench/decode_attention.py times the alternatives.
-CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+# Launch settings: slots per loop iteration, warps and software-pipelining stages (Triton's default 3),
+# and how the two products run (``MODES``). These are the settings measured in docs/benchmarks.md;
+# bench/decode_attention.py times the alternatives.
+CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MODE": "tf32"}
+
+# "tf32": tensor-core products on float32 operands at TF32 precision (exact for bf16/fp16 inputs; the
+# query rows padded to 16); "native": tensor-core products on the input dtype with float32 accumulation,
+# the probabilities rounded to the input dtype before ``P @ V`` (as the "matmul" path and HF's eager
+# attention do); "fma": float32 multiply-adds on the CUDA cores, no padding of the query rows. Float32
+# inputs always run "tf32" at IEEE precision.
+MODES = ("tf32", "native", "fma")
+_MODE_ID = {m: i for i, m in enumerate(MODES)}
 
 
 if AVAILABLE:
@@ -40,7 +49,7 @@ if AVAILABLE:
         q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, mask_ptr, pos_ptr, out_ptr, scale,
         sq_b, sq_h, sq_g, skn_b, skn_h, svn_b, svn_h, sc_b, sc_h, sc_l, sm_b, so_b, so_h, so_g,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, MODE: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a large cache passes 2**31 elements
         head = tl.program_id(1).to(tl.int64)
@@ -50,11 +59,11 @@ if AVAILABLE:
         q = tl.load(
             q_ptr + row * sq_b + head * sq_h + g[:, None] * sq_g + d[None, :], mask=g[:, None] < G, other=0.0
         )
-        q = q.to(tl.float32)
+        q32 = q.to(tl.float32)
         k_new = tl.load(kn_ptr + row * skn_b + head * skn_h + d)
         v_new = tl.load(vn_ptr + row * svn_b + head * svn_h + d)
         # the new token first: it is always visible, so the running max starts finite
-        m_i = tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * scale  # (GP,)
+        m_i = tl.sum(q32 * k_new.to(tl.float32)[None, :], axis=1) * scale  # (GP,)
         l_i = tl.full((GP,), 1.0, tl.float32)
         acc = tl.zeros((GP, D), tl.float32) + v_new.to(tl.float32)[None, :]
         cache = row * sc_b + head * sc_h
@@ -62,7 +71,13 @@ if AVAILABLE:
             n = start + tl.arange(0, BLOCK_N)
             live = n < pos
             k = tl.load(kc_ptr + cache + n[:, None] * sc_l + d[None, :], mask=live[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale  # (GP, BLOCK_N)
+            if MODE == 0:
+                s = tl.dot(q32, tl.trans(k.to(tl.float32)), input_precision=PRECISION)  # (GP, BLOCK_N)
+            elif MODE == 1:
+                s = tl.dot(q, tl.trans(k))
+            else:
+                s = tl.sum(q32[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+            s = s * scale
             if HAS_MASK:
                 s += tl.load(mask_ptr + row * sm_b + n, mask=live, other=0.0).to(tl.float32)[None, :]
             s = tl.where(live[None, :], s, float("-inf"))
@@ -71,7 +86,13 @@ if AVAILABLE:
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(vc_ptr + cache + n[:, None] * sc_l + d[None, :], mask=live[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+            if MODE == 0:
+                pv = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)  # (GP, D)
+            elif MODE == 1:
+                pv = tl.dot(p.to(v.dtype), v)
+            else:
+                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(out_ptr + row * so_b + head * so_h + g[:, None] * so_g + d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -129,14 +150,21 @@ def decode_attention(
         raise RuntimeError("decode_attention needs Triton (it ships with CUDA builds of torch)")
     b, kv, g, d = query.shape
     out = torch.empty((b, kv, g, d), dtype=query.dtype, device=query.device)
-    gp = max(16, triton.next_power_of_2(g))  # tl.dot needs 16 rows; the padding rows are never stored
+    cfg = dict(CONFIG)
+    mode = "tf32" if query.dtype == torch.float32 else cfg.pop("MODE", "tf32")
+    cfg.pop("MODE", None)
+    if mode not in _MODE_ID:
+        raise ValueError(f"decode_kernel.CONFIG['MODE'] must be one of {MODES}, got {mode!r}")
+    gp = triton.next_power_of_2(g)
+    if mode != "fma":
+        gp = max(16, gp)  # tl.dot needs 16 rows; the padding rows are never stored
     m = mask.reshape(mask.shape[0], -1) if mask is not None else out
     _decode_attention_kernel[(b, kv)](
         query, key, value, k_cache, v_cache, m, pos, out, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         m.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        G=g, GP=gp, D=d, HAS_MASK=mask is not None, **CONFIG,
+        G=g, GP=gp, D=d, HAS_MASK=mask is not None, **cfg, MODE=_MODE_ID[mode],
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # TF32 holds bf16/fp16 inputs exactly
     )  # fmt: skip
     return out

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_kit.generation.decode_kernel import AVAILABLE, decode_attention, fits
+from rlhf_kit.generation import decode_kernel
+from rlhf_kit.generation.decode_kernel import AVAILABLE, MODES, decode_attention, fits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -67,6 +68,33 @@ def test_kernel_matches_float64_reference_and_writes_only_its_slot(b, kv, g, d, 
     want_k, want_v = k_before.clone(), v_before.clone()
     want_k[:b, :, pos], want_v[:b, :, pos] = k_new[:, :, 0], v_new[:, :, 0]
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+# Triton's interpreter multiplies bf16 tensor-core operands as raw 16-bit integers (its create_dot
+# converts only 8-bit floats), so on CPU the "native" mode is checked in float16, the same code path.
+_MODE_DTYPES = [(m, t) for m in MODES for t in (torch.float16, torch.bfloat16)
+                if not (m == "native" and t == torch.bfloat16 and DEVICE == "cpu")]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode, dtype", _MODE_DTYPES)
+def test_every_product_mode_matches_the_reference_in_16_bits(mode, dtype, monkeypatch):
+    """Each way of running the two products (decode_kernel.MODES), a group of 2 and one of 3."""
+    monkeypatch.setitem(decode_kernel.CONFIG, "MODE", mode)
+    for g, pos in ((2, 100), (3, 64)):
+        (q, k_new, v_new, k_cache, v_cache, mask), visible = _case(2, 2, g, 32, 128, pos, dtype, 11)
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        out = decode_attention(
+            q, k_new, v_new, k_cache, v_cache, mask, torch.tensor([pos], device=DEVICE), 0.2
+        )
+        ref = _reference(q, k_new, v_new, k_before, v_before, visible, pos, 0.2)
+        rel = ((out.double() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, (mode, g, rel)
+        assert torch.equal(k_cache[:2, :, pos], k_new[:, :, 0]) and torch.equal(
+            v_cache[:2, :, pos], v_new[:, :, 0]
+        )
+    monkeypatch.setitem(decode_kernel.CONFIG, "MODE", "fp8")
+    with pytest.raises(ValueError, match="MODE"):
+        decode_attention(q, k_new, v_new, k_cache, v_cache, mask, torch.tensor([pos], device=DEVICE), 0.2)
 
 
 def test_masked_and_later_slots_have_no_influence():
