@@ -230,6 +230,8 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             ("compiled_graphs_matmul", compiled(decode_attention="matmul")),
             ("compiled_graphs_sdpa", compiled(decode_attention="sdpa")),
             ("compiled_graphs_autotune", compiled(compile_options={"mode": "max-autotune-no-cudagraphs"})),
+            ("compiled_graphs_eager_prefill", compiled(compile_prefill=False)),
+            ("compiled_graphs_kernel_config", compiled()),  # with --kernel-config's decode-kernel settings
             ("eager_graphs", lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, False, True)),
         ]
     else:
@@ -237,9 +239,15 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             ("compiled_eager_cpu", lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq))
         ]
     variants = [v for v in variants if not args.only or v[0] in args.only]
+    from rlhf_kit.generation import decode_kernel
+
+    default_kernel = dict(decode_kernel.CONFIG)
     for vname, make in variants:
         if vname in args.skip:
             continue
+        decode_kernel.CONFIG = dict(default_kernel)  # read when the decode step is traced and captured
+        if vname == "compiled_graphs_kernel_config":
+            decode_kernel.CONFIG.update(json.loads(args.kernel_config))
         print(f"[{name}] {vname} ...", flush=True)
         try:
             t0 = time.perf_counter()
@@ -247,6 +255,7 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             r = bench_backend(backend, ids, mask, params, device, args.warmup, args.runs)
             r["wall_with_setup_s"] = time.perf_counter() - t0
             r.update(agreement(backend, model, ids, mask, args))
+            r["decode_kernel_config"] = dict(decode_kernel.CONFIG)
             if args.profile and vname != "hf_eager":
                 r["profile"] = profile_generate(
                     backend, ids, mask, params, os.path.join(args.out, f"{name}_{vname}")
@@ -315,6 +324,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--only", nargs="*", default=[], help="run only these backend variants")
     ap.add_argument("--profile", action="store_true", help="one profiled generate per compiled variant")
     ap.add_argument("--no-cudnn", action="store_true", help="SDPA without cuDNN (as the recipes run)")
+    ap.add_argument(
+        "--kernel-config",
+        default="{}",
+        help="variant compiled_graphs_kernel_config: JSON over decode_kernel.CONFIG",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     if args.tiny:

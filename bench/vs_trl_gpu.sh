@@ -18,6 +18,9 @@
 #                                 # with $BASE first and this tree second (the re-run of stage l's pair)
 #   bash bench/vs_trl_gpu.sh n    # session 16: the decode kernel's launch settings and product modes, PPO A micro 64
 #                                 # ($BASE first, this tree, then TRL), generation A and 1B with Inductor max-autotune
+#   bash bench/vs_trl_gpu.sh o    # session 16, second call: the GPU tests of the generation backend, generation A and 1B
+#                                 # (compiled prefill, eager prefill, matmul, $KCFG kernel settings), PPO A profiled
+#                                 # (this tree, then $BASE), the decode-kernel sweep on one cache per layer
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -120,6 +123,17 @@ if [ "$phase" = n ]; then  # session 16, one call, each part under its own time 
   python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 200 --work $WORK/t --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   timeout ${GEN_S:-150} python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_autotune --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -8
   rm -f "$OUT"/*/*.md "$OUT"/gen/*profile.txt; exit 0
+fi
+if [ "$phase" = o ]; then  # session 16, second call
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/generation/test_decode_kernel.py tests/unit/generation/test_static_cache.py tests/unit/generation/test_backends.py 2>&1 | tail -3
+  timeout 220 python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_eager_prefill compiled_graphs_matmul compiled_graphs_kernel_config --kernel-config "${KCFG:-{\"MODE\": \"native\"\}}" --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -10
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --profile --timeout 150"
+  for tree in . "${BASE:-.base}"; do
+    name=$([ "$tree" = . ] && echo this || echo base)
+    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  done
+  timeout 120 python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tail -6
+  rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile
   R="python3 bench/rm_vs_trl.py --timeout 150"

@@ -8,7 +8,10 @@ How it works
   over them; otherwise it defers to HF's SDPA attention, so the model stays usable for anything else.
 * The model is called with ``past_key_values=None`` and a ready 4D additive mask (which HF passes
   through untouched), and explicit ``position_ids`` derived from the left-padded prompt mask.
-* Prefill (the whole prompt) runs eagerly. Each decode step (one token for the whole batch) is a
+* Prefill (the whole prompt) runs through the same compiled blocks under ``compile_scope="blocks"``
+  (eagerly otherwise): the prompt width is rounded up to a multiple of :data:`PREFILL_ALIGN` (more left
+  padding, masked) so a run compiles the block for a few prefill shapes, at most
+  :data:`MAX_PREFILL_SHAPES` (later new shapes run eagerly). Each decode step (one token for the whole batch) is a
   function of fixed shapes that only updates static buffers in place: token in, KV write at slot
   ``cache_pos``, logits, sampling (temperature, min-new-tokens EOS masking, top-k, top-p, greedy, or the
   exponential-race draw ``argmax(p / E)``), and the outputs written at column ``step``. On CUDA the step
@@ -17,7 +20,7 @@ How it works
 * What is compiled (``compile_scope``): ``"blocks"`` compiles one transformer block, which every layer
   reuses, and the sampler; ``"step"`` compiles the whole step as one graph (unrolled over the layers:
   Inductor can fuse across block boundaries, but tracing and compiling take about as many times longer
-  as there are layers, on every cold and warm start). Prefill stays eager in both.
+  as there are layers, on every cold and warm start); its prefill runs eagerly.
 * Batches are padded up to a bucket size; the host checks "all finished?" only every ``check_every``
   steps to avoid a device sync per token.
 
@@ -31,6 +34,7 @@ gpt_neox). Sequences longer than a model's sliding window are refused.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -50,7 +54,7 @@ from rlhf_kit.generation.base import (
     pad_id,
 )
 from rlhf_kit.generation.fused import fuse_projections
-from rlhf_kit.generation.sampling import _Flags, filter_top_k_top_p, sample_from_scores
+from rlhf_kit.generation.sampling import _Flags, filter_top_k_top_p, sample_from_scores, sample_into
 from rlhf_kit.generation.static_cache import (
     ATTN_IMPLEMENTATION,
     DECODE_ATTENTION,
@@ -60,6 +64,7 @@ from rlhf_kit.generation.static_cache import (
     _KVState,
     _register_attention,
     _sliding_window,
+    prefill_inputs,
     resolve_decode_attention,
     static_kv_attention,
 )
@@ -70,6 +75,8 @@ __all__ = ["ATTN_IMPLEMENTATION", "CompiledBackend", "filter_top_k_top_p", "samp
 logger = logging.getLogger(__name__)
 
 COMPILE_SCOPES = ("blocks", "step")
+PREFILL_ALIGN = 16  # compiled prefill: prompt widths rounded up to a multiple of this
+MAX_PREFILL_SHAPES = 16  # compiled prefill: distinct (bucket, width) shapes compiled per backend
 
 
 def _eager() -> Any:
@@ -102,6 +109,8 @@ class CompiledBackend:
             ``"triton"`` on CUDA where Triton imports and the head size is a power of two >= 16, else
             ``"matmul"``.
         fuse: stack QKV and gate/up projections of Llama-family blocks (:mod:`rlhf_kit.generation.fused`).
+        compile_prefill: run the prompt through the compiled blocks (``compile_scope="blocks"`` only;
+            see the module docstring); ``False`` keeps the prefill eager.
     """
 
     def __init__(
@@ -118,6 +127,7 @@ class CompiledBackend:
         compile_scope: str = "blocks",
         decode_attention: str = "auto",
         fuse: bool = True,
+        compile_prefill: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -138,6 +148,8 @@ class CompiledBackend:
         self.fused_modules = fuse_projections(self.model, static_kv_attention) if fuse else 0
         self.tokenizer = tokenizer
         self.check_every = check_every
+        self.compile_prefill = compile_prefill
+        self._prefill_shapes: set[tuple[int, int]] = set()
         self.compile_options = dict(compile_options or {})
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
@@ -170,7 +182,7 @@ class CompiledBackend:
         self._graphs: dict[tuple[int, _Flags], Any] = {}
         self._graph_pool: Any = None
         self._compiled: Any = None
-        self._sampler = self._sample_into  # the compiled sampler under compile_scope="blocks"
+        self._sampler = sample_into  # compiled under compile_scope="blocks"
         self.mode = "eager"  # what the last decode loop ran: eager / compiled / graph / compiled+graph
 
     # -- memory ---------------------------------------------------------------------------------------
@@ -215,28 +227,6 @@ class CompiledBackend:
     def _bucket(self, b: int) -> int:
         return next(s for s in self.buckets if s >= b)
 
-    def _sample_into(self, logits: torch.Tensor, bufs: _Buffers, flags: _Flags) -> None:
-        """Sample one token per row from ``logits (b, v)`` and write it at column ``bufs.step``."""
-        scaled = logits.float() / bufs.temperature
-        logp_all = torch.log_softmax(scaled, dim=-1)
-        scores = scaled
-        if flags.min_new:
-            block = bufs.eos_onehot & (bufs.step < bufs.min_new)
-            scores = scores.masked_fill(block, float("-inf"))
-        scores = filter_top_k_top_p(scores, bufs.top_k, bufs.top_p, flags.top_k, flags.top_p)
-        tok = sample_from_scores(scores, flags.greedy)
-        lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
-        done = bufs.finished
-        tok = torch.where(done, bufs.pad, tok)
-        lp = torch.where(done, torch.zeros_like(lp), lp)
-        col = bufs.step.view(1)
-        bufs.out_tok.index_copy_(1, col, tok[:, None])
-        bufs.out_lp.index_copy_(1, col, lp[:, None])
-        bufs.out_valid.index_copy_(1, col, (~done)[:, None])
-        if flags.eos:
-            bufs.finished.copy_(done | bufs.eos_onehot[tok])
-        bufs.tok.copy_(tok[:, None])
-
     def _decode_step(self, b: int, flags: _Flags) -> None:
         """One token for the whole bucket; reads and writes only static tensors (graph-capturable)."""
         bufs = self._bufs[b]
@@ -264,7 +254,7 @@ class CompiledBackend:
                 self._compiled = torch.compile(self._decode_step, **opts)
             else:  # one block compiled for every layer (its KV buffers are module inputs), and the sampler
                 compile_blocks(self.model, **opts)
-                self._sampler = torch.compile(self._sample_into, **opts)
+                self._sampler = torch.compile(sample_into, **opts)
                 self._compiled = self._decode_step
         return self._compiled
 
@@ -297,20 +287,35 @@ class CompiledBackend:
         self._graphs[key] = graph
         return graph
 
+    def _prefill_width(self, b: int, p: int, n_new: int) -> tuple[int, bool]:
+        """The prefill's width for prompts ``p`` wide in bucket ``b``, and whether it runs compiled."""
+        if not (self.use_compile and self.compile_scope == "blocks" and self.compile_prefill):
+            return p, False
+        width = max(p, min(-(-p // PREFILL_ALIGN) * PREFILL_ALIGN, self.max_seq_len - n_new + 1))
+        if (b, width) not in self._prefill_shapes:
+            if len(self._prefill_shapes) >= MAX_PREFILL_SHAPES:
+                return p, False
+            self._prefill_shapes.add((b, width))
+        return width, True
+
     def _prefill(
-        self, ids: torch.Tensor, mask: torch.Tensor, bufs: _Buffers, flags: _Flags, state: _KVState
-    ) -> None:
-        """Run the prompt, sample token 0, and set up positions, slot and the decode mask."""
-        b, p = ids.shape
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        bufs: _Buffers,
+        flags: _Flags,
+        state: _KVState,
+        compiled: bool = False,
+    ) -> bool:
+        """Run the prompt, sample token 0, and set up positions, slot and the decode mask. ``compiled``:
+        through the compiled blocks (once the KV buffers exist: they are allocated outside compiled code);
+        returns whether it did."""
+        p = ids.shape[1]
         neg = torch.finfo(self.dtype).min
         valid = mask.bool()
-        causal = torch.ones(p, p, dtype=torch.bool, device=self.device).tril()
-        allowed = causal[None] & valid[:, None, :]
-        allowed |= torch.eye(p, dtype=torch.bool, device=self.device)[None]  # pad rows see themselves
-        prefill_mask = torch.zeros(b, 1, p, p, dtype=self.dtype, device=self.device)
-        prefill_mask.masked_fill_(~allowed[:, None], neg)
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        with _activate(state), _eager():  # compiled blocks see one prompt width per batch: not compiled
+        prefill_mask, position_ids = prefill_inputs(mask, self.dtype)
+        compiled = compiled and bool(state.modules)
+        with _activate(state), contextlib.nullcontext() if compiled else _eager():
             out = self.model(
                 input_ids=ids,
                 position_ids=position_ids,
@@ -319,12 +324,13 @@ class CompiledBackend:
                 logits_to_keep=1,
             )
         bufs.step.zero_()
-        self._sample_into(out.logits[:, -1, :], bufs, flags)
+        sample_into(out.logits[:, -1, :], bufs, flags)
         bufs.step.fill_(1)
         bufs.pos.copy_(mask.long().sum(-1, keepdim=True))
         bufs.mask.fill_(neg)
         bufs.mask[:, 0, 0, :p].masked_fill_(valid, 0.0)
         state.cache_pos.fill_(p)
+        return compiled
 
     @torch.no_grad()
     def _generate_chunk(
@@ -344,14 +350,16 @@ class CompiledBackend:
         graph = self._graph_for(b, flags) if self.use_graphs else None
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        ids = torch.full((b, p), pad, dtype=torch.long, device=self.device)
-        mask = torch.zeros((b, p), dtype=torch.long, device=self.device)
-        ids[:n_rows], mask[:n_rows] = input_ids.to(self.device), attention_mask.to(self.device)
+        step_fn = self._step_fn()
+        width, compiled_prefill = self._prefill_width(b, p, n_new)
+        ids = torch.full((b, width), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros((b, width), dtype=torch.long, device=self.device)  # more left padding if wider
+        ids[:n_rows, width - p :] = input_ids.to(self.device)
+        mask[:n_rows, width - p :] = attention_mask.to(self.device)
         bufs.finished.zero_()
         bufs.finished[n_rows:] = True  # bucket padding rows never block the early exit
         bufs.out_valid.zero_()
-        self._prefill(ids, mask, bufs, flags, state)
-        step_fn = self._step_fn()
+        compiled_prefill = self._prefill(ids, mask, bufs, flags, state, compiled_prefill)
         stop_check = bool(params.stop_strings)
         can_exit = flags.eos or stop_check
         done_steps = 1
@@ -375,19 +383,13 @@ class CompiledBackend:
         if eos:
             is_eos = torch.isin(tokens, torch.tensor(eos, device=self.device)) & valid
             ended = is_eos.any(1)
-        out = finalize(
-            input_ids,
-            attention_mask,
-            tokens.to(input_ids.device),
-            logp.to(input_ids.device),
-            valid.to(input_ids.device),
-            ended.to(input_ids.device),
-            pad,
-            params.stop_strings,
-            self.tokenizer,
-            info={"backend": "compiled", "mode": self.mode, "bucket": b, "steps": done_steps},
-        )
-        return out
+        dev, prefill = input_ids.device, "compiled" if compiled_prefill else "eager"
+        info = dict(backend="compiled", mode=self.mode, bucket=b, steps=done_steps, prefill=prefill)
+        info["prefill_width"] = width
+        return finalize(
+            input_ids, attention_mask, tokens.to(dev), logp.to(dev), valid.to(dev), ended.to(dev), pad,
+            params.stop_strings, self.tokenizer, info=info,
+        )  # fmt: skip
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams

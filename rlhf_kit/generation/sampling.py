@@ -4,6 +4,7 @@ valid inside a captured CUDA graph, and the static sampling flags that select on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,3 +55,28 @@ class _Flags:
     top_p: bool
     min_new: bool
     eos: bool
+
+
+def sample_into(logits: torch.Tensor, bufs: Any, flags: _Flags) -> None:
+    """Sample one token per row from ``logits (b, v)`` into the static buffers of a decode bucket
+    (``rlhf_kit.generation.static_cache._Buffers``): token, log-prob and validity at column ``bufs.step``,
+    the finished flags and the next input token."""
+    scaled = logits.float() / bufs.temperature
+    logp_all = torch.log_softmax(scaled, dim=-1)
+    scores = scaled
+    if flags.min_new:
+        block = bufs.eos_onehot & (bufs.step < bufs.min_new)
+        scores = scores.masked_fill(block, float("-inf"))
+    scores = filter_top_k_top_p(scores, bufs.top_k, bufs.top_p, flags.top_k, flags.top_p)
+    tok = sample_from_scores(scores, flags.greedy)
+    lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+    done = bufs.finished
+    tok = torch.where(done, bufs.pad, tok)
+    lp = torch.where(done, torch.zeros_like(lp), lp)
+    col = bufs.step.view(1)
+    bufs.out_tok.index_copy_(1, col, tok[:, None])
+    bufs.out_lp.index_copy_(1, col, lp[:, None])
+    bufs.out_valid.index_copy_(1, col, (~done)[:, None])
+    if flags.eos:
+        bufs.finished.copy_(done | bufs.eos_onehot[tok])
+    bufs.tok.copy_(tok[:, None])

@@ -173,6 +173,19 @@ def static_kv_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def prefill_inputs(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """For left-padded prompts with ``mask (b, p)``: the additive causal mask ``(b, 1, p, p)`` in ``dtype``
+    (padding columns hidden; a padding row sees itself, so no softmax row is empty) and ``position_ids
+    (b, p)`` counted from each row's first token."""
+    b, p = mask.shape
+    valid = mask.bool()
+    allowed = torch.ones(p, p, dtype=torch.bool, device=mask.device).tril()[None] & valid[:, None, :]
+    allowed |= torch.eye(p, dtype=torch.bool, device=mask.device)[None]
+    additive = torch.zeros(b, 1, p, p, dtype=dtype, device=mask.device)
+    additive.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return additive, (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def _register_attention() -> None:
     """Register the attention function, and SDPA's mask builder under the same name so that outside
     generation (no active state) the model gets exactly the masks -- padding included -- of ``"sdpa"``."""

@@ -282,3 +282,47 @@ def test_triton_decode_attention_equals_hf_for_every_family_without_graph_breaks
     _assert_same(a, b)
     assert (a.logprobs - b.logprobs).abs().max() < 1e-5
     assert kernel.mode == "compiled"
+
+
+def test_prefill_runs_through_the_compiled_blocks_and_equals_hf(left_tokenizer, family, batch, monkeypatch):
+    """Once the KV buffers exist, the prompt runs through the compiled blocks (traced whole), widened to
+    a multiple of PREFILL_ALIGN with more left padding: HF's greedy tokens and log-probs are unchanged.
+    A prompt width in the same multiple reuses the compiled prefill; past MAX_PREFILL_SHAPES the prefill
+    runs eagerly."""
+    from torch._dynamo.utils import counters
+
+    from rlhf_kit.generation import compiled as compiled_module
+
+    ids, mask = batch
+    model, hf, _ = _backends(left_tokenizer, family)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompiledBackend(
+        copy.deepcopy(model),
+        max_batch_size=4,
+        max_seq_len=128,
+        compile=True,
+        compile_options={"backend": "eager", "fullgraph": True},
+    )
+    params = SamplingParams(max_new_tokens=8, greedy=True)
+    want = hf.generate(ids, mask, params)
+    first = backend.generate(ids, mask, params)  # allocates the KV buffers: an eager prefill
+    assert first.info["prefill"] == "eager"
+    second = backend.generate(ids, mask, params)
+    assert second.info["prefill"] == "compiled"
+    width = second.info["prefill_width"]
+    assert width % compiled_module.PREFILL_ALIGN == 0 and width > ids.shape[1]
+    for out in (first, second):
+        _assert_same(want, out)
+        assert (want.logprobs - out.logprobs).abs().max() < 1e-5
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 3, dict(counters["stats"])  # the block at decode and at prefill shapes, the sampler
+    shorter = ids[:, 1:], mask[:, 1:]  # one column less: the same rounded width
+    _assert_same(hf.generate(*shorter, params), backend.generate(*shorter, params))
+    assert counters["stats"]["unique_graphs"] == graphs
+    monkeypatch.setattr(compiled_module, "MAX_PREFILL_SHAPES", 1)
+    wider = torch.cat([torch.full((3, 16), left_tokenizer.pad_token_id), ids], 1)
+    wide_mask = torch.cat([torch.zeros(3, 16, dtype=mask.dtype), mask], 1)
+    out = backend.generate(wider, wide_mask, params)
+    assert out.info["prefill"] == "eager" and out.info["prefill_width"] == wider.shape[1]
+    assert torch.equal(out.responses, want.responses)
