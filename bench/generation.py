@@ -38,8 +38,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rlhf_kit import default_hh_file  # noqa: E402
-from rlhf_kit.generation import CompiledBackend, HFBackend, SamplingParams  # noqa: E402
+from rlhf_kit.generation import CompiledBackend, HFBackend, SamplingParams, decode_kernel  # noqa: E402
 from rlhf_kit.tiny import train_tokenizer  # noqa: E402
+
+DEFAULT_KERNEL = dict(decode_kernel.CONFIG)  # each variant starts from the library's decode-kernel settings
 
 CONFIGS: dict[str, dict[str, int]] = {
     "A": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
@@ -239,13 +241,10 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             ("compiled_eager_cpu", lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq))
         ]
     variants = [v for v in variants if not args.only or v[0] in args.only]
-    from rlhf_kit.generation import decode_kernel
-
-    default_kernel = dict(decode_kernel.CONFIG)
     for vname, make in variants:
         if vname in args.skip:
             continue
-        decode_kernel.CONFIG = dict(default_kernel)  # read when the decode step is traced and captured
+        decode_kernel.CONFIG = dict(DEFAULT_KERNEL)  # read when the decode step is traced and captured
         if vname == "compiled_graphs_kernel_config":
             decode_kernel.CONFIG.update(json.loads(args.kernel_config))
         print(f"[{name}] {vname} ...", flush=True)

@@ -228,6 +228,9 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res.update(mem)
     res["backend_mode"] = backend.mode
     res["decode_attention"] = getattr(backend, "decode_attention", None)
+    import rlhf_kit  # which tree ran: an A/B of two trees must not import the same one twice
+
+    res["rlhf_kit"] = os.path.dirname(os.path.abspath(rlhf_kit.__file__))
     res["offload_idle"] = bool(args.offload_idle)
     res["fsdp_bf16"] = fsdp_bf16
     res["master_weights"] = master

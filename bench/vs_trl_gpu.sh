@@ -21,6 +21,11 @@
 #   bash bench/vs_trl_gpu.sh o    # session 16, second call: the GPU tests of the generation backend, generation A and 1B
 #                                 # (compiled prefill, eager prefill, matmul, $KCFG kernel settings), PPO A profiled
 #                                 # (this tree, then $BASE), the decode-kernel sweep on one cache per layer
+#   bash bench/vs_trl_gpu.sh p    # session 16, third call: the GPU tests of the generation backend, PPO A ($BASE first,
+#                                 # this tree, TRL), generation A and 1B (defaults and matmul)
+# A $BASE tree must hold all of bench/*.py as well as rlhf_kit (git archive COMMIT rlhf_kit $(git ls-tree --name-only
+# COMMIT bench/ | grep .py$)): a script missing there is found in this tree's bench/, which puts this tree's
+# rlhf_kit first on sys.path (before session 16, every BASE run imported this tree's rlhf_kit).
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -133,6 +138,17 @@ if [ "$phase" = o ]; then  # session 16, second call
     python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   done
   timeout 120 python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tail -6
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = p ]; then  # session 16, third call
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/generation/test_decode_kernel.py tests/unit/generation/test_static_cache.py tests/unit/generation/test_backends.py 2>&1 | tail -4
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 150"
+  for tree in "${BASE:-.base}" .; do
+    name=$([ "$tree" = . ] && echo this || echo base)
+    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  done
+  python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 150 --work $WORK/t --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  timeout 120 python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_matmul --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -6
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile

@@ -31,13 +31,14 @@ AVAILABLE = triton is not None
 # Launch settings: slots per loop iteration, warps and software-pipelining stages (Triton's default 3),
 # and how the two products run (``MODES``). These are the settings measured in docs/benchmarks.md;
 # bench/decode_attention.py times the alternatives.
-CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MODE": "tf32"}
+CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "MODE": "native"}
 
 # "tf32": tensor-core products on float32 operands at TF32 precision (exact for bf16/fp16 inputs; the
 # query rows padded to 16); "native": tensor-core products on the input dtype with float32 accumulation,
 # the probabilities rounded to the input dtype before ``P @ V`` (as the "matmul" path and HF's eager
 # attention do); "fma": float32 multiply-adds on the CUDA cores, no padding of the query rows. Float32
-# inputs always run "tf32" at IEEE precision.
+# inputs always run "tf32" at IEEE precision; so do bf16 inputs on CPU tensors (Triton's interpreter, whose
+# tensor-core product multiplies bf16 operands as raw 16-bit integers).
 MODES = ("tf32", "native", "fma")
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
 
@@ -151,8 +152,10 @@ def decode_attention(
     b, kv, g, d = query.shape
     out = torch.empty((b, kv, g, d), dtype=query.dtype, device=query.device)
     cfg = dict(CONFIG)
-    mode = "tf32" if query.dtype == torch.float32 else cfg.pop("MODE", "tf32")
-    cfg.pop("MODE", None)
+    mode = cfg.pop("MODE", "tf32")
+    interpreted_bf16 = query.dtype == torch.bfloat16 and query.device.type == "cpu"
+    if query.dtype == torch.float32 or (mode == "native" and interpreted_bf16):
+        mode = "tf32"
     if mode not in _MODE_ID:
         raise ValueError(f"decode_kernel.CONFIG['MODE'] must be one of {MODES}, got {mode!r}")
     gp = triton.next_power_of_2(g)
