@@ -11,10 +11,11 @@ How it works
 * Prefill (the whole prompt) runs through the same compiled blocks under ``compile_scope="blocks"``
   (eagerly otherwise): the prompt width is rounded up to a multiple of :data:`PREFILL_ALIGN` (more left
   padding, masked) so a run compiles the block for a few prefill shapes, at most
-  :data:`MAX_PREFILL_SHAPES` (later new shapes run eagerly). Each decode step (one token for the whole batch) is a
-  function of fixed shapes that only updates static buffers in place: token in, KV write at slot
-  ``cache_pos``, logits, sampling (temperature, min-new-tokens EOS masking, top-k, top-p, greedy, or the
-  exponential-race draw ``argmax(p / E)``), and the outputs written at column ``step``. On CUDA the step
+  :data:`MAX_PREFILL_SHAPES` (later new shapes run eagerly).
+* Each decode step (one token for the whole batch) is a function of fixed shapes that only updates
+  static buffers in place: token in, KV write at slot ``cache_pos``, logits, sampling (temperature,
+  min-new-tokens EOS masking, top-k, top-p, greedy, or the exponential-race draw ``argmax(p / E)``), and
+  the outputs written at column ``step``. On CUDA the step
   is compiled with ``torch.compile`` (Inductor, no own graphs) and captured once per
   ``(batch bucket, sampling flags)`` in a CUDA graph, so a decode step costs one graph launch.
 * What is compiled (``compile_scope``): ``"blocks"`` compiles one transformer block, which every layer
