@@ -25,7 +25,8 @@
 #                                 # this tree, TRL), generation A and 1B (defaults and matmul)
 # A $BASE tree must hold all of bench/*.py as well as rlhf_kit (git archive COMMIT rlhf_kit $(git ls-tree --name-only
 # COMMIT bench/ | grep .py$)): a script missing there is found in this tree's bench/, which puts this tree's
-# rlhf_kit first on sys.path (before session 16, every BASE run imported this tree's rlhf_kit).
+# rlhf_kit first on sys.path (before session 16, every BASE run imported this tree's rlhf_kit). check_tree below
+# stops a two-tree stage when that would happen again.
 # Wheels: .whl/ (TRL 1.16 + datasets, dill, multiprocess), .whl112/ (TRL 1.12 for PPO), .whl_pa/ (pyarrow,
 # installed only when the machine's pyarrow is older than datasets needs). Results under $OUT.
 set -u
@@ -43,6 +44,19 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, accelerate, datasets, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__, 'trl', trl.__version__)"
 WORK=/tmp/bench_work
+# A two-tree stage stops unless $BASE's bench/ppo_vs_trl.py imports $BASE's own rlhf_kit (see the note above).
+check_tree() {
+  python3 - "$1" <<'PY' || exit 1
+import os, runpy, sys
+tree = os.path.abspath(sys.argv[1])
+sys.argv = [os.path.join(tree, "bench", "ppo_vs_trl.py")]
+runpy.run_path(sys.argv[0], run_name="check_tree")  # module level only: the imports and sys.path changes
+import rlhf_kit
+got = os.path.dirname(os.path.dirname(os.path.abspath(rlhf_kit.__file__)))
+sys.exit(None if got == tree else f"{tree}/bench/ppo_vs_trl.py imports rlhf_kit from {got}")
+PY
+}
+case "$phase" in i|k|l|m|n|o|p) check_tree "${BASE:-.base}" ;; esac
 if [ "$phase" = c ]; then  # session 3, config A: TRL, ours --keep-cache, + --compile-blocks, + --master-weights
   A="python3 bench/ppo_vs_trl.py --configs A --keep-cache --timeout 240"
   $A --systems trl ours --trl-site /tmp/site112 --work $WORK/k --out "$OUT/keep" 2>&1 | tee "$OUT/ppo_log.txt"
