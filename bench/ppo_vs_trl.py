@@ -161,7 +161,9 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     kind = "adamw8bit" if lowbit else "adamw"
     actor_opt = make_optimizer(actor, args.lr, 0.0, kind=kind, master_weights=master)
     critic_opt = make_optimizer(critic, args.lr, 0.0, kind=kind, master_weights=master)
-    exp_cfg = ExperienceConfig(temperature=1.0, micro_batch_size=args.score_micro or sh["batch"])
+    exp_cfg = ExperienceConfig(
+        temperature=1.0, micro_batch_size=args.score_micro or sh["batch"], old_logprobs=args.old_logprobs
+    )
     upd_cfg = UpdateConfig(
         mini_batch_size=sh["batch"],
         micro_batch_size=sh["micro"],
@@ -235,6 +237,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["fsdp_bf16"] = fsdp_bf16
     res["master_weights"] = master
     res["optimizer"] = kind
+    res["old_logprobs"] = args.old_logprobs
     res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
     res["keep_cache"] = bool(args.keep_cache)
@@ -467,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ours: let SDPA pick cuDNN attention (the recipes' default turns it off: make_accelerator)",
     )
+    ap.add_argument(
+        "--old-logprobs", choices=["recompute", "sampler"], default="recompute",
+        help="ours: the old policy's log-probs from an actor pass or from the sampler (ExperienceConfig)",
+    )  # fmt: skip
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per worker")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -524,7 +531,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--compile-blocks", args.compile_blocks),
         ("--cudnn-attention", args.cudnn_attention),
     )
-    passthrough += [f for f, on in flags if on] + ["--optimizer", args.optimizer]
+    passthrough += [f for f, on in flags if on] + [
+        "--optimizer",
+        args.optimizer,
+        "--old-logprobs",
+        args.old_logprobs,
+    ]
     for config in args.configs:
         entry: dict[str, Any] = {"config": config}
         for system in args.systems:

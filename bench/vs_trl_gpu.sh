@@ -23,6 +23,9 @@
 #                                 # (this tree, then $BASE), the decode-kernel sweep on one cache per layer
 #   bash bench/vs_trl_gpu.sh p    # session 16, third call: the GPU tests of the generation backend, PPO A ($BASE first,
 #                                 # this tree, TRL), generation A and 1B (defaults and matmul)
+#   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
+#                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
+#                                 # the branch maskless-ppo-layout, archived as described below)
 # A $BASE tree must hold all of bench/*.py as well as rlhf_kit (git archive COMMIT rlhf_kit $(git ls-tree --name-only
 # COMMIT bench/ | grep .py$)): a script missing there is found in this tree's bench/, which puts this tree's
 # rlhf_kit first on sys.path (before session 16, every BASE run imported this tree's rlhf_kit). check_tree below
@@ -56,7 +59,7 @@ got = os.path.dirname(os.path.dirname(os.path.abspath(rlhf_kit.__file__)))
 sys.exit(None if got == tree else f"{tree}/bench/ppo_vs_trl.py imports rlhf_kit from {got}")
 PY
 }
-case "$phase" in i|k|l|m|n|o|p) check_tree "${BASE:-.base}" ;; esac
+case "$phase" in i|k|l|m|n|o|p|q) check_tree "${BASE:-.base}" ;; esac
 if [ "$phase" = c ]; then  # session 3, config A: TRL, ours --keep-cache, + --compile-blocks, + --master-weights
   A="python3 bench/ppo_vs_trl.py --configs A --keep-cache --timeout 240"
   $A --systems trl ours --trl-site /tmp/site112 --work $WORK/k --out "$OUT/keep" 2>&1 | tee "$OUT/ppo_log.txt"
@@ -163,6 +166,18 @@ if [ "$phase" = p ]; then  # session 16, third call
   done
   python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 150 --work $WORK/t --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   timeout 120 python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_matmul --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -6
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = q ]; then  # the old log-probs from the sampler, and a second tree
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 150"
+  B="--configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 200"
+  for cfg in A B; do
+    args=$([ $cfg = A ] && echo "$A" || echo "$B")
+    for lp in recompute sampler; do
+      python3 bench/ppo_vs_trl.py $args --old-logprobs $lp --work $WORK/${cfg}_$lp --out "$OUT/${cfg}_$lp" 2>&1 | grep -E "^\| $cfg" | tee -a "$OUT/ppo_log.txt"
+    done
+    python3 "${BASE:-.base}/bench/ppo_vs_trl.py" $args --work $WORK/${cfg}_base --out "$OUT/${cfg}_base" 2>&1 | grep -E "^\| $cfg" | tee -a "$OUT/ppo_log.txt"
+  done
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile

@@ -20,6 +20,8 @@ from rlhf_kit.ppo.models import PPOModels
 from rlhf_kit.ppo.remote import CriticInference
 from rlhf_kit.rollout import Rollout
 
+OLD_LOGPROBS = ("recompute", "sampler")
+
 
 @dataclass
 class ExperienceConfig:
@@ -54,6 +56,17 @@ class ExperienceConfig:
     epoch, one mini-batch) and the reward carries no KL (``kl_in_loss`` or a zero coefficient);
     :func:`~rlhf_kit.ppo.ppo_update` and :func:`~rlhf_kit.ppo.compute_advantages` refuse it otherwise.
     The rollout's ``logprobs`` then hold a copy of ``ref_logprobs`` (zero KL) as a placeholder."""
+    old_logprobs: str = "recompute"
+    """Where the old policy's log-probs come from (unless ``skip_old_logprobs``): ``"recompute"``, a forward
+    pass of the actor over the rollout, or ``"sampler"``, the log-probs the generation backend reported for
+    the tokens it sampled (the tempered distribution), with no forward pass. The sampler's numerics differ
+    from the training model's (bf16 inference copy, other kernels and batch shapes), so with ``"sampler"``
+    the KL penalty and the first ratio carry that difference (mean 0.006-0.017 nats per token on the
+    benchmark models, docs/benchmarks.md)."""
+
+    def __post_init__(self) -> None:
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"old_logprobs must be one of {OLD_LOGPROBS}, got {self.old_logprobs!r}")
 
 
 @torch.no_grad()
@@ -73,7 +86,8 @@ def make_experience(
         generation: a ``GenerationOutput`` (``sequences (b, p + n)``, ``attention_mask``,
             ``response_mask (b, n)``, ``finished (b,)``, ``prompt_length``).
         actor: causal LM being trained; its log-probs are recomputed here (the old policy), unless
-            ``cfg.skip_old_logprobs`` (then the update computes them).
+            ``cfg.skip_old_logprobs`` (then the update computes them) or ``cfg.old_logprobs == "sampler"``
+            (then they are ``generation.logprobs``).
         reference: frozen initial policy; ``None`` with ``reference_fn`` for LoRA, where
             ``reference_fn()`` returns a context manager that disables the adapter on ``actor``.
         critic: per-token value model (``TokenValueModel``); None with ``remote``, or with a
@@ -103,11 +117,12 @@ def make_experience(
             with reference_fn():
                 refs.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
         # the old policy's log-probs; with skip_old_logprobs a zero-KL placeholder (the update's forward)
-        lps.append(
-            refs[-1].clone()
-            if cfg.skip_old_logprobs
-            else sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature)
-        )
+        if cfg.skip_old_logprobs:
+            lps.append(refs[-1].clone())
+        elif cfg.old_logprobs == "sampler":
+            lps.append(generation.logprobs[sl].to(device=refs[-1].device, dtype=refs[-1].dtype))
+        else:
+            lps.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
         score = None
         if remote is not None:
             value, score = remote.infer(seq[sl], am[sl], p, rmask[sl], with_scores=scorer is None)

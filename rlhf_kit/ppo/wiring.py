@@ -28,6 +28,7 @@ def experience_config(cfg: Any, stats: dict | None) -> ExperienceConfig:
         score_mean=stats["mean"] if stats else 0.0, score_std=stats["std"] if stats else 1.0,
         micro_batch_size=cfg.rollout_micro_batch_size, advantage_estimator=cfg.advantage_estimator,
         group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss, skip_old_logprobs=one_step_on_policy(cfg),
+        old_logprobs=getattr(cfg, "old_logprobs", "recompute"),
     )  # fmt: skip
 
 

@@ -250,7 +250,7 @@ def independent_runs(tmp_path_factory):
     args = {
         "held_out": ["--output-dir", str(dirs["held_out"] / "o"), "--train-prompts",
                      str(dirs["held_out"] / "prompts.jsonl"), "--val-size", "6", "--num-val-samples", "6",
-                     "--max-steps", "2", "--seed", "3", *FAST],
+                     "--max-steps", "2", "--seed", "3", "--old-logprobs", "sampler", *FAST],
         "no_training": ["--output-dir", str(dirs["no_training"] / "o"), "--train-prompts",
                         str(dirs["no_training"] / "prompts.jsonl"), "--val-size", "5"],
         "real_like": ["--actor", actor, "--critic", str(critic), "--reward-fn",
@@ -275,7 +275,8 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def test_validation_prompts_are_held_out_of_the_given_training_prompts(independent_runs):
     """--train-prompts without --val-prompts: --val-size of them validate (seeded), the rest train, a line
-    says so, and no shipped-HH data/ folder appears in the output dir."""
+    says so, and no shipped-HH data/ folder appears in the output dir. (This run also takes the old
+    log-probs from the sampler: --old-logprobs sampler through the CLI.)"""
     from rlhf_kit.ppo import split_prompts
 
     proc, d = independent_runs["held_out"]

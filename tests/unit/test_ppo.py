@@ -77,6 +77,30 @@ def test_make_experience_shapes_alignment_and_masks(tokenizer, four_models):
     assert r.values[0, 0].item() == pytest.approx(v.item(), abs=1e-5)
 
 
+def test_make_experience_takes_the_samplers_logprobs_without_an_actor_pass(tokenizer, four_models):
+    """old_logprobs="sampler": the rollout's old log-probs are the generation's (masked), the actor never
+    runs, and everything else equals the recomputing path's."""
+    actor, ref, critic, rm = four_models
+    gen = fake_generation(tokenizer)
+    gen.logprobs = -torch.rand(gen.response_mask.shape, generator=torch.Generator().manual_seed(5))
+    gen.logprobs[-1, -1] = 7.0  # outside row 3's response: must not survive the mask
+
+    class NoForward(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the actor ran")
+
+    scorer = RewardModelScorer(rm)
+    want = make_experience(gen, actor, ref, critic, scorer, ExperienceConfig(micro_batch_size=3))
+    cfg = ExperienceConfig(micro_batch_size=3, old_logprobs="sampler")
+    got = make_experience(gen, NoForward(), ref, critic, scorer, cfg)
+    torch.testing.assert_close(got.logprobs, gen.logprobs * gen.response_mask, rtol=0, atol=0)
+    for name in ("ref_logprobs", "values", "scores", "response_mask"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
+    assert not torch.equal(got.logprobs, want.logprobs)
+    with pytest.raises(ValueError, match="old_logprobs"):
+        ExperienceConfig(old_logprobs="actor")
+
+
 def test_compute_advantages_known_answer():
     from rlhf_kit.rollout import Rollout
 

@@ -113,6 +113,9 @@ def test_experience_config_carries_it():
                  missing_eos_penalty=None, rollout_micro_batch_size=4, advantage_estimator="grpo")  # fmt: skip
     assert experience_config(flat, None).skip_old_logprobs
     assert not experience_config(SimpleNamespace(**(vars(flat) | {"ppo_epochs": 2})), None).skip_old_logprobs
+    assert experience_config(flat, None).old_logprobs == "recompute"  # a loop of one's own without the field
+    sampler = SimpleNamespace(**(vars(flat) | {"old_logprobs": "sampler"}))
+    assert experience_config(sampler, None).old_logprobs == "sampler"
 
 
 def _two_rank_body(rank: int) -> None:
