@@ -173,6 +173,17 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _defaults(cfg: Any) -> dict[str, Any]:
+    """The default of every field of the dataclass ``cfg`` that has one, as it reads back from JSON."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = _jsonable(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = _jsonable(f.default_factory())
+    return out
+
+
 def used_output_dir(output_dir: str | Path) -> list[str]:
     """What in ``output_dir`` belongs to an earlier run (checkpoints, metrics, stored configuration)."""
     out = Path(output_dir)
@@ -184,14 +195,25 @@ def used_output_dir(output_dir: str | Path) -> list[str]:
 
 
 def config_changes(
-    stored: dict[str, Any], current: dict[str, Any], may_change: Iterable[str], extend_max_steps: bool
+    stored: dict[str, Any],
+    current: dict[str, Any],
+    may_change: Iterable[str],
+    extend_max_steps: bool,
+    defaults: dict[str, Any] | None = None,
 ) -> list[str]:
-    """``"--field: old -> new"`` for every field that differs and may not change on resume."""
+    """``"--field: old -> new"`` for every field that differs and may not change on resume.
+
+    A field the stored configuration lacks (written by an earlier release, before the field existed)
+    counts as unchanged while it holds its default in ``defaults``: new fields come with defaults that
+    keep what the earlier release did."""
     allowed = set(ALWAYS_MAY_CHANGE) | set(may_change)
+    defaults = defaults or {}
     changes = []
     for k in sorted(set(stored) | set(current)):
         old, new = stored.get(k), current.get(k)
         if k in allowed or old == new:
+            continue
+        if k not in stored and k in defaults and new == defaults[k]:
             continue
         if (
             extend_max_steps
@@ -244,7 +266,7 @@ def start_run(
             stored = json.loads(stored_file.read_text())["config"]
         except (ValueError, KeyError) as e:
             raise ConfigError(f"{stored_file}: unreadable stored configuration ({e})") from None
-        changes = config_changes(stored, current, may_change, extend_max_steps)
+        changes = config_changes(stored, current, may_change, extend_max_steps, _defaults(cfg))
         if changes:
             raise ConfigError(
                 f"--resume with settings that change the run ({'; '.join(changes)}): restore them, "

@@ -281,6 +281,23 @@ def test_start_run_refuses_used_dirs_and_changed_settings(tmp_path):
         start_run(_cfg(lr=5e-3, max_steps=6, val_every=3), out, resume=True, extend_max_steps=True)
 
 
+def test_resume_accepts_a_field_newer_than_the_stored_configuration_at_its_default(tmp_path):
+    """A run started by an earlier release (its run_config.json lacks a field added since) resumes while
+    the new field keeps its default, and is refused when the new field is set otherwise."""
+    out = tmp_path / "run"
+    start_run(_cfg(), out, resume=False)
+    stored = json.loads((out / "run_config.json").read_text())
+    del stored["config"]["val_every"], stored["config"]["report_to"]  # fields "added after" that run
+    (out / "run_config.json").write_text(json.dumps(stored))
+    start_run(_cfg(), out, resume=True)  # both at their defaults (a tuple default compares as its JSON list)
+    stored = json.loads((out / "run_config.json").read_text())  # the resume stored the whole config again
+    assert stored["config"]["val_every"] == 2
+    del stored["config"]["val_every"]
+    (out / "run_config.json").write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match=r"--val-every: None -> 3"):
+        start_run(_cfg(val_every=3), out, resume=True)
+
+
 def test_resume_truncates_metrics_to_what_the_checkpoint_saw(tmp_path):
     out = tmp_path / "run"
     start_run(_cfg(), out, resume=False)
