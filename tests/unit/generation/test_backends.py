@@ -197,6 +197,10 @@ def test_compiled_decode_has_no_graph_breaks(left_tokenizer, batch, scope):
     params = SamplingParams(max_new_tokens=6, top_k=20, top_p=0.95, min_new_tokens=2, seed=4)
     _assert_same(eager.generate(ids, mask, params), traced.generate(ids, mask, params))
     assert traced.mode == "compiled"
+    # the second call's prefill runs through the compiled blocks ("blocks" only), also without breaks
+    again = traced.generate(ids, mask, params)
+    _assert_same(eager.generate(ids, mask, params), again)
+    assert again.info["prefill"] == ("compiled" if scope == "blocks" else "eager")
 
 
 def test_block_scope_compiles_one_block_for_every_layer(left_tokenizer, batch):
