@@ -165,10 +165,6 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     """GAE lambda in [0, 1] (NeMo-Aligner and TRL 0.95)."""
     normalize_advantages: bool = True
     """Whiten GAE advantages over all valid tokens, statistics over all ranks (gae only; NeMo-Aligner: on)."""
-    old_logprobs: Literal["recompute", "sampler"] = "recompute"
-    """The old policy's log-probs (KL penalty, ratio denominator): recompute (a forward pass of the actor
-    while scoring) or sampler (those the generation backend reported, no forward pass; they carry the
-    inference copy's numerical difference, 0.006-0.017 nats per token on the benchmark models)."""
 
     # --- optimisation (batch sizes, AdamW, LoRA, bookkeeping: rlhf_kit.training.options) -------
     global_batch_size: int = 8
