@@ -62,6 +62,29 @@ def make_reward_model(tokenizer, family="llama", seed=0, **kw):
     ).eval()
 
 
+def real_like_chat_batch(path: str):
+    """A checkpoint set up like a real one (``save_real_like_checkpoint`` with pad == EOS) saved at ``path``
+    and loaded back in bf16, two left-padded ChatML prompts and greedy sampling settings that stop at its
+    EOS: ``(model, enc, params)``. Asserts the traits it stands for: pad == EOS in the tokenizer, a config
+    pad id that differs from it, attention dropout."""
+    from transformers import AutoTokenizer
+
+    from rlhf_kit.generation import SamplingParams
+    from rlhf_kit.tiny import save_real_like_checkpoint
+
+    save_real_like_checkpoint(path, pad="eos")
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    assert tok.pad_token_id == tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert model.config.pad_token_id != tok.pad_token_id and model.config.attention_dropout > 0
+    enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nHow do I bake bread?"
+               "<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", padding=True)  # fmt: skip
+    params = SamplingParams(
+        max_new_tokens=8, greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    return model, enc, params
+
+
 @pytest.fixture(autouse=True)
 def _restore_sdpa_backends():
     """make_accelerator and some tests flip the process-wide cuDNN SDPA switch; each test starts where the

@@ -11,7 +11,7 @@ import torch
 from rlhf_kit.generation import CompiledBackend, SamplingParams
 from rlhf_kit.generation import fused as fused_mod
 from rlhf_kit.generation.static_cache import static_kv_attention
-from tests.conftest import make_causal_lm
+from tests.conftest import make_causal_lm, real_like_chat_batch
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "gpt_neox"])
@@ -82,20 +82,7 @@ def test_a_real_like_bf16_checkpoint_fuses_and_generates_like_unfused(tmp_path):
     """bf16 weights on disk, pad == EOS in the tokenizer, config pad id 0 (not the tokenizer's), attention
     dropout 0.3 and sampling settings in generation_config: every block fuses at bf16 tolerance, and the
     fused backend's greedy output is the unfused backend's."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf_kit.tiny import save_real_like_checkpoint
-
-    path = save_real_like_checkpoint(str(tmp_path / "ckpt"), pad="eos")
-    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    assert tok.pad_token_id == tok.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    assert model.config.pad_token_id != tok.pad_token_id and model.config.attention_dropout > 0
-    enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nHow do I bake bread?"
-               "<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", padding=True)  # fmt: skip
-    params = SamplingParams(
-        max_new_tokens=8, greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
+    model, enc, params = real_like_chat_batch(str(tmp_path / "ckpt"))
     fused = CompiledBackend(copy.deepcopy(model), max_seq_len=64)
     assert fused.fused_modules == 2 * model.config.num_hidden_layers
     plain = CompiledBackend(copy.deepcopy(model), max_seq_len=64, fuse=False)

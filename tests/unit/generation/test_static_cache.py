@@ -14,7 +14,7 @@ from rlhf_kit.generation.static_cache import (
     grouped_decode_attention,
     resolve_decode_attention,
 )
-from tests.conftest import make_causal_lm
+from tests.conftest import make_causal_lm, real_like_chat_batch
 
 
 def _reference(q, k, v, visible, scale):
@@ -100,22 +100,9 @@ def test_triton_decode_attention_on_a_real_like_bf16_checkpoint(tmp_path):
     """bf16 weights on disk, pad == EOS in the tokenizer, config pad id 0 (not the tokenizer's), attention
     dropout and sampling settings in generation_config: the kernel (Triton's interpreter on CPU) gives the
     matmul path's greedy tokens and end flags, and log-probs within bf16 rounding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf_kit.tiny import save_real_like_checkpoint
-
-    path = save_real_like_checkpoint(str(tmp_path / "ckpt"), pad="eos")
-    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    assert tok.pad_token_id == tok.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    assert model.config.pad_token_id != tok.pad_token_id and model.config.attention_dropout > 0
-    enc = tok(["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nHow do I bake bread?"
-               "<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt", padding=True)  # fmt: skip
+    model, enc, params = real_like_chat_batch(str(tmp_path / "ckpt"))
     if torch.cuda.is_available():  # compiled Triton takes CUDA tensors only
         model, enc = model.cuda(), enc.to("cuda")
-    params = SamplingParams(
-        max_new_tokens=8, greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
     kernel = CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention="triton")
     plain = CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention="matmul")
     a = kernel.generate(enc.input_ids, enc.attention_mask, params)
