@@ -59,6 +59,12 @@ got = os.path.dirname(os.path.dirname(os.path.abspath(rlhf_kit.__file__)))
 sys.exit(None if got == tree else f"{tree}/bench/ppo_vs_trl.py imports rlhf_kit from {got}")
 PY
 }
+ppo_a_trees() {  # PPO config A, ours with the arguments in $A, once per tree given (. or a $BASE archive)
+  for tree in "$@"; do
+    name=$([ "$tree" = . ] && echo this || echo base)
+    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  done
+}
 case "$phase" in i|k|l|m|n|o|p|q) check_tree "${BASE:-.base}" ;; esac
 if [ "$phase" = c ]; then  # session 3, config A: TRL, ours --keep-cache, + --compile-blocks, + --master-weights
   A="python3 bench/ppo_vs_trl.py --configs A --keep-cache --timeout 240"
@@ -128,20 +134,14 @@ if [ "$phase" = l ] || [ "$phase" = m ]; then  # session 15: the Triton decode a
     timeout 120 python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tail -6
     trees="${BASE:-.base} ."
   fi
-  for tree in $trees; do
-    name=$([ "$tree" = . ] && echo this || echo base)
-    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
-  done
+  ppo_a_trees $trees
   [ "$phase" = l ] && python3 bench/ppo_vs_trl.py --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 240 --work $WORK/b_this --out "$OUT/b32_this" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = n ]; then  # session 16, one call, each part under its own time limit
   timeout 150 python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tail -6
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 200"
-  for tree in "${BASE:-.base}" .; do
-    name=$([ "$tree" = . ] && echo this || echo base)
-    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
-  done
+  ppo_a_trees "${BASE:-.base}" .
   python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 200 --work $WORK/t --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   timeout ${GEN_S:-150} python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_autotune --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -8
   rm -f "$OUT"/*/*.md "$OUT"/gen/*profile.txt; exit 0
@@ -150,20 +150,14 @@ if [ "$phase" = o ]; then  # session 16, second call
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/generation/test_decode_kernel.py tests/unit/generation/test_static_cache.py tests/unit/generation/test_backends.py 2>&1 | tail -3
   timeout 220 python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_eager_prefill compiled_graphs_matmul compiled_graphs_kernel_config --kernel-config "${KCFG:-{\"MODE\": \"native\"\}}" --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -10
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --profile --timeout 150"
-  for tree in . "${BASE:-.base}"; do
-    name=$([ "$tree" = . ] && echo this || echo base)
-    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
-  done
+  ppo_a_trees . "${BASE:-.base}"
   timeout 120 python3 bench/decode_attention.py --out "$OUT/decode_attention.json" 2>&1 | tail -6
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = p ]; then  # session 16, third call
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/generation/test_decode_kernel.py tests/unit/generation/test_static_cache.py tests/unit/generation/test_backends.py 2>&1 | tail -4
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 150"
-  for tree in "${BASE:-.base}" .; do
-    name=$([ "$tree" = . ] && echo this || echo base)
-    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
-  done
+  ppo_a_trees "${BASE:-.base}" .
   python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 150 --work $WORK/t --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   timeout 120 python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_matmul --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -6
   rm -f "$OUT"/*/*.md; exit 0
