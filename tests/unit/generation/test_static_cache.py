@@ -109,3 +109,20 @@ def test_triton_decode_attention_on_a_real_like_bf16_checkpoint(tmp_path):
     b = plain.generate(enc.input_ids, enc.attention_mask, params)
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.finished, b.finished)
     assert (a.logprobs - b.logprobs).abs().max() < 5e-2
+
+
+def test_compiled_prefill_on_a_real_like_bf16_checkpoint(tmp_path):
+    """The compiled prefill on the real-like checkpoint (pad == EOS, config pad id not the tokenizer's):
+    widened to a multiple of 16 with its EOS as left padding, the prompt gives the eager prefill's greedy
+    tokens and end flags, and log-probs within bf16 rounding."""
+    model, enc, params = real_like_chat_batch(str(tmp_path / "ckpt"))
+    compiled = CompiledBackend(
+        copy.deepcopy(model), max_seq_len=64, compile=True, compile_options={"backend": "eager"}
+    )
+    eager = CompiledBackend(copy.deepcopy(model), max_seq_len=64)
+    want = eager.generate(enc.input_ids, enc.attention_mask, params)
+    compiled.generate(enc.input_ids, enc.attention_mask, params)  # allocates the KV buffers
+    got = compiled.generate(enc.input_ids, enc.attention_mask, params)
+    assert got.info["prefill"] == "compiled" and got.info["prefill_width"] > enc.input_ids.shape[1]
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(got.finished, want.finished)
+    assert (got.logprobs - want.logprobs).abs().max() < 5e-2
