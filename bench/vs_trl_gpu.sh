@@ -23,6 +23,9 @@
 #                                 # (this tree, then $BASE), the decode-kernel sweep on one cache per layer
 #   bash bench/vs_trl_gpu.sh p    # session 16, third call: the GPU tests of the generation backend, PPO A ($BASE first,
 #                                 # this tree, TRL), generation A and 1B (defaults and matmul)
+#   bash bench/vs_trl_gpu.sh r    # session 17: generation A and 1B and PPO A, this tree against $BASE2 (the commit
+#                                 # before the kernel change), PPO A of the maskless branch ($BASE), A with
+#                                 # --old-logprobs sampler, PPO B (this tree, $BASE); results packed in results.tgz
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
 #                                 # the branch maskless-ppo-layout, archived as described below)
@@ -59,13 +62,14 @@ got = os.path.dirname(os.path.dirname(os.path.abspath(rlhf_kit.__file__)))
 sys.exit(None if got == tree else f"{tree}/bench/ppo_vs_trl.py imports rlhf_kit from {got}")
 PY
 }
+tree_name() { [ "$1" = . ] && echo this || basename "$1" | tr -d .; }  # . -> this, .base4 -> base4
 ppo_a_trees() {  # PPO config A, ours with the arguments in $A, once per tree given (. or a $BASE archive)
   for tree in "$@"; do
-    name=$([ "$tree" = . ] && echo this || echo base)
+    name=$(tree_name "$tree")
     python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   done
 }
-case "$phase" in i|k|l|m|n|o|p|q) check_tree "${BASE:-.base}" ;; esac
+case "$phase" in i|k|l|m|n|o|p|q|r) check_tree "${BASE:-.base}" ;; esac
 if [ "$phase" = c ]; then  # session 3, config A: TRL, ours --keep-cache, + --compile-blocks, + --master-weights
   A="python3 bench/ppo_vs_trl.py --configs A --keep-cache --timeout 240"
   $A --systems trl ours --trl-site /tmp/site112 --work $WORK/k --out "$OUT/keep" 2>&1 | tee "$OUT/ppo_log.txt"
@@ -117,7 +121,7 @@ fi
 if [ "$phase" = k ]; then  # A/B of two trees in one call: this tree and $BASE (a git archive of another commit or
   # branch, e.g. git archive maskless-ppo-layout rlhf_kit bench/common.py bench/ppo_vs_trl.py | tar -x -C .base)
   for tree in . "${BASE:-.base}"; do
-    name=$([ "$tree" = . ] && echo this || echo base)
+    name=$(tree_name "$tree")
     python3 "$tree/bench/ppo_vs_trl.py" --configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 200 --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\[ours|^\| A" | tee -a "$OUT/ppo_log.txt"
     python3 "$tree/bench/ppo_vs_trl.py" --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 240 --work $WORK/b_$name --out "$OUT/b32_$name" 2>&1 | grep -E "^\[ours|^\| B" | tee -a "$OUT/ppo_log.txt"
   done
@@ -173,6 +177,22 @@ if [ "$phase" = q ]; then  # the old log-probs from the sampler, and a second tr
     python3 "${BASE:-.base}/bench/ppo_vs_trl.py" $args --work $WORK/${cfg}_base --out "$OUT/${cfg}_base" 2>&1 | grep -E "^\| $cfg" | tee -a "$OUT/ppo_log.txt"
   done
   rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = r ]; then  # session 17: the decode kernel reading no left padding and rotating q/k itself
+  # (this tree against $BASE2, the commit before it), the maskless branch ($BASE), --old-logprobs sampler
+  check_tree "${BASE2:-.base4}"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/generation/test_decode_kernel.py tests/unit/generation/test_fused.py tests/unit/generation/test_static_cache.py tests/unit/generation/test_backends.py 2>&1 | tail -4
+  for tree in "${BASE2:-.base4}" .; do
+    timeout 150 python3 "$tree/bench/generation.py" --configs A 1B --only compiled_graphs --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen_$(tree_name "$tree")" 2>&1 | grep -v "^\[" | tail -4
+  done
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 150"
+  ppo_a_trees "${BASE2:-.base4}" "${BASE:-.base}" .
+  python3 bench/ppo_vs_trl.py $A --old-logprobs sampler --work $WORK/a_sampler --out "$OUT/a64_sampler" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  B="--configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 150"
+  for tree in . "${BASE:-.base}"; do
+    python3 "$tree/bench/ppo_vs_trl.py" $B --work $WORK/b_$(tree_name "$tree") --out "$OUT/b32_$(tree_name "$tree")" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
+  done
+  rm -f "$OUT"/*/*.md; (cd "$OUT" && tar czf results.tgz */ && rm -rf -- */); exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile
   R="python3 bench/rm_vs_trl.py --timeout 150"

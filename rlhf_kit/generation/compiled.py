@@ -330,6 +330,7 @@ class CompiledBackend:
         bufs.pos.copy_(mask.long().sum(-1, keepdim=True))
         bufs.mask.fill_(neg)
         bufs.mask[:, 0, 0, :p].masked_fill_(valid, 0.0)
+        state.row_start[: ids.shape[0]] = p - valid.sum(-1)  # left padded (check_prompts): the first token
         state.cache_pos.fill_(p)
         return compiled
 

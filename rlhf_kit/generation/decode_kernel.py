@@ -47,28 +47,40 @@ if AVAILABLE:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, mask_ptr, pos_ptr, out_ptr, scale,
-        sq_b, sq_h, sq_g, skn_b, skn_h, svn_b, svn_h, sc_b, sc_h, sc_l, sm_b, so_b, so_h, so_g,
+        q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, mask_ptr, pos_ptr, start_ptr, cos_ptr, sin_ptr, out_ptr, scale,
+        sq_b, sq_h, sq_g, skn_b, skn_h, svn_b, svn_h, sc_b, sc_h, sc_l, sm_b, scos_b, ssin_b, so_b, so_h, so_g,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
-        PRECISION: tl.constexpr, MODE: tl.constexpr,
+        HAS_START: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a large cache passes 2**31 elements
         head = tl.program_id(1).to(tl.int64)
         pos = tl.load(pos_ptr)
+        lo = 0
+        if HAS_START:
+            lo = tl.load(start_ptr + row).to(tl.int32)
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
-        q = tl.load(
-            q_ptr + row * sq_b + head * sq_h + g[:, None] * sq_g + d[None, :], mask=g[:, None] < G, other=0.0
-        )
-        q32 = q.to(tl.float32)
+        q_at = q_ptr + row * sq_b + head * sq_h + g[:, None] * sq_g
+        q = tl.load(q_at + d[None, :], mask=g[:, None] < G, other=0.0)
         k_new = tl.load(kn_ptr + row * skn_b + head * skn_h + d)
         v_new = tl.load(vn_ptr + row * svn_b + head * svn_h + d)
+        # rotary: x cos + rotate_half(x) sin, rotate_half(x) = (-x[D/2:], x[:D/2]), rounded to the input dtype
+        if ROPE:
+            half = (d + D // 2) % D
+            sign = tl.where(d < D // 2, -1.0, 1.0)
+            cos = tl.load(cos_ptr + row * scos_b + d).to(tl.float32)
+            sin = tl.load(sin_ptr + row * ssin_b + d).to(tl.float32) * sign
+            q_half = tl.load(q_at + half[None, :], mask=g[:, None] < G, other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * cos[None, :] + q_half * sin[None, :]).to(q.dtype)
+            k_half = tl.load(kn_ptr + row * skn_b + head * skn_h + half).to(tl.float32)
+            k_new = (k_new.to(tl.float32) * cos + k_half * sin).to(k_new.dtype)
+        q32 = q.to(tl.float32)
         # the new token first: it is always visible, so the running max starts finite
         m_i = tl.sum(q32 * k_new.to(tl.float32)[None, :], axis=1) * scale  # (GP,)
         l_i = tl.full((GP,), 1.0, tl.float32)
         acc = tl.zeros((GP, D), tl.float32) + v_new.to(tl.float32)[None, :]
         cache = row * sc_b + head * sc_h
-        for start in range(0, pos, BLOCK_N):
+        for start in range(lo, pos, BLOCK_N):  # slots before the row's first token (left padding) skipped
             n = start + tl.arange(0, BLOCK_N)
             live = n < pos
             k = tl.load(kc_ptr + cache + n[:, None] * sc_l + d[None, :], mask=live[:, None], other=0.0)
@@ -139,17 +151,34 @@ def decode_attention(
     mask: torch.Tensor | None,
     pos: torch.Tensor,
     scale: float,
+    start: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ``key``/``value (b, kv, 1, d)`` at slot ``pos`` of ``k_cache``/``v_cache (>= b, kv, L, d)`` and
     return the attention of ``query (b, kv, g, d)`` over slots ``0 .. pos`` as ``(b, kv, g, d)``.
 
     ``mask`` is additive, ``(b, 1, 1, >= L)`` (or None), applied to the slots before ``pos``; the new token
     is always visible. ``pos`` is a one-element integer tensor on the device. Softmax in float32.
+
+    ``start (>= b,)`` (integer, optional): row ``i`` reads no slot before ``start[i]`` -- its left padding,
+    which ``mask`` hides anyway, so the result is the same with fewer bytes read. ``cos``/``sin ((b, [1,]
+    d), optional)``: the new token's rotary embedding; ``query`` and ``key`` then come unrotated and are
+    rotated here (``x cos + rotate_half(x) sin``, Llama's convention, rounded to the input dtype), the key
+    stored rotated.
     """
     _check(query, key, value, k_cache, v_cache, mask)
     if not AVAILABLE:
         raise RuntimeError("decode_attention needs Triton (it ships with CUDA builds of torch)")
     b, kv, g, d = query.shape
+    if start is not None and (start.dim() != 1 or start.shape[0] < b):
+        raise ValueError(f"start must be (>= {b},), got {tuple(start.shape)}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin come together")
+    if cos is not None:
+        cos, sin = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
+        if cos.shape != (b, d) or sin.shape != (b, d) or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+            raise ValueError(f"cos and sin must be ({b}, [1,] {d}) with a contiguous last dimension")
     out = torch.empty((b, kv, g, d), dtype=query.dtype, device=query.device)
     cfg = dict(CONFIG)
     mode = cfg.pop("MODE", "tf32")
@@ -162,17 +191,19 @@ def decode_attention(
     if mode != "fma":
         gp = max(16, gp)  # tl.dot needs 16 rows; the padding rows are never stored
     m = mask.reshape(mask.shape[0], -1) if mask is not None else out
+    c, s_ = (cos, sin) if cos is not None else (out, out)  # placeholders, never read
     _decode_attention_kernel[(b, kv)](
-        query, key, value, k_cache, v_cache, m, pos, out, scale,
+        query, key, value, k_cache, v_cache, m, pos, pos if start is None else start, c, s_, out, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        m.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        G=g, GP=gp, D=d, HAS_MASK=mask is not None, **cfg, MODE=_MODE_ID[mode],
+        m.stride(0), c.stride(0), s_.stride(0), out.stride(0), out.stride(1), out.stride(2),
+        G=g, GP=gp, D=d, HAS_MASK=mask is not None, HAS_START=start is not None, ROPE=cos is not None,
+        **cfg, MODE=_MODE_ID[mode],
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # TF32 holds bf16/fp16 inputs exactly
     )  # fmt: skip
     return out
 
 
 @decode_attention.register_fake
-def _(query, key, value, k_cache, v_cache, mask, pos, scale):  # noqa: ANN001, ANN202
+def _(query, key, value, k_cache, v_cache, mask, pos, scale, start=None, cos=None, sin=None):  # noqa: ANN001, ANN202
     return torch.empty_like(query, memory_format=torch.contiguous_format)

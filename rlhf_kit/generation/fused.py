@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_kit.generation.static_cache import rotary_in_kernel, static_kv_attention
+
 logger = logging.getLogger(__name__)
 
 _ATTN = ("q_proj", "k_proj", "v_proj")
@@ -61,9 +63,12 @@ def _fused_attention_forward(
     qkv = F.linear(hidden_states, self._rlhf_kit_qkv, self._rlhf_kit_qkv_bias)
     q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split(self._rlhf_kit_split, dim=-1))
     cos, sin = position_embeddings
-    q, k = self._rlhf_kit_rotary(q, k, cos, sin)
     for name in ("past_key_values", "cache", "use_cache", "cache_position", "position_ids"):
         kwargs.pop(name, None)
+    if self._rlhf_kit_plain_rotary and rotary_in_kernel(q.shape[2]):
+        kwargs["rotary"] = (cos, sin)  # the Triton decode kernel rotates query and key itself
+    else:
+        q, k = self._rlhf_kit_rotary(q, k, cos, sin)
     out, weights = self._rlhf_kit_attention(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
     return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
@@ -117,6 +122,23 @@ def _check_attention(module: nn.Module) -> bool:
     return _self_check(module, _fused_attention_forward, (x,), kwargs)
 
 
+def _plain_rotary(rotary: Any, module: nn.Module) -> bool:
+    """Is ``rotary(q, k, cos, sin)`` Llama's ``x cos + rotate_half(x) sin`` (which the Triton decode kernel
+    can apply itself)? Checked on random float32 inputs of one decode step."""
+    d, half = module.head_dim, module.head_dim // 2
+    q, k = torch.randn(2, 3, 1, d), torch.randn(2, 1, 1, d)
+    cos, sin = torch.randn(2, 1, d), torch.randn(2, 1, d)
+
+    def ref(x: torch.Tensor) -> torch.Tensor:
+        return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None]
+
+    try:
+        got = rotary(q, k, cos, sin)
+    except Exception:  # noqa: BLE001 -- any other signature is simply not the plain convention
+        return False
+    return all(torch.allclose(a, ref(x), atol=1e-5) for a, x in zip(got, (q, k)))
+
+
 def _check_mlp(module: nn.Module) -> bool:
     """The self-check of one MLP module."""
     w = module.gate_proj.weight
@@ -139,6 +161,9 @@ def fuse_projections(model: nn.Module, attention_fn: Any) -> int:
             if rotary is None:
                 continue
             module._rlhf_kit_rotary, module._rlhf_kit_attention = rotary, attention_fn
+            module._rlhf_kit_plain_rotary = attention_fn is static_kv_attention and _plain_rotary(
+                rotary, module
+            )
             _stack(module, _ATTN, "_rlhf_kit_qkv")
             if not _check_attention(module):  # the blocks fused so far passed their own checks and stay fused
                 logger.warning(

@@ -37,6 +37,8 @@ class _KVState:
         self.decode_attention = decode_attention
         self.modules: list[nn.Module] = []
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=device)
+        # each row's first prompt slot (its left padding before it is masked); the Triton kernel skips it
+        self.row_start = torch.zeros(max_batch, dtype=torch.long, device=device)
 
     def buffers(self, module: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv = module.__dict__.get(_KV_ATTR)
@@ -140,8 +142,13 @@ def static_kv_attention(
     ``query (b, h, q, d)``, ``key``/``value (b, kv, q, d)``; returns ``(b, q, h, d)``. With ``q == 1``
     (decode) the new key/value go to slot ``cache_pos`` and the query's heads are grouped per KV head
     (``(b, kv, h / kv, d)``), so grouped-query attention reads the cache once, without repeating it.
+    ``rotary=(cos, sin)`` (from :func:`rotary_in_kernel` callers only): query and key come unrotated and
+    the Triton kernel rotates them.
     """
+    rotary = kwargs.pop("rotary", None)
     state = _ACTIVE
+    if rotary is not None and not rotary_in_kernel(query.shape[2]):
+        raise RuntimeError("rotary=(cos, sin) is for the Triton decode step only (see rotary_in_kernel)")
     if state is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -158,7 +165,9 @@ def static_kv_attention(
             from rlhf_kit.generation.decode_kernel import decode_attention
 
             scale = d**-0.5 if scaling is None else scaling
-            out = decode_attention(grouped, key, value, k_all, v_all, attention_mask, state.cache_pos, scale)
+            cos, sin = rotary if rotary is not None else (None, None)
+            out = decode_attention(grouped, key, value, k_all, v_all, attention_mask, state.cache_pos, scale,
+                                   state.row_start, cos, sin)  # fmt: skip
         else:
             k_buf.index_copy_(2, state.cache_pos, key)
             v_buf.index_copy_(2, state.cache_pos, value)
@@ -171,6 +180,13 @@ def static_kv_attention(
     k, v = _repeat_kv(key, h // kv), _repeat_kv(value, h // kv)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def rotary_in_kernel(q_len: int) -> bool:
+    """Whether a query of ``q_len`` tokens is a decode step of the Triton kernel, which then applies the
+    rotary embedding itself (one kernel fewer per layer; the fused attention forward asks this)."""
+    state = _ACTIVE
+    return q_len == 1 and state is not None and state.decode_attention == "triton"
 
 
 def prefill_inputs(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

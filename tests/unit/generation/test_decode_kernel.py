@@ -151,3 +151,65 @@ def test_bad_inputs_are_refused_before_launch():
     cache24 = torch.randn(3, 2, 64, 24, device=DEVICE)
     with pytest.raises(ValueError, match="power-of-two head size"):
         decode_attention(q24, kv24, kv24, cache24, cache24.clone(), None, pos, 0.3)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the call without start, on CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_start_skips_each_rows_left_padding_unread(dtype):
+    """Slots before ``start[row]`` (left padding, masked) are never read: NaN there leaves the output equal
+    to the reference, where the call without ``start`` reads them and turns NaN."""
+    b, kv, g, d, slots, pos = 3, 2, 2, 16, 160, 150
+    (q, k_new, v_new, k_cache, v_cache, _), visible = _case(b, kv, g, d, slots, pos, dtype, seed=21)
+    start = torch.tensor([0, 37, 100, 5], device=DEVICE)  # one entry past the batch is ignored
+    visible[:] = True
+    visible[:, pos:] = False
+    for i in range(b):
+        visible[i, : int(start[i])] = False
+    mask = torch.zeros(b, 1, 1, slots).masked_fill(~visible[:, None, None, :], torch.finfo(dtype).min)
+    mask = mask.to(dtype).to(DEVICE)
+    ref = _reference(q, k_new, v_new, k_cache.clone(), v_cache.clone(), visible, pos, 0.3)
+    for i in range(b):
+        k_cache[i, :, : int(start[i])] = float("nan")
+        v_cache[i, :, : int(start[i])] = float("nan")
+    p = torch.tensor([pos], device=DEVICE)
+    out = decode_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), mask, p, 0.3, start)
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+    unskipped = decode_attention(q, k_new, v_new, k_cache, v_cache, mask, p, 0.3)
+    assert torch.isnan(unskipped[1:]).all() and not torch.isnan(unskipped[0]).any()
+    with pytest.raises(ValueError, match="start must be"):
+        decode_attention(q, k_new, v_new, k_cache, v_cache, mask, p, 0.3, start[:2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_inside_the_kernel_equals_rotating_first(dtype):
+    """With ``cos``/``sin`` the kernel rotates the query and the new key itself (Llama's rotate_half
+    convention, transformers' apply_rotary_pos_emb): the output and the stored key match rotating first."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, kv, g, d, pos = 2, 2, 3, 32, 70
+    (q, k_new, v_new, k_cache, v_cache, mask), _ = _case(b, kv, g, d, 96, pos, dtype, seed=4)
+    angle = torch.rand(b, 1, d // 2, generator=torch.Generator().manual_seed(0)) * 6.0
+    emb = torch.cat([angle, angle], -1)
+    cos, sin = emb.cos().to(dtype).to(DEVICE), emb.sin().to(dtype).to(DEVICE)
+    # transformers' layout: query (b, heads, 1, d) and key (b, kv, 1, d), cos/sin (b, 1, d)
+    q_rot, k_rot = apply_rotary_pos_emb(
+        q.reshape(b, kv * g, 1, d).float(), k_new.float(), cos.float(), sin.float()
+    )
+    q_rot, k_rot = q_rot.to(dtype).reshape(b, kv, g, d), k_rot.to(dtype)
+    p = torch.tensor([pos], device=DEVICE)
+    k1, v1 = k_cache.clone(), v_cache.clone()
+    want = decode_attention(q_rot, k_rot, v_new, k1, v1, mask, p, 0.3)
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    got = decode_attention(q, k_new, v_new, k2, v2, mask, p, 0.3, None, cos, sin)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(k2[:b, :, pos], k_rot[:, :, 0], rtol=tol, atol=tol)  # stored rotated
+    assert torch.equal(v2[:b, :, pos], v_new[:, :, 0]) and torch.equal(k2[:, :, :pos], k_cache[:, :, :pos])
+    assert not torch.allclose(
+        got, decode_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), mask, p, 0.3)
+    )
+    with pytest.raises(ValueError, match="come together"):
+        decode_attention(q, k_new, v_new, k2, v2, mask, p, 0.3, None, cos, None)
+    with pytest.raises(ValueError, match="cos and sin must be"):
+        decode_attention(q, k_new, v_new, k2, v2, mask, p, 0.3, None, cos[..., :16], sin[..., :16])

@@ -90,3 +90,38 @@ def test_a_real_like_bf16_checkpoint_fuses_and_generates_like_unfused(tmp_path):
     b = plain.generate(enc.input_ids, enc.attention_mask, params)
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.finished, b.finished)
     assert (a.logprobs - b.logprobs).abs().max() < 5e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_decode_steps_leave_the_rotary_embedding_to_the_triton_kernel(left_tokenizer, family, monkeypatch):
+    """Llama's rotate_half convention is recognised, so under the Triton decode attention each decode step
+    hands (cos, sin) to the kernel instead of rotating (the prefill still rotates first); the tokens equal
+    the matmul path's, which rotates every step. Another convention, or another attention function, keeps
+    the rotation outside."""
+    model = make_causal_lm(left_tokenizer, family, seed=6)
+    enc = left_tokenizer(
+        ["Human: hi\n\nAssistant:", "Human: what is a good name for a cat?\n\nAssistant:"],
+        return_tensors="pt",
+        padding=True,
+    )
+    params = SamplingParams(max_new_tokens=6, greedy=True, ignore_eos=True)
+    kernel = CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention="triton")
+    attn = kernel.model.model.layers[0].self_attn
+    assert attn._rlhf_kit_plain_rotary
+    calls = []
+    rotary = attn._rlhf_kit_rotary
+    monkeypatch.setattr(
+        attn, "_rlhf_kit_rotary", lambda q, k, c, s: calls.append(q.shape[2]) or rotary(q, k, c, s)
+    )
+    got = kernel.generate(enc.input_ids, enc.attention_mask, params)
+    assert calls == [enc.input_ids.shape[1]]  # the prompt only: no decode step rotated outside the kernel
+    want = CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_attention="matmul")
+    want = want.generate(enc.input_ids, enc.attention_mask, params)
+    assert torch.equal(got.sequences, want.sequences)
+    assert (got.logprobs - want.logprobs).abs().max() < 1e-5
+    pads = (enc.attention_mask == 0).sum(-1)
+    assert torch.equal(kernel._state.row_start[:2].cpu(), pads)  # each row's first prompt slot
+    other = make_causal_lm(left_tokenizer, family, seed=6)
+    fused_mod.fuse_projections(other, lambda *a, **k: static_kv_attention(*a, **k))  # not the same function
+    assert not other.model.layers[0].self_attn._rlhf_kit_plain_rotary
+    assert not fused_mod._plain_rotary(lambda q, k, c, s: (q * c[:, None], k * c[:, None]), attn)
