@@ -121,6 +121,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
+    alignment=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the response tokens of ``(prompt + response)`` sequences under a causal LM.
 
@@ -131,22 +132,44 @@ def sequence_logprobs(
 
     Returns:
         ``(b, n)`` float32 log-probs of ``input_ids[:, p:]`` (and ``(b, n)`` entropies when
-        ``with_entropy``). Only the last ``n + 1`` positions' logits are projected where the model
-        supports ``logits_to_keep``.
-    """
-    n = input_ids.shape[1] - response_start
-    from rlhf_kit.models.heads import position_ids_from_mask
+        ``with_entropy``), 0 where ``attention_mask`` marks response padding. Only the last ``n + 1`` positions' logits are projected where the model
+        supports ``logits_to_keep`` (``n + 1`` plus the widest left padding for a left-padded batch).
 
-    position_ids = position_ids_from_mask(attention_mask)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        logits_to_keep=n + 1,
-    )
-    logits = out.logits[:, -(n + 1) : -1]
+    A left-padded batch whose rows' real tokens are contiguous (prompt then response) runs with each
+    row moved to the front and no attention mask (:mod:`rlhf_kit.models.layout`): the same log-probs,
+    with SDPA on its causal path. ``alignment`` (a ``LeftAlignment``) saves the read of the mask that
+    finds the padding when the caller knows it.
+    """
+    from rlhf_kit.models.heads import position_ids_from_mask
+    from rlhf_kit.models.layout import left_alignment
+
+    n = input_ids.shape[1] - response_start
     labels = input_ids[:, response_start:]
+    la = alignment if alignment is not None else left_alignment(attention_mask)
+    if la.contiguous and 0 < la.max_shift < response_start:
+        b, t = input_ids.shape
+        keep = n + 1 + la.max_shift  # from column p - 1 - max_shift: every row's first response logit
+        out = model(
+            input_ids=la.align(input_ids),
+            position_ids=torch.arange(t, device=input_ids.device).expand(b, t),
+            use_cache=False,
+            logits_to_keep=keep,
+        )
+        index = la.response_index(response_start, n) - (t - keep)  # (b, n) columns of the kept logits
+        kept = out.logits
+        logits = kept.gather(1, index.to(kept.device)[..., None].expand(b, n, kept.shape[-1]))
+    else:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            logits_to_keep=n + 1,
+        )
+        logits = out.logits[:, -(n + 1) : -1]
+    # padding after a response is 0 (what it would hold depends on the layout, so it is not kept)
+    real = attention_mask[:, response_start:].to(device=logits.device, dtype=torch.float32)
     if with_entropy:
-        return logprobs_and_entropy(logits, labels, temperature, chunk_size)
-    return logprobs_from_logits(logits, labels, temperature, chunk_size)
+        lp, ent = logprobs_and_entropy(logits, labels, temperature, chunk_size)
+        return lp * real, ent * real
+    return logprobs_from_logits(logits, labels, temperature, chunk_size) * real

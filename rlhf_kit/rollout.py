@@ -187,26 +187,32 @@ def trim_responses(r: Rollout) -> Rollout:
     return r.map(lambda x: x[:, : x.shape[1] - cut] if x.dim() == 2 else x)
 
 
-def sample_extents(r: Rollout) -> tuple[list[int], list[int]]:
-    """Per sample, the first prompt column it uses (after its left padding) and how many response
-    columns it uses (up to its last response token); one device-to-host read for both lists."""
+def sample_extents(r: Rollout) -> tuple[list[int], list[int], list[int]]:
+    """Per sample, the first prompt column it uses (after its left padding), how many response columns
+    it uses (up to its last response token), and 1 where its real tokens (``attention_mask``) form one
+    contiguous run, else 0; one device-to-host read for the three lists."""
     p, n = r.prompt_length, r.response_mask.shape[1]
     used = r.attention_mask[:, :p] != 0
     first = torch.where(used.any(-1), used.int().argmax(-1), p)
     columns = torch.arange(1, n + 1, device=r.response_mask.device)
     last = (r.response_mask.ne(0) * columns).amax(-1) if n else torch.zeros_like(first)
-    firsts, lasts = torch.stack([first, last]).tolist()
-    return firsts, lasts
+    real = r.attention_mask != 0
+    pos = torch.arange(real.shape[1], device=real.device)
+    lo = torch.where(real, pos, real.shape[1]).amin(-1)
+    hi = torch.where(real, pos, -1).amax(-1)
+    contiguous = ((hi - lo + 1 == real.sum(-1)) | ~real.any(-1)).long()
+    firsts, lasts, runs = torch.stack([first, last, contiguous]).tolist()
+    return firsts, lasts, runs
 
 
 def length_grouped_micro_batches(
-    r: Rollout, groups: list[list[int]], extents: tuple[list[int], list[int]] | None = None
+    r: Rollout, groups: list[list[int]], extents: tuple[list[int], ...] | None = None
 ) -> list[Rollout]:
     """The micro-batches ``r[group]`` for each list of sample indices, each cut to the prompt and
     response columns its samples use, so similar lengths grouped together cost fewer padded tokens.
     Only padding goes: every sample's tokens, masks and positions stay. The column counts come from one
     read of :func:`sample_extents` (no device sync per micro-batch), or from ``extents`` if given."""
-    firsts, lasts = extents or sample_extents(r)
+    firsts, lasts = (extents or sample_extents(r))[:2]
     p = r.prompt_length
     out = []
     for idx in groups:

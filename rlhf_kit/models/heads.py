@@ -57,12 +57,13 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
 def per_token_scores(
     model: nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run backbone + score head at every position. Returns ``(b, t)`` float32 (first label)."""
+    """Run backbone + score head at every position. Returns ``(b, t)`` float32 (first label).
+    ``attention_mask=None``: every row's real tokens come first (causal attention alone is exact)."""
     backbone, head = backbone_and_head(model)
-    if position_ids is None:
+    if position_ids is None and attention_mask is not None:
         position_ids = position_ids_from_mask(attention_mask)
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

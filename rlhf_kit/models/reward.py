@@ -14,11 +14,11 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf_kit.models.heads import (
     backbone_and_head,
-    is_right_padded,
     last_token_index,
     position_ids_from_mask,
     unwrap,
 )
+from rlhf_kit.models.layout import left_alignment
 
 REWARD_STATS_FILE = "reward_stats.json"
 
@@ -68,15 +68,19 @@ def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
     Returns:
         ``(b,)`` float32 rewards. A right-padded batch runs without its mask (causal attention is
-        then exact for every real token, :func:`~rlhf_kit.models.heads.is_right_padded`). The call goes
+        then exact for every real token), and so does a left-padded one whose rows' real tokens are
+        contiguous, each row moved to the front first (:mod:`rlhf_kit.models.layout`). The call goes
         through the model's own ``forward`` (so FSDP2 / DDP hooks run) and takes the score head's
         per-token output from a forward hook. HF's classifier pools at the last token that differs from
         ``config.pad_token_id``; that is wrong whenever the config's pad id is not the tokenizer's, or
         pad == EOS (SmolLM2, Llama 3: the real last token is then taken for padding), so its pooled
         ``logits`` are not used.
     """
+    la = left_alignment(attention_mask)
+    if la.contiguous and la.max_shift:  # left-padded rows moved to the front: right padded
+        input_ids, attention_mask = la.align(input_ids), la.align(attention_mask)
     with _head_output(model) as seen:
-        if is_right_padded(attention_mask):
+        if la.contiguous:
             # Real tokens come first in every row, so causal attention alone never lets a real token
             # see a pad: the same scores, with no (b, 1, t, t) mask built and SDPA on its causal path.
             model(input_ids=input_ids, use_cache=False)

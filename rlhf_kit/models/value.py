@@ -42,10 +42,11 @@ class TokenValueModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Args: ``(b, t)`` ids and mask (left or right padded). Returns ``(b, t)`` float32 values."""
+        """Args: ``(b, t)`` ids and mask (left or right padded; None when every row's real tokens come
+        first). Returns ``(b, t)`` float32 values."""
         return per_token_scores(self.model, input_ids, attention_mask, position_ids)
 
     def save_pretrained(self, path: str, **kwargs) -> None:
@@ -57,16 +58,34 @@ class TokenValueModel(nn.Module):
 
 
 def response_values(
-    critic: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+    critic: nn.Module,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int,
+    alignment=None,
 ) -> torch.Tensor:
     """Values aligned with response tokens: entry ``i`` is the value of the state that generates
     response token ``i`` (the hidden state one position earlier), as PPO log-probs are aligned.
 
     Args:
         sequences, attention_mask: ``(b, p + n)``. Returns ``(b, n)``.
+
+    A :class:`TokenValueModel` runs a left-padded batch of contiguous rows moved to the front, without
+    a mask (:mod:`rlhf_kit.models.layout`): the same values, on SDPA's causal path (``alignment``, a
+    ``LeftAlignment`` the caller already knows, saves reading the mask).
     """
+    from rlhf_kit.models.heads import unwrap
+    from rlhf_kit.models.layout import left_alignment
+
+    n = sequences.shape[1] - prompt_length
+    if isinstance(unwrap(critic), TokenValueModel):
+        la = alignment if alignment is not None else left_alignment(attention_mask)
+        if la.contiguous and 0 < la.max_shift < prompt_length:
+            values = critic(la.align(sequences), None)
+            values = values.gather(1, la.response_index(prompt_length, n).to(values.device))
+            return values * attention_mask[:, prompt_length:].to(values)  # 0 on padding, either layout
     values = critic(sequences, attention_mask)
-    return values[:, prompt_length - 1 : -1]
+    return values[:, prompt_length - 1 : -1] * attention_mask[:, prompt_length:].to(values)
 
 
 class CausalLMWithValueHead(nn.Module):

@@ -15,6 +15,7 @@ from rlhf_kit.estimators import aggregation_units
 from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.models.attention import padding_safe_sdpa
+from rlhf_kit.models.layout import LeftAlignment
 from rlhf_kit.models.value import response_values
 from rlhf_kit.ppo.advantages import global_mean
 from rlhf_kit.ppo.experience import ExperienceConfig
@@ -131,7 +132,7 @@ def ppo_update(
             p_tokens = _global_count(aggregation_units(_policy_mask(mb, exp_cfg), agg)).clamp(min=1)
         if train_critic:
             v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
-        for micro in _micro_batches(mb, cfg):
+        for micro, align in _micro_batches(mb, cfg):
             # cuDNN's SDPA backward is NaN on the left-padding rows: see rlhf_kit.models.attention
             with padding_safe_sdpa():
                 p = micro.prompt_length
@@ -144,6 +145,7 @@ def ppo_update(
                         p,
                         exp_cfg.temperature,
                         with_entropy=True,
+                        alignment=align,
                     )
                     # one optimizer step per rollout: the weights are still the old policy's here
                     old = lp.detach() if reuse else micro.logprobs
@@ -160,7 +162,9 @@ def ppo_update(
                         add("policy/ref_kl", ps.ref_kl)
                 if train_critic:
                     vm = micro.response_mask.float()
-                    values = response_values(critic, micro.sequences, micro.attention_mask, p)
+                    values = response_values(
+                        critic, micro.sequences, micro.attention_mask, p, alignment=align
+                    )
                     vloss, vs = value_loss(values, micro.values, micro.returns, vm)
                     backward(vloss * (vm.sum() * world / v_tokens))
                     add("value/loss", vs.loss)
@@ -185,24 +189,31 @@ def ppo_update(
     return out
 
 
-def _micro_batches(mb: Rollout, cfg: UpdateConfig) -> list[Rollout]:
+def _micro_batches(mb: Rollout, cfg: UpdateConfig) -> list[tuple[Rollout, LeftAlignment]]:
     """The mini-batch cut by length (:func:`rlhf_kit.rollout.length_grouped_micro_batches`): fixed
-    sizes over the samples sorted longest first, or a token budget with the same count on every rank."""
-    extents = firsts, lasts = sample_extents(mb)  # one read of the lengths per mini-batch
+    sizes over the samples sorted longest first, or a token budget with the same count on every rank.
+    Each micro-batch comes with its rows' left padding (:class:`rlhf_kit.models.layout.LeftAlignment`),
+    known from the one read of the lengths, so its forward passes need no read of their own."""
+    extents = firsts, lasts, runs = sample_extents(mb)  # one read of the lengths per mini-batch
     prompts = [mb.prompt_length - f for f in firsts]
     if cfg.micro_batch_tokens <= 0:
         order = sorted(range(len(prompts)), key=lambda i: (-(prompts[i] + lasts[i]), i))
         step = cfg.micro_batch_size
-        return length_grouped_micro_batches(
-            mb, [order[s : s + step] for s in range(0, len(order), step)], extents
-        )
-    groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens)
-    if dist.is_available() and dist.is_initialized():  # FSDP2: every rank the same number of passes
-        count = torch.tensor(float(len(groups)), device=mb.sequences.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        if int(count) > len(groups):  # this rank needs fewer: cut again into as many as the most
-            groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens, int(count))
-    return length_grouped_micro_batches(mb, groups, extents)
+        groups = [order[s : s + step] for s in range(0, len(order), step)]
+    else:
+        groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens)
+        if dist.is_available() and dist.is_initialized():  # FSDP2: every rank the same number of passes
+            count = torch.tensor(float(len(groups)), device=mb.sequences.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            if int(count) > len(groups):  # this rank needs fewer: cut again into as many as the most
+                groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens, int(count))
+    out = []
+    for group, micro in zip(groups, length_grouped_micro_batches(mb, groups, extents)):
+        shifts = [firsts[i] - min(firsts[i] for i in group) for i in group]
+        device = micro.sequences.device
+        align = LeftAlignment(torch.tensor(shifts, device=device), max(shifts), all(runs[i] for i in group))
+        out.append((micro, align))
+    return out
 
 
 def _to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -137,7 +137,7 @@ def _token_budget_rank(rank: int) -> None:
     counts = [None, None]
     dist.all_gather_object(counts, len(parts))
     assert counts == [2, 2], counts  # rank 0 splits too: FSDP2 needs the same passes on every rank
-    assert sorted(i for p in parts for i in p.scores.tolist()) == [1.0, 1.0]
+    assert sorted(i for p, _ in parts for i in p.scores.tolist()) == [1.0, 1.0]
 
 
 def test_token_budget_gives_every_rank_the_same_number_of_micro_batches(tmp_path):

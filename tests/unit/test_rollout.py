@@ -84,8 +84,11 @@ def test_length_grouped_micro_batches_drop_only_padding():
         r.sequences[i, :k] = 0
         r.attention_mask[i, :k] = 0
     r.sequences[:, :5] += torch.arange(5)  # distinct prompt tokens, so a shifted column would show
-    firsts, lasts = sample_extents(r)
-    assert firsts == pads and lasts == [6, 2, 4, 1]
+    firsts, lasts, runs = sample_extents(r)
+    assert firsts == pads and lasts == [6, 2, 4, 1] and runs == [1, 1, 1, 1]
+    holes = r.attention_mask.clone()
+    holes[0, 6] = 0  # a pad inside sample 0's response: not one run of real tokens
+    assert sample_extents(Rollout(**{**r.__dict__, "attention_mask": holes}))[2] == [0, 1, 1, 1]
     groups = [[1, 3], [0, 2]]
     parts = length_grouped_micro_batches(r, groups)
     assert [tuple(m.sequences.shape) for m in parts] == [(2, 2 + 2), (2, 5 + 6)]

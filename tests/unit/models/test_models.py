@@ -59,13 +59,18 @@ def test_right_padded_scores_run_maskless_and_equal_the_masked_forward(tokenizer
     with torch.no_grad():
         fast = reward_scores(rm, right.input_ids, right.attention_mask)
         assert masks[-1] is None  # the causal kernel, no padding mask built
-        reward_scores(rm, left.input_ids, left.attention_mask)
-        assert masks[-1] is not None  # left padding still needs its mask
+        from_left = reward_scores(rm, left.input_ids, left.attention_mask)
+        assert masks[-1] is None  # left-padded rows are moved to the front: no mask either
+        holes = left.attention_mask.clone()
+        holes[0, -3] = 0  # padding inside a row: only the mask can keep it out
+        reward_scores(rm, left.input_ids, holes)
+        assert masks[-1] is not None
         seen: list = []
         head.register_forward_hook(lambda _m, _i, out: seen.append(out))
         rm(input_ids=right.input_ids, attention_mask=right.attention_mask)  # the masked forward
         masked = seen[-1][torch.arange(3), right.attention_mask.sum(-1) - 1, 0]
     torch.testing.assert_close(fast, masked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_left, masked, atol=1e-5, rtol=1e-5)
 
 
 def test_token_value_model_is_rm_head_per_token_and_roundtrips(tokenizer, family, tmp_path):
@@ -83,7 +88,7 @@ def test_token_value_model_is_rm_head_per_token_and_roundtrips(tokenizer, family
         torch.testing.assert_close(TokenValueModel(loaded)(enc.input_ids, enc.attention_mask), values)
     v = response_values(critic, enc.input_ids, enc.attention_mask, prompt_length=3)
     assert v.shape == (2, enc.input_ids.shape[1] - 3)
-    torch.testing.assert_close(v, values[:, 2:-1])
+    torch.testing.assert_close(v, values[:, 2:-1] * enc.attention_mask[:, 3:])  # 0 on padding
 
 
 def test_value_gradients_reach_backbone(tokenizer):

@@ -1,0 +1,73 @@
+"""Left-padded batches run with each row moved to the front and no mask: the same outputs."""
+
+import pytest
+import torch
+
+from rlhf_kit.logprobs import sequence_logprobs
+from rlhf_kit.models import TokenValueModel, response_values
+from rlhf_kit.models.layout import LeftAlignment, left_alignment
+from tests.conftest import make_causal_lm, make_reward_model
+
+
+def _rows(b=4, p=6, n=5, seed=0):
+    """Left-padded prompts of width p, right-padded responses of width n (one run of real tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 400, (b, p + n), generator=g)
+    mask = torch.ones(b, p + n, dtype=torch.long)
+    for r, (pad, resp) in enumerate(zip([0, 3, 1, 5][:b], [5, 2, 4, 1][:b])):
+        mask[r, :pad] = 0
+        mask[r, p + resp :] = 0
+        ids[r, :pad] = 0
+        ids[r, p + resp :] = 0
+    return ids, mask, p
+
+
+def _masked(la: LeftAlignment) -> LeftAlignment:
+    """The same alignment marked unusable: the forward keeps the original layout and its mask."""
+    return LeftAlignment(la.shifts, la.max_shift, False)
+
+
+def test_left_alignment_finds_padding_and_runs():
+    ids, mask, p = _rows()
+    la = left_alignment(mask)
+    assert la.shifts.tolist() == [0, 3, 1, 5] and la.max_shift == 5 and la.contiguous
+    moved = la.align(mask)
+    assert torch.equal(moved, (torch.arange(11) < mask.sum(-1, keepdim=True)).long())  # right padded now
+    assert torch.equal(la.align(ids)[1, :8], ids[1, 3:])  # row 1 moved 3 to the left
+    holes = mask.clone()
+    holes[0, 2] = 0
+    assert not left_alignment(holes).contiguous
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_aligned_logprobs_and_gradients_equal_the_masked_forward(tokenizer, entropy):
+    model = make_causal_lm(tokenizer, seed=3).double()
+    ids, mask, p = _rows()
+    masks = []
+    model.register_forward_pre_hook(lambda m, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+    la = left_alignment(mask)
+    outs, grads = [], []
+    for alignment in (la, _masked(la)):
+        model.zero_grad()
+        out = sequence_logprobs(model, ids, mask, p, 0.7, with_entropy=entropy, alignment=alignment)
+        out = out if entropy else (out,)
+        sum((o * mask[:, p:]).sum() for o in out).backward()
+        outs.append([o * mask[:, p:] for o in out])
+        grads.append([q.grad.clone() for q in model.parameters()])
+    assert masks[0] is None and masks[1] is not None  # the aligned pass built no mask
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    # without a given alignment the function finds the same one
+    torch.testing.assert_close(sequence_logprobs(model, ids, mask, p, 0.7) * mask[:, p:], outs[0][0])
+
+
+def test_aligned_values_equal_the_masked_forward(tokenizer):
+    critic = TokenValueModel(make_reward_model(tokenizer, seed=4).double())
+    ids, mask, p = _rows()
+    la = left_alignment(mask)
+    fast = response_values(critic, ids, mask, p, alignment=la)
+    slow = response_values(critic, ids, mask, p, alignment=_masked(la))
+    torch.testing.assert_close(fast * mask[:, p:], slow * mask[:, p:], atol=1e-10, rtol=1e-9)
+    assert fast.shape == (4, 5)
