@@ -26,6 +26,8 @@
 #   bash bench/vs_trl_gpu.sh r    # session 17: generation A and 1B and PPO A, this tree against $BASE2 (the commit
 #                                 # before the kernel change), PPO A of the maskless branch ($BASE), A with
 #                                 # --old-logprobs sampler, PPO B (this tree, $BASE); results packed in results.tgz
+#   bash bench/vs_trl_gpu.sh s    # session 17, second call: PPO A (profiled, --old-logprobs sampler) and TRL A
+#   bash bench/vs_trl_gpu.sh t    # PPO B (8-bit, micro 32) and TRL B in one run
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
 #                                 # the branch maskless-ppo-layout, archived as described below)
@@ -193,6 +195,17 @@ if [ "$phase" = r ]; then  # session 17: the decode kernel reading no left paddi
     python3 "$tree/bench/ppo_vs_trl.py" $B --work $WORK/b_$(tree_name "$tree") --out "$OUT/b32_$(tree_name "$tree")" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
   done
   rm -f "$OUT"/*/*.md; (cd "$OUT" && tar czf results.tgz */ && rm -rf -- */); exit 0
+fi
+if [ "$phase" = s ]; then  # session 17, second call: the merged tree (decode kernel + maskless layout)
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 150"
+  python3 bench/ppo_vs_trl.py $A --profile --work $WORK/a --out "$OUT/a64_this" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  python3 bench/ppo_vs_trl.py $A --old-logprobs sampler --work $WORK/as --out "$OUT/a64_sampler" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 150 --work $WORK/t --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = t ]; then  # PPO config B: ours (8-bit AdamW, micro 32) and TRL 1.12 in one run
+  python3 bench/ppo_vs_trl.py --configs B --systems ours trl --trl-site /tmp/site112 --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 200 --work $WORK/b --out "$OUT/b32" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
+  rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile
   R="python3 bench/rm_vs_trl.py --timeout 150"

@@ -15,9 +15,10 @@ run() { local name=$1; shift; local t0=$(date +%s.%N)
     > $W/$name.log 2>&1; local rc=$?; local t1=$(date +%s.%N)
   echo "$name $rc $(python3 -c "print(round($t1-$t0,1))")" >> $W/runs.txt
   cp $W/$name.log $OUT/; cp $W/$name/metrics.jsonl $OUT/${name}_metrics.jsonl 2>/dev/null; }
-RUNS=${RUNS:-default_cold default_warm blocks_cold blocks_warm}   # a subset: RUNS="default_cold default_warm"
+RUNS=${RUNS:-default_cold default_warm blocks_cold blocks_warm}   # a subset: RUNS="default_cold default_warm";
+# auto_cold auto_warm: the recipe's own --compile-blocks auto
 for name in $RUNS; do
-  case $name in blocks_*) run $name --compile-blocks on ;; *) run $name --compile-blocks off ;; esac
+  case $name in blocks_*) run $name --compile-blocks on ;; auto_*) run $name ;; *) run $name --compile-blocks off ;; esac
 done
 python3 - "$W/runs.txt" "$OUT" <<'PY' | tee "$OUT/warm_start.md"
 import json, os, sys
