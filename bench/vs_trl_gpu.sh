@@ -27,7 +27,7 @@
 #                                 # before the kernel change), PPO A of the maskless branch ($BASE), A with
 #                                 # --old-logprobs sampler, PPO B (this tree, $BASE); results packed in results.tgz
 #   bash bench/vs_trl_gpu.sh s    # session 17, second call: PPO A (profiled, --old-logprobs sampler) and TRL A
-#   bash bench/vs_trl_gpu.sh t    # PPO B (8-bit, micro 32) and TRL B in one run
+#   bash bench/vs_trl_gpu.sh t    # PPO B: ours (8-bit, micro 32), then TRL B (micro 16) in the same call
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
 #                                 # the branch maskless-ppo-layout, archived as described below)
@@ -203,8 +203,10 @@ if [ "$phase" = s ]; then  # session 17, second call: the merged tree (decode ke
   python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 150 --work $WORK/t --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = t ]; then  # PPO config B: ours (8-bit AdamW, micro 32) and TRL 1.12 in one run
-  python3 bench/ppo_vs_trl.py --configs B --systems ours trl --trl-site /tmp/site112 --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 200 --work $WORK/b --out "$OUT/b32" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
+if [ "$phase" = t ]; then  # PPO config B: ours (8-bit AdamW, micro 32), then TRL 1.12 at its micro-batch of 16
+  # (--micro applies to both systems: TRL at 32 ran out of the H100's 80 GB in session 17)
+  python3 bench/ppo_vs_trl.py --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 200 --work $WORK/b --out "$OUT/b32" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
+  python3 bench/ppo_vs_trl.py --configs B --systems trl --trl-site /tmp/site112 --timeout 200 --work $WORK/bt --out "$OUT/b_trl" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile
