@@ -11,6 +11,9 @@ of RLHF with PPO", 2023).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 DEFAULT_CHUNK = 1024
@@ -113,6 +116,36 @@ def logprobs_and_entropy(
     return torch.cat(lps).reshape(b, t), torch.cat(ents).reshape(b, t)
 
 
+def _gather_columns(x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """``x (b, w, h)``, the last ``w`` of ``width`` columns, at the columns ``index (b, n)`` of the full
+    width: ``(b, n, h)``."""
+    cols = (index - (width - x.shape[1])).to(x.device)
+    return x.gather(1, cols[..., None].expand(*index.shape, x.shape[-1]))
+
+
+@contextlib.contextmanager
+def _head_reads(model: torch.nn.Module, index: torch.Tensor, width: int) -> Iterator[None]:
+    """While active, the model's output embeddings (its LM head) see only the hidden states at columns
+    ``index (b, n)`` of each row (of ``width`` columns; the model may pass the head only the last ones),
+    so the logits are ``(b, n, vocab)``. A model without output embeddings is left alone."""
+    from rlhf_kit.models.heads import unwrap
+
+    base = unwrap(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+
+    def gather(_module: torch.nn.Module, args: tuple) -> tuple:
+        return (_gather_columns(args[0], index, width), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -132,13 +165,16 @@ def sequence_logprobs(
 
     Returns:
         ``(b, n)`` float32 log-probs of ``input_ids[:, p:]`` (and ``(b, n)`` entropies when
-        ``with_entropy``), 0 where ``attention_mask`` marks response padding. Only the last ``n + 1`` positions' logits are projected where the model
-        supports ``logits_to_keep`` (``n + 1`` plus the widest left padding for a left-padded batch).
+        ``with_entropy``), 0 where ``attention_mask`` marks response padding. Only the ``n`` positions
+        that predict response tokens go through the LM head where the model supports ``logits_to_keep``.
 
     A left-padded batch whose rows' real tokens are contiguous (prompt then response) runs with each
     row moved to the front and no attention mask (:mod:`rlhf_kit.models.layout`): the same log-probs,
-    with SDPA on its causal path. ``alignment`` (a ``LeftAlignment``) saves the read of the mask that
-    finds the padding when the caller knows it.
+    with SDPA on its causal path. Each row's response then starts in another column, so a forward
+    pre-hook on the output embeddings gathers those ``n`` hidden states per row before the LM head
+    (whatever the model does after the head, such as logit soft-capping, still runs).
+    ``alignment`` (a ``LeftAlignment``) saves the read of the mask that finds the padding when the
+    caller knows it.
     """
     from rlhf_kit.models.heads import position_ids_from_mask
     from rlhf_kit.models.layout import left_alignment
@@ -149,15 +185,17 @@ def sequence_logprobs(
     if la.contiguous and 0 < la.max_shift < response_start:
         b, t = input_ids.shape
         keep = n + 1 + la.max_shift  # from column p - 1 - max_shift: every row's first response logit
-        out = model(
-            input_ids=la.align(input_ids),
-            position_ids=torch.arange(t, device=input_ids.device).expand(b, t),
-            use_cache=False,
-            logits_to_keep=keep,
-        )
-        index = la.response_index(response_start, n) - (t - keep)  # (b, n) columns of the kept logits
-        kept = out.logits
-        logits = kept.gather(1, index.to(kept.device)[..., None].expand(b, n, kept.shape[-1]))
+        index = la.response_index(response_start, n)  # (b, n) aligned columns that predict the response
+        with _head_reads(model, index, t):
+            out = model(
+                input_ids=la.align(input_ids),
+                position_ids=torch.arange(t, device=input_ids.device).expand(b, t),
+                use_cache=False,
+                logits_to_keep=keep,
+            )
+        logits = out.logits
+        if logits.shape[1] != n:  # no output embeddings to hook: every kept position was projected
+            logits = _gather_columns(logits, index, t)
     else:
         out = model(
             input_ids=input_ids,

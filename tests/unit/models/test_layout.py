@@ -71,3 +71,26 @@ def test_aligned_values_equal_the_masked_forward(tokenizer):
     slow = response_values(critic, ids, mask, p, alignment=_masked(la))
     torch.testing.assert_close(fast * mask[:, p:], slow * mask[:, p:], atol=1e-10, rtol=1e-9)
     assert fast.shape == (4, 5)
+
+
+def test_the_lm_head_projects_only_the_response_positions(tokenizer, monkeypatch):
+    """The aligned pass gathers each row's n response positions before the LM head: it projects (b, n)
+    hidden states (not the n + 1 + widest-padding kept columns) and leaves no hook behind; a model
+    without output embeddings takes the gather after the head. Both equal the masked forward."""
+    model = make_causal_lm(tokenizer, seed=5).double()
+    ids, mask, p = _rows()
+    la = left_alignment(mask)
+    shapes = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    fast = sequence_logprobs(model, ids, mask, p, alignment=la)
+    slow = sequence_logprobs(model, ids, mask, p, alignment=_masked(la))
+    assert shapes[0] == (4, 5, len(tokenizer)) and shapes[1] == (4, 6, len(tokenizer))
+    assert not head._forward_pre_hooks  # the gather hook is removed after the call
+    torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-9)
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: None)
+    shapes.clear()
+    headless = sequence_logprobs(model, ids, mask, p, alignment=la)
+    assert shapes[0] == (4, 5 + 1 + la.max_shift, len(tokenizer))  # every kept column projected
+    torch.testing.assert_close(headless, slow, atol=1e-10, rtol=1e-9)
+    handle.remove()
