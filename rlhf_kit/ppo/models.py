@@ -92,6 +92,7 @@ def load_ppo_models(
         reference_fn = policy.disable_adapter
     else:
         # the actor's dtype (fp32), not the checkpoint's: KL to the reference starts at 0, not at bf16 noise
+        # (where placement gives the actor bf16 weights, place_ppo_models casts the reference to match)
         reference = AutoModelForCausalLM.from_pretrained(actor, dtype=torch.float32)
         reference = reference.eval().requires_grad_(False).to(device)
     value, rm = load_critic_and_reward_model(

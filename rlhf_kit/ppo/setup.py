@@ -70,6 +70,15 @@ def place_ppo_models(
     placed = place_models(accelerator, trainable, [models.reference, models.reward_model], **place_kwargs)
     out = dataclasses.replace(models, actor=placed.models["actor"], critic=placed.models.get("critic"))
     lowbit = place_kwargs.get("optimizer") == "adamw8bit"
+    if (place_kwargs.get("master_weights") or lowbit) and out.reference is not None:
+        # the actor's parameters are bf16 now (rounded from the fp32 it was loaded in), its buffers (the
+        # rotary inv_freq) are not: the reference follows, so both compute alike and the KL is exactly 0
+        # before the first update
+        from rlhf_kit.models.heads import unwrap
+
+        dtype = next(unwrap(out.actor).parameters()).dtype
+        for p in out.reference.parameters():
+            p.data = p.data.to(dtype)
     if place_kwargs.get("master_weights") or lowbit:  # the load line showed fp32: trained models are bf16 now
         accelerator.print(
             describe_dtypes(out).replace("models:", "models after placement:", 1)

@@ -137,15 +137,20 @@ def test_resume_equals_uninterrupted(default_run, tmp_path):
 )
 def test_bf16_weight_runs_resume_exactly(default_run, tmp_path, flags, held):
     """--master-weights (fp32 masters in the optimizer state) and --optimizer adamw8bit (8-bit moments,
-    stochastic rounding): bf16 actor/critic; a resumed run ends with the uninterrupted run's weights."""
+    stochastic rounding): bf16 actor/critic, and a bf16 reference (rounded as the actor was), so the KL
+    is exactly 0 before the first update; a resumed run ends with the uninterrupted run's weights."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     for out in (full, resumed):
         (out / "checkpoints").mkdir(parents=True)
         shutil.copytree(default_run / "init", out / "init")
         shutil.copytree(default_run / "data", out / "data")
     log = run("--output-dir", str(full), *FAST, *flags).stdout
-    assert "models after placement: actor bfloat16 (trainable), critic bfloat16 (trainable)" in log
+    placed = (
+        "models after placement: actor bfloat16 (trainable), critic bfloat16 (trainable), reference bfloat16"
+    )
+    assert placed in log
     assert log.split("models after placement:")[1].splitlines()[0].endswith(held)
+    assert series(metrics(full), "kl/seq_mean")[0] == 0.0  # an fp32 reference gave bf16 noise here
     shutil.copytree(full / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
     (resumed / "checkpoints" / "latest").write_text("step_2\n")
     run("--output-dir", str(resumed), *FAST, *flags, "--resume")
