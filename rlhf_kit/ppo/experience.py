@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from rlhf_kit.logprobs import sequence_logprobs
+from rlhf_kit.models.layout import left_alignment
 from rlhf_kit.models.value import response_values
 from rlhf_kit.ppo.generate import generate_rollouts, generate_rollouts_dynamic, keep_generation_cache
 from rlhf_kit.ppo.models import PPOModels
@@ -111,25 +112,26 @@ def make_experience(
     lps, refs, vals, scores = [], [], [], []
     for s in range(0, seq.shape[0], cfg.micro_batch_size):
         sl = slice(s, s + cfg.micro_batch_size)
+        la = left_alignment(am[sl])  # one read of the padding for the reference, actor and critic passes
         if reference is not None:
-            refs.append(sequence_logprobs(reference, seq[sl], am[sl], p, cfg.temperature))
+            refs.append(sequence_logprobs(reference, seq[sl], am[sl], p, cfg.temperature, alignment=la))
         else:
             with reference_fn():
-                refs.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
+                refs.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature, alignment=la))
         # the old policy's log-probs; with skip_old_logprobs a zero-KL placeholder (the update's forward)
         if cfg.skip_old_logprobs:
             lps.append(refs[-1].clone())
         elif cfg.old_logprobs == "sampler":
             lps.append(generation.logprobs[sl].to(device=refs[-1].device, dtype=refs[-1].dtype))
         else:
-            lps.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature))
+            lps.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature, alignment=la))
         score = None
         if remote is not None:
             value, score = remote.infer(seq[sl], am[sl], p, rmask[sl], with_scores=scorer is None)
         elif critic_free:
             value = torch.zeros(rmask[sl].shape, device=seq.device)
         else:
-            value = response_values(critic, seq[sl], am[sl], p)
+            value = response_values(critic, seq[sl], am[sl], p, alignment=la)
         if score is None:
             if scorer is None:
                 raise ValueError("make_experience: no scorer given and the critic server has no reward model")

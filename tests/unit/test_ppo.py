@@ -7,7 +7,7 @@ import torch
 
 from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
-from rlhf_kit.models import TokenValueModel, reward_scores
+from rlhf_kit.models import TokenValueModel, response_values, reward_scores
 from rlhf_kit.ppo import (
     ExperienceConfig,
     FunctionScorer,
@@ -75,6 +75,27 @@ def test_make_experience_shapes_alignment_and_masks(tokenizer, four_models):
     with torch.no_grad():
         v = critic(gen.sequences[:1], gen.attention_mask[:1])[0, 4]
     assert r.values[0, 0].item() == pytest.approx(v.item(), abs=1e-5)
+
+
+def test_make_experience_reads_the_padding_once_per_micro_batch(tokenizer, four_models, monkeypatch):
+    """The reference, actor and critic passes share one left alignment per micro-batch (each reading
+    it is a device-to-host sync); the results equal those of passes that find it themselves."""
+    from rlhf_kit.models import layout
+    from rlhf_kit.ppo import experience
+
+    actor, ref, critic, rm = four_models
+    gen, cfg, scorer = fake_generation(tokenizer), ExperienceConfig(micro_batch_size=3), RewardModelScorer(rm)
+    want = {"ref": [], "values": []}
+    for a, b in zip(gen.sequences.split(3), gen.attention_mask.split(3)):
+        want["ref"].append(sequence_logprobs(ref, a, b, 5))
+        want["values"].append(response_values(critic, a, b, 5))
+    shared, found, real = [], [], layout.left_alignment
+    monkeypatch.setattr(experience, "left_alignment", lambda m: shared.append(m) or real(m))
+    monkeypatch.setattr(layout, "left_alignment", lambda m: found.append(m) or real(m))
+    r = make_experience(gen, actor, ref, critic, scorer, cfg)
+    assert len(shared) == 2 and not found  # two micro-batches; no pass read the padding again
+    torch.testing.assert_close(r.ref_logprobs, torch.cat(want["ref"]) * gen.response_mask, rtol=0, atol=0)
+    torch.testing.assert_close(r.values, torch.cat(want["values"]) * gen.response_mask, rtol=0, atol=0)
 
 
 def test_make_experience_takes_the_samplers_logprobs_without_an_actor_pass(tokenizer, four_models):
