@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_kit.models.layout import real_runs
+
 
 @dataclass
 class Rollout:
@@ -196,11 +198,7 @@ def sample_extents(r: Rollout) -> tuple[list[int], list[int], list[int]]:
     first = torch.where(used.any(-1), used.int().argmax(-1), p)
     columns = torch.arange(1, n + 1, device=r.response_mask.device)
     last = (r.response_mask.ne(0) * columns).amax(-1) if n else torch.zeros_like(first)
-    real = r.attention_mask != 0
-    pos = torch.arange(real.shape[1], device=real.device)
-    lo = torch.where(real, pos, real.shape[1]).amin(-1)
-    hi = torch.where(real, pos, -1).amax(-1)
-    contiguous = ((hi - lo + 1 == real.sum(-1)) | ~real.any(-1)).long()
+    contiguous = real_runs(r.attention_mask)[1].long()
     firsts, lasts, runs = torch.stack([first, last, contiguous]).tolist()
     return firsts, lasts, runs
 

@@ -39,16 +39,21 @@ class LeftAlignment:
         return cols[None, :] - self.shifts[:, None]
 
 
+def real_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``attention_mask (b, t)``, on its device (no host read): the first real column (0 for a
+    row without real tokens) and whether the real tokens form one contiguous run (a row without real
+    tokens counts as one)."""
+    m = attention_mask.bool()
+    real = m.any(-1)
+    first = torch.where(real, m.int().argmax(-1), 0)
+    last = torch.where(m, torch.arange(m.shape[1], device=m.device), -1).amax(-1)
+    return first, (last - first + 1 == m.sum(-1)) | ~real
+
+
 def left_alignment(attention_mask: torch.Tensor) -> LeftAlignment:
     """The :class:`LeftAlignment` of ``attention_mask (b, t)``: each row's leading padding, and whether
     every row's real tokens are contiguous. One device-to-host read. A row without real tokens counts as
     contiguous with no shift."""
-    m = attention_mask.bool()
-    t = m.shape[1]
-    real = m.any(-1)
-    first = torch.where(real, m.int().argmax(-1), 0)
-    pos = torch.arange(t, device=m.device)
-    last = torch.where(m, pos, -1).amax(-1)
-    contiguous = (last - first + 1 == m.sum(-1)) | ~real
+    first, contiguous = real_runs(attention_mask)
     max_shift, all_contiguous = torch.stack([first.max(), contiguous.all().long()]).tolist()
     return LeftAlignment(first, int(max_shift), bool(all_contiguous))

@@ -209,7 +209,8 @@ def _micro_batches(mb: Rollout, cfg: UpdateConfig) -> list[tuple[Rollout, LeftAl
                 groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens, int(count))
     out = []
     for group, micro in zip(groups, length_grouped_micro_batches(mb, groups, extents)):
-        shifts = [firsts[i] - min(firsts[i] for i in group) for i in group]
+        base = min(firsts[i] for i in group)
+        shifts = [firsts[i] - base for i in group]
         device = micro.sequences.device
         align = LeftAlignment(torch.tensor(shifts, device=device), max(shifts), all(runs[i] for i in group))
         out.append((micro, align))
