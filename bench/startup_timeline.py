@@ -19,8 +19,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def timed_copy(source: str) -> str:
-    """The recipe's text with a timestamp print before every ``# N. ...`` comment of ``main()``."""
+def timed_copy(source: str, cprofile: str | None = None) -> str:
+    """The recipe's text with a timestamp print before every ``# N. ...`` comment of ``main()``; with
+    ``cprofile`` (a path), ``main()`` runs under ``cProfile`` until its first PPO step, stats dumped there."""
     head, sep, body = source.partition("def main(cfg: PPOConfig) -> dict:\n")
     if not sep:
         raise SystemExit("recipes/ppo.py has no main(cfg: PPOConfig): update bench/startup_timeline.py")
@@ -37,17 +38,25 @@ def timed_copy(source: str) -> str:
         mark.replace("    print", "        print").replace("LABEL", "ppo_step") + "        timer.reset()\n",
         1,
     )
+    if cprofile:
+        start = "    import cProfile\n    _prof = cProfile.Profile()\n    _prof.enable()\n"
+        stop = (
+            f"        if _prof is not None:\n            _prof.disable()\n"
+            f"            _prof.dump_stats({cprofile!r})\n            _prof = None\n"
+        )
+        body = start + body.replace("        timer.reset()\n", stop + "        timer.reset()\n", 1)
     return head + sep + body
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--cprofile", help="write cProfile stats of main() up to its first PPO step here")
     ap.add_argument("recipe_args", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     rest = args.recipe_args[1:] if args.recipe_args[:1] == ["--"] else args.recipe_args
     with open(os.path.join(ROOT, "recipes", "ppo.py")) as f:
-        text = timed_copy(f.read())
+        text = timed_copy(f.read(), os.path.abspath(args.cprofile) if args.cprofile else None)
     with tempfile.NamedTemporaryFile(
         "w", suffix="_ppo_timed.py", dir=os.path.join(ROOT, "recipes"), delete=False
     ) as f:

@@ -28,6 +28,8 @@
 #                                 # --old-logprobs sampler, PPO B (this tree, $BASE); results packed in results.tgz
 #   bash bench/vs_trl_gpu.sh s    # session 17, second call: PPO A (profiled, --old-logprobs sampler) and TRL A
 #   bash bench/vs_trl_gpu.sh t    # PPO B: ours (8-bit, micro 32), then TRL B (micro 16) in the same call
+#   bash bench/vs_trl_gpu.sh v    # session 18: warm start (cold, warm, profiled) with a bytecode cache, import times,
+#                                 # generation A and 1B (profiled) of this tree and .edges (branch decode-edges-compiled)
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
 #                                 # the branch maskless-ppo-layout, archived as described below)
@@ -208,6 +210,20 @@ if [ "$phase" = t ]; then  # PPO config B: ours (8-bit AdamW, micro 32), then TR
   python3 bench/ppo_vs_trl.py --configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 200 --work $WORK/b --out "$OUT/b32" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
   python3 bench/ppo_vs_trl.py --configs B --systems trl --trl-site /tmp/site112 --timeout 200 --work $WORK/bt --out "$OUT/b_trl" 2>&1 | grep -E "^\| B" | tee -a "$OUT/ppo_log.txt"
   rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = v ]; then  # session 18: warm start with a bytecode cache (cold, warm, warm profiled to step 1), the
+  # import times, then generation A and 1B (profiled) of this tree and .edges (the branch decode-edges-compiled)
+  export PYTHONPYCACHEPREFIX=/tmp/pycache   # the lent machine sets PYTHONDONTWRITEBYTECODE=1; a user's does not
+  unset PYTHONDONTWRITEBYTECODE
+  OUT=$OUT/ws RUNS="auto_cold auto_warm auto_prof" timeout 330 bash bench/warm_start_gpu.sh > $OUT/ws_log.txt 2>&1
+  tail -8 $OUT/ws_log.txt
+  python3 -X importtime -c "import recipes.ppo" 2> $OUT/importtime.txt
+  check_tree .edges
+  for tree in . .edges; do
+    timeout 150 python3 "$tree/bench/generation.py" --configs A 1B --only compiled_graphs --no-cudnn --warmup 1 --runs 5 \
+      --profile --out "$OUT/gen_$(tree_name "$tree")" 2>&1 | grep -v "^\[" | tail -4
+  done
+  (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile
   R="python3 bench/rm_vs_trl.py --timeout 150"

@@ -11,14 +11,18 @@ PPO="--actor $W/lm --reward-model $W/rm --train-prompts $W/data/train_prompts.js
     --rollout-micro-batch-size 64 --max-new-tokens 128 --max-steps 2 --val-check-interval 1000 --save-interval 1000"
 run() { local name=$1; shift; local t0=$(date +%s.%N)
   # bench/startup_timeline.py runs recipes/ppo.py with a timestamp before each numbered step of main()
-  timeout 200 python3 bench/startup_timeline.py --out $OUT/${name}_timeline.json -- $PPO "$@" --output-dir $W/$name \
+  local prof=; case $name in *_prof) prof="--cprofile $OUT/${name}.prof" ;; esac  # main() under cProfile to step 1
+  timeout 200 python3 bench/startup_timeline.py --out $OUT/${name}_timeline.json $prof -- $PPO "$@" --output-dir $W/$name \
     > $W/$name.log 2>&1; local rc=$?; local t1=$(date +%s.%N)
   echo "$name $rc $(python3 -c "print(round($t1-$t0,1))")" >> $W/runs.txt
   cp $W/$name.log $OUT/; cp $W/$name/metrics.jsonl $OUT/${name}_metrics.jsonl 2>/dev/null; }
 RUNS=${RUNS:-default_cold default_warm blocks_cold blocks_warm}   # a subset: RUNS="default_cold default_warm";
-# auto_cold auto_warm: the recipe's own --compile-blocks auto
+# auto_cold auto_warm: the recipe's own --compile-blocks auto; auto_prof: auto_warm again, main() profiled up to step 1
+# (cProfile; its top rows in $OUT/auto_prof_top.txt)
 for name in $RUNS; do
   case $name in blocks_*) run $name --compile-blocks on ;; auto_*) run $name ;; *) run $name --compile-blocks off ;; esac
+  [ -f $OUT/$name.prof ] && python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(70)" \
+    $OUT/$name.prof > $OUT/${name}_top.txt
 done
 python3 - "$W/runs.txt" "$OUT" <<'PY' | tee "$OUT/warm_start.md"
 import json, os, sys
