@@ -25,7 +25,7 @@ from rlhf_kit.data.tokenize import (
     TokenizeReport,
     TooLong,
     check_length_policy,
-    encode,
+    encode_many,
     fit_pair,
     left_truncate,
     require_eos_id,
@@ -83,10 +83,12 @@ def _tokenize_pair_rows(
     eos = require_eos_id(tokenizer)
     out: dict[str, list] = {"chosen_input_ids": [], "rejected_input_ids": [], "_status": [], "_longest": []}
     keys = list(batch)
+    texts: list = []
     for j, i in enumerate(indices):
         record = {k: batch[k][j] for k in keys if batch[k][j] is not None}
-        chosen, rejected = pair_from_record(record, f"{source}: pair {i + 1}")
-        c, r = encode(chosen, tokenizer), encode(rejected, tokenizer)
+        texts.extend(pair_from_record(record, f"{source}: pair {i + 1}"))
+    ids = encode_many(texts, tokenizer)
+    for c, r in zip(ids[0::2], ids[1::2], strict=True):
         fitted = fit_pair(c, r, eos, max_length, too_long)
         out["_longest"].append(max(len(c), len(r)) + 1)
         if fitted is None:
@@ -163,11 +165,13 @@ def _tokenize_prompt_rows(
 ) -> dict[str, list]:
     out: dict[str, list] = {"input_ids": [], "_status": [], "_longest": []}
     keys = list(batch)
-    for j, i in enumerate(indices):
-        record = {k: batch[k][j] for k in keys if batch[k][j] is not None}
-        ids = encode(
-            prompt_from_record(record, f"{source}: record {i + 1}"), tokenizer, add_generation_prompt=True
+    prompts = [
+        prompt_from_record(
+            {k: batch[k][j] for k in keys if batch[k][j] is not None}, f"{source}: record {i + 1}"
         )
+        for j, i in enumerate(indices)
+    ]
+    for ids in encode_many(prompts, tokenizer, add_generation_prompt=True):
         out["_longest"].append(len(ids))
         ids, cut = left_truncate(ids, max_length)
         out["input_ids"].append(ids)

@@ -49,6 +49,21 @@ def encode(text: Text, tokenizer: Any, add_generation_prompt: bool = False) -> l
     return list(tokenizer(rendered, add_special_tokens=isinstance(text, str))["input_ids"])
 
 
+def encode_many(
+    texts: Sequence[Text], tokenizer: Any, add_generation_prompt: bool = False
+) -> list[list[int]]:
+    """:func:`encode` of each text, in order, with one tokenizer call per kind (plain strings, rendered message
+    lists): a fast tokenizer encodes a batch in parallel, many times faster than text by text."""
+    out: list[list[int]] = [[] for _ in texts]
+    for plain in (True, False):
+        at = [i for i, t in enumerate(texts) if isinstance(t, str) == plain]
+        if at:
+            rendered = [render(texts[i], tokenizer, add_generation_prompt) for i in at]
+            for i, ids in zip(at, tokenizer(rendered, add_special_tokens=plain)["input_ids"], strict=True):
+                out[i] = list(ids)
+    return out
+
+
 def require_eos_id(tokenizer: Any) -> int:
     """The id comparison and SFT sequences end with (see the module doc)."""
     return response_end_id(tokenizer)
@@ -135,8 +150,8 @@ def tokenize_pairs(
     eos = require_eos_id(tokenizer)
     examples: list[dict[str, list[int]]] = []
     dropped = truncated = longest = 0
-    for chosen, rejected in pairs:
-        c, r = encode(chosen, tokenizer), encode(rejected, tokenizer)
+    ids = encode_many([t for pair in pairs for t in pair], tokenizer)
+    for (chosen, _), c, r in zip(pairs, ids[0::2], ids[1::2], strict=True):
         if _is_messages(chosen):
             c, r = cut_after_last(c, eos), cut_after_last(r, eos)
         longest = max(longest, len(c) + 1, len(r) + 1)
@@ -167,8 +182,7 @@ def tokenize_prompts(prompts: Sequence[Text], tokenizer: Any, max_length: int) -
         raise ValueError(f"max_length must be positive, got {max_length}")
     out: list[list[int]] = []
     n_truncated = longest = 0
-    for prompt in prompts:
-        ids = encode(prompt, tokenizer, add_generation_prompt=True)
+    for ids in encode_many(prompts, tokenizer, add_generation_prompt=True):
         longest = max(longest, len(ids))
         ids, cut = left_truncate(ids, max_length)
         n_truncated += cut

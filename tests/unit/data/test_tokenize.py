@@ -1,9 +1,18 @@
 import logging
 
 import pytest
+from tokenizers.processors import TemplateProcessing
 
-from rlhf_kit.data import IGNORE_INDEX, render, tokenize_pairs, tokenize_prompts, tokenize_sft
-from rlhf_kit.tiny import train_tokenizer
+from rlhf_kit.data import (
+    IGNORE_INDEX,
+    encode,
+    encode_many,
+    render,
+    tokenize_pairs,
+    tokenize_prompts,
+    tokenize_sft,
+)
+from rlhf_kit.tiny import hh_texts, train_tokenizer
 
 MESSAGES = [
     {"role": "user", "content": "How do I bake bread?"},
@@ -18,6 +27,22 @@ def test_render_uses_chat_template(tokenizer):
         render(MESSAGES[:1], tokenizer, add_generation_prompt=True)
         == "User: How do I bake bread?\n\nAssistant:"
     )
+
+
+def test_encode_many_matches_encode_text_by_text():
+    """One batched call per kind keeps the order and adds special tokens to plain strings only (a tokenizer
+    that prepends BOS, as Llama's does, tells the two kinds apart)."""
+    tok = train_tokenizer(hh_texts(200), vocab_size=400)
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)]
+    )
+    texts = ["Human: hi", MESSAGES[:1], "Human: bread?\n\nAssistant: flour", MESSAGES, "x"]
+    for gen in (False, True):
+        want = [encode(t, tok, add_generation_prompt=gen) for t in texts]
+        assert encode_many(texts, tok, add_generation_prompt=gen) == want
+        assert [ids[0] == bos for ids in want] == [True, False, True, False, True]
+    assert encode_many([], tok) == []
 
 
 def test_render_without_template_is_an_error():
