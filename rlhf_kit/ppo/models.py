@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,8 +82,6 @@ def load_ppo_models(
     ``reward_model`` None when a reward function or a critic server scores. Raises ``ValueError`` when a
     model's vocabulary cannot hold the actor tokenizer's ids.
     """
-    from transformers import AutoModelForCausalLM
-
     from rlhf_kit.models import disable_dropout
     from rlhf_kit.training.hf import load_for_training
 
@@ -91,10 +90,10 @@ def load_ppo_models(
     if lora is not None and lora.r > 0:
         reference_fn = policy.disable_adapter
     else:
-        # the actor's dtype (fp32), not the checkpoint's: KL to the reference starts at 0, not at bf16 noise
-        # (where placement gives the actor bf16 weights, place_ppo_models casts the reference to match)
-        reference = AutoModelForCausalLM.from_pretrained(actor, dtype=torch.float32)
-        reference = reference.eval().requires_grad_(False).to(device)
+        # a copy of the actor as loaded, in its dtype (fp32), not the checkpoint's: KL to the reference starts
+        # at 0, not at bf16 noise (where placement gives the actor bf16 weights, place_ppo_models casts the
+        # reference to match); one read of the checkpoint instead of two
+        reference = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
     value, rm = load_critic_and_reward_model(
         critic, reward_model, vocab_size=len(tokenizer), gradient_checkpointing=gradient_checkpointing,
         device=device,

@@ -396,3 +396,33 @@ def test_update_micro_batches_group_by_length_and_skip_padding(tokenizer, four_m
     )
     _update(a, copy.deepcopy(critic), r, micro=micro, mini=4, tokens=tokens)
     assert seen == widths
+
+
+def test_reference_is_a_private_fp32_copy_of_a_real_like_actor(tmp_path):
+    """The reference is copied from the loaded actor (one read of the checkpoint): bf16 on disk, fp32 and
+    equal to the actor in memory, its tied embeddings still tied, sharing no storage with the actor, so an
+    update of the actor leaves it where it was."""
+    from rlhf_kit.ppo import load_ppo_models
+    from rlhf_kit.tiny import save_real_like_checkpoint
+
+    path = save_real_like_checkpoint(str(tmp_path / "actor"))
+    from rlhf_kit.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path, padding_side="left")
+    models = load_ppo_models(path, None, None, tok, gradient_checkpointing=True)
+    actor, ref = models.actor, models.reference
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    assert {p.dtype for p in ref.parameters()} == {torch.float32}
+    assert ref.get_input_embeddings().weight is ref.get_output_embeddings().weight
+    actor_state = actor.state_dict()
+    for name, t in ref.state_dict().items():
+        torch.testing.assert_close(t, actor_state[name], rtol=0, atol=0)
+        assert t.data_ptr() != actor_state[name].data_ptr(), name
+    ids = torch.randint(3, len(tok), (2, 8))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before = sequence_logprobs(ref, ids, mask, 4)
+        for p in actor.parameters():
+            p.add_(0.1)
+        after = sequence_logprobs(ref, ids, mask, 4)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
