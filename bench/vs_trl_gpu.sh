@@ -30,6 +30,8 @@
 #   bash bench/vs_trl_gpu.sh t    # PPO B: ours (8-bit, micro 32), then TRL B (micro 16) in the same call
 #   bash bench/vs_trl_gpu.sh v    # session 18: warm start (cold, warm, profiled) with a bytecode cache, import times,
 #                                 # generation A and 1B (profiled) of this tree and .edges (branch decode-edges-compiled)
+#   bash bench/vs_trl_gpu.sh u    # branch decode-edges-compiled against $BASE2 (.base5 = main): generation A and 1B
+#                                 # twice each, alternating, then PPO A (carry .whl .whl112 .base5)
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
 #                                 # the branch maskless-ppo-layout, archived as described below)
@@ -224,6 +226,19 @@ if [ "$phase" = v ]; then  # session 18: warm start with a bytecode cache (cold,
       --profile --out "$OUT/gen_$(tree_name "$tree")" 2>&1 | grep -v "^\[" | tail -4
   done
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
+fi
+if [ "$phase" = u ]; then  # written in session 17 for the branch decode-edges-compiled: generation A and 1B, then
+  # PPO A, of $BASE2 (main before the branch) and this tree, twice each, alternating
+  check_tree "${BASE2:-.base5}"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/generation/test_backends.py tests/unit/generation/test_decode_kernel.py 2>&1 | tail -3
+  for round in 1 2; do
+    for tree in "${BASE2:-.base5}" .; do
+      timeout 150 python3 "$tree/bench/generation.py" --configs A 1B --only compiled_graphs --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen_$(tree_name "$tree")_$round" 2>&1 | grep -v "^\[" | tail -3
+    done
+  done
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 150"
+  ppo_a_trees "${BASE2:-.base5}" .
+  rm -f "$OUT"/*/*.md; (cd "$OUT" && tar czf results.tgz */ && rm -rf -- */); exit 0
 fi
 if [ "$phase" = e ]; then  # session 3, RM: TRL (checkpointing off / default on) and ours with checkpointing, master weights, compile
   R="python3 bench/rm_vs_trl.py --timeout 150"

@@ -69,7 +69,7 @@ from rlhf_kit.generation.static_cache import (
     resolve_decode_attention,
     static_kv_attention,
 )
-from rlhf_kit.models.compile import compile_blocks
+from rlhf_kit.models.compile import compile_blocks, compile_edges
 
 __all__ = ["ATTN_IMPLEMENTATION", "CompiledBackend", "filter_top_k_top_p", "sample_from_scores"]
 
@@ -184,6 +184,7 @@ class CompiledBackend:
         self._graph_pool: Any = None
         self._compiled: Any = None
         self._sampler = sample_into  # compiled under compile_scope="blocks"
+        self.compiled_edges: list[str] = []  # the final norm and rotary embedding, compiled with the blocks
         self.mode = "eager"  # what the last decode loop ran: eager / compiled / graph / compiled+graph
 
     # -- memory ---------------------------------------------------------------------------------------
@@ -255,6 +256,7 @@ class CompiledBackend:
                 self._compiled = torch.compile(self._decode_step, **opts)
             else:  # one block compiled for every layer (its KV buffers are module inputs), and the sampler
                 compile_blocks(self.model, **opts)
+                self.compiled_edges = compile_edges(self.model, **opts)  # final norm, rotary: once per token
                 self._sampler = torch.compile(sample_into, **opts)
                 self._compiled = self._decode_step
         return self._compiled

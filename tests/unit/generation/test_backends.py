@@ -205,8 +205,9 @@ def test_compiled_decode_has_no_graph_breaks(left_tokenizer, batch, scope):
 
 def test_block_scope_compiles_one_block_for_every_layer(left_tokenizer, batch):
     """compile_scope="blocks": one graph for all layers (the KV buffers are module inputs, not a lookup
-    by layer number that would specialise the block per layer) and one for the sampler; greedy tokens
-    equal the eager backend's, also after sleep/wake and with a second batch."""
+    by layer number that would specialise the block per layer), one for the sampler and one each for the
+    final norm and the rotary embedding; greedy tokens equal the eager backend's, also after sleep/wake
+    and with a second batch."""
     from torch._dynamo.utils import counters
 
     ids, mask = batch
@@ -217,11 +218,12 @@ def test_block_scope_compiles_one_block_for_every_layer(left_tokenizer, batch):
     blocks = CompiledBackend(model, max_seq_len=64, compile=True, compile_options={"backend": "eager"})
     params = SamplingParams(max_new_tokens=6, greedy=True)
     _assert_same(eager.generate(ids, mask, params), blocks.generate(ids, mask, params))
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert blocks.compiled_edges == ["norm", "rotary_emb"]
+    assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
     blocks.sleep()
     assert blocks.kv_cache_bytes() == 0 and not any(hasattr(m, "_rlhf_kit_kv") for m in model.modules())
     _assert_same(eager.generate(ids[:2], mask[:2], params), blocks.generate(ids[:2], mask[:2], params))
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
 
 
 def test_input_validation(left_tokenizer, batch):
@@ -321,7 +323,10 @@ def test_prefill_runs_through_the_compiled_blocks_and_equals_hf(left_tokenizer, 
         _assert_same(want, out)
         assert (want.logprobs - out.logprobs).abs().max() < 1e-5
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 3, dict(counters["stats"])  # the block at decode and at prefill shapes, the sampler
+    # the block, the final norm and the rotary embedding at decode and at prefill shapes, the sampler
+    edges = {"gpt2": [], "gpt_neox": ["rotary_emb"]}  # torch's own LayerNorm is not compiled
+    assert backend.compiled_edges == edges.get(family, ["norm", "rotary_emb"])
+    assert graphs == 3 + 2 * len(backend.compiled_edges), dict(counters["stats"])
     shorter = ids[:, 1:], mask[:, 1:]  # one column less: the same rounded width
     _assert_same(hf.generate(*shorter, params), backend.generate(*shorter, params))
     assert counters["stats"]["unique_graphs"] == graphs
