@@ -33,7 +33,7 @@
 #   bash bench/vs_trl_gpu.sh u    # branch decode-edges-compiled against $BASE2 (.base5 = main): generation A and 1B
 #                                 # twice each, alternating, then PPO A (carry .whl .whl112 .base5)
 #   bash bench/vs_trl_gpu.sh w    # session 18: warm start of .base5w (main before the session) and this tree, PPO A
-#                                 # (this tree, .base5w, TRL); stores .gguf/part_aa for stage x
+#                                 # (this tree, TRL)
 #   bash bench/vs_trl_gpu.sh x    # session 18: SmolLM2 from the GGUF parts, 4 PPO steps of .base5w and this tree
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
@@ -231,23 +231,21 @@ if [ "$phase" = v ]; then  # session 18: warm start with a bytecode cache (cold,
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
 if [ "$phase" = w ]; then  # session 18, second call: warm start of .base5w (a full archive of main before the session,
-  # df3b39f) and this tree, each with its own Inductor cache; PPO A of this tree, .base5w and TRL 1.12. Stores the first
-  # GGUF part carried (.gguf/part_aa) for stage x.
-  mkdir -p /tmp/real && cp .gguf/part_a* /tmp/real/ 2>/dev/null
+  # df3b39f) and this tree, each with its own Inductor cache; then PPO A of this tree and TRL 1.12
   export PYTHONPYCACHEPREFIX=/tmp/pycache; unset PYTHONDONTWRITEBYTECODE   # as on a user's machine
   (cd .base5w && sed -i 's|W=/tmp/ws;|W=/tmp/ws_base;|' bench/warm_start_gpu.sh && ln -sfn ../.whl .whl &&
     OUT=$OUT/ws_base RUNS="auto_cold auto_warm" timeout 200 bash bench/warm_start_gpu.sh > $OUT/ws_base_log.txt 2>&1)
-  OUT=$OUT/ws RUNS="auto_cold auto_warm auto_warm2" timeout 250 bash bench/warm_start_gpu.sh > $OUT/ws_log.txt 2>&1
-  tail -5 $OUT/ws_base_log.txt; tail -7 $OUT/ws_log.txt
-  check_tree .base5w
-  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 150"
-  ppo_a_trees . .base5w
+  OUT=$OUT/ws RUNS="auto_cold auto_warm" timeout 200 bash bench/warm_start_gpu.sh > $OUT/ws_log.txt 2>&1
+  tail -5 $OUT/ws_base_log.txt; tail -5 $OUT/ws_log.txt
+  (cd "$OUT" && tar czf results.tgz *)
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 120"
+  ppo_a_trees .
   timeout 150 python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --timeout 140 --work $WORK/t \
     --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
-  (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
+  (cd "$OUT" && rm -f results.tgz && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
 if [ "$phase" = x ]; then  # session 18, third call (carry .whl, .base5w, .gguf/part_ab, the machine still warm from
-  # stage w): SmolLM2-135M-Instruct from the joined GGUF; 4 PPO steps of .base5w and this tree (the reward model and
+  # a call that stored .gguf/part_aa under /tmp/real): SmolLM2-135M-Instruct from the joined GGUF; 4 PPO steps of .base5w and this tree (the reward model and
   # critic: the instruct model with a fresh score head), for the step-1 KL, peak memory and phase times
   R=/tmp/real; mkdir -p $R; cp .gguf/part_a* $R/
   if [ ! -d $R/smollm2 ]; then
