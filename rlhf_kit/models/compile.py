@@ -59,9 +59,7 @@ def compile_edges(model: nn.Module, **compile_kwargs: Any) -> list[str]:
         if any(child is blocks for child in parent.children()):
             for name, child in parent.named_children():
                 kind, home = type(child).__name__, type(child).__module__
-                own = not home.startswith(
-                    "torch."
-                )  # torch's LayerNorm is one kernel already (and Dynamo skips it)
+                own = not home.startswith("torch.")  # torch's LayerNorm is one kernel (and Dynamo skips it)
                 if own and ("Norm" in kind or kind.endswith("RotaryEmbedding")):
                     child.compile(**compile_kwargs)
                     names.append(name)
