@@ -34,7 +34,7 @@
 #                                 # twice each, alternating, then PPO A (carry .whl .whl112 .base5)
 #   bash bench/vs_trl_gpu.sh w    # session 18: warm start of .base5w (main before the session) and this tree, PPO A
 #                                 # (this tree, TRL)
-#   bash bench/vs_trl_gpu.sh x    # session 18: SmolLM2 from the GGUF parts, 4 PPO steps of .base5w and this tree
+#   bash bench/vs_trl_gpu.sh x    # SmolLM2 from the GGUF parts (two calls), 4 PPO steps of .base5w and this tree
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
 #                                 # the branch maskless-ppo-layout, archived as described below)
@@ -244,10 +244,13 @@ if [ "$phase" = w ]; then  # session 18, second call: warm start of .base5w (a f
     --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   (cd "$OUT" && rm -f results.tgz && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
-if [ "$phase" = x ]; then  # session 18, third call (carry .whl, .base5w, .gguf/part_ab, the machine still warm from
-  # a call that stored .gguf/part_aa under /tmp/real): SmolLM2-135M-Instruct from the joined GGUF; 4 PPO steps of .base5w and this tree (the reward model and
-  # critic: the instruct model with a fresh score head), for the step-1 KL, peak memory and phase times
+if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 4 PPO steps of .base5w and this tree (the
+  # reward model and critic: the instruct model with a fresh score head), for the step-1 KL, peak memory and phase
+  # times. Two calls on one warm machine: carry .whl .gguf/part_aa (stores it), then .whl .base5w .gguf/part_ab
   R=/tmp/real; mkdir -p $R; cp .gguf/part_a* $R/
+  if [ ! -d $R/smollm2 ] && ! { [ -f $R/part_aa ] && [ -f $R/part_ab ]; }; then
+    echo "stored: $(ls $R | tr '\n' ' '); carry the other GGUF part in the next call"; exit 0
+  fi
   if [ ! -d $R/smollm2 ]; then
     cat $R/part_aa $R/part_ab > $R/smol.gguf && md5sum $R/smol.gguf   # a1231443440b107ff29f02bdb38c9d0a
     python3 bench/gguf_to_hf.py $R/smol.gguf $R/smollm2 2>&1 | tail -1
