@@ -246,7 +246,7 @@ if [ "$phase" = w ]; then  # session 18, second call: warm start of .base5w (a f
 fi
 if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 4 PPO steps of .base5w and this tree (the
   # reward model and critic: the instruct model with a fresh score head), for the step-1 KL, peak memory and phase
-  # times. Two calls on one warm machine: carry .whl .gguf/part_aa (stores it), then .whl .base5w .gguf/part_ab
+  # times. Two calls on one warm machine: carry .whl .whl112 .gguf/part_aa (stored), then .whl .whl112 .base5w .gguf/part_ab
   R=/tmp/real; mkdir -p $R; cp .gguf/part_a* $R/
   if [ ! -d $R/smollm2 ] && ! { [ -f $R/part_aa ] && [ -f $R/part_ab ]; }; then
     echo "stored: $(ls $R | tr '\n' ' '); carry the other GGUF part in the next call"; exit 0
