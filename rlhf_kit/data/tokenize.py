@@ -45,8 +45,7 @@ def render(text: Text, tokenizer: Any, add_generation_prompt: bool = False) -> s
 
 def encode(text: Text, tokenizer: Any, add_generation_prompt: bool = False) -> list[int]:
     """Token ids of a text (see :func:`render`); special tokens added only for plain strings."""
-    rendered = render(text, tokenizer, add_generation_prompt)
-    return list(tokenizer(rendered, add_special_tokens=isinstance(text, str))["input_ids"])
+    return encode_many([text], tokenizer, add_generation_prompt)[0]
 
 
 def encode_many(
