@@ -162,13 +162,17 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     actor_opt = make_optimizer(actor, args.lr, 0.0, kind=kind, master_weights=master)
     critic_opt = make_optimizer(critic, args.lr, 0.0, kind=kind, master_weights=master)
     exp_cfg = ExperienceConfig(
-        temperature=1.0, micro_batch_size=args.score_micro or sh["batch"], old_logprobs=args.old_logprobs
+        temperature=1.0,
+        micro_batch_size=args.score_micro or sh["batch"],
+        old_logprobs=args.old_logprobs,
+        packed=args.packed_passes,
     )
     upd_cfg = UpdateConfig(
         mini_batch_size=sh["batch"],
         micro_batch_size=sh["micro"],
         ppo_epochs=1,
         micro_batch_tokens=args.micro_tokens,
+        packed=args.packed_passes,
     )
     params = SamplingParams(max_new_tokens=sh["new_tokens"], temperature=1.0, ignore_eos=True)
     stream = PromptStream(prompts, seed=0)
@@ -217,6 +221,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
             "seq_width": int(gens[0].sequences.shape[1]),
             "prompt_tokens": int(sum(len(p) for p in batch)),
             "policy_loss": tstats.get("policy/loss"),
+            "value_loss": tstats.get("value/loss"),
             "kl": stats["kl/seq_mean"],
         }
 
@@ -238,6 +243,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["master_weights"] = master
     res["optimizer"] = kind
     res["old_logprobs"] = args.old_logprobs
+    res["packed_passes"] = bool(args.packed_passes)
     res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
     res["keep_cache"] = bool(args.keep_cache)
@@ -474,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--old-logprobs", choices=["recompute", "sampler"], default="recompute",
         help="ours: the old policy's log-probs from an actor pass or from the sampler (ExperienceConfig)",
     )  # fmt: skip
+    ap.add_argument(
+        "--packed-passes", action="store_true",
+        help="ours: score and train padding-free under variable-length attention (rlhf_kit.models.varlen)",
+    )  # fmt: skip
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per worker")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -530,6 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--master-weights", args.master_weights),
         ("--compile-blocks", args.compile_blocks),
         ("--cudnn-attention", args.cudnn_attention),
+        ("--packed-passes", args.packed_passes),
     )
     passthrough += [f for f, on in flags if on] + [
         "--optimizer",

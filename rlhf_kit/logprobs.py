@@ -146,6 +146,26 @@ def _head_reads(model: torch.nn.Module, index: torch.Tensor, width: int) -> Iter
         handle.remove()
 
 
+def _packed_response_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, la, response_start: int
+) -> torch.Tensor:
+    """``(b, n, vocab)`` logits predicting the response tokens, from one packed forward (every row's real
+    tokens end to end; :mod:`rlhf_kit.models.varlen`). Only those ``b * n`` positions reach the LM head."""
+    from rlhf_kit.models.varlen import packed_attention, packing
+
+    b, t = input_ids.shape
+    n = t - response_start
+    pk = packing(attention_mask.sum(-1))
+    ids = pk.pack(la.align(input_ids) if la.max_shift else input_ids)
+    index = pk.index(la.response_index(response_start, n)).reshape(1, b * n)
+    with packed_attention(model), _head_reads(model, index, pk.total):
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=0, **pk.forward_kwargs(ids.device))
+    logits = out.logits
+    if logits.shape[1] != b * n:  # no output embeddings to hook: every position was projected
+        logits = _gather_columns(logits, index, pk.total)
+    return logits.reshape(b, n, -1)
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -155,6 +175,7 @@ def sequence_logprobs(
     with_entropy: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     alignment=None,
+    packed: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the response tokens of ``(prompt + response)`` sequences under a causal LM.
 
@@ -174,7 +195,8 @@ def sequence_logprobs(
     pre-hook on the output embeddings gathers those ``n`` hidden states per row before the LM head
     (whatever the model does after the head, such as logit soft-capping, still runs).
     ``alignment`` (a ``LeftAlignment``) saves the read of the mask that finds the padding when the
-    caller knows it.
+    caller knows it. ``packed``: such a batch runs padding-free instead, its rows' real tokens end to end
+    in one sequence under variable-length attention (:mod:`rlhf_kit.models.varlen`); the same log-probs.
     """
     from rlhf_kit.models.heads import position_ids_from_mask
     from rlhf_kit.models.layout import left_alignment
@@ -182,7 +204,9 @@ def sequence_logprobs(
     n = input_ids.shape[1] - response_start
     labels = input_ids[:, response_start:]
     la = alignment if alignment is not None else left_alignment(attention_mask)
-    if la.contiguous and 0 < la.max_shift < response_start:
+    if packed and la.contiguous and la.max_shift < response_start:
+        logits = _packed_response_logits(model, input_ids, attention_mask, la, response_start)
+    elif la.contiguous and 0 < la.max_shift < response_start:
         b, t = input_ids.shape
         keep = n + 1 + la.max_shift  # from column p - 1 - max_shift: every row's first response logit
         index = la.response_index(response_start, n)  # (b, n) aligned columns that predict the response

@@ -59,14 +59,20 @@ def per_token_scores(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None = None,
+    **forward_kwargs,
 ) -> torch.Tensor:
     """Run backbone + score head at every position. Returns ``(b, t)`` float32 (first label).
-    ``attention_mask=None``: every row's real tokens come first (causal attention alone is exact)."""
+    ``attention_mask=None``: every row's real tokens come first (causal attention alone is exact).
+    ``forward_kwargs`` go to the backbone (a packed batch's ``cu_seq_lens_q``...)."""
     backbone, head = backbone_and_head(model)
     if position_ids is None and attention_mask is not None:
         position_ids = position_ids_from_mask(attention_mask)
     hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **forward_kwargs,
     ).last_hidden_state
     # a copy, not a view: FSDP2 hooks the module output for backward and in-place ops on views drop it
     return head(hidden)[..., 0].float().clone()

@@ -44,10 +44,11 @@ class TokenValueModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
+        **forward_kwargs,
     ) -> torch.Tensor:
         """Args: ``(b, t)`` ids and mask (left or right padded; None when every row's real tokens come
-        first). Returns ``(b, t)`` float32 values."""
-        return per_token_scores(self.model, input_ids, attention_mask, position_ids)
+        first). Returns ``(b, t)`` float32 values. ``forward_kwargs`` go to the backbone."""
+        return per_token_scores(self.model, input_ids, attention_mask, position_ids, **forward_kwargs)
 
     def save_pretrained(self, path: str, **kwargs) -> None:
         """Save as a standard HF sequence-classification directory."""
@@ -63,6 +64,7 @@ def response_values(
     attention_mask: torch.Tensor,
     prompt_length: int,
     alignment=None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Values aligned with response tokens: entry ``i`` is the value of the state that generates
     response token ``i`` (the hidden state one position earlier), as PPO log-probs are aligned.
@@ -72,7 +74,8 @@ def response_values(
 
     A :class:`TokenValueModel` runs a left-padded batch of contiguous rows moved to the front, without
     a mask (:mod:`rlhf_kit.models.layout`): the same values, on SDPA's causal path (``alignment``, a
-    ``LeftAlignment`` the caller already knows, saves reading the mask).
+    ``LeftAlignment`` the caller already knows, saves reading the mask). ``packed``: such a batch runs
+    padding-free instead, every row's real tokens end to end (:mod:`rlhf_kit.models.varlen`).
     """
     from rlhf_kit.models.heads import unwrap
     from rlhf_kit.models.layout import left_alignment
@@ -80,6 +83,15 @@ def response_values(
     n = sequences.shape[1] - prompt_length
     if isinstance(unwrap(critic), TokenValueModel):
         la = alignment if alignment is not None else left_alignment(attention_mask)
+        if packed and la.contiguous and la.max_shift < prompt_length:
+            from rlhf_kit.models.varlen import packed_attention, packing
+
+            pk = packing(attention_mask.sum(-1))
+            ids = pk.pack(la.align(sequences) if la.max_shift else sequences)
+            with packed_attention(critic):
+                values = critic(ids, None, **pk.forward_kwargs(ids.device))[0]
+            values = values[pk.index(la.response_index(prompt_length, n)).to(values.device)]
+            return values * attention_mask[:, prompt_length:].to(values)
         if la.contiguous and 0 < la.max_shift < prompt_length:
             values = critic(la.align(sequences), None)
             values = values.gather(1, la.response_index(prompt_length, n).to(values.device))

@@ -57,6 +57,9 @@ class ExperienceConfig:
     epoch, one mini-batch) and the reward carries no KL (``kl_in_loss`` or a zero coefficient);
     :func:`~rlhf_kit.ppo.ppo_update` and :func:`~rlhf_kit.ppo.compute_advantages` refuse it otherwise.
     The rollout's ``logprobs`` then hold a copy of ``ref_logprobs`` (zero KL) as a placeholder."""
+    packed: bool = False
+    """Run the scoring passes (reference, actor, critic) padding-free: each micro-batch's real tokens end
+    to end under variable-length attention (rlhf_kit.models.varlen); the same values up to kernel rounding."""
     old_logprobs: str = "recompute"
     """Where the old policy's log-probs come from (unless ``skip_old_logprobs``): ``"recompute"``, a forward
     pass of the actor over the rollout, or ``"sampler"``, the log-probs the generation backend reported for
@@ -114,24 +117,34 @@ def make_experience(
         sl = slice(s, s + cfg.micro_batch_size)
         la = left_alignment(am[sl])  # one read of the padding for the reference, actor and critic passes
         if reference is not None:
-            refs.append(sequence_logprobs(reference, seq[sl], am[sl], p, cfg.temperature, alignment=la))
+            refs.append(
+                sequence_logprobs(
+                    reference, seq[sl], am[sl], p, cfg.temperature, alignment=la, packed=cfg.packed
+                )
+            )
         else:
             with reference_fn():
-                refs.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature, alignment=la))
+                refs.append(
+                    sequence_logprobs(
+                        actor, seq[sl], am[sl], p, cfg.temperature, alignment=la, packed=cfg.packed
+                    )
+                )
         # the old policy's log-probs; with skip_old_logprobs a zero-KL placeholder (the update's forward)
         if cfg.skip_old_logprobs:
             lps.append(refs[-1].clone())
         elif cfg.old_logprobs == "sampler":
             lps.append(generation.logprobs[sl].to(device=refs[-1].device, dtype=refs[-1].dtype))
         else:
-            lps.append(sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature, alignment=la))
+            lps.append(
+                sequence_logprobs(actor, seq[sl], am[sl], p, cfg.temperature, alignment=la, packed=cfg.packed)
+            )
         score = None
         if remote is not None:
             value, score = remote.infer(seq[sl], am[sl], p, rmask[sl], with_scores=scorer is None)
         elif critic_free:
             value = torch.zeros(rmask[sl].shape, device=seq.device)
         else:
-            value = response_values(critic, seq[sl], am[sl], p, alignment=la)
+            value = response_values(critic, seq[sl], am[sl], p, alignment=la, packed=cfg.packed)
         if score is None:
             if scorer is None:
                 raise ValueError("make_experience: no scorer given and the critic server has no reward model")

@@ -58,6 +58,8 @@ class UpdateConfig:
     train_critic: bool = True
     """False when the critic trains elsewhere (a critic server, ``rlhf_kit.serving``), or when there is
     none (a critic-free estimator): actor-only update."""
+    packed: bool = False
+    """Run the actor's and critic's forward and backward passes padding-free (rlhf_kit.models.varlen)."""
     group_size: int = 1
     """Mini-batches take whole groups of this many consecutive samples (1: samples shuffle freely)."""
 
@@ -146,6 +148,7 @@ def ppo_update(
                         exp_cfg.temperature,
                         with_entropy=True,
                         alignment=align,
+                        packed=cfg.packed,
                     )
                     # one optimizer step per rollout: the weights are still the old policy's here
                     old = lp.detach() if reuse else micro.logprobs
@@ -163,7 +166,7 @@ def ppo_update(
                 if train_critic:
                     vm = micro.response_mask.float()
                     values = response_values(
-                        critic, micro.sequences, micro.attention_mask, p, alignment=align
+                        critic, micro.sequences, micro.attention_mask, p, alignment=align, packed=cfg.packed
                     )
                     vloss, vs = value_loss(values, micro.values, micro.returns, vm)
                     backward(vloss * (vm.sum() * world / v_tokens))

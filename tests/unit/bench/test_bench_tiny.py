@@ -137,3 +137,18 @@ def test_optimizer_step_bench_reports_each_variant_on_cpu(tmp_path):
     assert 2.03 <= ours["state_bytes_per_param"] < 2.1 and master["state_bytes_per_param"] == 12.0
     assert ours["trained_params"] == master["trained_params"] > 0 and ours["median_step_s"] > 0
     assert (tmp_path / "opt.json").exists() and "agreement_vs_torchao" not in out
+
+
+def test_ppo_ours_tiny_packed_passes_match_the_padded_ones(tok_dir, left_tokenizer):
+    """The whole PPO step (scoring, advantages, update) with --packed-passes: the same losses and values
+    as the padded passes, step after step (fp32 on CPU, same seed)."""
+    prompts = hh_prompt_ids(left_tokenizer, 32)[:16]
+    runs = []
+    for extra in ([], ["--packed-passes"]):
+        args = ppo_vs_trl.build_parser().parse_args(["--tiny", "--worker", "ours", "--config", "tiny",
+                                                     "--steps", "2", "--tokenizer", tok_dir, *extra])  # fmt: skip
+        runs.append(ppo_vs_trl.run_ours(args, prompts))
+    assert runs[1]["packed_passes"] and not runs[0]["packed_passes"]
+    for padded, packed in zip(runs[0]["steps"], runs[1]["steps"]):
+        for key in ("policy_loss", "value_loss", "kl"):
+            assert math.isclose(padded[key], packed[key], rel_tol=1e-4, abs_tol=1e-6), (key, padded, packed)

@@ -1,0 +1,195 @@
+"""Padding-free (packed) forward passes through variable-length flash attention.
+
+PPO scores and trains on rows of ``prompt + response`` with left padding before the prompt and right
+padding after EOS; every padded slot costs a full forward and backward. Packed, each row's real tokens
+(one contiguous run, as :mod:`rlhf_kit.models.layout` requires) are laid end to end in a ``(1, N)``
+sequence, position ids restart at 0 for each row, and attention is causal *within* each row:
+variable-length flash attention (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10) on CUDA, one
+causal SDPA call per row elsewhere. The total is rounded up to a multiple of ``multiple`` with a filler
+row, so compiled blocks see few distinct shapes.
+
+:mod:`rlhf_kit.models.packing` (the reward model's packed pairs) relies on transformers detecting the
+restarting position ids instead, which under SDPA builds a dense ``(N, N)`` block-diagonal mask: fine at a
+reward model's token budgets, quadratic in ``N``. Here the attention function is registered with
+transformers as ``"rlhf_kit_packed"``; transformers builds no mask for an implementation it has no mask
+function for, and passes ``cu_seq_lens_q``/``max_length_q`` given to the model's forward through to the
+attention (the names its own flash attention uses). :func:`packed_attention` switches a model to it for
+the duration of a forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMPLEMENTATION = "rlhf_kit_packed"
+
+try:  # torch >= 2.10: variable-length flash attention (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover -- older torch: the per-row SDPA path everywhere
+    _varlen_attn = None
+# its signature moved: torch 2.10 takes ``is_causal``; later releases ``window_size=(-1, 0)`` for causal and
+# ``enable_gqa`` for fewer key/value heads than query heads
+_VARLEN_ARGS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else set()
+
+
+def _varlen_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, m: int, scale
+) -> torch.Tensor:
+    """``varlen_attn`` of ``(N, heads, d)`` tensors, causal within each row, in this torch's spelling."""
+    kw: dict[str, Any] = {"scale": scale}
+    if "window_size" in _VARLEN_ARGS:
+        kw["window_size"] = (-1, 0)
+    else:
+        kw["is_causal"] = True
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in _VARLEN_ARGS:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    return _varlen_attn(q, k, v, cu, cu, m, m, **kw)
+
+
+@dataclass
+class Packing:
+    """Where each row's real tokens go in the packed sequence.
+
+    ``lengths (b,)``: real tokens per row (after :meth:`~rlhf_kit.models.layout.LeftAlignment.align`, a
+    row's real tokens are its first ``lengths[r]`` columns); ``starts (b,)``: each row's first packed
+    position; ``cu_seqlens (b + 2,)`` int32: the boundaries of the rows and of the filler row;
+    ``total``: the packed length (a multiple of the ``multiple`` it was built with); ``max_len``: the
+    longest row (filler included).
+    """
+
+    lengths: torch.Tensor
+    starts: torch.Tensor
+    cu_seqlens: torch.Tensor
+    total: int
+    max_len: int
+
+    def pack(self, x: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
+        """``x (b, t, ...)``, front-aligned rows, as ``(1, total, ...)``: row ``r``'s first ``lengths[r]``
+        columns from ``starts[r]`` on, ``fill`` after the last row."""
+        b, t = x.shape[:2]
+        cols = torch.arange(t, device=x.device)
+        keep = cols[None, :] < self.lengths.to(x.device)[:, None]
+        real = x[keep]  # row-major: row 0's tokens, then row 1's...
+        out = x.new_full((self.total, *x.shape[2:]), fill)
+        out[: real.shape[0]] = real
+        return out[None]
+
+    def position_ids(self, device: torch.device) -> torch.Tensor:
+        """``(1, total)``: ``0 .. lengths[r] - 1`` for each row, then ``0 ..`` for the filler."""
+        pos = torch.arange(self.total, device=device)
+        seg = torch.searchsorted(self.cu_seqlens.to(device).long(), pos, right=True) - 1
+        return (pos - self.cu_seqlens.to(device).long()[seg])[None]
+
+    def index(self, cols: torch.Tensor) -> torch.Tensor:
+        """Packed positions ``(b, n)`` of the front-aligned columns ``cols (b, n)`` of each row (clamped into
+        the row, so columns past a row's end land on its last token: callers mask those out)."""
+        lengths = self.lengths.to(cols.device)
+        inside = cols.clamp(min=0).minimum((lengths - 1).clamp(min=0)[:, None])
+        return self.starts.to(cols.device)[:, None] + inside
+
+    def forward_kwargs(self, device: torch.device) -> dict[str, Any]:
+        """The keyword arguments of a packed model forward (transformers passes them to the attention)."""
+        cu = self.cu_seqlens.to(device)
+        return {
+            "position_ids": self.position_ids(device),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": self.max_len,
+            "max_length_k": self.max_len,
+        }
+
+
+def packing(lengths: torch.Tensor, multiple: int = 64) -> Packing:
+    """The :class:`Packing` of rows with ``lengths (b,)`` real tokens (one device-to-host read), the
+    total rounded up to a multiple of ``multiple`` by a filler row."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    host = [int(n) for n in lengths.tolist()]
+    real = sum(host)
+    total = max(multiple, -(-real // multiple) * multiple)
+    bounds = [0]
+    for n in host:
+        bounds.append(bounds[-1] + n)
+    filler = total - real
+    if filler:
+        bounds.append(total)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=lengths.device)
+    return Packing(
+        lengths=lengths.long(),
+        starts=cu[: len(host)].long(),
+        cu_seqlens=cu,
+        total=total,
+        max_len=max([*host, filler, 1]),
+    )
+
+
+def packed_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed row: ``query (1, h, N, d)``, ``key``/``value (1, h_kv, N, d)``
+    -> ``(1, N, h, d)`` (a transformers attention function). Needs ``cu_seq_lens_q`` and
+    ``max_length_q`` from the forward's keyword arguments; ``attention_mask`` must be None."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or attention_mask is not None or query.shape[0] != 1:
+        raise ValueError("the packed attention needs one packed row, cu_seq_lens_q, and no attention mask")
+    if dropout:
+        raise ValueError("the packed attention has no dropout (PPO runs its models without it)")
+    h, h_kv = query.shape[1], key.shape[1]
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # (N, heads, d)
+    if _varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _varlen_causal(q, k, v, cu, int(kwargs["max_length_q"]), scaling)[None], None
+    if h != h_kv:  # grouped-query attention: each KV head serves h / h_kv query heads
+        k, v = (t.repeat_interleave(h // h_kv, dim=1) for t in (k, v))
+    bounds = cu.tolist()  # elsewhere: one causal SDPA call per row
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                is_causal=True, scale=scaling,
+            ).transpose(0, 1)
+            for s, e in zip(bounds[:-1], bounds[1:])
+            if e > s
+        ]
+    )  # fmt: skip
+    return out[None], None
+
+
+def register() -> str:
+    """Register :func:`packed_attention_forward` with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, packed_attention_forward)
+    return IMPLEMENTATION
+
+
+@contextlib.contextmanager
+def packed_attention(model: nn.Module) -> Iterator[None]:
+    """While active, every config in ``model`` names the packed attention as its implementation."""
+    register()
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = IMPLEMENTATION
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]

@@ -1,0 +1,120 @@
+"""Padding-free forward passes under variable-length attention: the same outputs as the padded forward."""
+
+import pytest
+import torch
+
+from rlhf_kit.logprobs import sequence_logprobs
+from rlhf_kit.models.layout import left_alignment
+from rlhf_kit.models.varlen import IMPLEMENTATION, packed_attention, packed_attention_forward, packing
+from tests.conftest import make_causal_lm
+from tests.unit.models.test_layout import _rows
+
+
+def test_packing_lays_rows_end_to_end_with_a_filler():
+    pk = packing(torch.tensor([3, 0, 5, 2]), multiple=4)
+    assert pk.total == 12 and pk.cu_seqlens.tolist() == [0, 3, 3, 8, 10, 12] and pk.max_len == 5
+    assert pk.starts.tolist() == [0, 3, 3, 8]
+    assert pk.position_ids(torch.device("cpu")).tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0, 1]]
+    x = torch.arange(4 * 6).reshape(4, 6)
+    assert pk.pack(x, fill=-1).tolist() == [[0, 1, 2, 12, 13, 14, 15, 16, 18, 19, -1, -1]]
+    # columns past a row's end stay inside the row (the caller masks them)
+    assert pk.index(torch.tensor([[0, 2, 4]] * 4)).tolist() == [[0, 2, 2], [3, 3, 3], [3, 5, 7], [8, 9, 9]]
+    exact = packing(torch.tensor([4, 4]), multiple=8)
+    assert exact.total == 8 and exact.cu_seqlens.tolist() == [0, 4, 8]  # no filler row needed
+    with pytest.raises(ValueError, match="multiple"):
+        packing(torch.tensor([1]), multiple=0)
+
+
+def test_packed_forward_equals_each_row_alone(tokenizer):
+    """GQA Llama (4 heads, 2 KV heads): each packed row's logits are those of the row run by itself."""
+    model = make_causal_lm(tokenizer, seed=1).double()
+    assert model.config.num_attention_heads != model.config.num_key_value_heads
+    lengths = torch.tensor([5, 1, 7, 3])
+    rows = [
+        torch.randint(3, 400, (int(n),), generator=torch.Generator().manual_seed(i))
+        for i, n in enumerate(lengths)
+    ]
+    pk = packing(lengths, multiple=8)
+    padded = torch.zeros(4, 7, dtype=torch.long)
+    for r, row in enumerate(rows):
+        padded[r, : len(row)] = row
+    with torch.no_grad():
+        with packed_attention(model):
+            packed = model(
+                input_ids=pk.pack(padded), use_cache=False, **pk.forward_kwargs(padded.device)
+            ).logits
+        alone = [model(input_ids=row[None], use_cache=False).logits[0] for row in rows]
+    for r, want in enumerate(alone):
+        s = int(pk.starts[r])
+        torch.testing.assert_close(packed[0, s : s + len(rows[r])], want, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_packed_logprobs_and_gradients_equal_the_padded_forward(tokenizer, entropy):
+    model = make_causal_lm(tokenizer, seed=3).double()
+    ids, mask, p = _rows()
+    la = left_alignment(mask)
+    shapes = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    outs, grads = [], []
+    for packed in (True, False):
+        model.zero_grad()
+        out = sequence_logprobs(model, ids, mask, p, 0.7, with_entropy=entropy, alignment=la, packed=packed)
+        out = out if entropy else (out,)
+        sum((o * mask[:, p:]).sum() for o in out).backward()
+        outs.append(out)
+        grads.append([q.grad.clone() for q in model.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+    assert shapes == [(1, 64), ids.shape]  # 27 real tokens packed into one row of 64, then the padded batch
+    assert model.config._attn_implementation != IMPLEMENTATION  # switched back after the forward
+
+
+def test_packed_logprobs_of_right_padded_rows_and_an_empty_response(tokenizer):
+    """No left padding (nothing to move) and a row whose response is all padding: still the padded result."""
+    model = make_causal_lm(tokenizer, seed=4).double()
+    ids, mask, p = _rows(b=3)
+    mask[:, :p] = 1  # prompts fill their width
+    mask[2, p:] = 0  # an empty response
+    with torch.no_grad():
+        got = sequence_logprobs(model, ids, mask, p, packed=True)
+        want = sequence_logprobs(model, ids, mask, p)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    assert got[2].abs().sum() == 0
+
+
+def test_packed_attention_restores_the_config_and_refuses_misuse(tokenizer):
+    model = make_causal_lm(tokenizer)
+    before = model.config._attn_implementation
+    with pytest.raises(RuntimeError, match="boom"), packed_attention(model):
+        assert model.config._attn_implementation == IMPLEMENTATION
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == before
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        packed_attention_forward(model, q, q, q, None)
+    with pytest.raises(ValueError, match="no attention mask"):
+        packed_attention_forward(model, q, q, q, torch.zeros(1, 1, 4, 4), cu_seq_lens_q=torch.tensor([0, 4]))
+
+
+def test_packed_values_and_gradients_equal_the_padded_forward(tokenizer):
+    from rlhf_kit.models import TokenValueModel, response_values
+    from tests.conftest import make_reward_model
+
+    critic = TokenValueModel(make_reward_model(tokenizer, seed=5).double())
+    ids, mask, p = _rows()
+    outs, grads = [], []
+    for packed in (True, False):
+        critic.zero_grad()
+        values = response_values(critic, ids, mask, p, packed=packed)
+        values.pow(2).sum().backward()
+        outs.append(values)
+        grads.append([q.grad.clone() for q in critic.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=1e-9)
+    assert outs[0][mask[:, p:] == 0].abs().sum() == 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
