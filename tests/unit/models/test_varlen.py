@@ -118,3 +118,43 @@ def test_packed_values_and_gradients_equal_the_padded_forward(tokenizer):
     assert outs[0][mask[:, p:] == 0].abs().sum() == 0
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("spelling", ["window_size", "is_causal"])
+@pytest.mark.parametrize("gqa_arg", [True, False])
+def test_varlen_call_is_causal_in_either_torch_spelling(monkeypatch, spelling, gqa_arg):
+    """The CUDA path's call into ``varlen_attn``, with a stand-in that implements its documented contract:
+    causal by ``window_size=(-1, 0)`` (torch >= 2.12) or ``is_causal`` (2.10), fewer KV heads only with
+    ``enable_gqa``. Whatever the spelling, the result is the per-row causal attention."""
+    import torch.nn.functional as F
+
+    from rlhf_kit.models import varlen
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), is_causal=False,
+             enable_gqa=False):  # fmt: skip
+        causal = window_size == (-1, 0) if spelling == "window_size" else is_causal
+        assert k.shape[1] == q.shape[1] or enable_gqa
+        b = cu_q.tolist()
+        return torch.cat([
+            F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                                           is_causal=causal, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+            for s, e in zip(b[:-1], b[1:])
+        ])  # fmt: skip
+
+    args = {"scale", spelling} | ({"enable_gqa"} if gqa_arg else set())
+    monkeypatch.setattr(varlen, "_VARLEN_ARGS", args)
+    monkeypatch.setattr(varlen, "_varlen_attn", fake)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(9, 4, 8, generator=g),
+        torch.randn(9, 2, 8, generator=g),
+        torch.randn(9, 2, 8, generator=g),
+    )
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    got = varlen._varlen_causal(q, k, v, cu, 5, 0.3)
+    want = torch.cat([
+        F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1).repeat_interleave(2, 0),
+                                       v[s:e].transpose(0, 1).repeat_interleave(2, 0), is_causal=True, scale=0.3).transpose(0, 1)
+        for s, e in ((0, 4), (4, 9))
+    ])  # fmt: skip
+    torch.testing.assert_close(got, want)
