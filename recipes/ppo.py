@@ -214,10 +214,6 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     """torch.compile each transformer block of the four models: fused kernels per layer, tens of seconds of
     compilation at the first step. auto: on with one CUDA GPU, all weights trained, no FSDP and no gradient
     checkpointing; off on CPU, where compiling costs more than it saves."""
-    packed_passes: bool = False
-    """Score and train padding-free: each micro-batch's real tokens end to end in one sequence under
-    variable-length flash attention (torch.nn.attention.varlen), no compute on padding. Not yet measured
-    on the GPU, so off by default."""
     generation_cache: Literal["auto", "keep", "release"] = "auto"
     """The compiled backend's KV cache and CUDA graphs between rollouts: keep (no re-capture each step),
     release (memory back to training), auto (keep when they take <= 5% of the GPU, release with offloading)."""
