@@ -64,8 +64,10 @@ class Packing:
     ``lengths (b,)``: real tokens per row (after :meth:`~rlhf_kit.models.layout.LeftAlignment.align`, a
     row's real tokens are its first ``lengths[r]`` columns); ``starts (b,)``: each row's first packed
     position; ``cu_seqlens (b + 2,)`` int32: the boundaries of the rows and of the filler row;
-    ``total``: the packed length (a multiple of the ``multiple`` it was built with); ``max_len``: the
-    longest row (filler included).
+    ``total``: the packed length (a multiple of the ``multiple`` it was built with); ``max_len``: an upper
+    bound of the longest row (filler included), rounded up to that multiple as well: the flash kernel
+    only sizes its grid by it, and a compiled block specialises on the integer, so few distinct values
+    mean few recompilations.
     """
 
     lengths: torch.Tensor
@@ -130,7 +132,7 @@ def packing(lengths: torch.Tensor, multiple: int = 64) -> Packing:
         starts=cu[: len(host)].long(),
         cu_seqlens=cu,
         total=total,
-        max_len=max([*host, filler, 1]),
+        max_len=min(total, -(-max([*host, filler, 1]) // multiple) * multiple),
     )
 
 

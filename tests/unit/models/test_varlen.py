@@ -12,7 +12,7 @@ from tests.unit.models.test_layout import _rows
 
 def test_packing_lays_rows_end_to_end_with_a_filler():
     pk = packing(torch.tensor([3, 0, 5, 2]), multiple=4)
-    assert pk.total == 12 and pk.cu_seqlens.tolist() == [0, 3, 3, 8, 10, 12] and pk.max_len == 5
+    assert pk.total == 12 and pk.cu_seqlens.tolist() == [0, 3, 3, 8, 10, 12] and pk.max_len == 8  # >= 5
     assert pk.starts.tolist() == [0, 3, 3, 8]
     assert pk.position_ids(torch.device("cpu")).tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0, 1]]
     x = torch.arange(4 * 6).reshape(4, 6)
@@ -21,6 +21,7 @@ def test_packing_lays_rows_end_to_end_with_a_filler():
     assert pk.index(torch.tensor([[0, 2, 4]] * 4)).tolist() == [[0, 2, 2], [3, 3, 3], [3, 5, 7], [8, 9, 9]]
     exact = packing(torch.tensor([4, 4]), multiple=8)
     assert exact.total == 8 and exact.cu_seqlens.tolist() == [0, 4, 8]  # no filler row needed
+    assert exact.max_len == 8  # rounded up, never past the total
     with pytest.raises(ValueError, match="multiple"):
         packing(torch.tensor([1]), multiple=0)
 
