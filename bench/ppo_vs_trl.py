@@ -247,10 +247,15 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
     res["keep_cache"] = bool(args.keep_cache)
+    from torch._dynamo.utils import counters  # how often the compiled blocks were traced again
+
+    res["dynamo"] = {k: dict(counters[k]) for k in ("stats", "recompiles") if k in counters}
     # one epoch of one mini-batch: every rollout goes forward and backward once through actor and critic
     flops = sum(train_model_flops(m, sh["batch"], steps[-1]["seq_width"]) for m in (actor, critic))
     train_s = res.get("median_phases_s", {}).get("train", float("nan"))
-    res["train_model_tflop"] = flops / 1e12
+    res["train_model_tflop"] = flops / 1e12  # of the padded rows; packed passes skip the padding
+    last = steps[-1]
+    res["real_token_fraction"] = (last["prompt_tokens"] + last["generated_tokens"]) / (sh["batch"] * last["seq_width"])
     res["train_tflops_per_s"] = flops / train_s / 1e12
     res["matmul_peak_tflops"] = peak
     res["train_mfu"] = res["train_tflops_per_s"] / peak

@@ -35,6 +35,8 @@
 #   bash bench/vs_trl_gpu.sh w    # session 18: warm start of .base5w (main before the session) and this tree, PPO A
 #                                 # (this tree, TRL)
 #   bash bench/vs_trl_gpu.sh x    # SmolLM2 from the GGUF parts (two calls), 4 PPO steps of .base5w and this tree
+#   bash bench/vs_trl_gpu.sh y    # session 19: branch packed-passes: its tests on the GPU, PPO A packed / padded /
+#                                 # packed, PPO B (8-bit, micro 32) packed / padded
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
 #                                 # the branch maskless-ppo-layout, archived as described below)
@@ -272,6 +274,32 @@ for r in map(json.loads, open(sys.argv[1])):
 PY
   done
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
+fi
+if [ "$phase" = y ]; then  # session 19: the padding-free passes (branch packed-passes) on the GPU: its tests, then
+  # PPO A (micro 64) packed / padded / packed, then B (8-bit, micro 32) packed / padded; results in results.tgz
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/models/test_varlen.py tests/unit/bench/test_bench_tiny.py 2>&1 | tail -3
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 150"
+  for run in packed padded packed2; do
+    flag=$([ $run = padded ] || echo --packed-passes)
+    python3 bench/ppo_vs_trl.py $A $flag --work $WORK/a_$run --out "$OUT/a64_$run" > "$OUT/a64_$run.log" 2>&1
+    grep -E "^\| A" "$OUT/a64_$run.log" | sed "s/^/$run /" | tee -a "$OUT/ppo_log.txt"
+  done
+  B="--configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 170"
+  for run in packed padded; do
+    flag=$([ $run = padded ] || echo --packed-passes)
+    python3 bench/ppo_vs_trl.py $B $flag --work $WORK/b_$run --out "$OUT/b32_$run" > "$OUT/b32_$run.log" 2>&1
+    grep -E "^\| B" "$OUT/b32_$run.log" | sed "s/^/$run /" | tee -a "$OUT/ppo_log.txt"
+  done
+  python3 - "$OUT" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
+    o = json.load(open(f))["configs"][0]["ours"]
+    print(f.split("/")[-2], {k: o.get(k) for k in ("median_step_s", "median_phases_s", "peak_allocated_gib",
+          "real_token_fraction", "dynamo", "error")})
+    for s in o.get("steps", []):
+        print("   ", {k: s.get(k) for k in ("step_s", "policy_loss", "value_loss", "kl")})
+PY
+  rm -f "$OUT"/*/*.md; (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
 if [ "$phase" = u ]; then  # written in session 17 for the branch decode-edges-compiled: generation A and 1B, then
   # PPO A, of $BASE2 (main before the branch) and this tree, twice each, alternating

@@ -159,3 +159,28 @@ def test_varlen_call_is_causal_in_either_torch_spelling(monkeypatch, spelling, g
         for s, e in ((0, 4), (4, 9))
     ])  # fmt: skip
     torch.testing.assert_close(got, want)
+
+
+def test_packed_pass_in_bf16_on_this_device(tokenizer, monkeypatch):
+    """The dtype and device PPO runs in: bf16, on CUDA when there is one (then through ``varlen_attn``,
+    forward and backward), else the per-row path. Log-probs and gradients agree with the padded bf16 pass
+    to bf16's precision."""
+    from rlhf_kit.models import varlen
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    calls = []
+    if varlen._varlen_attn is not None:
+        real = varlen._varlen_attn
+        monkeypatch.setattr(varlen, "_varlen_attn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = make_causal_lm(tokenizer, seed=6).to(device, torch.bfloat16)
+    ids, mask, p = (t.to(device) if torch.is_tensor(t) else t for t in _rows())
+    outs, grads = [], []
+    for packed in (True, False):
+        model.zero_grad()
+        out = sequence_logprobs(model, ids, mask, p, alignment=left_alignment(mask), packed=packed)
+        (out.float() * mask[:, p:]).sum().backward()
+        outs.append(out.float() * mask[:, p:])
+        grads.append(torch.cat([q.grad.float().flatten() for q in model.parameters()]))
+    assert len(calls) == (1 if device.type == "cuda" else 0) * model.config.num_hidden_layers
+    torch.testing.assert_close(outs[0], outs[1], atol=0.05, rtol=0.02)
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
