@@ -243,7 +243,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["master_weights"] = master
     res["optimizer"] = kind
     res["old_logprobs"] = args.old_logprobs
-    res["packed_passes"] = bool(args.packed_passes)
+    res["packed_passes"] = args.packed_passes
     res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
     res["keep_cache"] = bool(args.keep_cache)
@@ -486,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="ours: the old policy's log-probs from an actor pass or from the sampler (ExperienceConfig)",
     )  # fmt: skip
     ap.add_argument(
-        "--packed-passes", action="store_true",
-        help="ours: score and train padding-free under variable-length attention (rlhf_kit.models.varlen)",
+        "--packed-passes", choices=["auto", "on", "off"], default="auto",
+        help="ours: score and train padding-free under variable-length attention (rlhf_kit.models.varlen); "
+        "auto, as in the recipe: on CUDA",
     )  # fmt: skip
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per worker")
@@ -545,13 +546,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--master-weights", args.master_weights),
         ("--compile-blocks", args.compile_blocks),
         ("--cudnn-attention", args.cudnn_attention),
-        ("--packed-passes", args.packed_passes),
     )
     passthrough += [f for f, on in flags if on] + [
         "--optimizer",
         args.optimizer,
         "--old-logprobs",
         args.old_logprobs,
+        "--packed-passes",
+        args.packed_passes,
     ]
     for config in args.configs:
         entry: dict[str, Any] = {"config": config}

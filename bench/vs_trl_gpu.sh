@@ -34,7 +34,7 @@
 #                                 # twice each, alternating, then PPO A (carry .whl .whl112 .base5)
 #   bash bench/vs_trl_gpu.sh w    # session 18: warm start of .base5w (main before the session) and this tree, PPO A
 #                                 # (this tree, TRL)
-#   bash bench/vs_trl_gpu.sh x    # SmolLM2 from the GGUF parts (two calls), 4 PPO steps of .base5w and this tree
+#   bash bench/vs_trl_gpu.sh x    # SmolLM2 from the GGUF parts (two calls), 6 PPO steps padded, then packed
 #   bash bench/vs_trl_gpu.sh y    # session 19: branch packed-passes: its tests on the GPU, PPO A packed / padded /
 #                                 # packed, PPO B (8-bit, micro 32) packed / padded
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
@@ -246,9 +246,10 @@ if [ "$phase" = w ]; then  # session 18, second call: warm start of .base5w (a f
     --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   (cd "$OUT" && rm -f results.tgz && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
-if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 4 PPO steps of .base5w and this tree (the
-  # reward model and critic: the instruct model with a fresh score head), for the step-1 KL, peak memory and phase
-  # times. Two calls on one warm machine: carry .whl .whl112 .gguf/part_aa (stored), then .whl .whl112 .base5w .gguf/part_ab
+if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 6 PPO steps of the recipe with padded, then
+  # packed score and train passes (the reward model and critic: the instruct model with a fresh score head), for the
+  # phase times, peak memory and the step-1 KL. Two calls on one warm machine: carry .whl .whl112 .gguf/part_aa
+  # (stored), then .whl .whl112 .gguf/part_ab
   R=/tmp/real; mkdir -p $R; cp .gguf/part_a* $R/
   if [ ! -d $R/smollm2 ] && ! { [ -f $R/part_aa ] && [ -f $R/part_ab ]; }; then
     echo "stored: $(ls $R | tr '\n' ' '); carry the other GGUF part in the next call"; exit 0
@@ -258,19 +259,19 @@ if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 4 PPO s
     python3 bench/gguf_to_hf.py $R/smol.gguf $R/smollm2 2>&1 | tail -1
   fi
   python3 recipes/download_and_process.py --source default --format messages --output-dir $R/data > /dev/null
-  for tree in .base5w .; do
-    name=$(tree_name "$tree")
-    (cd $tree && timeout 200 python3 recipes/ppo.py --actor $R/smollm2 --reward-model $R/smollm2 \
+  for name in padded packed; do
+    flag="--packed-passes $([ $name = padded ] && echo off || echo on)"
+    timeout 200 python3 recipes/ppo.py --actor $R/smollm2 --reward-model $R/smollm2 $flag \
       --train-prompts $R/data/train_prompts.jsonl --val-prompts $R/data/test_prompts.jsonl --output-dir $R/ppo_$name \
-      --max-steps 4 --num-rollout-samples 64 --rollout-micro-batch-size 64 --global-batch-size 16 --micro-batch-size 16 \
-      --max-new-tokens 128 --val-check-interval 1000 --save-interval 100000 > $OUT/ppo_$name.log 2>&1; echo "$name rc=$?")
+      --max-steps 6 --num-rollout-samples 64 --rollout-micro-batch-size 64 --global-batch-size 16 --micro-batch-size 16 \
+      --max-new-tokens 128 --val-check-interval 1000 --save-interval 100000 > $OUT/ppo_$name.log 2>&1; echo "$name rc=$?"
     cp $R/ppo_$name/metrics.jsonl $OUT/ppo_${name}_metrics.jsonl
     python3 - $OUT/ppo_${name}_metrics.jsonl <<'PY'
 import json, sys
 for r in map(json.loads, open(sys.argv[1])):
     if "time/generate" in r:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
-               if k == "step" or k.startswith(("kl/", "time/", "memory/", "reward/"))})
+               if k == "step" or k.startswith(("kl/", "time/", "memory/", "reward/", "policy/loss", "value/loss"))})
 PY
   done
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
@@ -280,13 +281,13 @@ if [ "$phase" = y ]; then  # session 19: the padding-free passes (branch packed-
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/models/test_varlen.py tests/unit/bench/test_bench_tiny.py 2>&1 | tail -3
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --timeout 150"
   for run in packed padded packed2; do
-    flag=$([ $run = padded ] || echo --packed-passes)
+    flag="--packed-passes $([ $run = padded ] && echo off || echo on)"
     python3 bench/ppo_vs_trl.py $A $flag --work $WORK/a_$run --out "$OUT/a64_$run" > "$OUT/a64_$run.log" 2>&1
     grep -E "^\| A" "$OUT/a64_$run.log" | sed "s/^/$run /" | tee -a "$OUT/ppo_log.txt"
   done
   B="--configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 170"
   for run in packed padded; do
-    flag=$([ $run = padded ] || echo --packed-passes)
+    flag="--packed-passes $([ $run = padded ] && echo off || echo on)"
     python3 bench/ppo_vs_trl.py $B $flag --work $WORK/b_$run --out "$OUT/b32_$run" > "$OUT/b32_$run.log" 2>&1
     grep -E "^\| B" "$OUT/b32_$run.log" | sed "s/^/$run /" | tee -a "$OUT/ppo_log.txt"
   done

@@ -175,7 +175,7 @@ def sequence_logprobs(
     with_entropy: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     alignment=None,
-    packed: bool = False,
+    packed: bool | str = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the response tokens of ``(prompt + response)`` sequences under a causal LM.
 
@@ -197,14 +197,16 @@ def sequence_logprobs(
     ``alignment`` (a ``LeftAlignment``) saves the read of the mask that finds the padding when the
     caller knows it. ``packed``: such a batch runs padding-free instead, its rows' real tokens end to end
     in one sequence under variable-length attention (:mod:`rlhf_kit.models.varlen`); the same log-probs.
+    ``"auto"`` packs where that is exact and fast (:func:`~rlhf_kit.models.varlen.use_packed`).
     """
     from rlhf_kit.models.heads import position_ids_from_mask
     from rlhf_kit.models.layout import left_alignment
+    from rlhf_kit.models.varlen import use_packed
 
     n = input_ids.shape[1] - response_start
     labels = input_ids[:, response_start:]
     la = alignment if alignment is not None else left_alignment(attention_mask)
-    if packed and la.contiguous and la.max_shift < response_start:
+    if la.contiguous and la.max_shift < response_start and use_packed(packed, model, input_ids):
         logits = _packed_response_logits(model, input_ids, attention_mask, la, response_start)
     elif la.contiguous and 0 < la.max_shift < response_start:
         b, t = input_ids.shape

@@ -64,7 +64,7 @@ def response_values(
     attention_mask: torch.Tensor,
     prompt_length: int,
     alignment=None,
-    packed: bool = False,
+    packed: bool | str = False,
 ) -> torch.Tensor:
     """Values aligned with response tokens: entry ``i`` is the value of the state that generates
     response token ``i`` (the hidden state one position earlier), as PPO log-probs are aligned.
@@ -75,17 +75,17 @@ def response_values(
     A :class:`TokenValueModel` runs a left-padded batch of contiguous rows moved to the front, without
     a mask (:mod:`rlhf_kit.models.layout`): the same values, on SDPA's causal path (``alignment``, a
     ``LeftAlignment`` the caller already knows, saves reading the mask). ``packed``: such a batch runs
-    padding-free instead, every row's real tokens end to end (:mod:`rlhf_kit.models.varlen`).
+    padding-free instead, every row's real tokens end to end (:mod:`rlhf_kit.models.varlen`; ``"auto"``:
+    where that is exact and fast).
     """
     from rlhf_kit.models.heads import unwrap
     from rlhf_kit.models.layout import left_alignment
+    from rlhf_kit.models.varlen import packed_attention, packing, use_packed
 
     n = sequences.shape[1] - prompt_length
     if isinstance(unwrap(critic), TokenValueModel):
         la = alignment if alignment is not None else left_alignment(attention_mask)
-        if packed and la.contiguous and la.max_shift < prompt_length:
-            from rlhf_kit.models.varlen import packed_attention, packing
-
+        if la.contiguous and la.max_shift < prompt_length and use_packed(packed, critic, sequences):
             pk = packing(attention_mask.sum(-1))
             ids = pk.pack(la.align(sequences) if la.max_shift else sequences)
             with packed_attention(critic):

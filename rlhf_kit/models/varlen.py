@@ -57,6 +57,43 @@ def _varlen_causal(
     return _varlen_attn(q, k, v, cu, cu, m, m, **kw)
 
 
+#: Model types whose packed passes are tested equal to the padded ones (tests/unit/models/test_varlen.py).
+PACKED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
+
+
+def unsupported_reason(model: nn.Module, width: int) -> str | None:
+    """Why ``model`` cannot run packed rows of up to ``width`` tokens exactly, or None when it can: its
+    model type is not among :data:`PACKED_MODEL_TYPES`, or a sliding window shorter than ``width`` is on
+    (the packed attention is plainly causal)."""
+    for cfg in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        kind = getattr(cfg, "model_type", None)
+        if kind not in PACKED_MODEL_TYPES:
+            return f"model type {kind!r} is not verified for packed passes ({', '.join(PACKED_MODEL_TYPES)})"
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True) and window < width:
+            return f"its sliding window ({window}) is shorter than the rows ({width} tokens)"
+    return None
+
+
+def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether a forward of ``input_ids (b, t)`` through ``model`` runs packed under ``setting``:
+    ``"off"``/False never; ``"on"``/True always (``ValueError`` when :func:`unsupported_reason` objects);
+    ``"auto"`` where it is exact and fast: a supported model, on CUDA with ``varlen_attn``, in bf16/fp16
+    weights or under autocast (elsewhere the packed attention loops over rows: for tests, not speed)."""
+    if setting in (False, "off"):
+        return False
+    if setting not in (True, "on", "auto"):
+        raise ValueError(f"packed must be 'auto', 'on' or 'off' (or a bool), got {setting!r}")
+    reason = unsupported_reason(model, input_ids.shape[1])
+    if setting != "auto":
+        if reason:
+            raise ValueError(f"packed passes are on, but {reason}")
+        return True
+    dev = input_ids.device
+    half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(dev.type)
+    return reason is None and _varlen_attn is not None and dev.type == "cuda" and half
+
+
 @dataclass
 class Packing:
     """Where each row's real tokens go in the packed sequence.

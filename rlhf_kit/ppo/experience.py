@@ -57,9 +57,10 @@ class ExperienceConfig:
     epoch, one mini-batch) and the reward carries no KL (``kl_in_loss`` or a zero coefficient);
     :func:`~rlhf_kit.ppo.ppo_update` and :func:`~rlhf_kit.ppo.compute_advantages` refuse it otherwise.
     The rollout's ``logprobs`` then hold a copy of ``ref_logprobs`` (zero KL) as a placeholder."""
-    packed: bool = False
+    packed: bool | str = "auto"
     """Run the scoring passes (reference, actor, critic) padding-free: each micro-batch's real tokens end
-    to end under variable-length attention (rlhf_kit.models.varlen); the same values up to kernel rounding."""
+    to end under variable-length attention (rlhf_kit.models.varlen); the same values up to kernel rounding.
+    ``"auto"`` (or ``"on"``/``"off"``): where that is exact and fast, on CUDA (``varlen.use_packed``)."""
     old_logprobs: str = "recompute"
     """Where the old policy's log-probs come from (unless ``skip_old_logprobs``): ``"recompute"``, a forward
     pass of the actor over the rollout, or ``"sampler"``, the log-probs the generation backend reported for

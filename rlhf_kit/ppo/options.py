@@ -34,10 +34,11 @@ class EstimatorOptions:
     """The old policy's log-probs (KL penalty, ratio denominator): recompute (a forward pass of the actor
     while scoring) or sampler (those the generation backend reported, no forward pass; they carry the
     inference copy's numerical difference, 0.006-0.017 nats per token on the benchmark models)."""
-    packed_passes: bool = False
+    packed_passes: Literal["auto", "on", "off"] = "auto"
     """Score and train padding-free: each micro-batch's real tokens end to end in one sequence under
-    variable-length flash attention (torch.nn.attention.varlen), no compute on padding. Not yet measured
-    on the GPU, so off by default."""
+    variable-length flash attention (torch.nn.attention.varlen), no compute on padding. auto: on CUDA for
+    the model types verified (rlhf_kit.models.varlen.PACKED_MODEL_TYPES), with no sliding window shorter
+    than the rows; on: refuse a model outside that; off: padded passes."""
 
 
 def check_estimator_options(cfg, world_size: int) -> None:

@@ -58,8 +58,9 @@ class UpdateConfig:
     train_critic: bool = True
     """False when the critic trains elsewhere (a critic server, ``rlhf_kit.serving``), or when there is
     none (a critic-free estimator): actor-only update."""
-    packed: bool = False
-    """Run the actor's and critic's forward and backward passes padding-free (rlhf_kit.models.varlen)."""
+    packed: bool | str = "auto"
+    """Run the actor's and critic's forward and backward passes padding-free (rlhf_kit.models.varlen);
+    ``"auto"`` (or ``"on"``/``"off"``): where that is exact and fast, on CUDA (``varlen.use_packed``)."""
     group_size: int = 1
     """Mini-batches take whole groups of this many consecutive samples (1: samples shuffle freely)."""
 

@@ -28,7 +28,7 @@ def experience_config(cfg: Any, stats: dict | None) -> ExperienceConfig:
         score_mean=stats["mean"] if stats else 0.0, score_std=stats["std"] if stats else 1.0,
         micro_batch_size=cfg.rollout_micro_batch_size, advantage_estimator=cfg.advantage_estimator,
         group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss, skip_old_logprobs=one_step_on_policy(cfg),
-        old_logprobs=getattr(cfg, "old_logprobs", "recompute"), packed=getattr(cfg, "packed_passes", False),
+        old_logprobs=getattr(cfg, "old_logprobs", "recompute"), packed=getattr(cfg, "packed_passes", "auto"),
     )  # fmt: skip
 
 
@@ -65,7 +65,7 @@ def update_config(cfg: Any, world_size: int, train_critic: bool) -> UpdateConfig
         mini_batch_size=cfg.global_batch_size // world_size, micro_batch_size=cfg.micro_batch_size,
         ppo_epochs=cfg.ppo_epochs, max_grad_norm=cfg.max_grad_norm, train_critic=train_critic,
         group_size=cfg.samples_per_prompt, micro_batch_tokens=micro_batch_tokens(cfg),
-        packed=getattr(cfg, "packed_passes", False),
+        packed=getattr(cfg, "packed_passes", "auto"),
     )  # fmt: skip
 
 

@@ -144,11 +144,11 @@ def test_ppo_ours_tiny_packed_passes_match_the_padded_ones(tok_dir, left_tokeniz
     as the padded passes, step after step (fp32 on CPU, same seed)."""
     prompts = hh_prompt_ids(left_tokenizer, 32)[:16]
     runs = []
-    for extra in ([], ["--packed-passes"]):
+    for extra in (["--packed-passes", "off"], ["--packed-passes", "on"]):
         args = ppo_vs_trl.build_parser().parse_args(["--tiny", "--worker", "ours", "--config", "tiny",
                                                      "--steps", "2", "--tokenizer", tok_dir, *extra])  # fmt: skip
         runs.append(ppo_vs_trl.run_ours(args, prompts))
-    assert runs[1]["packed_passes"] and not runs[0]["packed_passes"]
+    assert [r["packed_passes"] for r in runs] == ["off", "on"]
     for padded, packed in zip(runs[0]["steps"], runs[1]["steps"]):
         for key in ("policy_loss", "value_loss", "kl"):
             assert math.isclose(padded[key], packed[key], rel_tol=1e-4, abs_tol=1e-6), (key, padded, packed)

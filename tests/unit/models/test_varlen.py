@@ -5,7 +5,14 @@ import torch
 
 from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.models.layout import left_alignment
-from rlhf_kit.models.varlen import IMPLEMENTATION, packed_attention, packed_attention_forward, packing
+from rlhf_kit.models.varlen import (
+    IMPLEMENTATION,
+    PACKED_MODEL_TYPES,
+    packed_attention,
+    packed_attention_forward,
+    packing,
+    use_packed,
+)
 from tests.conftest import make_causal_lm
 from tests.unit.models.test_layout import _rows
 
@@ -182,5 +189,40 @@ def test_packed_pass_in_bf16_on_this_device(tokenizer, monkeypatch):
         outs.append(out.float() * mask[:, p:])
         grads.append(torch.cat([q.grad.float().flatten() for q in model.parameters()]))
     assert len(calls) == (1 if device.type == "cuda" else 0) * model.config.num_hidden_layers
+    assert varlen.use_packed("auto", model, ids) == (device.type == "cuda")  # the default packs on CUDA only
     torch.testing.assert_close(outs[0], outs[1], atol=0.05, rtol=0.02)
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+@pytest.mark.parametrize("family", PACKED_MODEL_TYPES)
+def test_every_verified_family_packs_to_the_padded_logprobs(tokenizer, family):
+    model = make_causal_lm(tokenizer, family=family, seed=7).double()
+    ids, mask, p = _rows()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        got = sequence_logprobs(model, ids, mask, p, packed="on")
+        want = sequence_logprobs(model, ids, mask, p, packed="off")
+    assert seen == [1, 4]  # one packed row, then the padded batch
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+
+
+def test_use_packed_follows_the_setting_and_refuses_what_it_cannot_do_exactly(tokenizer, monkeypatch):
+    from rlhf_kit.models import varlen
+
+    ids = torch.zeros(2, 11, dtype=torch.long)
+    llama = make_causal_lm(tokenizer)
+    assert use_packed("on", llama, ids) and use_packed(True, llama, ids)
+    assert not use_packed("off", llama, ids) and not use_packed(False, llama, ids)
+    assert not use_packed("auto", llama, ids)  # on the CPU the packed attention is a loop over rows
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        use_packed("yes", llama, ids)
+    windowed = make_causal_lm(tokenizer, family="mistral", sliding_window=8)
+    assert use_packed("on", windowed, ids[:, :8])  # rows within the window: plain causal attention is exact
+    with pytest.raises(ValueError, match="sliding window \\(8\\) is shorter than the rows \\(11"):
+        use_packed("on", windowed, ids)
+    qwen = make_causal_lm(tokenizer, family="qwen2", sliding_window=4, use_sliding_window=False)
+    assert use_packed("on", qwen, ids)  # a window that is switched off does not count
+    monkeypatch.setattr(varlen, "PACKED_MODEL_TYPES", ("gpt2",))
+    with pytest.raises(ValueError, match="model type 'llama' is not verified"):
+        use_packed("on", llama, ids)
