@@ -255,7 +255,9 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     train_s = res.get("median_phases_s", {}).get("train", float("nan"))
     res["train_model_tflop"] = flops / 1e12  # of the padded rows; packed passes skip the padding
     last = steps[-1]
-    res["real_token_fraction"] = (last["prompt_tokens"] + last["generated_tokens"]) / (sh["batch"] * last["seq_width"])
+    res["real_token_fraction"] = (last["prompt_tokens"] + last["generated_tokens"]) / (
+        sh["batch"] * last["seq_width"]
+    )
     res["train_tflops_per_s"] = flops / train_s / 1e12
     res["matmul_peak_tflops"] = peak
     res["train_mfu"] = res["train_tflops_per_s"] / peak

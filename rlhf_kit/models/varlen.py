@@ -90,7 +90,9 @@ def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -
             raise ValueError(f"packed passes are on, but {reason}")
         return True
     dev = input_ids.device
-    half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(dev.type)
+    half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(
+        dev.type
+    )
     return reason is None and _varlen_attn is not None and dev.type == "cuda" and half
 
 
