@@ -57,9 +57,12 @@ def check_model_path(path_or_name: str | Path) -> str:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of what decides token ids: the vocabulary (token -> id, added tokens included) and the
-    special tokens. Two tokenizers with the same fingerprint give the same ids for every text."""
+    special tokens other than the pad token. Two tokenizers with the same fingerprint give the same ids
+    for every text. The pad token is left out: it encodes no text, and :func:`~rlhf_kit.data.load_tokenizer`
+    sets one (EOS) on a tokenizer that ships none, so an actor loaded that way still matches a reward
+    model saved from the same directory."""
     vocab = sorted(tokenizer.get_vocab().items())
-    special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
+    special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items() if k != "pad_token")
     blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 

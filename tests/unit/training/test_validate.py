@@ -70,3 +70,16 @@ def test_a_model_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, to
     check_same_tokenizer(tokenizer, {"--reward-model": str(same), "--critic": str(bare), "--x": None})
     with pytest.raises(ValueError, match=r"--reward-model .*other: its tokenizer differs from the actor's"):
         check_same_tokenizer(tokenizer, {"--reward-model": str(other)})
+
+
+def test_the_actors_own_checkpoint_passes_when_its_tokenizer_has_no_pad_token(tmp_path):
+    """SmolLM2's case: actor and reward model from one directory whose tokenizer has no pad token. The
+    actor's tokenizer pads with EOS once loaded; the pad token decides no token id, so the check passes."""
+    from rlhf_kit.data.tokenizer import load_tokenizer
+    from rlhf_kit.tiny import save_real_like_checkpoint
+    from rlhf_kit.training.validate import check_same_tokenizer
+
+    path = save_real_like_checkpoint(str(tmp_path / "ckpt"), pad="none")
+    tok = load_tokenizer(path, padding_side="left")
+    assert tok.pad_token == tok.eos_token  # set by load_tokenizer: the directory has none
+    check_same_tokenizer(tok, {"--reward-model": path, "--critic": path})
