@@ -198,7 +198,14 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         clock.lap("generate")
         with autocast:
             data = score_rollouts(
-                gens, actor, ref, critic, RewardModelScorer(rm), exp_cfg, None, tok.pad_token_id
+                gens,
+                actor,
+                ref,
+                critic,
+                RewardModelScorer(rm, args.packed_passes),
+                exp_cfg,
+                None,
+                tok.pad_token_id,
             )
         for m in idle:  # on the host again until the next scoring phase
             offload_model(m)

@@ -301,6 +301,7 @@ def main(cfg: PPOConfig) -> dict:
     scorer, stats = make_scorer(
         tokenizer, reward_fn=cfg.reward_fn, reward_model=models.reward_model, reward_model_path=cfg.reward_model,
         remote=remote is not None, server_stats=server.get("reward_stats"), standardize=cfg.standardize_scores,
+        packed=cfg.packed_passes,
     )  # fmt: skip
     stream, val_ids = load_prompt_sets(cfg, tokenizer, log=acc.print)  # tokenised, left-truncated
 

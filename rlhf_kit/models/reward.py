@@ -59,7 +59,9 @@ def _head_output(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         config.pad_token_id = saved
 
 
-def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def reward_scores(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool | str = False
+) -> torch.Tensor:
     """Score each sequence at its last real token: the last position where ``attention_mask`` is 1.
 
     Args:
@@ -74,11 +76,21 @@ def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         per-token output from a forward hook. HF's classifier pools at the last token that differs from
         ``config.pad_token_id``; that is wrong whenever the config's pad id is not the tokenizer's, or
         pad == EOS (SmolLM2, Llama 3: the real last token is then taken for padding), so its pooled
-        ``logits`` are not used.
+        ``logits`` are not used. ``packed`` (``"auto"``, ``"on"`` or a bool; contiguous rows only): every
+        row's real tokens end to end in one sequence instead (:mod:`rlhf_kit.models.varlen`).
     """
+    from rlhf_kit.models.varlen import packed_attention, packing, use_packed
+
     la = left_alignment(attention_mask)
     if la.contiguous and la.max_shift:  # left-padded rows moved to the front: right padded
         input_ids, attention_mask = la.align(input_ids), la.align(attention_mask)
+    if la.contiguous and use_packed(packed, model, input_ids):
+        pk = packing(attention_mask.sum(-1))
+        ids = pk.pack(input_ids)
+        with packed_attention(model), _head_output(model) as seen:
+            model(input_ids=ids, use_cache=False, **pk.forward_kwargs(ids.device))
+        last = (pk.starts + pk.lengths - 1).clamp(min=0).to(seen[-1].device)
+        return seen[-1][0, last, 0].float()
     with _head_output(model) as seen:
         if la.contiguous:
             # Real tokens come first in every row, so causal attention alone never lets a real token

@@ -16,14 +16,16 @@ from rlhf_kit.rollout import Rollout
 
 
 class RewardModelScorer:
-    """Scores ``(b, p + n)`` token sequences with an HF reward model at the last real token."""
+    """Scores ``(b, p + n)`` token sequences with an HF reward model at the last real token; ``packed``
+    (default ``"auto"``: on CUDA where exact) runs the rows padding-free (``reward_scores``)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, packed: bool | str = "auto"):
         self.model = model
+        self.packed = packed
 
     @torch.no_grad()
     def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, **_) -> torch.Tensor:
-        return reward_scores(self.model, sequences, attention_mask)
+        return reward_scores(self.model, sequences, attention_mask, packed=self.packed)
 
 
 def decode_prompts_and_responses(

@@ -33,18 +33,20 @@ def make_scorer(
     remote: bool = False,
     server_stats: dict | None = None,
     standardize: bool = True,
+    packed: bool | str = "auto",
 ):
     """The scorer of a PPO run and the ``{"mean", "std"}`` that standardise its scores (or None).
 
     ``reward_fn`` (``'module:function'``) scores decoded text, unstandardised; else the reward model
     scores with the statistics saved next to it (``reward_model_path``), or, with ``remote``, the
     critic server scores (the scorer is None) with the statistics it reported (``server_stats``).
+    ``packed``: the reward model's padding-free setting (``RewardModelScorer``).
     """
     from rlhf_kit.models import load_reward_stats
 
     if reward_fn is not None:
         return FunctionScorer(load_reward_fn(reward_fn), tokenizer), None
-    scorer = None if remote else RewardModelScorer(reward_model)
+    scorer = None if remote else RewardModelScorer(reward_model, packed)
     stats = server_stats if remote else load_reward_stats(reward_model_path)
     return scorer, stats if standardize else None
 

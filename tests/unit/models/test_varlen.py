@@ -226,3 +226,25 @@ def test_use_packed_follows_the_setting_and_refuses_what_it_cannot_do_exactly(to
     monkeypatch.setattr(varlen, "PACKED_MODEL_TYPES", ("gpt2",))
     with pytest.raises(ValueError, match="model type 'llama' is not verified"):
         use_packed("on", llama, ids)
+
+
+@pytest.mark.parametrize("family", PACKED_MODEL_TYPES)
+def test_packed_reward_scores_equal_the_padded_ones(tokenizer, family, tmp_path):
+    """The reward model's scores at each row's last real token, packed and padded (left-padded prompts,
+    right-padded responses; the HF classifier's own pooling is not used either way)."""
+    from rlhf_kit.models import reward_scores
+    from rlhf_kit.ppo.setup import make_scorer
+    from tests.conftest import make_reward_model
+
+    rm = make_reward_model(tokenizer, family=family, seed=8).double()
+    ids, mask, _ = _rows()
+    seen = []
+    rm.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    got = reward_scores(rm, ids, mask, packed="on")
+    want = reward_scores(rm, ids, mask, packed="off")
+    assert seen == [1, 4]
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    kw = dict(reward_fn=None, reward_model=rm, reward_model_path=str(tmp_path))
+    scorer, _ = make_scorer(None, **kw, packed="on")
+    torch.testing.assert_close(scorer(ids, mask), want, atol=1e-10, rtol=1e-9)
+    assert seen[-1] == 1 and make_scorer(None, **kw)[0].packed == "auto"
