@@ -298,11 +298,9 @@ def main(cfg: PPOConfig) -> dict:
         lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha), gradient_checkpointing=cfg.gradient_checkpointing,
         device=device,
     )  # fmt: skip
-    scorer, stats = make_scorer(
-        tokenizer, reward_fn=cfg.reward_fn, reward_model=models.reward_model, reward_model_path=cfg.reward_model,
-        remote=remote is not None, server_stats=server.get("reward_stats"), standardize=cfg.standardize_scores,
-        packed=cfg.packed_passes,
-    )  # fmt: skip
+    scorer, stats = make_scorer(tokenizer, reward_fn=cfg.reward_fn, reward_model=models.reward_model,
+        reward_model_path=cfg.reward_model, remote=remote is not None, server_stats=server.get("reward_stats"),
+        standardize=cfg.standardize_scores, packed=cfg.packed_passes)  # fmt: skip
     stream, val_ids = load_prompt_sets(cfg, tokenizer, log=acc.print)  # tokenised, left-truncated
 
     # 3. Compile, shard (FSDP2 with --fsdp or accelerate/fsdp.yaml) or prepare; optimizers and schedules.
