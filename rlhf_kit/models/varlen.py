@@ -90,10 +90,24 @@ def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -
             raise ValueError(f"packed passes are on, but {reason}")
         return True
     dev = input_ids.device
-    half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(
-        dev.type
+    return (
+        reason is None and _varlen_attn is not None and dev.type == "cuda" and _half_compute(model, dev.type)
     )
-    return reason is None and _varlen_attn is not None and dev.type == "cuda" and half
+
+
+def _half_compute(model: nn.Module, device_type: str) -> bool:
+    """Whether the attention will see bf16/fp16: autocast, an FSDP2 mixed-precision policy that computes in
+    half precision (its parameters stay fp32 shards), or half-precision weights."""
+    half = (torch.bfloat16, torch.float16)
+    if torch.is_autocast_enabled(device_type):
+        return True
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            policy = getattr(m._get_fsdp_state(), "_mp_policy", None)
+            return getattr(policy, "param_dtype", None) in half
+    return next(model.parameters()).dtype in half
 
 
 @dataclass

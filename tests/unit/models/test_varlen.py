@@ -248,3 +248,27 @@ def test_packed_reward_scores_equal_the_padded_ones(tokenizer, family, tmp_path)
     scorer, _ = make_scorer(None, **kw, packed="on")
     torch.testing.assert_close(scorer(ids, mask), want, atol=1e-10, rtol=1e-9)
     assert seen[-1] == 1 and make_scorer(None, **kw)[0].packed == "auto"
+
+
+def test_half_compute_sees_autocast_half_weights_and_an_fsdp2_policy(tokenizer, tmp_path):
+    """What ``use_packed("auto")`` asks of the dtype: the attention must see bf16/fp16, which fp32 weights
+    give under autocast or under FSDP2 with a bf16 ``param_dtype`` (the recipe's multi-GPU setting)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from rlhf_kit.models.varlen import _half_compute
+
+    model = make_causal_lm(tokenizer)
+    assert not _half_compute(model, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _half_compute(model, "cpu")
+    assert _half_compute(make_causal_lm(tokenizer).to(torch.bfloat16), "cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded, plain = make_causal_lm(tokenizer), make_causal_lm(tokenizer)
+        fully_shard(sharded, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        fully_shard(plain)
+        assert next(sharded.parameters()).dtype == torch.float32  # the shards stay fp32
+        assert _half_compute(sharded, "cpu") and not _half_compute(plain, "cpu")
+    finally:
+        dist.destroy_process_group()
