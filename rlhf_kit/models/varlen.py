@@ -78,8 +78,8 @@ def unsupported_reason(model: nn.Module, width: int) -> str | None:
 def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -> bool:
     """Whether a forward of ``input_ids (b, t)`` through ``model`` runs packed under ``setting``:
     ``"off"``/False never; ``"on"``/True always (``ValueError`` when :func:`unsupported_reason` objects);
-    ``"auto"`` where it is exact and fast: a supported model, on CUDA with ``varlen_attn``, in bf16/fp16
-    weights or under autocast (elsewhere the packed attention loops over rows: for tests, not speed)."""
+    ``"auto"`` where it is exact and fast: a supported model, on CUDA with ``varlen_attn``, computing in
+    bf16/fp16 (:func:`_half_compute`; elsewhere the packed attention loops over rows: for tests, not speed)."""
     if setting in (False, "off"):
         return False
     if setting not in (True, "on", "auto"):
