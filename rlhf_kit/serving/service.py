@@ -156,8 +156,12 @@ class CriticRewardService(_CriticAPI):
         tokenizer: Any = None,
         output_dir: str | Path | None = None,
         info: dict[str, Any] | None = None,
+        packed: bool | str = "auto",
     ):
         check_positive(infer_micro_batch_size=infer_micro_batch_size)
+        self.packed = packed
+        """Padding-free passes for values, scores and the critic's update (as the local run's
+        ``--packed-passes``; ``"auto"``: on CUDA where exact, :func:`rlhf_kit.models.varlen.use_packed`)."""
         self.critic = critic
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -224,9 +228,11 @@ class CriticRewardService(_CriticAPI):
             seq = sequences[s : s + self.infer_micro_batch_size].to(self.device)
             am = attention_mask[s : s + self.infer_micro_batch_size].to(self.device)
             with self._autocast():
-                values.append(response_values(self.critic, seq, am, prompt_length).float().cpu())
+                values.append(
+                    response_values(self.critic, seq, am, prompt_length, packed=self.packed).float().cpu()
+                )
                 if score:
-                    scores.append(reward_scores(self.reward_model, seq, am).cpu())
+                    scores.append(reward_scores(self.reward_model, seq, am, packed=self.packed).cpu())
         return torch.cat(values), torch.cat(scores) if score else None
 
     def train(
@@ -302,6 +308,7 @@ class CriticRewardService(_CriticAPI):
             max_grad_norm=max_grad_norm,
             train_actor=False,
             train_critic=True,
+            packed=self.packed,
         )
         batches = _GlobalBatches(shares) if len(shares) > 1 else _single_buffer(shares[0])
         self.critic.train()

@@ -293,3 +293,22 @@ def test_ppo_update_needs_the_critic_it_trains(models, rollouts):
     opt = torch.optim.AdamW(actor.parameters(), lr=LR)
     with pytest.raises(ValueError, match="training the critic needs critic, critic_opt and value_loss"):
         ppo_update(actor, None, opt, None, buf, PPOPolicyLoss(), None, UpdateConfig(), EXP)
+
+
+def test_packed_service_matches_the_padded_one(models, rollouts):
+    """``packed="on"`` (the CUDA default under ``"auto"``): the same values, scores and critic update as
+    the padded passes, as the local run's ``--packed-passes`` gives."""
+    _, _, critic, rm = models
+    r = rollouts[0]
+    p = r.sequences.shape[1] - r.response_mask.shape[1]
+    services = [make_service(copy.deepcopy(critic), rm, packed=mode) for mode in ("off", "on")]
+    seen = []
+    services[1].critic.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    (v0, s0), (v1, s1) = (svc.infer(r.sequences, r.attention_mask, p, r.response_mask) for svc in services)
+    assert seen == [1] * len(seen) and seen  # every critic pass of the packed service was one packed row
+    torch.testing.assert_close(v1 * r.response_mask, v0 * r.response_mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-5)
+    stats = [svc.train_rollout(r, UPD, seed=0) for svc in services]
+    assert stats[1]["value/loss"] == pytest.approx(stats[0]["value/loss"], rel=1e-5)
+    for a, b in zip(services[0].critic.parameters(), services[1].critic.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)  # fp32 rounding through Adam steps
