@@ -5,7 +5,7 @@ padding after EOS; every padded slot costs a full forward and backward. Packed, 
 (one contiguous run, as :mod:`rlhf_kit.models.layout` requires) are laid end to end in a ``(1, N)``
 sequence, position ids restart at 0 for each row, and attention is causal *within* each row:
 variable-length flash attention (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10) on CUDA, one
-causal SDPA call per row elsewhere. The total is rounded up to a multiple of ``multiple`` with a filler
+SDPA call under a block-diagonal causal mask elsewhere. The total is rounded up to a multiple of ``multiple`` with a filler
 row, so compiled blocks see few distinct shapes.
 
 :mod:`rlhf_kit.models.packing` (the reward model's packed pairs) relies on transformers detecting the
@@ -33,7 +33,7 @@ IMPLEMENTATION = "rlhf_kit_packed"
 
 try:  # torch >= 2.10: variable-length flash attention (CUDA only)
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover -- older torch: the per-row SDPA path everywhere
+except ImportError:  # pragma: no cover -- older torch: the masked SDPA path everywhere
     _varlen_attn = None
 # its signature moved: torch 2.10 takes ``is_causal``; later releases ``window_size=(-1, 0)`` for causal and
 # ``enable_gqa`` for fewer key/value heads than query heads
@@ -79,7 +79,7 @@ def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -
     """Whether a forward of ``input_ids (b, t)`` through ``model`` runs packed under ``setting``:
     ``"off"``/False never; ``"on"``/True always (``ValueError`` when :func:`unsupported_reason` objects);
     ``"auto"`` where it is exact and fast: a supported model, on CUDA with ``varlen_attn``, computing in
-    bf16/fp16 (:func:`_half_compute`; elsewhere the packed attention loops over rows: for tests, not speed)."""
+    bf16/fp16 (:func:`_half_compute`; elsewhere the packed attention builds an (N, N) mask: for tests, not speed)."""
     if setting in (False, "off"):
         return False
     if setting not in (True, "on", "auto"):
@@ -213,17 +213,14 @@ def packed_attention_forward(
         return _varlen_causal(q, k, v, cu, int(kwargs["max_length_q"]), scaling)[None], None
     if h != h_kv:  # grouped-query attention: each KV head serves h / h_kv query heads
         k, v = (t.repeat_interleave(h // h_kv, dim=1) for t in (k, v))
-    bounds = cu.tolist()  # elsewhere: one causal SDPA call per row
-    out = torch.cat(
-        [
-            F.scaled_dot_product_attention(
-                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                is_causal=True, scale=scaling,
-            ).transpose(0, 1)
-            for s, e in zip(bounds[:-1], bounds[1:])
-            if e > s
-        ]
-    )  # fmt: skip
+    # elsewhere one SDPA call under a block-diagonal causal mask (no host read of the boundaries, so it
+    # traces under torch.compile; memory quadratic in N: this path is for tests and CPU runs, not speed)
+    pos = torch.arange(q.shape[0], device=q.device)
+    seg = torch.searchsorted(cu.to(q.device), pos, right=True)
+    allowed = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed, scale=scaling
+    ).transpose(0, 1)
     return out[None], None
 
 
@@ -236,14 +233,15 @@ def register() -> str:
 
 
 @contextlib.contextmanager
-def packed_attention(model: nn.Module) -> Iterator[None]:
-    """While active, every config in ``model`` names the packed attention as its implementation."""
+def packed_attention(model: nn.Module, implementation: str = IMPLEMENTATION) -> Iterator[None]:
+    """While active, every config in ``model`` names the packed attention (or another ``implementation``
+    registered without a mask function) as its attention implementation."""
     register()
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     saved = {k: c._attn_implementation for k, c in configs.items()}
     try:
         for c in configs.values():
-            c._attn_implementation = IMPLEMENTATION
+            c._attn_implementation = implementation
         yield
     finally:
         for k, c in configs.items():
