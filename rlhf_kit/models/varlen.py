@@ -63,8 +63,13 @@ PACKED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "gpt
 
 def unsupported_reason(model: nn.Module, width: int) -> str | None:
     """Why ``model`` cannot run packed rows of up to ``width`` tokens exactly, or None when it can: its
-    model type is not among :data:`PACKED_MODEL_TYPES`, or a sliding window shorter than ``width`` is on
-    (the packed attention is plainly causal)."""
+    model type is not among :data:`PACKED_MODEL_TYPES`, a sliding window shorter than ``width`` is on
+    (the packed attention is plainly causal), or gradient checkpointing would recompute its layers in the
+    backward pass, outside :func:`packed_attention` (a forward without gradients is fine)."""
+    if torch.is_grad_enabled() and any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
+    ):
+        return "gradient checkpointing is on (its recomputation runs outside the packed attention)"
     for cfg in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
         kind = getattr(cfg, "model_type", None)
         if kind not in PACKED_MODEL_TYPES:

@@ -272,3 +272,20 @@ def test_half_compute_sees_autocast_half_weights_and_an_fsdp2_policy(tokenizer, 
         assert _half_compute(sharded, "cpu") and not _half_compute(plain, "cpu")
     finally:
         dist.destroy_process_group()
+
+
+def test_gradient_checkpointing_keeps_training_passes_padded(tokenizer):
+    """Checkpointed layers are recomputed in the backward pass, after :func:`packed_attention` has handed
+    the model back to its own attention: ``on`` refuses a training pass then, ``auto`` keeps it padded, and
+    a forward without gradients (scoring) still packs."""
+    model = make_causal_lm(tokenizer).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask, p = _rows()
+    with pytest.raises(ValueError, match="gradient checkpointing is on"):
+        use_packed("on", model, ids)
+    with torch.no_grad():
+        assert use_packed("on", model, ids)
+        sequence_logprobs(model, ids, mask, p, packed="on")  # packs: no recomputation without gradients
+    lp = sequence_logprobs(model, ids, mask, p, packed="auto")  # padded: trains under checkpointing
+    (lp * mask[:, p:]).sum().backward()
+    assert all(q.grad is not None for q in model.parameters() if q.requires_grad)
