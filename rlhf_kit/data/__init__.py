@@ -35,8 +35,12 @@ from rlhf_kit.data.tokenize import (
     tokenize_prompts,
     tokenize_sft,
 )
+from rlhf_kit.data.tokenizer import end_of_turn_id, load_tokenizer, stop_token_ids
 
 __all__ = [
+    "end_of_turn_id",
+    "load_tokenizer",
+    "stop_token_ids",
     "IGNORE_INDEX",
     "LengthGroupedSampler",
     "PackedPairCollator",

@@ -1,5 +1,6 @@
 """HF models in their RLHF roles: reward model, per-token critic, LM with a value head."""
 
+from rlhf_kit.models.compile import compile_blocks
 from rlhf_kit.models.heads import (
     backbone_and_head,
     disable_dropout,
@@ -8,6 +9,7 @@ from rlhf_kit.models.heads import (
     per_token_scores,
     position_ids_from_mask,
 )
+from rlhf_kit.models.kernels import apply_liger_kernels
 from rlhf_kit.models.packing import PACKING_MODEL_TYPES, packed_sequence_scores, sequence_classifier_parts
 from rlhf_kit.models.reward import (
     load_reward_model,
@@ -18,6 +20,8 @@ from rlhf_kit.models.reward import (
 from rlhf_kit.models.value import CausalLMWithValueHead, TokenValueModel, response_values
 
 __all__ = [
+    "apply_liger_kernels",
+    "compile_blocks",
     "PACKING_MODEL_TYPES",
     "packed_sequence_scores",
     "sequence_classifier_parts",

@@ -11,7 +11,7 @@
 - :mod:`~rlhf_kit.training.fsdp`: FSDP2 wrapping of HF decoders and full state dicts.
 """
 
-from rlhf_kit.training.batching import resolve_batch_sizes
+from rlhf_kit.training.batching import BatchPlan, resolve_batch_sizes
 from rlhf_kit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf_kit.training.dist import barrier, is_main_process, rank, seed_everything, world_size
 from rlhf_kit.training.fsdp import apply_fsdp2, full_state_dict
@@ -24,10 +24,14 @@ from rlhf_kit.training.offload import (
     onload_optimizer_state,
 )
 from rlhf_kit.training.optim import build_optimizer, clip_grad_norm, cosine_schedule
+from rlhf_kit.training.options import SupervisedOptions, TrainingOptions
 from rlhf_kit.training.precision import make_optimizer
 from rlhf_kit.training.validate import check_model_path, check_path_exists
 
 __all__ = [
+    "BatchPlan",
+    "SupervisedOptions",
+    "TrainingOptions",
     "MetricsLogger",
     "StepTimer",
     "apply_fsdp2",

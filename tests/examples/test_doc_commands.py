@@ -49,3 +49,19 @@ def test_every_flag_in_the_docs_exists(page):
         known[program] = recipe_options(program)
     unknown = sorted({(p, f, cmd) for p, f, cmd in used if f not in known[p]})
     assert not unknown, f"{page.name}: flags that do not exist: {unknown}"
+
+
+def test_the_readme_module_table_names_only_what_each_module_exports():
+    """Every backticked name in a row of the README's ``| `rlhf_kit.x` | ... |`` table imports from that
+    module (``datasets``, the library, is the one word there that is not an API name)."""
+    import importlib
+
+    rows = re.findall(r"^\| `(rlhf_kit[\w.]*)` \| (.*)\|\s*$", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) >= 10
+    missing = [
+        (module, name)
+        for module, text in rows
+        for name in re.findall(r"`([A-Za-z_]\w*)`", text)
+        if name != "datasets" and not hasattr(importlib.import_module(module), name)
+    ]
+    assert not missing, missing
