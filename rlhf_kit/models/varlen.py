@@ -5,8 +5,8 @@ padding after EOS; every padded slot costs a full forward and backward. Packed, 
 (one contiguous run, as :mod:`rlhf_kit.models.layout` requires) are laid end to end in a ``(1, N)``
 sequence, position ids restart at 0 for each row, and attention is causal *within* each row:
 variable-length flash attention (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10) on CUDA, one
-SDPA call under a block-diagonal causal mask elsewhere. The total is rounded up to a multiple of ``multiple`` with a filler
-row, so compiled blocks see few distinct shapes.
+SDPA call under a block-diagonal causal mask elsewhere. The total is rounded up to a multiple of
+``multiple`` with a filler row, so compiled blocks see few distinct shapes.
 
 :mod:`rlhf_kit.models.packing` (the reward model's packed pairs) relies on transformers detecting the
 restarting position ids instead, which under SDPA builds a dense ``(N, N)`` block-diagonal mask: fine at a
@@ -61,6 +61,11 @@ def _varlen_causal(
 PACKED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
 
 
+def _configs(model: nn.Module) -> dict[int, Any]:
+    """Every distinct config object in ``model`` (a wrapper and its backbone may hold the same one)."""
+    return {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+
+
 def unsupported_reason(model: nn.Module, width: int) -> str | None:
     """Why ``model`` cannot run packed rows of up to ``width`` tokens exactly, or None when it can: its
     model type is not among :data:`PACKED_MODEL_TYPES`, a sliding window shorter than ``width`` is on
@@ -70,7 +75,7 @@ def unsupported_reason(model: nn.Module, width: int) -> str | None:
         getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
     ):
         return "gradient checkpointing is on (its recomputation runs outside the packed attention)"
-    for cfg in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+    for cfg in _configs(model).values():
         kind = getattr(cfg, "model_type", None)
         if kind not in PACKED_MODEL_TYPES:
             return f"model type {kind!r} is not verified for packed passes ({', '.join(PACKED_MODEL_TYPES)})"
@@ -84,7 +89,8 @@ def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -
     """Whether a forward of ``input_ids (b, t)`` through ``model`` runs packed under ``setting``:
     ``"off"``/False never; ``"on"``/True always (``ValueError`` when :func:`unsupported_reason` objects);
     ``"auto"`` where it is exact and fast: a supported model, on CUDA with ``varlen_attn``, computing in
-    bf16/fp16 (:func:`_half_compute`; elsewhere the packed attention builds an (N, N) mask: for tests, not speed)."""
+    bf16/fp16 (:func:`_half_compute`; elsewhere the packed attention builds an ``(N, N)`` mask: for tests,
+    not speed)."""
     if setting in (False, "off"):
         return False
     if setting not in (True, "on", "auto"):
@@ -242,7 +248,7 @@ def packed_attention(model: nn.Module, implementation: str = IMPLEMENTATION) -> 
     """While active, every config in ``model`` names the packed attention (or another ``implementation``
     registered without a mask function) as its attention implementation."""
     register()
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    configs = _configs(model)
     saved = {k: c._attn_implementation for k, c in configs.items()}
     try:
         for c in configs.values():
