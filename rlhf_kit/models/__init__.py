@@ -18,8 +18,12 @@ from rlhf_kit.models.reward import (
     save_reward_stats,
 )
 from rlhf_kit.models.value import CausalLMWithValueHead, TokenValueModel, response_values
+from rlhf_kit.models.varlen import packed_attention, packing, use_packed
 
 __all__ = [
+    "packed_attention",
+    "packing",
+    "use_packed",
     "apply_liger_kernels",
     "compile_blocks",
     "PACKING_MODEL_TYPES",

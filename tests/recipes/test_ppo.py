@@ -261,7 +261,8 @@ def independent_runs(tmp_path_factory):
         "real_like": ["--actor", actor, "--critic", str(critic), "--reward-model", actor,
                       "--train-prompts", data["train_prompts"],
                       "--val-prompts", data["test_prompts"], "--output-dir", str(dirs["real_like"] / "out"),
-                      "--max-steps", "2", "--val-check-interval", "2", "--num-val-samples", "4", *FAST],
+                      "--max-steps", "2", "--val-check-interval", "2", "--num-val-samples", "4",
+                      "--packed-passes", "on", *FAST],
     }  # fmt: skip
     procs = run_all(
         {name: [sys.executable, str(RECIPE), *a] for name, a in args.items()},
@@ -361,8 +362,9 @@ def test_runs_on_a_checkpoint_set_up_like_a_real_one(independent_runs):
     """SmolLM2-like actor (bf16 on disk, no pad token, EOS != end of turn, config pad id != tokenizer's,
     attention dropout 0.3, sampling settings in generation_config) on chat-message prompts, scored by a
     reward model from the actor's own directory (a fresh score head; its tokenizer, without a pad token,
-    passes the same-tokenizer check): the recipe pads safely, trains in fp32 against an fp32 reference
-    (KL exactly 0 before the first update: no dropout, same precision) and stops responses at <|im_end|>."""
+    passes the same-tokenizer check), with padding-free passes (``--packed-passes on``; the CPU default
+    keeps them padded): the recipe pads safely, trains in fp32 against an fp32 reference (KL exactly 0
+    before the first update: no dropout, same precision) and stops responses at <|im_end|>."""
     proc, d = independent_runs["real_like"]
     check_ok(proc)
     assert "no pad token; padding with its EOS" in proc.stdout
