@@ -20,7 +20,9 @@ the duration of a forward.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -68,13 +70,8 @@ def _configs(model: nn.Module) -> dict[int, Any]:
 
 def unsupported_reason(model: nn.Module, width: int) -> str | None:
     """Why ``model`` cannot run packed rows of up to ``width`` tokens exactly, or None when it can: its
-    model type is not among :data:`PACKED_MODEL_TYPES`, a sliding window shorter than ``width`` is on
-    (the packed attention is plainly causal), or gradient checkpointing would recompute its layers in the
-    backward pass, outside :func:`packed_attention` (a forward without gradients is fine)."""
-    if torch.is_grad_enabled() and any(
-        getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
-    ):
-        return "gradient checkpointing is on (its recomputation runs outside the packed attention)"
+    model type is not among :data:`PACKED_MODEL_TYPES`, or a sliding window shorter than ``width`` is on
+    (the packed attention is plainly causal)."""
     for cfg in _configs(model).values():
         kind = getattr(cfg, "model_type", None)
         if kind not in PACKED_MODEL_TYPES:
@@ -244,11 +241,8 @@ def register() -> str:
 
 
 @contextlib.contextmanager
-def packed_attention(model: nn.Module, implementation: str = IMPLEMENTATION) -> Iterator[None]:
-    """While active, every config in ``model`` names the packed attention (or another ``implementation``
-    registered without a mask function) as its attention implementation."""
-    register()
-    configs = _configs(model)
+def _implementation(configs: dict[int, Any], implementation: str) -> Iterator[None]:
+    """Every config in ``configs`` names ``implementation`` while active (restored after)."""
     saved = {k: c._attn_implementation for k, c in configs.items()}
     try:
         for c in configs.values():
@@ -257,3 +251,62 @@ def packed_attention(model: nn.Module, implementation: str = IMPLEMENTATION) -> 
     finally:
         for k, c in configs.items():
             c._attn_implementation = saved[k]
+
+
+def _checkpoint_within(checkpoint: Any, configs: dict[int, Any], implementation: str, function: Any,
+                       *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+    """A layer's gradient-checkpointing function whose ``function`` runs with ``implementation`` named in
+    ``configs`` every time it runs: in the forward, and again when the backward pass recomputes the layer
+    (after :func:`packed_attention` has exited). Where the configs already name it (the forward; also
+    what ``torch.compile`` traces) nothing is switched."""
+
+    def run(*a: Any, **kw: Any) -> Any:
+        if all(c._attn_implementation == implementation for c in configs.values()):
+            return function(*a, **kw)
+        with _implementation(configs, implementation):
+            return function(*a, **kw)
+
+    return checkpoint(run, *args, **kwargs)
+
+
+# layer -> (its own checkpoint function, the configs' ids, implementation, the wrapper): one wrapper per
+# layer and setting, so a compiled block sees the same function on every packed pass (no recompilation)
+_WRAPPED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+
+
+def _wrapped_checkpoint(layer: nn.Module, configs: dict[int, Any], implementation: str) -> Any:
+    own = layer._gradient_checkpointing_func
+    key = (tuple(configs), implementation)
+    cached = _WRAPPED.get(layer)
+    if cached is not None and own is cached[-1]:  # nested: already wrapped
+        return own
+    if cached is None or cached[0] is not own or cached[1:3] != key:
+        cached = (own, *key, functools.partial(_checkpoint_within, own, configs, implementation))
+        _WRAPPED[layer] = cached
+    return cached[-1]
+
+
+@contextlib.contextmanager
+def packed_attention(model: nn.Module, implementation: str = IMPLEMENTATION) -> Iterator[None]:
+    """While active, every config in ``model`` names the packed attention (or another ``implementation``
+    registered without a mask function) as its attention implementation.
+
+    Layers under transformers' gradient checkpointing are recomputed in the backward pass, after this
+    context has exited: while it is active, each such layer's checkpoint function is one that switches to
+    ``implementation`` again for the recomputation of a layer run here (exact gradients, reentrant or
+    not)."""
+    register()
+    configs = _configs(model)
+    layers = [
+        m for m in model.modules()
+        if getattr(m, "gradient_checkpointing", False) is True and "_gradient_checkpointing_func" in vars(m)
+    ]  # fmt: skip
+    saved = [m._gradient_checkpointing_func for m in layers]
+    try:
+        for m in layers:
+            m._gradient_checkpointing_func = _wrapped_checkpoint(m, configs, implementation)
+        with _implementation(configs, implementation):
+            yield
+    finally:
+        for m, own in zip(layers, saved):
+            m._gradient_checkpointing_func = own

@@ -38,8 +38,8 @@ class EstimatorOptions:
     """Score and train padding-free: each micro-batch's real tokens end to end in one sequence under
     variable-length flash attention (torch.nn.attention.varlen), no compute on padding. auto: on CUDA for
     the model types verified (rlhf_kit.models.varlen.PACKED_MODEL_TYPES), with no sliding window shorter
-    than the rows, and not in training passes under --gradient-checkpointing; on: refuse a model outside
-    that; off: padded passes."""
+    than the rows (with --gradient-checkpointing too); on: refuse a model outside that; off: padded
+    passes."""
 
 
 def check_estimator_options(cfg, world_size: int) -> None:
@@ -67,6 +67,3 @@ def check_estimator_options(cfg, world_size: int) -> None:
             raise ValueError("--critic-warmup-steps needs a critic (--advantage-estimator gae)")
     if cfg.kl_in_loss and cfg.adaptive_kl:
         raise ValueError("--kl-in-loss takes a fixed --kl-coef (no --adaptive-kl)")
-    if getattr(cfg, "packed_passes", "auto") == "on" and getattr(cfg, "gradient_checkpointing", False):
-        raise ValueError("--packed-passes on cannot train with --gradient-checkpointing (the recomputation "
-                         "runs outside the packed attention): use --packed-passes auto or off")  # fmt: skip

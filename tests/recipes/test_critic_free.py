@@ -105,7 +105,6 @@ def test_grpo_learns_a_verifiable_reward(estimator_runs):
         ({"kl_in_loss": True, "adaptive_kl": True}, "--kl-in-loss"),
         ({"samples_per_prompt": 2, "dynamic_dispatch": True}, "would split groups"),
         ({"samples_per_prompt": 2, "num_rollout_samples": 3}, "x --samples-per-prompt 2 must be"),
-        ({"packed_passes": "on", "gradient_checkpointing": True}, "--packed-passes on cannot train with"),
     ],
 )  # fmt: skip
 def test_bad_estimator_configuration_is_refused_before_any_model(kwargs, message):

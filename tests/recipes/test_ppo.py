@@ -262,7 +262,7 @@ def independent_runs(tmp_path_factory):
                       "--train-prompts", data["train_prompts"],
                       "--val-prompts", data["test_prompts"], "--output-dir", str(dirs["real_like"] / "out"),
                       "--max-steps", "2", "--val-check-interval", "2", "--num-val-samples", "4",
-                      "--packed-passes", "on", *FAST],
+                      "--packed-passes", "on", "--gradient-checkpointing", *FAST],
     }  # fmt: skip
     procs = run_all(
         {name: [sys.executable, str(RECIPE), *a] for name, a in args.items()},
@@ -363,7 +363,7 @@ def test_runs_on_a_checkpoint_set_up_like_a_real_one(independent_runs):
     attention dropout 0.3, sampling settings in generation_config) on chat-message prompts, scored by a
     reward model from the actor's own directory (a fresh score head; its tokenizer, without a pad token,
     passes the same-tokenizer check), with padding-free passes (``--packed-passes on``; the CPU default
-    keeps them padded): the recipe pads safely, trains in fp32 against an fp32 reference (KL exactly 0
+    keeps them padded) under gradient checkpointing: the recipe pads safely, trains in fp32 against an fp32 reference (KL exactly 0
     before the first update: no dropout, same precision) and stops responses at <|im_end|>."""
     proc, d = independent_runs["real_like"]
     check_ok(proc)

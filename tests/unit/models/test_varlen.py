@@ -274,18 +274,58 @@ def test_half_compute_sees_autocast_half_weights_and_an_fsdp2_policy(tokenizer, 
         dist.destroy_process_group()
 
 
-def test_gradient_checkpointing_keeps_training_passes_padded(tokenizer):
-    """Checkpointed layers are recomputed in the backward pass, after :func:`packed_attention` has handed
-    the model back to its own attention: ``on`` refuses a training pass then, ``auto`` keeps it padded, and
-    a forward without gradients (scoring) still packs."""
-    model = make_causal_lm(tokenizer).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def _checkpoint_functions(model):
+    """Each checkpointed layer's checkpoint function, by name."""
+    return {
+        n: m._gradient_checkpointing_func
+        for n, m in model.named_modules()
+        if getattr(m, "gradient_checkpointing", False) is True
+    }
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_packed_training_under_gradient_checkpointing_equals_the_padded_pass(tokenizer, reentrant):
+    """Checkpointed layers are recomputed in the backward pass, after :func:`packed_attention` has exited:
+    the recomputation must run the packed attention again, or its rows attend across each other (or fail
+    for want of a mask). Gradients equal those of the padded pass without checkpointing; the layers'
+    checkpoint functions are their own again afterwards."""
+    model = make_causal_lm(tokenizer, seed=3).double().train()
     ids, mask, p = _rows()
-    with pytest.raises(ValueError, match="gradient checkpointing is on"):
-        use_packed("on", model, ids)
-    with torch.no_grad():
-        assert use_packed("on", model, ids)
-        sequence_logprobs(model, ids, mask, p, packed="on")  # packs: no recomputation without gradients
-    lp = sequence_logprobs(model, ids, mask, p, packed="auto")  # padded: trains under checkpointing
-    (lp * mask[:, p:]).sum().backward()
-    assert all(q.grad is not None for q in model.parameters() if q.requires_grad)
+    grads = []
+    for packed in (False, True):
+        if packed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            own = _checkpoint_functions(model)
+            assert own and use_packed("on", model, ids)
+        model.zero_grad()
+        lp = sequence_logprobs(model, ids, mask, p, 0.7, packed=packed)
+        (lp * mask[:, p:]).sum().backward()
+        grads.append([q.grad.clone() for q in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+    assert _checkpoint_functions(model) == own
+    assert model.config._attn_implementation != IMPLEMENTATION
+
+
+def test_packed_checkpointed_blocks_compile_once(tokenizer):
+    """Under ``torch.compile`` (regional, the recipe's ``--compile-blocks``) with gradient checkpointing, the
+    packed passes reuse one wrapped checkpoint function per layer, so later micro-batches of the same
+    packed length recompile nothing; gradients still equal the padded pass's."""
+    from rlhf_kit.models.compile import compile_blocks
+
+    torch._dynamo.reset()
+    ids, mask, p = _rows()
+    ref = make_causal_lm(tokenizer, seed=3).double().train()
+    ref.zero_grad()
+    (sequence_logprobs(ref, ids, mask, p, packed=False) * mask[:, p:]).sum().backward()
+    model = make_causal_lm(tokenizer, seed=3).double().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compile_blocks(model, backend="aot_eager")
+    counts = []
+    for _ in range(3):
+        model.zero_grad()
+        (sequence_logprobs(model, ids, mask, p, packed="on") * mask[:, p:]).sum().backward()
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert counts[1] == counts[2] > 0
+    for a, b in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-9, rtol=1e-7)
