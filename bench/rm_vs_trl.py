@@ -20,7 +20,9 @@ Systems:
   ``gradient_checkpointing=False`` (the faster setting; ``trl_default`` keeps TRL's default ``True``).
 * ``ours_grouped``: ``LengthGroupedSampler`` global batches; inside each, pairs sorted by length and cut
   into micro-batches under a padded-token budget (``--token-budget``), padded with ``PairCollator``,
-  scored with :func:`rlhf_kit.training.evaluation.pair_scores`, ``PairwiseRewardLoss``.
+  scored with :func:`rlhf_kit.training.evaluation.pair_scores`, ``PairwiseRewardLoss``; with
+  ``--packed-passes auto`` (the default, as in the recipe) each micro-batch's rows run end to end under
+  variable-length flash attention on CUDA (:mod:`rlhf_kit.models.varlen`).
 * ``ours_packed``: the same batches, padding-free rows (``PackedPairCollator`` +
   ``packed_sequence_scores``) under the same token budget (SDPA with the block-diagonal mask that
   transformers derives from the restarting ``position_ids``).
@@ -164,7 +166,7 @@ def run_ours(args: argparse.Namespace, examples: list[dict], packed: bool) -> di
                     padded += batch["input_ids"].numel()
                 else:
                     batch = {k: v.to(device, non_blocking=True) for k, v in pad_collate(exs).items()}
-                    chosen, rejected = pair_scores(model, batch)
+                    chosen, rejected = pair_scores(model, batch, args.packed_passes)
                     padded += batch["input_ids"].numel()
                 loss, _ = loss_fn(chosen, rejected)
             (loss * (len(mb) / len(idx))).backward()
@@ -181,7 +183,7 @@ def run_ours(args: argparse.Namespace, examples: list[dict], packed: bool) -> di
     res.update(memory_stats(device))
     res["token_budget"] = args.token_budget
     res.update(gradient_checkpointing=args.gradient_checkpointing, compile_blocks=args.compile_blocks,
-               master_weights=args.master_weights)  # fmt: skip
+               master_weights=args.master_weights, packed_passes=None if packed else args.packed_passes)  # fmt: skip
     return res
 
 
@@ -344,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gradient-checkpointing", action="store_true", help="ours: recompute activations")
     ap.add_argument("--compile-blocks", action="store_true", help="ours: torch.compile each block")
     ap.add_argument("--master-weights", action="store_true", help="ours: bf16 weights, fp32 AdamW masters")
+    ap.add_argument("--packed-passes", default="auto", choices=["auto", "on", "off"],
+                    help="ours_grouped: each micro-batch's rows end to end under varlen attention (the recipe default auto)")  # fmt: skip
     ap.add_argument("--trl-micro", type=int, default=16, help="TRL per-device batch (pairs)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per worker")
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     passthrough = ["--config", args.config, "--batch", str(args.batch), "--max-length", str(args.max_length),
                    "--warmup", str(args.warmup), "--steps", str(args.steps), "--token-budget",
                    str(args.token_budget), "--trl-micro", str(args.trl_micro), "--lr", str(args.lr),
-                   "--tokenizer", tok_dir, "--pairs", pairs_path]  # fmt: skip
+                   "--tokenizer", tok_dir, "--pairs", pairs_path, "--packed-passes", args.packed_passes]  # fmt: skip
     if args.tiny:
         passthrough.append("--tiny")
     for flag in ("gradient_checkpointing", "compile_blocks", "master_weights"):

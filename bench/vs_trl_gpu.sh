@@ -37,6 +37,7 @@
 #   bash bench/vs_trl_gpu.sh x    # SmolLM2 from the GGUF parts (two calls), 4 PPO steps padded, then packed
 #   bash bench/vs_trl_gpu.sh y    # session 19: branch packed-passes: its tests on the GPU, PPO A packed / padded /
 #                                 # packed, PPO B (8-bit, micro 32) packed / padded
+#   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
 #                                 # the branch maskless-ppo-layout, archived as described below)
@@ -300,6 +301,17 @@ for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
     for s in o.get("steps", []):
         print("   ", {k: s.get(k) for k in ("step_s", "policy_loss", "value_loss", "kl")})
 PY
+  rm -f "$OUT"/*/*.md; (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
+fi
+if [ "$phase" = rm2 ]; then  # session 20: the reward model's packed passes (varlen) against padded, both under the
+  # recipe's gradient checkpointing, master weights and compiled blocks, twice, alternating; results in results.tgz
+  R="python3 bench/rm_vs_trl.py --systems ours_grouped --gradient-checkpointing --master-weights --compile-blocks --timeout 150"
+  for round in 1 2; do
+    for mode in on off; do
+      $R --packed-passes $mode --work $WORK/rm_$mode --out "$OUT/rm_${mode}_$round" > "$OUT/rm_${mode}_$round.log" 2>&1
+      grep -E "^\| ours" "$OUT/rm_${mode}_$round.log" | sed "s/^/$mode $round /" | tee -a "$OUT/rm_log.txt"
+    done
+  done
   rm -f "$OUT"/*/*.md; (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
 if [ "$phase" = u ]; then  # written in session 17 for the branch decode-edges-compiled: generation A and 1B, then

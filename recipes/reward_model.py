@@ -113,6 +113,10 @@ class Config(SupervisedOptions):
     """Fused RMSNorm / SwiGLU / rotary Triton kernels from liger-kernel (CUDA; the [liger] extra)."""
     compile_blocks: bool = False
     """torch.compile each transformer block (dynamic shapes: lengths change from batch to batch)."""
+    packed_passes: Literal["auto", "on", "off"] = "auto"
+    """Score each micro-batch padding-free: its sequences end to end in one row under variable-length
+    flash attention (rlhf_kit.models.varlen). auto: on CUDA in bf16/fp16 for the model types verified
+    (rlhf_kit.models.varlen.PACKED_MODEL_TYPES); on: refuse a model outside them; off: padded rows."""
 
 
 def check_config(cfg: Config) -> int:
@@ -250,7 +254,9 @@ def main(cfg: Config) -> None:
     collate = PairCollator(tokenizer.pad_token_id)
 
     def validate(split: str, examples: list, at: int) -> dict[str, float]:
-        metrics = evaluate_pairs(model, examples, collate, cfg.eval_batch_size, device, loss_fn)
+        metrics = evaluate_pairs(
+            model, examples, collate, cfg.eval_batch_size, device, loss_fn, cfg.packed_passes
+        )
         logger.log({f"{split}/{k}": v for k, v in metrics.items()}, at)
         return metrics
 
@@ -270,7 +276,7 @@ def main(cfg: Config) -> None:
         )  # fmt: skip
         for idx in accumulate(accelerator, model, micro):
             batch = {k: v.to(device) for k, v in collate([train[j] for j in idx]).items()}
-            chosen, rejected = pair_scores(model, batch)
+            chosen, rejected = pair_scores(model, batch, cfg.packed_passes)
             loss, stats = loss_fn(chosen, rejected)  # mean over the micro-batch's pairs
             accelerator.backward(loss / accum if accum else loss * (len(idx) / per_rank))
             for name, value in [("loss", loss.detach()), *stats._asdict().items()]:

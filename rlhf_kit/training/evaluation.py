@@ -20,14 +20,18 @@ from rlhf_kit.training import dist as D
 IGNORE_INDEX = -100
 
 
-def pair_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(
+    model: nn.Module, batch: dict[str, torch.Tensor], packed: bool | str = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reward-model scores of a pair batch (chosen rows ``[0, b)``, rejected ``[b, 2b)``).
 
     ``batch``: ``input_ids``, ``attention_mask`` ``(2b, t)``, right padded. Each row is scored at the last
     position of its attention mask (:func:`rlhf_kit.models.reward.reward_scores`), whatever the
-    config's pad id. Returns ``(chosen (b,), rejected (b,))`` in float32.
+    config's pad id; ``packed`` (``"auto"``/``"on"``/``"off"`` or a bool) runs the rows' real tokens end
+    to end under variable-length attention (:mod:`rlhf_kit.models.varlen`). Returns
+    ``(chosen (b,), rejected (b,))`` in float32.
     """
-    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], packed=packed)
     b = scores.shape[0] // 2
     return scores[:b], scores[b:]
 
@@ -63,8 +67,9 @@ def evaluate_pairs(
     batch_size: int,
     device: torch.device | str,
     loss_fn: Callable | None = None,
+    packed: bool | str = False,
 ) -> dict[str, float]:
-    """Reward-model metrics on comparison examples, over all ranks.
+    """Reward-model metrics on comparison examples, over all ranks (``packed``: as in :func:`pair_scores`).
 
     Returns ``loss`` (Bradley-Terry, mean over pairs), ``accuracy`` (chosen > rejected),
     ``chosen_reward``, ``rejected_reward`` (means) and ``reward_mean`` / ``reward_std`` over all
@@ -76,7 +81,7 @@ def evaluate_pairs(
     rejected: list[float] = []
     for idx in _shard_batches(len(examples), batch_size):
         batch = collate([examples[i] for i in (idx or [0])])
-        c, r = pair_scores(model, {k: v.to(device) for k, v in batch.items()})
+        c, r = pair_scores(model, {k: v.to(device) for k, v in batch.items()}, packed)
         if idx is not None:
             chosen += c.tolist()
             rejected += r.tolist()

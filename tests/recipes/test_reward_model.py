@@ -237,12 +237,14 @@ def test_micro_batch_times_accumulation_is_equivalent(setup, uninterrupted):
 def test_token_budget_micro_batches_are_equivalent(setup, uninterrupted):
     """--micro-batch-tokens 100 cuts each step's 4 pairs (sides up to 48 tokens) into micro-batches of 1
     to 2 pairs by length, each weighted by its pairs: the same steps as one micro-batch of 4. Step 2 runs
-    under the profiler (--profile-steps), which must change nothing but write its files."""
+    under the profiler (--profile-steps), which must change nothing but write its files. The run scores
+    padding-free (--packed-passes on; the CPU default is padded), under the recipe's default gradient
+    checkpointing, and must still equal the padded run."""
     root, common, marker = setup
     out = root / "budget"
     run(*common, "--output-dir", str(out), "--max-steps", "6", "--micro-batch-tokens", "100",
         "--global-batch-size", "4", "--val-check-interval", "3", "--save-interval", "100",
-        "--profile-steps", "2")  # fmt: skip
+        "--profile-steps", "2", "--packed-passes", "on")  # fmt: skip
     assert sorted(p.name for p in (out / "profile").iterdir()) == [
         "step_2.json",
         "step_2.trace.json",
