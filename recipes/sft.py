@@ -101,7 +101,9 @@ class Config(SupervisedOptions):
     too_long: Literal["drop", "truncate"] = "truncate"
     """Examples over --max-length are truncated (keeping the start) or dropped; counted and reported."""
     packing: bool = False
-    """Concatenate each micro-batch into one padding-free row (position ids restart per example)."""
+    """Concatenate each micro-batch into one padding-free row (position ids restart per example); on CUDA
+    in bf16/fp16 it runs under variable-length flash attention (rlhf_kit.models.varlen), elsewhere under
+    the block-diagonal mask transformers derives from the position ids."""
     micro_batch_tokens: int | None = None
     """Padded tokens per micro-batch (examples x the longest): a step's examples, longest first, are cut
     into micro-batches that fit (every rank runs as many as the rank that needs most), so short examples
@@ -265,7 +267,9 @@ def main(cfg: Config) -> None:
         tokens = all_reduce_sum([sum(count_label_tokens(b["labels"]) for b in batches)], device)[0]
         loss_sum = 0.0
         for batch in accumulate(accelerator, model, batches):
-            loss = lm_loss(model, {k: v.to(device) for k, v in batch.items()}, max(tokens, 1.0) / world)
+            loss = lm_loss(
+                model, {k: v.to(device) for k, v in batch.items()}, max(tokens, 1.0) / world, "auto"
+            )
             accelerator.backward(loss)
             loss_sum += float(loss.detach())
         avg.add("loss", loss_sum)

@@ -197,6 +197,23 @@ def packing(lengths: torch.Tensor, multiple: int = 64) -> Packing:
     )
 
 
+def packed_row_kwargs(position_ids: torch.Tensor, multiple: int = 64) -> dict[str, Any]:
+    """The variable-length attention's keyword arguments (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``)
+    of a row that is already packed, ``position_ids (1, T)`` restarting at 0 for each sequence (e.g.
+    :class:`~rlhf_kit.data.collators.PackedSFTCollator`); one device-to-host read. The longest sequence
+    is rounded up to ``multiple`` (at most ``T``), as in :func:`packing`."""
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise ValueError(f"a packed row has position_ids of shape (1, T), got {tuple(position_ids.shape)}")
+    pos = position_ids[0]
+    starts = torch.nonzero(pos == 0).flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("a packed row's position_ids must start at 0")
+    cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    m = min(pos.numel(), -(-longest // multiple) * multiple)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
+
+
 def packed_attention_forward(
     module: nn.Module,
     query: torch.Tensor,

@@ -41,12 +41,25 @@ def count_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], num_items: float) -> torch.Tensor:
+def lm_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], num_items: float, packed: bool | str = False
+) -> torch.Tensor:
     """Causal-LM loss of ``batch`` summed over label tokens and divided by ``num_items``.
 
     Dividing every micro-batch by the token count of the whole (global) batch makes gradient
-    accumulation exactly equal to one big batch, whatever the micro-batch split.
+    accumulation exactly equal to one big batch, whatever the micro-batch split. A packed row
+    (``position_ids``, no ``attention_mask``: :class:`~rlhf_kit.data.collators.PackedSFTCollator`) runs
+    under variable-length attention where ``packed`` allows it (``"auto"``: on CUDA in bf16/fp16,
+    :func:`rlhf_kit.models.varlen.use_packed`); otherwise transformers derives a block-diagonal mask
+    from the restarting position ids (dense, quadratic in the row's length).
     """
+    if "position_ids" in batch and batch.get("attention_mask") is None:
+        from rlhf_kit.models.varlen import packed_attention, packed_row_kwargs, use_packed
+
+        if use_packed(packed, model, batch["input_ids"]):
+            with packed_attention(model):
+                return model(**batch, **packed_row_kwargs(batch["position_ids"]), use_cache=False,
+                             num_items_in_batch=num_items).loss  # fmt: skip
     return model(**batch, use_cache=False, num_items_in_batch=num_items).loss
 
 

@@ -10,6 +10,7 @@ from rlhf_kit.models.varlen import (
     PACKED_MODEL_TYPES,
     packed_attention,
     packed_attention_forward,
+    packed_row_kwargs,
     packing,
     use_packed,
 )
@@ -329,3 +330,33 @@ def test_packed_checkpointed_blocks_compile_once(tokenizer):
     assert counts[1] == counts[2] > 0
     for a, b in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-9, rtol=1e-7)
+
+
+def test_packed_row_kwargs_and_the_sft_loss_under_varlen_attention(tokenizer):
+    """An already packed SFT row (:class:`PackedSFTCollator`) under the packed attention: boundaries from
+    the position ids, and the same loss and gradients as transformers' block-diagonal mask (float64)."""
+    from rlhf_kit.data import PackedSFTCollator
+    from rlhf_kit.training.evaluation import lm_loss
+
+    kw = packed_row_kwargs(torch.tensor([[0, 1, 2, 0, 0, 1, 2, 3, 4]]), multiple=4)
+    assert kw["cu_seq_lens_q"].tolist() == [0, 3, 4, 9] and kw["max_length_q"] == 8  # 5 rounded up to 4s
+    assert packed_row_kwargs(torch.tensor([[0, 1, 2]]))["max_length_k"] == 3  # never past the row
+    with pytest.raises(ValueError, match="start at 0"):
+        packed_row_kwargs(torch.tensor([[1, 0, 1]]))
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (6, 3, 9):
+        ids = torch.randint(3, 400, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100, -100, *ids[2:]]})
+    batch = PackedSFTCollator()(examples)
+    model = make_causal_lm(tokenizer, seed=2).double()
+    losses, grads = [], []
+    for packed in ("on", "off"):
+        model.zero_grad()
+        loss = lm_loss(model, batch, num_items=10.0, packed=packed)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([q.grad.clone() for q in model.parameters()])
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-12, rtol=1e-10)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
