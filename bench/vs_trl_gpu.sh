@@ -262,11 +262,11 @@ if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 4 PPO s
   python3 recipes/download_and_process.py --source default --format messages --output-dir $R/data > /dev/null
   for name in padded packed; do
     flag="--packed-passes $([ $name = padded ] && echo off || echo on)"
-    timeout 200 python3 recipes/ppo.py --actor $R/smollm2 --reward-model $R/smollm2 $flag \
-      --train-prompts $R/data/train_prompts.jsonl --val-prompts $R/data/test_prompts.jsonl --output-dir $R/ppo_$name \
-      --max-steps 4 --num-rollout-samples 64 --rollout-micro-batch-size 64 --global-batch-size 16 --micro-batch-size 16 \
+    timeout 150 python3 recipes/ppo.py --actor $R/smollm2 --reward-model $R/smollm2 $flag \
+      --train-prompts $R/data/train_prompts.jsonl --val-prompts $R/data/test_prompts.jsonl --output-dir $R/ppo_${name}_$$ \
+      --max-steps 7 --num-rollout-samples 64 --rollout-micro-batch-size 64 --global-batch-size 16 --micro-batch-size 16 \
       --max-new-tokens 128 --val-check-interval 1000 --save-interval 100000 > $OUT/ppo_$name.log 2>&1; echo "$name rc=$?"
-    cp $R/ppo_$name/metrics.jsonl $OUT/ppo_${name}_metrics.jsonl
+    cp $R/ppo_${name}_$$/metrics.jsonl $OUT/ppo_${name}_metrics.jsonl
     python3 - $OUT/ppo_${name}_metrics.jsonl <<'PY'
 import json, sys
 for r in map(json.loads, open(sys.argv[1])):
