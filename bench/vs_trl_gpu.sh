@@ -34,7 +34,8 @@
 #                                 # twice each, alternating, then PPO A (carry .whl .whl112 .base5)
 #   bash bench/vs_trl_gpu.sh w    # session 18: warm start of .base5w (main before the session) and this tree, PPO A
 #                                 # (this tree, TRL)
-#   bash bench/vs_trl_gpu.sh x    # SmolLM2 from the GGUF parts (two calls), 4 PPO steps padded, then packed
+#   bash bench/vs_trl_gpu.sh x    # SmolLM2 from the GGUF parts (two calls), 7 PPO steps padded, then packed
+#   bash bench/vs_trl_gpu.sh x2   # after x, same warm machine: the RM recipe on SmolLM2, packed then padded, one epoch
 #   bash bench/vs_trl_gpu.sh y    # session 19: branch packed-passes: its tests on the GPU, PPO A packed / padded /
 #                                 # packed, PPO B (8-bit, micro 32) packed / padded
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
@@ -273,6 +274,29 @@ for r in map(json.loads, open(sys.argv[1])):
     if "time/generate" in r:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
                if k == "step" or k.startswith(("kl/", "time/", "memory/", "reward/", "policy/loss", "value/loss"))})
+PY
+  done
+  (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
+fi
+if [ "$phase" = x2 ]; then  # session 21, after stage x on the same warm machine (its /tmp/real): the reward-model
+  # recipe on SmolLM2-135M-Instruct, packed (varlen) then padded passes, one epoch each at the recipe's defaults plus
+  # --compile-blocks; pairs/s per step, peak memory, test accuracy
+  R=/tmp/real; [ -d $R/smollm2 ] || { echo "no /tmp/real/smollm2: run stage x first on this machine"; exit 1; }
+  for name in packed padded; do
+    flag="--packed-passes $([ $name = padded ] && echo off || echo on)"
+    timeout 200 python3 recipes/reward_model.py --model $R/smollm2 $flag --compile-blocks --epochs 1 \
+      --train-data $R/data/train_comparisons.jsonl --test-data $R/data/test_comparisons.jsonl \
+      --output-dir $R/rm_${name}_$$ > $OUT/rm_$name.log 2>&1; echo "$name rc=$?"
+    cp $R/rm_${name}_$$/metrics.jsonl $OUT/rm_${name}_metrics.jsonl
+    python3 - $OUT/rm_${name}_metrics.jsonl <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+steps = [r for r in rows if "throughput/pairs_per_s" in r]
+late = [r["throughput/pairs_per_s"] for r in steps[len(steps) // 2:]]
+print(len(steps), "steps; pairs/s median of the second half", round(statistics.median(late), 1),
+      "first step s", round(steps[0]["time/step_s"], 2))
+print([{k: v for k, v in r.items() if "test" in k or "memory" in k} for r in rows if any("test" in k for k in r)][-1:])
+print({k: v for k, v in steps[-1].items() if "memory" in k})
 PY
   done
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
