@@ -55,7 +55,7 @@ from rlhf_kit.training.hf import (
     make_accelerator,
     save_hf_model,
 )
-from rlhf_kit.training.metrics import Averager, check_report_to, device_memory_stats
+from rlhf_kit.training.metrics import Averager, check_report_to, compile_stats, device_memory_stats
 from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import SupervisedOptions, check_optimizer_choice, settle_speed_defaults
 from rlhf_kit.training.profiling import StepProfiler
@@ -292,6 +292,7 @@ def main(cfg: Config) -> None:
         logs["time/step_s"] = time.perf_counter() - started
         logs["throughput/pairs_per_s"] = cfg.global_batch_size / logs["time/step_s"]
         logs.update(device_memory_stats())
+        logs.update(compile_stats())  # a step whose counts rose paid torch.compile
         logs.update(guard.end_step(step, logs, device))  # NaN/inf: skipped, counted, limited
         logger.log(logs, step)
         bar.update(1)

@@ -47,10 +47,10 @@ def step_metrics(
 ) -> dict:
     """One PPO step's log row: experience and update statistics averaged over ranks, phase times,
     seconds since the process started (``time/since_launch``), rollout statistics, generated tokens per
-    second (summed over ranks), learning rates (the critic's only when it trains here) and peak GPU
-    memory (none on CPU)."""
+    second (summed over ranks), learning rates (the critic's only when it trains here), peak GPU
+    memory (none on CPU) and ``compile/`` counts (:func:`~rlhf_kit.training.metrics.compile_stats`)."""
     from rlhf_kit.training.dist import all_reduce_sum
-    from rlhf_kit.training.metrics import device_memory_stats, seconds_since_launch
+    from rlhf_kit.training.metrics import compile_stats, device_memory_stats, seconds_since_launch
 
     rollout_stats = dict(rollout_stats)
     n_tokens = all_reduce_sum([rollout_stats.pop("rollout/generated_tokens")], device)[0]
@@ -62,6 +62,7 @@ def step_metrics(
         "throughput/generated_tokens_per_s": n_tokens / max(times.get("time/generate", 0.0), 1e-9),
         **{f"lr/{name}": sched.get_last_lr()[0] for name, sched in schedulers.items()},
         **device_memory_stats(),
+        **compile_stats(),
     }
 
 

@@ -331,3 +331,22 @@ def device_memory_stats(prefix: str = "memory/") -> dict[str, float]:
         f"{prefix}peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         f"{prefix}peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
     }
+
+
+def compile_stats(prefix: str = "compile/") -> dict[str, float]:
+    """What ``torch.compile`` has done in this process so far: frames Dynamo compiled (``frames``: a
+    recompilation for a new shape or a failed guard counts again), distinct graphs (``graphs``) and
+    seconds spent compiling (``seconds``). Empty before anything compiled. A logged step whose counts
+    rose paid compilation, so its times are not the steady state."""
+    try:  # Dynamo's own counters (private, but stable across 2.x releases); absent: nothing to report
+        from torch._dynamo.utils import compilation_time_metrics, counters
+    except ImportError:  # pragma: no cover - torch builds without Dynamo
+        return {}
+    frames = counters["frames"].get("total", 0)
+    if not frames:
+        return {}
+    return {
+        f"{prefix}frames": float(frames),
+        f"{prefix}graphs": float(counters["stats"].get("unique_graphs", 0)),
+        f"{prefix}seconds": float(sum(compilation_time_metrics.get("_compile.compile_inner", ()))),
+    }

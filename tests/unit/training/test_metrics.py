@@ -13,6 +13,7 @@ from rlhf_kit.training.metrics import (
     MetricsLogger,
     StepTimer,
     check_report_to,
+    compile_stats,
     progress,
     read_metrics,
     seconds_since_launch,
@@ -133,6 +134,28 @@ def test_step_timer():
     assert set(s) == {"time/generate", "time/train"} and s["time/generate"] >= 0.03
     timer.reset()
     assert timer.summary() == {}
+
+
+def test_compile_stats_count_compilations_and_recompilations():
+    """Nothing before the first compilation (a fresh process); then one frame and graph per compilation,
+    a new input shape counted again, and the seconds grow. In-process counts are deltas: other tests
+    compile too."""
+    import subprocess
+
+    code = "from rlhf_kit.training.metrics import compile_stats; import torch; print(compile_stats())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "{}"
+    f = torch.compile(lambda x: x.cos() + 1, backend="eager")
+    f(torch.randn(3))
+    first = compile_stats()
+    assert set(first) == {"compile/frames", "compile/graphs", "compile/seconds"} and first["compile/seconds"] > 0
+    f(torch.randn(3))  # same shape: no new compilation
+    assert compile_stats() == first
+    f(torch.randn(5))  # a new shape: compiled again
+    after = compile_stats()
+    assert after["compile/frames"] == first["compile/frames"] + 1
+    assert after["compile/graphs"] == first["compile/graphs"] + 1
+    assert after["compile/seconds"] > first["compile/seconds"]
 
 
 def test_seconds_since_launch_counts_from_process_start(tmp_path):
