@@ -118,6 +118,7 @@ def run_ours(args: argparse.Namespace, examples: list[dict], packed: bool) -> di
     from rlhf_kit.models import disable_dropout, packed_sequence_scores
     from rlhf_kit.models.compile import compile_blocks
     from rlhf_kit.training.evaluation import pair_scores
+    from rlhf_kit.training.metrics import compile_stats
     from rlhf_kit.training.optim import build_optimizer, clip_grad_norm
     from rlhf_kit.training.precision import build_master_weight_optimizer, grad_holder
 
@@ -176,7 +177,8 @@ def run_ours(args: argparse.Namespace, examples: list[dict], packed: bool) -> di
         opt.zero_grad(set_to_none=True)
         sync(device)
         steps.append({"step_s": time.perf_counter() - t0, "pairs": len(idx), "real_tokens": real,
-                      "padded_tokens": padded, "micro_batches": len(micros), "loss": float(loss.detach())})  # fmt: skip
+                      "padded_tokens": padded, "micro_batches": len(micros), "loss": float(loss.detach()),
+                      "compiled_frames": compile_stats().get("compile/frames", 0.0)})  # fmt: skip
         if step < 3 or step % 10 == 0:
             print(f"[{'packed' if packed else 'grouped'}] step {step}: {steps[-1]}", flush=True)
     res = summarize(steps, args.warmup)
@@ -200,6 +202,11 @@ def summarize(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         "real_tokens_per_s": real / secs if secs else float("nan"),
         "steps": steps,
     }
+    if timed:
+        out["median_step_s"] = sorted(s["step_s"] for s in timed)[len(timed) // 2]
+    if timed and "compiled_frames" in timed[0]:  # a compilation inside the timed steps: not steady state
+        before = steps[warmup - 1]["compiled_frames"] if warmup else 0.0
+        out["frames_compiled_in_timed_steps"] = timed[-1]["compiled_frames"] - before
     if timed and "padded_tokens" in timed[0]:
         out["padding_fraction"] = 1 - real / max(sum(s["padded_tokens"] for s in timed), 1)
     return out

@@ -273,7 +273,7 @@ import json, sys
 for r in map(json.loads, open(sys.argv[1])):
     if "time/generate" in r:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
-               if k == "step" or k.startswith(("kl/", "time/", "memory/", "reward/", "policy/loss", "value/loss"))})
+               if k == "step" or k.startswith(("kl/", "time/", "memory/", "compile/", "reward/", "policy/loss", "value/loss"))})
 PY
   done
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
@@ -297,6 +297,7 @@ print(len(steps), "steps; pairs/s median of the second half", round(statistics.m
       "first step s", round(steps[0]["time/step_s"], 2))
 print([{k: v for k, v in r.items() if "test" in k or "memory" in k} for r in rows if any("test" in k for k in r)][-1:])
 print({k: v for k, v in steps[-1].items() if "memory" in k})
+print("compile frames per step", [r.get("compile/frames") for r in steps])
 PY
   done
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0

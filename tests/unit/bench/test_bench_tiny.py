@@ -85,6 +85,8 @@ def test_rm_ours_tiny_runs(tok_dir, pairs, packed):
     assert res["timed_steps"] == 1 and len(res["steps"]) == 2
     assert all(s["pairs"] == 8 for s in res["steps"])
     assert res["pairs_per_s"] > 0
+    assert res["median_step_s"] == res["steps"][1]["step_s"]
+    assert res["frames_compiled_in_timed_steps"] == 0  # nothing compiles on the tiny CPU run
     if packed:
         assert res["padding_fraction"] == 0
     assert all(math.isfinite(s["loss"]) for s in res["steps"])
