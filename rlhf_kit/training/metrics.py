@@ -338,15 +338,15 @@ def compile_stats(prefix: str = "compile/") -> dict[str, float]:
     recompilation for a new shape or a failed guard counts again), distinct graphs (``graphs``) and
     seconds spent compiling (``seconds``). Empty before anything compiled. A logged step whose counts
     rose paid compilation, so its times are not the steady state."""
-    try:  # Dynamo's own counters (private, but stable across 2.x releases); absent: nothing to report
+    try:  # Dynamo's own records (private, but present through torch 2.x); absent: nothing to report
         from torch._dynamo.utils import compilation_time_metrics, counters
     except ImportError:  # pragma: no cover - torch builds without Dynamo
         return {}
-    frames = counters["frames"].get("total", 0)
-    if not frames:
+    times = compilation_time_metrics.get("_compile.compile_inner", ())  # one entry per frame compiled
+    if not times:  # (Dynamo's "frames" counter skips fullgraph compilations)
         return {}
     return {
-        f"{prefix}frames": float(frames),
+        f"{prefix}frames": float(len(times)),
         f"{prefix}graphs": float(counters["stats"].get("unique_graphs", 0)),
-        f"{prefix}seconds": float(sum(compilation_time_metrics.get("_compile.compile_inner", ()))),
+        f"{prefix}seconds": float(sum(times)),
     }

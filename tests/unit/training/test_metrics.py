@@ -145,7 +145,7 @@ def test_compile_stats_count_compilations_and_recompilations():
     code = "from rlhf_kit.training.metrics import compile_stats; import torch; print(compile_stats())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "{}"
-    f = torch.compile(lambda x: x.cos() + 1, backend="eager")
+    f = torch.compile(lambda x: x.cos() + 1, backend="eager", fullgraph=True)  # fullgraph counts too
     f(torch.randn(3))
     first = compile_stats()
     assert set(first) == {"compile/frames", "compile/graphs", "compile/seconds"} and first["compile/seconds"] > 0
