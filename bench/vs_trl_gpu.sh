@@ -248,7 +248,7 @@ if [ "$phase" = w ]; then  # session 18, second call: warm start of .base5w (a f
     --out "$OUT/a_trl" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   (cd "$OUT" && rm -f results.tgz && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
-if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 4 PPO steps of the recipe with padded, then
+if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 7 PPO steps (step 6 profiled) with padded, then
   # packed score and train passes (the reward model and critic: the instruct model with a fresh score head), for the
   # phase times, peak memory and the step-1 KL. Two calls on one warm machine: carry .whl .whl112 .gguf/part_aa
   # (stored), then .whl .whl112 .gguf/part_ab
@@ -266,8 +266,12 @@ if [ "$phase" = x ]; then  # SmolLM2-135M-Instruct from the joined GGUF; 4 PPO s
     timeout 150 python3 recipes/ppo.py --actor $R/smollm2 --reward-model $R/smollm2 $flag \
       --train-prompts $R/data/train_prompts.jsonl --val-prompts $R/data/test_prompts.jsonl --output-dir $R/ppo_${name}_$$ \
       --max-steps 7 --num-rollout-samples 64 --rollout-micro-batch-size 64 --global-batch-size 16 --micro-batch-size 16 \
-      --max-new-tokens 128 --val-check-interval 1000 --save-interval 100000 > $OUT/ppo_$name.log 2>&1; echo "$name rc=$?"
+      --max-new-tokens 128 --val-check-interval 1000 --save-interval 100000 --profile-steps 6 \
+      > $OUT/ppo_$name.log 2>&1; echo "$name rc=$?"
     cp $R/ppo_${name}_$$/metrics.jsonl $OUT/ppo_${name}_metrics.jsonl
+    cp $R/ppo_${name}_$$/profile/step_6.json $OUT/ppo_${name}_profile6.json  # the split of step 6: busy, top ops
+    cp $R/ppo_${name}_$$/profile/step_6.txt $OUT/ppo_${name}_profile6.txt
+    python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[1], 'wall', round(d['wall_s'], 3), 'busy', round(d['busy_s'], 3), [(t['op'][:40], round(t['s'], 4), t['calls']) for t in d['top'][:10]])" $OUT/ppo_${name}_profile6.json
     python3 - $OUT/ppo_${name}_metrics.jsonl <<'PY'
 import json, sys
 for r in map(json.loads, open(sys.argv[1])):
