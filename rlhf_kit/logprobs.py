@@ -155,7 +155,7 @@ def _packed_response_logits(
 
     b, t = input_ids.shape
     n = t - response_start
-    pk = packing(attention_mask.sum(-1))
+    pk = packing(attention_mask.sum(-1), host=la.lengths)
     ids = pk.pack(la.align(input_ids) if la.max_shift else input_ids)
     index = pk.index(la.response_index(response_start, n)).reshape(1, b * n)
     with packed_attention(model), _head_reads(model, index, pk.total):

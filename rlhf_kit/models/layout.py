@@ -23,6 +23,9 @@ class LeftAlignment:
     max_shift: int
     contiguous: bool
     """Every row's real tokens form one run (no padding between them); only then is the move exact."""
+    lengths: tuple[int, ...] | None = None
+    """Each row's real-token count on the host, when it was read with the rest (:func:`left_alignment`):
+    a packed pass then needs no read of its own (:func:`rlhf_kit.models.varlen.packing`)."""
 
     def align(self, x: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
         """``x (b, t, ...)`` with row ``r`` moved ``shifts[r]`` columns to the left, ``fill`` after it."""
@@ -51,9 +54,10 @@ def real_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def left_alignment(attention_mask: torch.Tensor) -> LeftAlignment:
-    """The :class:`LeftAlignment` of ``attention_mask (b, t)``: each row's leading padding, and whether
-    every row's real tokens are contiguous. One device-to-host read. A row without real tokens counts as
-    contiguous with no shift."""
+    """The :class:`LeftAlignment` of ``attention_mask (b, t)``: each row's leading padding, whether every
+    row's real tokens are contiguous, and each row's real-token count. One device-to-host read. A row
+    without real tokens counts as contiguous with no shift."""
     first, contiguous = real_runs(attention_mask)
-    max_shift, all_contiguous = torch.stack([first.max(), contiguous.all().long()]).tolist()
-    return LeftAlignment(first, int(max_shift), bool(all_contiguous))
+    counts = attention_mask.ne(0).sum(-1)
+    host = torch.cat([torch.stack([first.max(), contiguous.all().long()]), counts]).tolist()
+    return LeftAlignment(first, int(host[0]), bool(host[1]), tuple(int(c) for c in host[2:]))

@@ -85,7 +85,7 @@ def reward_scores(
     if la.contiguous and la.max_shift:  # left-padded rows moved to the front: right padded
         input_ids, attention_mask = la.align(input_ids), la.align(attention_mask)
     if la.contiguous and use_packed(packed, model, input_ids):
-        pk = packing(attention_mask.sum(-1))
+        pk = packing(attention_mask.sum(-1), host=la.lengths)
         ids = pk.pack(input_ids)
         with packed_attention(model), _head_output(model) as seen:
             model(input_ids=ids, use_cache=False, **pk.forward_kwargs(ids.device))

@@ -86,7 +86,7 @@ def response_values(
     if isinstance(unwrap(critic), TokenValueModel):
         la = alignment if alignment is not None else left_alignment(attention_mask)
         if la.contiguous and la.max_shift < prompt_length and use_packed(packed, critic, sequences):
-            pk = packing(attention_mask.sum(-1))
+            pk = packing(attention_mask.sum(-1), host=la.lengths)
             ids = pk.pack(la.align(sequences) if la.max_shift else sequences)
             with packed_attention(critic):
                 values = critic(ids, None, **pk.forward_kwargs(ids.device))[0]

@@ -23,7 +23,7 @@ import contextlib
 import functools
 import inspect
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,14 +139,15 @@ class Packing:
 
     def pack(self, x: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
         """``x (b, t, ...)``, front-aligned rows, as ``(1, total, ...)``: row ``r``'s first ``lengths[r]``
-        columns from ``starts[r]`` on, ``fill`` after the last row."""
+        columns from ``starts[r]`` on, ``fill`` after the last row. One gather of fixed shape: no read of
+        the lengths on the host (a boolean selection would wait for the device)."""
         b, t = x.shape[:2]
-        cols = torch.arange(t, device=x.device)
-        keep = cols[None, :] < self.lengths.to(x.device)[:, None]
-        real = x[keep]  # row-major: row 0's tokens, then row 1's...
-        out = x.new_full((self.total, *x.shape[2:]), fill)
-        out[: real.shape[0]] = real
-        return out[None]
+        cu = self.cu_seqlens.to(x.device).long()
+        pos = torch.arange(self.total, device=x.device)
+        row = (torch.searchsorted(cu[: b + 1], pos, right=True) - 1).clamp(max=b - 1)  # filler -> last row
+        col = (pos - cu[row]).clamp(max=t - 1)
+        real = (pos < cu[b]).view(-1, *[1] * (x.dim() - 2))
+        return torch.where(real, x[row, col], fill)[None]
 
     def position_ids(self, device: torch.device) -> torch.Tensor:
         """``(1, total)``: ``0 .. lengths[r] - 1`` for each row, then ``0 ..`` for the filler."""
@@ -173,12 +174,15 @@ class Packing:
         }
 
 
-def packing(lengths: torch.Tensor, multiple: int = 64) -> Packing:
-    """The :class:`Packing` of rows with ``lengths (b,)`` real tokens (one device-to-host read), the
-    total rounded up to a multiple of ``multiple`` by a filler row."""
+def packing(lengths: torch.Tensor, multiple: int = 64, host: Sequence[int] | None = None) -> Packing:
+    """The :class:`Packing` of rows with ``lengths (b,)`` real tokens, the total rounded up to a multiple
+    of ``multiple`` by a filler row. One device-to-host read of ``lengths``, unless ``host`` gives them
+    already (:attr:`rlhf_kit.models.layout.LeftAlignment.lengths`)."""
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
-    host = [int(n) for n in lengths.tolist()]
+    host = [int(n) for n in (lengths.tolist() if host is None else host)]
+    if len(host) != lengths.shape[0]:
+        raise ValueError(f"host lengths for {len(host)} rows, but lengths has {lengths.shape[0]}")
     real = sum(host)
     total = max(multiple, -(-real // multiple) * multiple)
     bounds = [0]

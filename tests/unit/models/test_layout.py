@@ -31,6 +31,7 @@ def test_left_alignment_finds_padding_and_runs():
     ids, mask, p = _rows()
     la = left_alignment(mask)
     assert la.shifts.tolist() == [0, 3, 1, 5] and la.max_shift == 5 and la.contiguous
+    assert la.lengths == tuple(mask.sum(-1).tolist()) == (11, 5, 9, 2)  # read with the rest
     moved = la.align(mask)
     assert torch.equal(moved, (torch.arange(11) < mask.sum(-1, keepdim=True)).long())  # right padded now
     assert torch.equal(la.align(ids)[1, :8], ids[1, 3:])  # row 1 moved 3 to the left

@@ -34,6 +34,30 @@ def test_packing_lays_rows_end_to_end_with_a_filler():
         packing(torch.tensor([1]), multiple=0)
 
 
+def test_pack_reads_nothing_on_the_host_and_packing_takes_known_lengths(tokenizer, monkeypatch):
+    """``Packing.pack`` is a gather of fixed shape: it runs on the meta device, which holds no values (a
+    boolean selection needs the count of selected values first: on a GPU, a wait for the device). A
+    packed log-prob pass reads the host once: the lengths come with the alignment's read."""
+    pk = packing(torch.tensor([3, 0, 5, 2]), multiple=4)
+    x = torch.arange(4 * 6 * 2).reshape(4, 6, 2)
+    want = [[0, 1], [2, 3], [4, 5], [24, 25], [26, 27], [28, 29], [30, 31], [32, 33], [36, 37], [38, 39]]
+    assert pk.pack(x, fill=-1)[0].tolist() == want + [[-1, -1]] * 2
+    assert pk.pack(torch.empty(4, 6, 2, device="meta"), fill=-1).shape == (1, 12, 2)
+    same = packing(torch.tensor([3, 0, 5, 2]), multiple=4, host=[3, 0, 5, 2])
+    assert same.cu_seqlens.tolist() == pk.cu_seqlens.tolist() and same.max_len == pk.max_len
+    with pytest.raises(ValueError, match="3 rows"):
+        packing(torch.tensor([3, 0, 5, 2]), host=[3, 0, 5])
+    model = make_causal_lm(tokenizer, seed=3).double()
+    ids, mask, p = _rows()
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    packed = sequence_logprobs(model, ids, mask, p, packed="on")
+    assert len(reads) == 1, reads  # left_alignment's
+    monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
+    torch.testing.assert_close(packed, sequence_logprobs(model, ids, mask, p), atol=1e-10, rtol=1e-9)
+
+
 def test_packed_forward_equals_each_row_alone(tokenizer):
     """GQA Llama (4 heads, 2 KV heads): each packed row's logits are those of the row run by itself."""
     model = make_causal_lm(tokenizer, seed=1).double()
