@@ -21,6 +21,7 @@ from rlhf_kit.losses import explained_variance
 from rlhf_kit.ppo.experience import ExperienceConfig
 from rlhf_kit.rewards import penalize_missing_eos, shape_rewards, standardize_scores
 from rlhf_kit.rollout import Rollout
+from rlhf_kit.training.metrics import scalars_to_floats
 
 
 def global_mean(x: torch.Tensor) -> float:
@@ -91,20 +92,17 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
     # true KL (k1 summed over the sequence), whatever estimator shapes the reward
     seq_kl = ((rollout.logprobs - rollout.ref_logprobs) * m).sum(-1)
     stats = {
-        "reward/score_mean": scores.mean().item(),
-        "reward/score_std": scores.std().item() if scores.numel() > 1 else 0.0,
-        "reward/raw_score_mean": rollout.scores.mean().item(),
-        "reward/shaped_return_mean": rewards.sum(-1).mean().item(),
+        "reward/score_mean": scores.mean(),
+        "reward/score_std": scores.std() if scores.numel() > 1 else 0.0,
+        "reward/raw_score_mean": rollout.scores.mean(),
+        "reward/shaped_return_mean": rewards.sum(-1).mean(),
         **({} if cfg.skip_old_logprobs else {"kl/seq_mean": global_mean(seq_kl)}),
         "kl/coef": kl_coef,
-        "response/length_mean": lengths.mean().item(),
-        "response/finished_fraction": rollout.finished.float().mean().item(),
-        "advantages/mean": masked_mean(adv, m).item(),
-        "advantages/std": (masked_mean(adv.square(), m) - masked_mean(adv, m).square())
-        .clamp(min=0)
-        .sqrt()
-        .item(),
+        "response/length_mean": lengths.mean(),
+        "response/finished_fraction": rollout.finished.float().mean(),
+        "advantages/mean": masked_mean(adv, m),
+        "advantages/std": (masked_mean(adv.square(), m) - masked_mean(adv, m).square()).clamp(min=0).sqrt(),
     }
     if needs_critic(est):
-        stats["values/explained_variance"] = explained_variance(rollout.values, ret, m).item()
-    return out, stats
+        stats["values/explained_variance"] = explained_variance(rollout.values, ret, m)
+    return out, scalars_to_floats(stats)  # one read of the device for all of them

@@ -26,6 +26,7 @@ from rlhf_kit.rollout import (
     pack_by_token_budget,
     sample_extents,
 )
+from rlhf_kit.training.metrics import scalars_to_floats
 from rlhf_kit.training.precision import grad_holder
 
 
@@ -186,7 +187,7 @@ def ppo_update(
         add("_steps", 1)
     steps = max(float(totals.pop("_steps", 1)), 1)
     out = {}
-    for k, v in _to_floats(totals).items():
+    for k, v in scalars_to_floats(totals).items():
         out[k] = v / (steps if k.endswith("grad_norm") else max(n_micro, 1))
     if reuse:  # the mean over every rank's sequences, as compute_advantages reports it otherwise
         out["kl/seq_mean"] = global_mean(torch.cat(seq_kl) if seq_kl else torch.zeros(0, device=device))
@@ -218,16 +219,6 @@ def _micro_batches(mb: Rollout, cfg: UpdateConfig) -> list[tuple[Rollout, LeftAl
         device = micro.sequences.device
         align = LeftAlignment(torch.tensor(shifts, device=device), max(shifts), all(runs[i] for i in group))
         out.append((micro, align))
-    return out
-
-
-def _to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
-    """Python floats of scalar statistics, with one device-to-host copy for all the tensors among them."""
-    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
-    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
-    if keys:
-        device = values[keys[0]].device
-        out |= dict(zip(keys, torch.stack([values[k].reshape(()).to(device) for k in keys]).tolist()))
     return out
 
 

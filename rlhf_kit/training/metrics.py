@@ -350,3 +350,15 @@ def compile_stats(prefix: str = "compile/") -> dict[str, float]:
         f"{prefix}graphs": float(counters["stats"].get("unique_graphs", 0)),
         f"{prefix}seconds": float(sum(times)),
     }
+
+
+def scalars_to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Python floats of scalar statistics, with one device-to-host copy for all the tensors among them
+    (each ``.item()`` would wait for the device on its own)."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        device = values[keys[0]].device
+        host = torch.stack([values[k].detach().reshape(()).to(device, torch.float64) for k in keys]).tolist()
+        out |= dict(zip(keys, host))
+    return {k: out[k] for k in values}  # the caller's order

@@ -148,6 +148,38 @@ def test_compute_advantages_known_answer():
     torch.testing.assert_close(out.advantages, torch.tensor([[2.05 - 0.5, 2.1 - 1.0, 0.0]]))
     torch.testing.assert_close(out.returns, torch.tensor([[2.05, 2.1, 0.0]]))
     assert stats["kl/seq_mean"] == pytest.approx(-0.5)
+    assert stats["reward/score_mean"] == pytest.approx(2.0) and stats["response/length_mean"] == 2.0
+    assert all(type(v) is float for v in stats.values())
+
+
+def test_compute_advantages_reads_the_device_twice(monkeypatch):
+    """The step's statistics come back in one stacked copy, plus the all-rank KL mean's: two reads of the
+    device per step, not one per statistic (each would wait for the GPU's queue to drain)."""
+    from rlhf_kit.rollout import Rollout
+
+    g = torch.Generator().manual_seed(0)
+    b, n = 4, 6
+    m = (torch.arange(n) < torch.tensor([[6], [3], [1], [5]])).long()
+    r = Rollout(
+        sequences=torch.zeros(b, 8 + n, dtype=torch.long),
+        attention_mask=torch.ones(b, 8 + n, dtype=torch.long),
+        response_mask=m,
+        logprobs=-torch.rand(b, n, generator=g),
+        ref_logprobs=-torch.rand(b, n, generator=g),
+        values=torch.randn(b, n, generator=g),
+        rewards=torch.zeros(b, n),
+        advantages=torch.zeros(b, n),
+        returns=torch.zeros(b, n),
+        scores=torch.randn(b, generator=g),
+        finished=torch.tensor([True, False, True, True]),
+    )
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, _n=name: reads.append(_n) or _r(t, *a))
+    _, stats = compute_advantages(r, 0.1, ExperienceConfig())
+    assert len(reads) == 2, reads
+    assert len(stats) == 11 and all(type(v) is float for v in stats.values())
 
 
 def test_function_scorer_decodes_prompt_and_response(tokenizer):

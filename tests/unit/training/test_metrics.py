@@ -16,6 +16,7 @@ from rlhf_kit.training.metrics import (
     compile_stats,
     progress,
     read_metrics,
+    scalars_to_floats,
     seconds_since_launch,
     tracker_names,
 )
@@ -134,6 +135,20 @@ def test_step_timer():
     assert set(s) == {"time/generate", "time/train"} and s["time/generate"] >= 0.03
     timer.reset()
     assert timer.summary() == {}
+
+
+def test_scalars_to_floats_reads_the_device_once(monkeypatch):
+    """Scalar tensors of any dtype and shape () or (1,) become floats through one stacked copy (each
+    ``.item()`` would wait for the device on its own); plain numbers pass through; the order is kept."""
+    reads = []
+    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or real_tolist(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or real_item(t))
+    stats = {"a": torch.tensor(1.5), "b": 2, "c": torch.tensor([3], dtype=torch.long), "d": torch.tensor(0.25)}
+    out = scalars_to_floats(stats)
+    assert out == {"a": 1.5, "b": 2.0, "c": 3.0, "d": 0.25} and list(out) == ["a", "b", "c", "d"]
+    assert reads == ["tolist"]
+    assert scalars_to_floats({"x": 1}) == {"x": 1.0} and reads == ["tolist"]
 
 
 def test_compile_stats_count_compilations_and_recompilations():
