@@ -144,7 +144,12 @@ def test_scalars_to_floats_reads_the_device_once(monkeypatch):
     real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or real_tolist(t))
     monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or real_item(t))
-    stats = {"a": torch.tensor(1.5), "b": 2, "c": torch.tensor([3], dtype=torch.long), "d": torch.tensor(0.25)}
+    stats = {
+        "a": torch.tensor(1.5),
+        "b": 2,
+        "c": torch.tensor([3], dtype=torch.long),
+        "d": torch.tensor(0.25),
+    }
     out = scalars_to_floats(stats)
     assert out == {"a": 1.5, "b": 2.0, "c": 3.0, "d": 0.25} and list(out) == ["a", "b", "c", "d"]
     assert reads == ["tolist"]
