@@ -48,6 +48,7 @@ from bench.common import (  # noqa: E402
     fmt,
     hh_pair_examples,
     llama_config,
+    median_after_warmup,
     memory_stats,
     reset_peak_memory,
     run_worker,
@@ -203,7 +204,7 @@ def summarize(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         "steps": steps,
     }
     if timed:
-        out["median_step_s"] = sorted(s["step_s"] for s in timed)[len(timed) // 2]
+        out["median_step_s"] = median_after_warmup([s["step_s"] for s in steps], warmup)
     if timed and "compiled_frames" in timed[0]:  # a compilation inside the timed steps: not steady state
         before = steps[warmup - 1]["compiled_frames"] if warmup else 0.0
         out["frames_compiled_in_timed_steps"] = timed[-1]["compiled_frames"] - before
