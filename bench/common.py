@@ -31,7 +31,7 @@ if ROOT not in sys.path:
 from bench.generation import CONFIGS  # noqa: E402  (the config-A/1B widths live with the generation bench)
 
 #: Bench config name -> key of :data:`bench.generation.CONFIGS`.
-BENCH_CONFIGS = {"A": "A", "B": "1B", "tiny": "tiny"}
+BENCH_CONFIGS = {"A": "A", "B": "1B", "S": "S", "tiny": "tiny"}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ CONFIGS: dict[str, dict[str, int]] = {
               intermediate_size=2816),
     "1B": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=5632),
+    # SmolLM2-135M-Instruct's widths: 30 thin layers, launch-bound at PPO's micro-batches (session 22)
+    "S": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+              intermediate_size=1536),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128),
 }  # fmt: skip

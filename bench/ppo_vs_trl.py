@@ -270,7 +270,36 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["train_mfu"] = res["train_tflops_per_s"] / peak
     if args.profile and device.type == "cuda":
         res["profile"] = profile_step(one_step, args.steps, device, clock)
+    if args.sync_report and device.type == "cuda":
+        res["syncs"] = sync_report(one_step, args.steps + 1, clock)
     return res
+
+
+def sync_report(one_step, step: int, clock: PhaseClock) -> dict[str, Any]:
+    """One extra step under ``torch.cuda.set_sync_debug_mode("warn")``: each operation that made the host
+    wait for the device (a read of a value, a copy from pageable memory, ``nonzero``...), counted per phase
+    and per source line (the Python line that called it). The clock's own synchronisations do not warn."""
+    import collections
+    import warnings
+
+    seen: list[tuple[int, str]] = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            seen.append((len(clock.laps), f"{filename.split('site-packages/')[-1]}:{lineno}"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record  # restored by catch_warnings
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            one_step(step)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    names = list(clock.laps)
+    phase = [names[i] if i < len(names) else "after" for i, _ in seen]
+    where = collections.Counter(f"{p} {src}" for p, (_, src) in zip(phase, seen))
+    return {"total": len(seen), "per_phase": dict(collections.Counter(phase)), "top": where.most_common(20)}
 
 
 def profile_step(one_step, step: int, device: torch.device, clock: PhaseClock) -> dict[str, Any]:
@@ -438,6 +467,10 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{fmt(ours['train_tflops_per_s'], '.0f')} TFLOP/s = {fmt(100 * ours['train_mfu'], '.0f')}% of "
                 f"{fmt(ours['matmul_peak_tflops'], '.0f')} (bf16 matmul, measured) | | | |"
             )
+        if ours.get("syncs"):  # --sync-report
+            sy = ours["syncs"]
+            per = ", ".join(f"{k} {v}" for k, v in sy["per_phase"].items())
+            lines.append(f"| {c['config']} | ours, host waits in one step | {sy['total']} ({per}) | | | |")
         if c.get("speedup"):
             lines.append(
                 f"| {c['config']} | **ratio** | **{c['speedup']:.2f}x faster** | | "
@@ -449,7 +482,9 @@ def markdown(results: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of the orchestrator and of its workers."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=["A"], help="A and/or B (tiny with --tiny)")
+    ap.add_argument(
+        "--configs", nargs="+", default=["A"], help="A, B and/or S (SmolLM2-135M widths); tiny with --tiny"
+    )
     ap.add_argument("--systems", nargs="+", default=["trl", "ours"])
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny models, 8 prompts x 16 tokens")
     ap.add_argument("--steps", type=int, default=6, help="steps per system, the first is warm-up")
@@ -464,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--score-micro", type=int, default=0, help="ours: scoring micro-batch (0: whole batch)")
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--profile", action="store_true", help="ours: one more step under torch.profiler")
+    ap.add_argument(
+        "--sync-report", action="store_true",
+        help="ours: one more step under CUDA sync debug mode: the host's waits per phase and source line",
+    )  # fmt: skip
     ap.add_argument(
         "--offload-idle", action="store_true", help="ours: reference and RM on the host except while scoring"
     )
@@ -547,6 +586,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         passthrough.append("--tiny")
     if args.profile:
         passthrough.append("--profile")
+    if args.sync_report:
+        passthrough.append("--sync-report")
     if args.offload_idle:
         passthrough.append("--offload-idle")
     flags = (

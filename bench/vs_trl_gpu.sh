@@ -38,6 +38,8 @@
 #   bash bench/vs_trl_gpu.sh x2   # after x, same warm machine: the RM recipe on SmolLM2, packed then padded, one epoch
 #   bash bench/vs_trl_gpu.sh y    # session 19: branch packed-passes: its tests on the GPU, PPO A packed / padded /
 #                                 # packed, PPO B (8-bit, micro 32) packed / padded
+#   bash bench/vs_trl_gpu.sh s22  # session 22: PPO on SmolLM2-135M's widths (config S), packed / padded, this tree
+#                                 # against .base22 (main before the session with this bench/), with sync reports
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
@@ -305,6 +307,29 @@ print("compile frames per step", [r.get("compile/frames") for r in steps])
 PY
   done
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
+fi
+if [ "$phase" = s22 ]; then  # session 22: PPO on SmolLM2-135M's widths (config S: 30 layers of 576, launch-bound at
+  # micro 16), packed and padded passes, this tree (host-to-device copies without a wait, the update's row lengths
+  # from its one read) against $BASE (.base22: main before it, with this bench/); this tree's runs add a sync report
+  check_tree "${BASE:-.base22}"
+  S="--configs S --systems ours --keep-cache --compile-blocks --master-weights --micro 16 --timeout 100"
+  for mode in on off; do
+    for tree in . "${BASE:-.base22}"; do
+      name=$(tree_name "$tree")_$mode; extra=$([ "$tree" = . ] && echo --sync-report)
+      python3 "$tree/bench/ppo_vs_trl.py" $S $extra --packed-passes $mode --work $WORK/s_$name --out "$OUT/s16_$name" \
+        > "$OUT/s16_$name.log" 2>&1
+      grep -E "^\| S" "$OUT/s16_$name.log" | sed "s/^/$name /" | tee -a "$OUT/ppo_log.txt"
+    done
+  done
+  python3 - "$OUT" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
+    o = json.load(open(f))["configs"][0]["ours"]
+    print(f.split("/")[-2], o.get("step_times_s"), o.get("dynamo"), o.get("error"))
+    for k, v in (o.get("syncs") or {}).get("top", [])[:12]:
+        print("   ", v, k)
+PY
+  rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = y ]; then  # session 19: the padding-free passes (branch packed-passes) on the GPU: its tests, then
   # PPO A (micro 64) packed / padded / packed, then B (8-bit, micro 32) packed / padded; results in results.tgz

@@ -126,4 +126,4 @@ def aggregation_units(mask: torch.Tensor, mode: str) -> torch.Tensor:
     ``token_mean``, sequences otherwise (gradient accumulation weighs micro-batches by this)."""
     if mode == "token_mean":
         return mask.float().sum()
-    return torch.tensor(float(mask.shape[0]), device=mask.device)
+    return torch.full((), float(mask.shape[0]), device=mask.device)  # a fill: no host-to-device copy

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_kit.models.layout import real_runs
+from rlhf_kit.models.transfer import host_tensor
 
 
 @dataclass
@@ -189,18 +190,20 @@ def trim_responses(r: Rollout) -> Rollout:
     return r.map(lambda x: x[:, : x.shape[1] - cut] if x.dim() == 2 else x)
 
 
-def sample_extents(r: Rollout) -> tuple[list[int], list[int], list[int]]:
+def sample_extents(r: Rollout) -> tuple[list[int], list[int], list[int], list[int]]:
     """Per sample, the first prompt column it uses (after its left padding), how many response columns
-    it uses (up to its last response token), and 1 where its real tokens (``attention_mask``) form one
-    contiguous run, else 0; one device-to-host read for the three lists."""
+    it uses (up to its last response token), 1 where its real tokens (``attention_mask``) form one
+    contiguous run, else 0, and its real-token count (``attention_mask``); one device-to-host read for
+    the four lists."""
     p, n = r.prompt_length, r.response_mask.shape[1]
     used = r.attention_mask[:, :p] != 0
     first = torch.where(used.any(-1), used.int().argmax(-1), p)
     columns = torch.arange(1, n + 1, device=r.response_mask.device)
     last = (r.response_mask.ne(0) * columns).amax(-1) if n else torch.zeros_like(first)
     contiguous = real_runs(r.attention_mask)[1].long()
-    firsts, lasts, runs = torch.stack([first, last, contiguous]).tolist()
-    return firsts, lasts, runs
+    real = r.attention_mask.ne(0).sum(-1)
+    firsts, lasts, runs, lengths = torch.stack([first, last, contiguous, real]).tolist()
+    return firsts, lasts, runs, lengths
 
 
 def length_grouped_micro_batches(
@@ -216,7 +219,7 @@ def length_grouped_micro_batches(
     for idx in groups:
         first = min(firsts[i] for i in idx)
         keep = max(1, max(lasts[i] for i in idx))  # as trim_responses: at least one response column
-        sub = r[torch.tensor(idx, device=r.sequences.device)]
+        sub = r[host_tensor(idx, r.sequences.device, torch.long)]  # no device sync per micro-batch
         fields = {}
         for f in dataclasses.fields(sub):
             x = getattr(sub, f.name)

@@ -22,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from rlhf_kit.models.transfer import host_tensor
+
 #: What ``update_weights`` accepts: a model, a state dict, or an iterable of ``(hf_name, tensor)``.
 Weights = nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
@@ -163,7 +165,7 @@ def valid_until_eos(tokens: torch.Tensor, eos: Sequence[int]) -> tuple[torch.Ten
         return torch.ones_like(tokens, dtype=torch.bool), torch.zeros(
             tokens.shape[0], dtype=torch.bool, device=tokens.device
         )
-    is_eos = torch.isin(tokens, torch.tensor(list(eos), device=tokens.device))
+    is_eos = torch.isin(tokens, host_tensor(list(eos), tokens.device, torch.long))
     before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
     return before == 0, is_eos.any(dim=1)
 

@@ -70,6 +70,7 @@ from rlhf_kit.generation.static_cache import (
     static_kv_attention,
 )
 from rlhf_kit.models.compile import compile_blocks, compile_edges
+from rlhf_kit.models.transfer import host_tensor
 
 __all__ = ["ATTN_IMPLEMENTATION", "CompiledBackend", "filter_top_k_top_p", "sample_from_scores"]
 
@@ -385,7 +386,7 @@ class CompiledBackend:
         logp = bufs.out_lp[:n_rows, :done_steps].clone()
         ended = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
         if eos:
-            is_eos = torch.isin(tokens, torch.tensor(eos, device=self.device)) & valid
+            is_eos = torch.isin(tokens, host_tensor(list(eos), self.device, torch.long)) & valid
             ended = is_eos.any(1)
         dev, prefill = input_ids.device, "compiled" if compiled_prefill else "eager"
         info = dict(backend="compiled", mode=self.mode, bucket=b, steps=done_steps, prefill=prefill)

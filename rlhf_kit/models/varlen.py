@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_kit.models.transfer import host_tensor
+
 IMPLEMENTATION = "rlhf_kit_packed"
 
 try:  # torch >= 2.10: variable-length flash attention (CUDA only)
@@ -191,7 +193,7 @@ def packing(lengths: torch.Tensor, multiple: int = 64, host: Sequence[int] | Non
     filler = total - real
     if filler:
         bounds.append(total)
-    cu = torch.tensor(bounds, dtype=torch.int32, device=lengths.device)
+    cu = host_tensor(bounds, lengths.device, torch.int32)  # no wait for the device (models/transfer.py)
     return Packing(
         lengths=lengths.long(),
         starts=cu[: len(host)].long(),

@@ -27,7 +27,8 @@ from rlhf_kit.training.metrics import scalars_to_floats
 def global_mean(x: torch.Tensor) -> float:
     """Mean of ``x`` over every element on every rank (sum and count all-reduced; plain mean without a
     process group)."""
-    total = torch.stack([x.detach().double().sum(), torch.tensor(float(x.numel()), device=x.device).double()])
+    count = torch.full((), float(x.numel()), dtype=torch.float64, device=x.device)  # a fill: no copy
+    total = torch.stack([x.detach().double().sum(), count])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()

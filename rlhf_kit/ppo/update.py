@@ -16,6 +16,7 @@ from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.models.attention import padding_safe_sdpa
 from rlhf_kit.models.layout import LeftAlignment
+from rlhf_kit.models.transfer import host_tensor
 from rlhf_kit.models.value import response_values
 from rlhf_kit.ppo.advantages import global_mean
 from rlhf_kit.ppo.experience import ExperienceConfig
@@ -199,7 +200,7 @@ def _micro_batches(mb: Rollout, cfg: UpdateConfig) -> list[tuple[Rollout, LeftAl
     sizes over the samples sorted longest first, or a token budget with the same count on every rank.
     Each micro-batch comes with its rows' left padding (:class:`rlhf_kit.models.layout.LeftAlignment`),
     known from the one read of the lengths, so its forward passes need no read of their own."""
-    extents = firsts, lasts, runs = sample_extents(mb)  # one read of the lengths per mini-batch
+    extents = firsts, lasts, runs, lengths = sample_extents(mb)  # one read of the lengths per mini-batch
     prompts = [mb.prompt_length - f for f in firsts]
     if cfg.micro_batch_tokens <= 0:
         order = sorted(range(len(prompts)), key=lambda i: (-(prompts[i] + lasts[i]), i))
@@ -217,7 +218,12 @@ def _micro_batches(mb: Rollout, cfg: UpdateConfig) -> list[tuple[Rollout, LeftAl
         base = min(firsts[i] for i in group)
         shifts = [firsts[i] - base for i in group]
         device = micro.sequences.device
-        align = LeftAlignment(torch.tensor(shifts, device=device), max(shifts), all(runs[i] for i in group))
+        align = LeftAlignment(  # with the rows' real-token counts: a packed pass reads nothing either
+            host_tensor(shifts, device, torch.long),
+            max(shifts),
+            all(runs[i] for i in group),
+            tuple(lengths[i] for i in group),
+        )
         out.append((micro, align))
     return out
 

@@ -199,7 +199,7 @@ def test_function_scorer_decodes_prompt_and_response(tokenizer):
     assert seen["p"][1] == tokenizer.decode(gen.sequences[1, 2:5])
 
 
-def _update(actor, critic, rollout, micro, mini, epochs=1, tokens=0):
+def _update(actor, critic, rollout, micro, mini, epochs=1, tokens=0, packed="auto"):
     a_opt = torch.optim.AdamW(actor.parameters(), lr=1e-3)
     c_opt = torch.optim.AdamW(critic.parameters(), lr=1e-3)
     buf = RolloutBuffer(seed=0)
@@ -218,6 +218,7 @@ def _update(actor, critic, rollout, micro, mini, epochs=1, tokens=0):
             ppo_epochs=epochs,
             max_grad_norm=1e9,
             micro_batch_tokens=tokens,
+            packed=packed,
         ),
         ExperienceConfig(temperature=0.8),
     )
@@ -379,11 +380,15 @@ def test_update_forwards_run_without_cudnn_sdpa(tokenizer, four_models):
     assert cudnn_sdpa_enabled()
 
 
-def test_update_reads_statistics_to_the_host_once_not_per_micro_batch(tokenizer, four_models, monkeypatch):
+@pytest.mark.parametrize("packed", ["off", "on"])
+def test_update_reads_statistics_to_the_host_once_not_per_micro_batch(
+    tokenizer, four_models, monkeypatch, packed
+):
     """Each float() of a device tensor waits for the GPU; the micro-batch loop must not do one per
     statistic (the host would stall before every forward): the count of our reads (those made from
     rlhf_kit's code; transformers' mask building makes its own) does not grow with the number of
-    micro-batches, and the statistics are still plain floats."""
+    micro-batches, and the statistics are still plain floats. Packed passes too: each micro-batch's
+    real-token counts come with the mini-batch's one read of the extents."""
     import sys
 
     actor, ref, critic, rm = four_models
@@ -402,13 +407,16 @@ def test_update_reads_statistics_to_the_host_once_not_per_micro_batch(tokenizer,
 
     def reads_for(micro):
         reads["n"] = 0
-        stats = _update(copy.deepcopy(actor), copy.deepcopy(critic), r, micro=micro, mini=4)
+        stats = _update(copy.deepcopy(actor), copy.deepcopy(critic), r, micro=micro, mini=4, packed=packed)
         return reads["n"], stats
 
     n4, s4 = reads_for(4)  # one micro-batch
     n1, s1 = reads_for(1)  # four micro-batches
     assert n1 == n4, (n1, n4)
     assert set(s1) == set(s4) and all(isinstance(v, float) and math.isfinite(v) for v in s1.values())
+    if packed == "on":  # the same update as the padded passes
+        padded = _update(copy.deepcopy(actor), copy.deepcopy(critic), r, micro=1, mini=4, packed="off")
+        assert s1 == pytest.approx(padded, rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -84,8 +84,9 @@ def test_length_grouped_micro_batches_drop_only_padding():
         r.sequences[i, :k] = 0
         r.attention_mask[i, :k] = 0
     r.sequences[:, :5] += torch.arange(5)  # distinct prompt tokens, so a shifted column would show
-    firsts, lasts, runs = sample_extents(r)
+    firsts, lasts, runs, lengths = sample_extents(r)
     assert firsts == pads and lasts == [6, 2, 4, 1] and runs == [1, 1, 1, 1]
+    assert lengths == [5 - k + n for k, n in zip(pads, [6, 2, 4, 1])]  # real prompt + response tokens
     holes = r.attention_mask.clone()
     holes[0, 6] = 0  # a pad inside sample 0's response: not one run of real tokens
     assert sample_extents(Rollout(**{**r.__dict__, "attention_mask": holes}))[2] == [0, 1, 1, 1]
