@@ -116,7 +116,8 @@ class Config(SupervisedOptions):
     packed_passes: Literal["auto", "on", "off"] = "auto"
     """Score each micro-batch padding-free: its sequences end to end in one row under variable-length
     flash attention (rlhf_kit.models.varlen). auto: on CUDA in bf16/fp16 for the model types verified
-    (rlhf_kit.models.varlen.PACKED_MODEL_TYPES); on: refuse a model outside them; off: padded rows."""
+    (rlhf_kit.models.varlen.PACKED_MODEL_TYPES) of hidden size 1024 or more; on: pack any verified model
+    (refuse others); off: padded rows."""
 
 
 def check_config(cfg: Config) -> int:

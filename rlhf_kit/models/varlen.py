@@ -87,9 +87,9 @@ def unsupported_reason(model: nn.Module, width: int) -> str | None:
 def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -> bool:
     """Whether a forward of ``input_ids (b, t)`` through ``model`` runs packed under ``setting``:
     ``"off"``/False never; ``"on"``/True always (``ValueError`` when :func:`unsupported_reason` objects);
-    ``"auto"`` where it is exact and fast: a supported model, on CUDA with ``varlen_attn``, computing in
-    bf16/fp16 (:func:`_half_compute`; elsewhere the packed attention builds an ``(N, N)`` mask: for tests,
-    not speed)."""
+    ``"auto"`` where it is exact and fast: a supported model at least :data:`PACKED_AUTO_MIN_HIDDEN` wide,
+    on CUDA with ``varlen_attn``, computing in bf16/fp16 (:func:`_half_compute`; elsewhere the packed
+    attention builds an ``(N, N)`` mask: for tests, not speed)."""
     if setting in (False, "off"):
         return False
     if setting not in (True, "on", "auto"):
@@ -100,9 +100,22 @@ def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -
             raise ValueError(f"packed passes are on, but {reason}")
         return True
     dev = input_ids.device
-    return (
-        reason is None and _varlen_attn is not None and dev.type == "cuda" and _half_compute(model, dev.type)
-    )
+    if reason is not None or _varlen_attn is None or dev.type != "cuda":
+        return False
+    return _hidden_size(model) >= PACKED_AUTO_MIN_HIDDEN and _half_compute(model, dev.type)
+
+
+#: ``"auto"`` packs models at least this wide (``hidden_size``). Narrower ones run launch-bound kernels,
+#: where the packing's gathers cost more than the padding they skip: SmolLM2-135M (576 wide, 30 layers)
+#: scored 42% and trained 61% slower packed; 1024 wide was a tie (0.76 GiB less memory), 2048 wide 4.7%
+#: faster (docs/benchmarks.md, sessions 19 and 22).
+PACKED_AUTO_MIN_HIDDEN = 1024
+
+
+def _hidden_size(model: nn.Module) -> int:
+    """The widest ``hidden_size`` (or GPT-2's ``n_embd``) among ``model``'s configs (0 if none names one)."""
+    sizes = [getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0) for c in _configs(model).values()]
+    return max([int(s) for s in sizes if isinstance(s, int)], default=0)
 
 
 def _half_compute(model: nn.Module, device_type: str) -> bool:

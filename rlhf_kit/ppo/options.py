@@ -37,9 +37,9 @@ class EstimatorOptions:
     packed_passes: Literal["auto", "on", "off"] = "auto"
     """Score and train padding-free: each micro-batch's real tokens end to end in one sequence under
     variable-length flash attention (torch.nn.attention.varlen), no compute on padding. auto: on CUDA for
-    the model types verified (rlhf_kit.models.varlen.PACKED_MODEL_TYPES), with no sliding window shorter
-    than the rows (with --gradient-checkpointing too); on: refuse a model outside that; off: padded
-    passes."""
+    the model types verified (rlhf_kit.models.varlen.PACKED_MODEL_TYPES) of hidden size 1024 or more (a
+    narrower model ran slower packed), with no sliding window shorter than the rows (with
+    --gradient-checkpointing too); on: pack any verified model; off: padded passes."""
 
 
 def check_estimator_options(cfg, world_size: int) -> None:

@@ -253,6 +253,24 @@ def test_use_packed_follows_the_setting_and_refuses_what_it_cannot_do_exactly(to
         use_packed("on", llama, ids)
 
 
+def test_auto_packs_only_models_wide_enough_to_gain(tokenizer, monkeypatch):
+    """Where ``auto`` would pack (CUDA, varlen attention, half precision: stood in for here, as the CPU has
+    none of them), it packs a model at least ``PACKED_AUTO_MIN_HIDDEN`` wide and not a narrower one."""
+    from rlhf_kit.models import varlen
+
+    cuda_ids = type("Ids", (), {"shape": (2, 11), "device": torch.device("cuda")})()  # for a CUDA batch
+    monkeypatch.setattr(varlen, "_varlen_attn", lambda *a, **k: None)
+    monkeypatch.setattr(varlen, "_half_compute", lambda model, device_type: True)
+    narrow = make_causal_lm(tokenizer)  # hidden 64
+    assert varlen._hidden_size(narrow) == narrow.config.hidden_size
+    assert not use_packed("auto", narrow, cuda_ids)
+    assert use_packed("on", narrow, cuda_ids)  # "on" still packs it
+    monkeypatch.setattr(varlen, "PACKED_AUTO_MIN_HIDDEN", narrow.config.hidden_size)
+    assert use_packed("auto", narrow, cuda_ids)
+    gpt2 = make_causal_lm(tokenizer, family="gpt2")
+    assert varlen._hidden_size(gpt2) == gpt2.config.n_embd > 0
+
+
 @pytest.mark.parametrize("family", PACKED_MODEL_TYPES)
 def test_packed_reward_scores_equal_the_padded_ones(tokenizer, family, tmp_path):
     """The reward model's scores at each row's last real token, packed and padded (left-padded prompts,
