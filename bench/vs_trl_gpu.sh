@@ -311,10 +311,11 @@ fi
 if [ "$phase" = s22 ]; then  # session 22: PPO on SmolLM2-135M's widths (config S: 30 layers of 576, launch-bound at
   # micro 16), packed and padded passes, this tree (host-to-device copies without a wait, the update's row lengths
   # from its one read) against $BASE (.base22: main before it, with this bench/); this tree's runs add a sync report
-  check_tree "${BASE:-.base22}"
+  # TREES=. runs this tree only (no $BASE to carry)
+  trees=${TREES:-. ${BASE:-.base22}}; [ "$trees" = . ] || check_tree "${BASE:-.base22}"
   S="--configs S --systems ours --keep-cache --compile-blocks --master-weights --micro 16 --timeout 100"
   for mode in on off; do
-    for tree in . "${BASE:-.base22}"; do
+    for tree in $trees; do
       name=$(tree_name "$tree")_$mode; extra=$([ "$tree" = . ] && echo --sync-report)
       python3 "$tree/bench/ppo_vs_trl.py" $S $extra --packed-passes $mode --work $WORK/s_$name --out "$OUT/s16_$name" \
         > "$OUT/s16_$name.log" 2>&1
