@@ -92,3 +92,32 @@ def _restore_sdpa_backends():
     before = torch.backends.cuda.cudnn_sdp_enabled()
     yield
     torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+class HostReads(list):
+    """``(name, caller's file)`` of each read of a tensor's value on the host (:func:`host_reads`)."""
+
+    def ours(self) -> list[str]:
+        """The names of the reads made by rlhf_kit's own code (not transformers', not the test's)."""
+        import rlhf_kit
+
+        package = os.path.dirname(os.path.abspath(rlhf_kit.__file__)) + os.sep
+        return [name for name, where in self if os.path.abspath(where).startswith(package)]
+
+
+@pytest.fixture
+def host_reads(monkeypatch) -> HostReads:
+    """Counts every read of a tensor's value on the host: ``item``, ``tolist``, ``float()``, ``int()`` and
+    ``bool()`` (on a GPU each waits until the device has run everything queued before it)."""
+    import sys
+
+    reads = HostReads()
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(t, *a, _real=real, _name=name, **k):
+            reads.append((_name, sys._getframe(1).f_code.co_filename))
+            return _real(t, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads

@@ -152,7 +152,7 @@ def test_compute_advantages_known_answer():
     assert all(type(v) is float for v in stats.values())
 
 
-def test_compute_advantages_reads_the_device_twice(monkeypatch):
+def test_compute_advantages_reads_the_device_twice(host_reads):
     """The step's statistics come back in one stacked copy, plus the all-rank KL mean's: two reads of the
     device per step, not one per statistic (each would wait for the GPU's queue to drain)."""
     from rlhf_kit.rollout import Rollout
@@ -173,12 +173,9 @@ def test_compute_advantages_reads_the_device_twice(monkeypatch):
         scores=torch.randn(b, generator=g),
         finished=torch.tensor([True, False, True, True]),
     )
-    reads = []
-    for name in ("item", "tolist", "__float__", "__bool__"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, _n=name: reads.append(_n) or _r(t, *a))
+    host_reads.clear()
     _, stats = compute_advantages(r, 0.1, ExperienceConfig())
-    assert len(reads) == 2, reads
+    assert len(host_reads) == 2, host_reads
     assert len(stats) == 11 and all(type(v) is float for v in stats.values())
 
 
@@ -382,33 +379,22 @@ def test_update_forwards_run_without_cudnn_sdpa(tokenizer, four_models):
 
 @pytest.mark.parametrize("packed", ["off", "on"])
 def test_update_reads_statistics_to_the_host_once_not_per_micro_batch(
-    tokenizer, four_models, monkeypatch, packed
+    tokenizer, four_models, host_reads, packed
 ):
     """Each float() of a device tensor waits for the GPU; the micro-batch loop must not do one per
     statistic (the host would stall before every forward): the count of our reads (those made from
     rlhf_kit's code; transformers' mask building makes its own) does not grow with the number of
     micro-batches, and the statistics are still plain floats. Packed passes too: each micro-batch's
     real-token counts come with the mini-batch's one read of the extents."""
-    import sys
-
     actor, ref, critic, rm = four_models
     gen = fake_generation(tokenizer)
     cfg = ExperienceConfig(temperature=0.8)
     r, _ = compute_advantages(make_experience(gen, actor, ref, critic, RewardModelScorer(rm), cfg), 0.05, cfg)
-    reads = {"n": 0}
-    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _original=original, **k):
-            reads["n"] += "rlhf_kit" in sys._getframe(1).f_code.co_filename
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
 
     def reads_for(micro):
-        reads["n"] = 0
+        host_reads.clear()
         stats = _update(copy.deepcopy(actor), copy.deepcopy(critic), r, micro=micro, mini=4, packed=packed)
-        return reads["n"], stats
+        return len(host_reads.ours()), stats
 
     n4, s4 = reads_for(4)  # one micro-batch
     n1, s1 = reads_for(1)  # four micro-batches

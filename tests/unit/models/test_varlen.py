@@ -34,7 +34,7 @@ def test_packing_lays_rows_end_to_end_with_a_filler():
         packing(torch.tensor([1]), multiple=0)
 
 
-def test_pack_reads_nothing_on_the_host_and_packing_takes_known_lengths(tokenizer, monkeypatch):
+def test_pack_reads_nothing_on_the_host_and_packing_takes_known_lengths(tokenizer, host_reads):
     """``Packing.pack`` is a gather of fixed shape: it runs on the meta device, which holds no values (a
     boolean selection needs the count of selected values first: on a GPU, a wait for the device). A
     packed log-prob pass reads the host once: the lengths come with the alignment's read."""
@@ -49,12 +49,9 @@ def test_pack_reads_nothing_on_the_host_and_packing_takes_known_lengths(tokenize
         packing(torch.tensor([3, 0, 5, 2]), host=[3, 0, 5])
     model = make_causal_lm(tokenizer, seed=3).double()
     ids, mask, p = _rows()
-    reads = []
-    real_tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    host_reads.clear()
     packed = sequence_logprobs(model, ids, mask, p, packed="on")
-    assert len(reads) == 1, reads  # left_alignment's
-    monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
+    assert host_reads.ours() == ["tolist"], host_reads  # left_alignment's
     torch.testing.assert_close(packed, sequence_logprobs(model, ids, mask, p), atol=1e-10, rtol=1e-9)
 
 

@@ -137,23 +137,21 @@ def test_step_timer():
     assert timer.summary() == {}
 
 
-def test_scalars_to_floats_reads_the_device_once(monkeypatch):
+def test_scalars_to_floats_reads_the_device_once(host_reads):
     """Scalar tensors of any dtype and shape () or (1,) become floats through one stacked copy (each
     ``.item()`` would wait for the device on its own); plain numbers pass through; the order is kept."""
-    reads = []
-    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or real_tolist(t))
-    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or real_item(t))
     stats = {
         "a": torch.tensor(1.5),
         "b": 2,
         "c": torch.tensor([3], dtype=torch.long),
         "d": torch.tensor(0.25),
     }
+    host_reads.clear()
     out = scalars_to_floats(stats)
+    assert host_reads.ours() == ["tolist"]
     assert out == {"a": 1.5, "b": 2.0, "c": 3.0, "d": 0.25} and list(out) == ["a", "b", "c", "d"]
-    assert reads == ["tolist"]
-    assert scalars_to_floats({"x": 1}) == {"x": 1.0} and reads == ["tolist"]
+    host_reads.clear()
+    assert scalars_to_floats({"x": 1}) == {"x": 1.0} and not host_reads
 
 
 def test_compile_stats_count_compilations_and_recompilations():
