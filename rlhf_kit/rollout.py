@@ -175,15 +175,16 @@ class RolloutBuffer:
                 idx = order[s : s + batch_size]
                 if drop_last and len(idx) < batch_size:
                     break
-                mb = trim_responses(data[idx])
+                # the index on the data's device first: a CPU index would be copied (and waited for) per field
+                mb = trim_responses(data[host_tensor(idx, data.sequences.device, torch.long)])
                 yield mb.to(device) if device is not None else mb
 
 
 def trim_responses(r: Rollout) -> Rollout:
     """Drop trailing response columns that no sample of ``r`` uses."""
-    used = r.response_mask.sum(0).nonzero()
-    n_keep = int(used.max()) + 1 if used.numel() else 1
     n = r.response_mask.shape[1]
+    columns = torch.arange(1, n + 1, device=r.response_mask.device)
+    n_keep = max(int((r.response_mask.ne(0).any(0) * columns).amax()), 1) if n else 1  # one read
     if n_keep == n:
         return r
     cut = n - n_keep

@@ -15,12 +15,14 @@ import torch
 
 
 def host_tensor(
-    values: Sequence[int] | Sequence[float], device: torch.device | str, dtype: torch.dtype | None = None
+    values: Sequence[int] | Sequence[float] | torch.Tensor,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``values`` (a host list) as a tensor on ``device``: on CUDA an asynchronous copy from pinned memory
-    (no device synchronisation); elsewhere the plain tensor."""
+    """``values`` (a host list, or a CPU tensor) as a tensor on ``device``: on CUDA an asynchronous copy
+    from pinned memory (no device synchronisation); elsewhere the plain tensor."""
     device = torch.device(device)
-    cpu = torch.tensor(values, dtype=dtype)
+    cpu = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return cpu.to(device)
     return cpu.pin_memory().to(device, non_blocking=True)
