@@ -22,7 +22,12 @@ def host_tensor(
     """``values`` (a host list, or a CPU tensor) as a tensor on ``device``: on CUDA an asynchronous copy
     from pinned memory (no device synchronisation); elsewhere the plain tensor."""
     device = torch.device(device)
-    cpu = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu":  # already on a device: an ordinary copy
+            return values.to(device=device, dtype=dtype)
+        cpu = values if dtype is None else values.to(dtype)
+    else:
+        cpu = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return cpu.to(device)
     return cpu.pin_memory().to(device, non_blocking=True)

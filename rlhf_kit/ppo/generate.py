@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from rlhf_kit.models.transfer import host_tensor
+
 #: What happens to the backend's KV cache and captured CUDA graphs after a rollout (``--generation-cache``).
 GENERATION_CACHE = ("auto", "keep", "release")
 
@@ -50,7 +52,11 @@ def generate_rollouts(
         for s in range(0, len(prompts), micro_batch_size):
             batch = collate(list(prompts[s : s + micro_batch_size]))
             outs.append(
-                backend.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), params)
+                backend.generate(  # the prompts cross without a wait (pinned, non-blocking)
+                    host_tensor(batch["input_ids"], device),
+                    host_tensor(batch["attention_mask"], device),
+                    params,
+                )
             )
     finally:
         if release:
