@@ -199,6 +199,7 @@ def sequence_logprobs(
     in one sequence under variable-length attention (:mod:`rlhf_kit.models.varlen`); the same log-probs.
     ``"auto"`` packs where that is exact and fast (:func:`~rlhf_kit.models.varlen.use_packed`).
     """
+    from rlhf_kit.models.attention import maskless_causal
     from rlhf_kit.models.heads import position_ids_from_mask
     from rlhf_kit.models.layout import left_alignment
     from rlhf_kit.models.varlen import use_packed
@@ -212,7 +213,7 @@ def sequence_logprobs(
         b, t = input_ids.shape
         keep = n + 1 + la.max_shift  # from column p - 1 - max_shift: every row's first response logit
         index = la.response_index(response_start, n)  # (b, n) aligned columns that predict the response
-        with _head_reads(model, index, t):
+        with _head_reads(model, index, t), maskless_causal(model, t):  # no mask built, nothing read
             out = model(
                 input_ids=la.align(input_ids),
                 position_ids=torch.arange(t, device=input_ids.device).expand(b, t),

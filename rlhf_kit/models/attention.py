@@ -36,3 +36,34 @@ def padding_safe_sdpa() -> Iterator[None]:
 def cudnn_sdpa_enabled() -> bool:
     """Whether SDPA may currently pick the cuDNN kernel (False inside :func:`padding_safe_sdpa`)."""
     return bool(torch.backends.cuda.cudnn_sdp_enabled())
+
+
+#: transformers' SDPA attention, registered under this name without a mask function (:func:`maskless_causal`).
+MASKLESS_IMPLEMENTATION = "rlhf_kit_causal"
+
+
+@contextlib.contextmanager
+def maskless_causal(model: torch.nn.Module, width: int) -> Iterator[None]:
+    """For forwards of rows of up to ``width`` tokens without an attention mask, whose real tokens come
+    first in every row (left-aligned or right-padded rows: causal attention alone is exact for them).
+
+    transformers checks such a forward's position ids for packed sequences, a read of the device that
+    makes the host wait for the GPU once per forward. While active, every config of ``model`` that names
+    SDPA names :data:`MASKLESS_IMPLEMENTATION` instead: the same SDPA function, registered without a
+    mask function, so no mask is built and nothing is read; attention stays SDPA's causal path. Models
+    outside :data:`rlhf_kit.models.varlen.PACKED_MODEL_TYPES`, or with a sliding window shorter than
+    ``width`` (whose SDPA path builds a window mask), are left as they are. A layer recomputed later
+    under gradient checkpointing gets the same ``None`` mask and runs the same SDPA call."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from rlhf_kit.models.varlen import _configs, _implementation, unsupported_reason
+
+    configs = {k: c for k, c in _configs(model).items() if getattr(c, "_attn_implementation", None) == "sdpa"}
+    if not configs or unsupported_reason(model, width) is not None:
+        yield
+        return
+    if MASKLESS_IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(MASKLESS_IMPLEMENTATION, ALL_ATTENTION_FUNCTIONS["sdpa"])
+    with _implementation(configs, MASKLESS_IMPLEMENTATION):
+        yield

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForSequenceClassification
 
+from rlhf_kit.models.attention import maskless_causal
 from rlhf_kit.models.heads import (
     backbone_and_head,
     last_token_index,
@@ -95,7 +96,8 @@ def reward_scores(
         if la.contiguous:
             # Real tokens come first in every row, so causal attention alone never lets a real token
             # see a pad: the same scores, with no (b, 1, t, t) mask built and SDPA on its causal path.
-            model(input_ids=input_ids, use_cache=False)
+            with maskless_causal(model, input_ids.shape[1]):  # and no read of the position ids either
+                model(input_ids=input_ids, use_cache=False)
         else:
             model(
                 input_ids=input_ids,

@@ -78,6 +78,7 @@ def response_values(
     padding-free instead, every row's real tokens end to end (:mod:`rlhf_kit.models.varlen`; ``"auto"``:
     where that is exact and fast).
     """
+    from rlhf_kit.models.attention import maskless_causal
     from rlhf_kit.models.heads import unwrap
     from rlhf_kit.models.layout import left_alignment
     from rlhf_kit.models.varlen import packed_attention, packing, use_packed
@@ -93,7 +94,8 @@ def response_values(
             values = values[pk.index(la.response_index(prompt_length, n)).to(values.device)]
             return values * attention_mask[:, prompt_length:].to(values)
         if la.contiguous and 0 < la.max_shift < prompt_length:
-            values = critic(la.align(sequences), None)
+            with maskless_causal(critic, sequences.shape[1]):  # no mask built, nothing read
+                values = critic(la.align(sequences), None)
             values = values.gather(1, la.response_index(prompt_length, n).to(values.device))
             return values * attention_mask[:, prompt_length:].to(values)  # 0 on padding, either layout
     values = critic(sequences, attention_mask)

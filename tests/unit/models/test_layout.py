@@ -95,3 +95,39 @@ def test_the_lm_head_projects_only_the_response_positions(tokenizer, monkeypatch
     assert shapes[0] == (4, 5 + 1 + la.max_shift, len(tokenizer))  # every kept column projected
     torch.testing.assert_close(headless, slow, atol=1e-10, rtol=1e-9)
     handle.remove()
+
+
+def test_aligned_passes_skip_the_mask_builders_host_read(tokenizer, family, host_reads):
+    """A maskless forward of aligned rows skips transformers' check of the position ids for packed
+    sequences (``masking_utils``: a read of the device per forward), with the same outputs as the
+    masked forward; the config names SDPA again afterwards. A sliding window shorter than the rows keeps
+    transformers' own path (it builds the window's mask). (GPT-2's forward makes one read of its own:
+    whether the pad id is in the first or last column.)"""
+    from rlhf_kit.models import reward_scores
+
+    def mask_reads():
+        return [where for _, where in host_reads if where.endswith("masking_utils.py")]
+
+    model = make_causal_lm(tokenizer, family=family, seed=3).double()
+    assert model.config._attn_implementation == "sdpa"
+    ids, mask, p = _rows()
+    la = left_alignment(mask)
+    host_reads.clear()
+    fast = sequence_logprobs(model, ids, mask, p, alignment=la)
+    assert not mask_reads() and not host_reads.ours(), host_reads
+    assert model.config._attn_implementation == "sdpa"
+    slow = sequence_logprobs(model, ids, mask, p, alignment=_masked(la))
+    torch.testing.assert_close(fast * mask[:, p:], slow * mask[:, p:], atol=1e-10, rtol=1e-9)
+    critic = TokenValueModel(make_reward_model(tokenizer, family=family, seed=4).double())
+    host_reads.clear()
+    response_values(critic, ids, mask, p, alignment=la)
+    assert not mask_reads() and not host_reads.ours(), host_reads
+    rm = make_reward_model(tokenizer, family=family, seed=5).double()
+    host_reads.clear()
+    reward_scores(rm, ids, mask)
+    assert not mask_reads() and host_reads.ours() == ["tolist"], host_reads  # left_alignment's
+    if family == "mistral":
+        windowed = make_causal_lm(tokenizer, family="mistral", seed=3, sliding_window=4).double()
+        host_reads.clear()
+        sequence_logprobs(windowed, ids, mask, p, alignment=la)
+        assert mask_reads()
