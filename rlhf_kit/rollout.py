@@ -151,13 +151,15 @@ class RolloutBuffer:
         device: torch.device | str | None = None,
         drop_last: bool = False,
         group_size: int = 1,
+        trim: bool = True,
     ) -> Iterator[Rollout]:
         """Mini-batches of ``batch_size`` samples, ``epochs`` passes, order from the seeded generator.
 
         With ``group_size`` K > 1 the data is ``len / K`` consecutive groups (K samples of one prompt)
         and the shuffle moves whole groups, so a group is never split across mini-batches
         (``batch_size`` must be a multiple of K). Each mini-batch is trimmed to its own widest
-        response (right padding) to save compute.
+        response (right padding) to save compute, unless ``trim`` is False (a caller that cuts its
+        micro-batches to their own columns anyway saves the trim's read of the device).
         """
         data = self.data()
         total = data.batch_size
@@ -176,7 +178,8 @@ class RolloutBuffer:
                 if drop_last and len(idx) < batch_size:
                     break
                 # the index on the data's device first: a CPU index would be copied (and waited for) per field
-                mb = trim_responses(data[host_tensor(idx, data.sequences.device, torch.long)])
+                mb = data[host_tensor(idx, data.sequences.device, torch.long)]
+                mb = trim_responses(mb) if trim else mb
                 yield mb.to(device) if device is not None else mb
 
 

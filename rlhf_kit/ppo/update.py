@@ -129,8 +129,9 @@ def ppo_update(
             f"mini_batch_size samples); got {cfg.ppo_epochs} epoch(s) over {len(buffer)} samples in mini-batches "
             f"of {cfg.mini_batch_size}"
         )
+    # untrimmed: _micro_batches cuts each micro-batch to its own columns, so a trim would only cost a read
     batches = buffer.minibatches(
-        cfg.mini_batch_size, cfg.ppo_epochs, device=device, group_size=cfg.group_size
+        cfg.mini_batch_size, cfg.ppo_epochs, device=device, group_size=cfg.group_size, trim=False
     )
     for mb in batches:
         if train_actor:

@@ -424,6 +424,31 @@ def test_update_micro_batches_group_by_length_and_skip_padding(tokenizer, four_m
     assert seen == widths
 
 
+def test_update_leaves_the_trim_to_its_micro_batches(tokenizer, four_models, monkeypatch):
+    """The micro-batches are cut to their own columns, so the update takes its mini-batches untrimmed
+    (a trim reads the device once per mini-batch); the same update as over trimmed mini-batches."""
+    from rlhf_kit import rollout as rollout_module
+
+    actor, ref, critic, rm = four_models
+    gen = fake_generation(tokenizer)
+    cfg = ExperienceConfig(temperature=0.8)
+    r, _ = compute_advantages(make_experience(gen, actor, ref, critic, RewardModelScorer(rm), cfg), 0.05, cfg)
+    r.response_mask[:, -1] = 0  # a trailing column no sample uses: a trim would cut it
+    trimmed = rollout_module.trim_responses(r)  # every mini-batch trimmed: the column gone from all
+    assert trimmed.response_mask.shape[1] < r.response_mask.shape[1]
+    want = _update(copy.deepcopy(actor), copy.deepcopy(critic), trimmed, micro=2, mini=2)
+    trims = []
+    real = rollout_module.trim_responses
+    monkeypatch.setattr(rollout_module, "trim_responses", lambda x: trims.append(x) or real(x))
+    got = _update(copy.deepcopy(actor), copy.deepcopy(critic), r, micro=2, mini=2)
+    assert not trims
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    buf = RolloutBuffer(seed=0)
+    buf.set_data(r)
+    assert {mb.response_mask.shape[1] for mb in buf.minibatches(2, trim=False)} == {r.response_mask.shape[1]}
+    assert next(buf.minibatches(2)).response_mask.shape[1] < r.response_mask.shape[1]  # trim=True: cut
+
+
 def test_reference_is_a_private_fp32_copy_of_a_real_like_actor(tmp_path):
     """The reference is copied from the loaded actor (one read of the checkpoint): bf16 on disk, fp32 and
     equal to the actor in memory, its tied embeddings still tied, sharing no storage with the actor, so an
