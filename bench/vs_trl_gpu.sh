@@ -39,7 +39,8 @@
 #   bash bench/vs_trl_gpu.sh y    # session 19: branch packed-passes: its tests on the GPU, PPO A packed / padded /
 #                                 # packed, PPO B (8-bit, micro 32) packed / padded
 #   bash bench/vs_trl_gpu.sh s22  # session 22: PPO on SmolLM2-135M's widths (config S), packed / padded, this tree
-#                                 # against .base22 (main before the session with this bench/), with sync reports
+#                                 # against .base22 (main before the session with this bench/), with sync reports;
+#                                 # MICROS="32 64" adds this tree, padded, at those micro-batch sizes
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
@@ -322,6 +323,12 @@ if [ "$phase" = s22 ]; then  # session 22: PPO on SmolLM2-135M's widths (config 
       grep -E "^\| S" "$OUT/s16_$name.log" | sed "s/^/$name /" | tee -a "$OUT/ppo_log.txt"
     done
   done
+  for m in ${MICROS:-}; do  # MICROS="32 64": this tree, padded, one micro-batch size each (the launch-bound lever)
+    S="${S/--micro 16/--micro $m}"
+    python3 bench/ppo_vs_trl.py $S --packed-passes off --work $WORK/s_m$m --out "$OUT/s${m}_this_off" \
+      > "$OUT/s${m}_this_off.log" 2>&1
+    grep -E "^\| S" "$OUT/s${m}_this_off.log" | sed "s/^/this_off_micro$m /" | tee -a "$OUT/ppo_log.txt"
+  done
   python3 - "$OUT" <<'PY'
 import glob, json, sys
 for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
@@ -330,7 +337,7 @@ for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
     for k, v in (o.get("syncs") or {}).get("top", [])[:12]:
         print("   ", v, k)
 PY
-  rm -f "$OUT"/*/*.md; exit 0
+  rm -f "$OUT"/*/*.md; (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
 if [ "$phase" = y ]; then  # session 19: the padding-free passes (branch packed-passes) on the GPU: its tests, then
   # PPO A (micro 64) packed / padded / packed, then B (8-bit, micro 32) packed / padded; results in results.tgz
