@@ -120,6 +120,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         score_rollouts,
     )
     from rlhf_kit.rollout import RolloutBuffer
+    from rlhf_kit.training.memory_budget import MemoryBudget, cuda_probe
     from rlhf_kit.training.offload import offload_model, offloaded
     from rlhf_kit.training.precision import make_optimizer
 
@@ -174,6 +175,10 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         micro_batch_tokens=args.micro_tokens,
         packed=args.packed_passes,
     )
+    budget = None  # --micro-memory: the recipe's --micro-batch-memory (rlhf_kit.training.memory_budget)
+    if args.micro_tokens > 0 and args.micro_memory > 0:
+        budget = MemoryBudget(args.micro_tokens, args.micro_memory, sh["batch"] * (sh["prompt_len"] + sh["new_tokens"]),
+                              cuda_probe(device) if device.type == "cuda" else None)  # fmt: skip
     params = SamplingParams(max_new_tokens=sh["new_tokens"], temperature=1.0, ignore_eos=True)
     stream = PromptStream(prompts, seed=0)
     collate = PromptCollator(tok.pad_token_id)
@@ -215,8 +220,9 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         buffer.set_data(data)
         with autocast:
             tstats = ppo_update(
-                actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, upd_cfg, exp_cfg
-            )
+                actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, upd_cfg, exp_cfg,
+                budget=budget,
+            )  # fmt: skip
         clock.lap("train")
         backend.update_weights(iter_full_params(actor) if fsdp_bf16 else actor)
         clock.lap("sync")
@@ -230,6 +236,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
             "policy_loss": tstats.get("policy/loss"),
             "value_loss": tstats.get("value/loss"),
             "kl": stats["kl/seq_mean"],
+            "micro_batch_tokens": tstats.get("batch/micro_batch_tokens"),
         }
 
     for step in range(args.steps):
@@ -496,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--micro-tokens", type=int, default=0, help="ours: training micro-batches by this token budget"
     )
+    ap.add_argument(
+        "--micro-memory", type=float, default=0.0,
+        help="ours, with --micro-tokens: grow the budget after step 1 to this share of the GPU (MemoryBudget)",
+    )  # fmt: skip
     ap.add_argument("--score-micro", type=int, default=0, help="ours: scoring micro-batch (0: whole batch)")
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--profile", action="store_true", help="ours: one more step under torch.profiler")
@@ -580,7 +591,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     passthrough = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
                    "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                   "--micro", str(args.micro), "--micro-tokens", str(args.micro_tokens), "--score-micro", str(args.score_micro), "--lr", str(args.lr),
+                   "--micro", str(args.micro), "--micro-tokens", str(args.micro_tokens), "--micro-memory", str(args.micro_memory), "--score-micro", str(args.score_micro), "--lr", str(args.lr),
                    "--tokenizer", tok_dir, "--prompts", prompts_path]  # fmt: skip
     if args.tiny:
         passthrough.append("--tiny")

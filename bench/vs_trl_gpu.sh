@@ -41,6 +41,8 @@
 #   bash bench/vs_trl_gpu.sh s22  # session 22: PPO on SmolLM2-135M's widths (config S), packed / padded, this tree
 #                                 # against .base22 (main before the session with this bench/), with sync reports;
 #                                 # MICROS="32 64" adds this tree, padded, at those micro-batch sizes
+#   bash bench/vs_trl_gpu.sh s23  # session 23: PPO S and A at micro-batches of 16, fixed and grown to the GPU's memory
+#                                 # (--micro-memory 0.8, the recipe's --micro-batch-memory), and A at 64
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
@@ -308,6 +310,28 @@ print("compile frames per step", [r.get("compile/frames") for r in steps])
 PY
   done
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
+fi
+if [ "$phase" = s23 ]; then  # session 23: the update's micro-batches grown to the GPU's memory (MemoryBudget, the
+  # recipe's --micro-batch-memory 0.8), this tree: config S (SmolLM2-135M widths) and A at fixed micro-batches of 16,
+  # then 16 grown after step 1 (--micro-tokens 16 x 256 --micro-memory 0.8), and A at a fixed 64; padded passes on S
+  C="--systems ours --keep-cache --compile-blocks --master-weights --steps 8 --timeout 100"
+  for run in S_16 S_16grow A_16 A_16grow A_64; do
+    cfg=${run%%_*}; m=${run#*_}; m=${m%grow}
+    grow=$([ "${run%grow}" != "$run" ] && echo "--micro-tokens $((m * 256)) --micro-memory 0.8")
+    pp=$([ "$cfg" = S ] && echo "--packed-passes off")
+    python3 bench/ppo_vs_trl.py --configs $cfg $C --micro $m $grow $pp --work $WORK/m_$run --out "$OUT/m_$run" \
+      > "$OUT/m_$run.log" 2>&1
+    grep -E "^\| $cfg" "$OUT/m_$run.log" | sed "s/^/$run /" | tee -a "$OUT/ppo_log.txt"
+  done
+  python3 - "$OUT" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
+    o = json.load(open(f))["configs"][0]["ours"]
+    print(f.split("/")[-2], o.get("median_step_s"), o.get("median_phases_s"), o.get("peak_allocated_gib"), o.get("error"))
+    for s in o.get("steps", []):
+        print("   ", {k: s.get(k) for k in ("step_s", "micro_batch_tokens", "value_loss")}, s.get("phases_s"))
+PY
+  rm -f "$OUT"/*/*.md; (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
 if [ "$phase" = s22 ]; then  # session 22: PPO on SmolLM2-135M's widths (config S: 30 layers of 576, launch-bound at
   # micro 16), packed and padded passes, this tree (host-to-device copies without a wait, the update's row lengths

@@ -43,6 +43,7 @@ from rlhf_kit.ppo import (
     make_kl_controller,
     make_losses,
     make_scorer,
+    memory_budget,
     optimizer_state_offloaded,
     place_ppo_models,
     ppo_update,
@@ -177,6 +178,9 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     """Micro-batches by a padded-token budget (samples x (longest prompt + longest response)), longest
     first, as veRL's dynamic batch size; None: --micro-batch-size x (--max-prompt-length + --max-new-tokens),
     never more than a full-length fixed micro-batch; 0: --micro-batch-size samples each."""
+    micro_batch_memory: float = 0.8
+    """On a CUDA GPU, grow that budget once (the update after the first step, measured) to micro-batches
+    that fill up to this share of the GPU's memory: below it small models are launch-bound; 0: never."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up of actor and critic, in optimizer steps (NeMo-Aligner 10)."""
     weight_decay: float = 0.1
@@ -248,13 +252,9 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
     check_numbers(cfg, positive=POSITIVE, non_negative=NON_NEGATIVE, unit_interval=("gamma", "lam"))
     accum = resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size)
     check_estimator_options(cfg, world_size)
-    check_run_settings(cfg, world_size)  # batch arithmetic, model paths, prompt files, reward function
+    check_run_settings(cfg, world_size)  # batch arithmetic, sampling, model paths, prompt files, reward fn
     if cfg.master_weights and (world_size > 1 or cfg.fsdp):
         raise ValueError("--master-weights is for one process; with several, FSDP2 keeps the fp32 masters")
-    if cfg.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
-    if cfg.max_new_tokens < cfg.min_new_tokens:
-        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} < --min-new-tokens {cfg.min_new_tokens}")
     check_optimizer_choice(cfg, world_size=world_size, fsdp=cfg.fsdp)  # before auto's master weights
     note = settle_ppo_master_weights(cfg, cfg.mixed_precision, world_size=world_size, fsdp=cfg.fsdp)
     if note:  # only ever with one process
@@ -334,7 +334,8 @@ def main(cfg: PPOConfig) -> dict:
     # 5. Resume: weights, optimizers, schedules, KL controller, data position (and the server's state).
     step, ckpt_dir = 0, os.path.join(cfg.output_dir, "checkpoints")
     ckpt = {"models": placed.models, "optimizers": opts, "schedulers": scheds}
-    state = {"kl_controller": kl_ctl, "prompt_stream": stream, "remote": remote}
+    budget = memory_budget(cfg, acc.num_processes, device)  # micro-batches grown to the GPU's memory
+    state = {"kl_controller": kl_ctl, "prompt_stream": stream, "remote": remote, "budget": budget}
     if cfg.resume and latest_checkpoint(ckpt_dir) is not None:
         step = resume_ppo(ckpt_dir, ckpt, output_dir=cfg.output_dir, **state)
         sync_weights()
@@ -367,7 +368,7 @@ def main(cfg: PPOConfig) -> dict:
             ) if remote else None  # fmt: skip
             train_stats = ppo_update(
                 actor, critic, opts["actor"], opts.get("critic"), buffer, policy_loss, value_loss, update_cfg,
-                exp_cfg, backward=placed.backward, clip_grad=guard.clip(placed.clip_grad),
+                exp_cfg, backward=placed.backward, clip_grad=guard.clip(placed.clip_grad), budget=budget,
             )  # fmt: skip
             if critic_update is not None:
                 train_stats |= critic_update.result()

@@ -18,6 +18,7 @@ from rlhf_kit.ppo.experience import ExperienceConfig
 from rlhf_kit.ppo.remote import CriticTrainer
 from rlhf_kit.ppo.scorers import decode_samples
 from rlhf_kit.ppo.update import mean_over_ranks
+from rlhf_kit.training.memory_budget import MemoryBudget
 
 VALIDATION_KEYS = ("reward/score_mean", "reward/raw_score_mean", "kl/seq_mean", "response/length_mean")
 
@@ -118,10 +119,11 @@ def resume_ppo(
     prompt_stream,
     output_dir: str,
     remote: CriticTrainer | None = None,
+    budget: MemoryBudget | None = None,
 ) -> int:
     """Restore the latest checkpoint of ``ckpt_dir`` into ``ckpt`` (models, optimizers, schedulers), the
-    KL controller, the prompt stream's position and the server's state; metrics rows logged after that
-    step are dropped (they are logged again). Returns the step."""
+    KL controller, the prompt stream's position, the micro-batch budget and the server's state; metrics
+    rows logged after that step are dropped (they are logged again). Returns the step."""
     from rlhf_kit.training import dist as D
     from rlhf_kit.training.checkpoint import load_checkpoint
     from rlhf_kit.training.run import prepare_metrics_for_resume
@@ -132,6 +134,8 @@ def resume_ppo(
     D.barrier()  # no rank asks the server for values before it has reloaded
     kl_controller.load_state_dict(extra["kl_controller"])
     prompt_stream.load_state_dict(extra["prompt_stream"])
+    if budget is not None and "micro_batch_budget" in extra:  # cut as the uninterrupted run cuts
+        budget.load_state_dict(extra["micro_batch_budget"])
     prepare_metrics_for_resume(output_dir, step)  # rows past the checkpoint are logged again
     return step
 
@@ -145,6 +149,7 @@ def save_ppo_checkpoint(
     prompt_stream,
     keep_last: int,
     remote: CriticTrainer | None = None,
+    budget: MemoryBudget | None = None,
 ) -> dict[str, str]:
     """Everything an exact resume needs, atomically; the server's state first."""
     from rlhf_kit.training import dist as D
@@ -152,10 +157,10 @@ def save_ppo_checkpoint(
 
     if remote is not None and D.is_main_process():  # first, so `latest` never points at a step it lacks
         remote.save(f"checkpoints/step_{step}", keep_last=keep_last)
-    save_checkpoint(
-        ckpt_dir, step, **ckpt, keep_last=keep_last,
-        extra={"kl_controller": kl_controller.state_dict(), "prompt_stream": prompt_stream.state_dict()},
-    )  # fmt: skip
+    extra = {"kl_controller": kl_controller.state_dict(), "prompt_stream": prompt_stream.state_dict()}
+    if budget is not None:
+        extra["micro_batch_budget"] = budget.state_dict()
+    save_checkpoint(ckpt_dir, step, **ckpt, keep_last=keep_last, extra=extra)
 
 
 def save_final_models(

@@ -5,6 +5,7 @@ token-weighted gradient accumulation over micro-batches; statistics averaged ove
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from rlhf_kit.rollout import (
     pack_by_token_budget,
     sample_extents,
 )
+from rlhf_kit.training.memory_budget import MemoryBudget
 from rlhf_kit.training.metrics import scalars_to_floats
 from rlhf_kit.training.precision import grad_holder
 
@@ -80,6 +82,7 @@ def ppo_update(
     backward: Callable[[torch.Tensor], None] | None = None,
     clip_grad: Callable[[nn.Module, float], float] | None = None,
     device: torch.device | str | None = None,
+    budget: MemoryBudget | None = None,
 ) -> dict:
     """``ppo_epochs`` passes over the buffer in mini-batches, each one optimizer step per model with
     gradient accumulation over micro-batches.
@@ -98,6 +101,10 @@ def ppo_update(
     With ``exp_cfg.skip_old_logprobs`` the rollout makes exactly one optimizer step, so each
     micro-batch's forward (before the step) is the old policy: its detached log-probs are the ratio's
     denominator, and ``kl/seq_mean`` (the rollout's KL to the reference, over all ranks) is returned.
+
+    ``budget`` (a :class:`~rlhf_kit.training.memory_budget.MemoryBudget`, token-budget mode only:
+    ``cfg.micro_batch_tokens > 0``) replaces ``cfg.micro_batch_tokens``; in the second update it measures
+    the first micro-batch and grows to what the device holds, for the mini-batches after it.
     """
     train_actor = cfg.train_actor and actor_opt is not None
     train_critic = cfg.train_critic
@@ -133,14 +140,20 @@ def ppo_update(
     batches = buffer.minibatches(
         cfg.mini_batch_size, cfg.ppo_epochs, device=device, group_size=cfg.group_size, trim=False
     )
+    budgeted = budget is not None and cfg.micro_batch_tokens > 0
+    measure = budgeted and budget.wants_measurement()
+    trained = [m for m, on in ((actor, train_actor), (critic, train_critic)) if on]
     for mb in batches:
         if train_actor:
             p_tokens = _global_count(aggregation_units(_policy_mask(mb, exp_cfg), agg)).clamp(min=1)
         if train_critic:
             v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
-        for micro, align in _micro_batches(mb, cfg):
+        tokens = budget.tokens if budgeted else cfg.micro_batch_tokens
+        for micro, align in _micro_batches(mb, cfg, tokens):
+            watch = budget.measure(micro.sequences.numel(), _trained_params(trained)) if measure else nullcontext()
+            measure = False  # one micro-batch is measured
             # cuDNN's SDPA backward is NaN on the left-padding rows: see rlhf_kit.models.attention
-            with padding_safe_sdpa():
+            with padding_safe_sdpa(), watch:
                 p = micro.prompt_length
                 if train_actor:
                     pm = _policy_mask(micro, exp_cfg)
@@ -191,29 +204,39 @@ def ppo_update(
     out = {}
     for k, v in scalars_to_floats(totals).items():
         out[k] = v / (steps if k.endswith("grad_norm") else max(n_micro, 1))
+    if budgeted:  # the budget the next update cuts its micro-batches by
+        budget.update_done()
+        out["batch/micro_batch_tokens"] = budget.tokens
     if reuse:  # the mean over every rank's sequences, as compute_advantages reports it otherwise
         out["kl/seq_mean"] = global_mean(torch.cat(seq_kl) if seq_kl else torch.zeros(0, device=device))
     return out
 
 
-def _micro_batches(mb: Rollout, cfg: UpdateConfig) -> list[tuple[Rollout, LeftAlignment]]:
+def _trained_params(models: list[nn.Module]) -> list[nn.Parameter]:
+    return [p for m in models for p in m.parameters() if p.requires_grad]
+
+
+def _micro_batches(
+    mb: Rollout, cfg: UpdateConfig, tokens: int | None = None
+) -> list[tuple[Rollout, LeftAlignment]]:
     """The mini-batch cut by length (:func:`rlhf_kit.rollout.length_grouped_micro_batches`): fixed
     sizes over the samples sorted longest first, or a token budget with the same count on every rank.
     Each micro-batch comes with its rows' left padding (:class:`rlhf_kit.models.layout.LeftAlignment`),
     known from the one read of the lengths, so its forward passes need no read of their own."""
     extents = firsts, lasts, runs, lengths = sample_extents(mb)  # one read of the lengths per mini-batch
     prompts = [mb.prompt_length - f for f in firsts]
-    if cfg.micro_batch_tokens <= 0:
+    tokens = cfg.micro_batch_tokens if tokens is None else tokens
+    if tokens <= 0:
         order = sorted(range(len(prompts)), key=lambda i: (-(prompts[i] + lasts[i]), i))
         step = cfg.micro_batch_size
         groups = [order[s : s + step] for s in range(0, len(order), step)]
     else:
-        groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens)
+        groups = pack_by_token_budget(prompts, lasts, tokens)
         if dist.is_available() and dist.is_initialized():  # FSDP2: every rank the same number of passes
             count = torch.tensor(float(len(groups)), device=mb.sequences.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             if int(count) > len(groups):  # this rank needs fewer: cut again into as many as the most
-                groups = pack_by_token_budget(prompts, lasts, cfg.micro_batch_tokens, int(count))
+                groups = pack_by_token_budget(prompts, lasts, tokens, int(count))
     out = []
     for group, micro in zip(groups, length_grouped_micro_batches(mb, groups, extents)):
         base = min(firsts[i] for i in group)

@@ -18,6 +18,7 @@ from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.ppo.experience import ExperienceConfig
 from rlhf_kit.ppo.prompts import PromptStream
 from rlhf_kit.ppo.update import UpdateConfig
+from rlhf_kit.training.memory_budget import MemoryBudget, cuda_probe
 
 
 def experience_config(cfg: Any, stats: dict | None) -> ExperienceConfig:
@@ -79,6 +80,19 @@ def micro_batch_tokens(cfg: Any) -> int:
     return tokens
 
 
+def memory_budget(cfg: Any, world_size: int, device: Any) -> MemoryBudget | None:
+    """The update's micro-batch budget, grown on a CUDA device to ``--micro-batch-memory`` of its memory
+    (:class:`~rlhf_kit.training.memory_budget.MemoryBudget`); None with fixed micro-batches
+    (``--micro-batch-tokens 0``). Elsewhere (CPU) it stays at :func:`micro_batch_tokens`."""
+    tokens = micro_batch_tokens(cfg)
+    if tokens <= 0:
+        return None
+    fraction = getattr(cfg, "micro_batch_memory", 0.0)
+    probe = cuda_probe(device) if fraction > 0 and getattr(device, "type", str(device)) == "cuda" else None
+    whole = cfg.global_batch_size // world_size * (cfg.max_prompt_length + cfg.max_new_tokens)
+    return MemoryBudget(tokens, fraction, max_tokens=whole, probe=probe)
+
+
 def updates_per_step(cfg: Any) -> int:
     """Optimizer steps per PPO step: epochs x (rollout samples x samples per prompt) / global batch."""
     return cfg.ppo_epochs * cfg.num_rollout_samples * cfg.samples_per_prompt // cfg.global_batch_size
@@ -136,12 +150,19 @@ def load_prompt_sets(
 
 
 def check_run_settings(cfg: Any, world_size: int) -> None:
-    """The run's checks that need no model, past the single-field ones: batch arithmetic over ranks,
-    model paths, prompt files parsed (a bad line is one error now, not a traceback after the models),
-    ``--val-size`` leaving training prompts, the reward function's form. One-line ``ValueError`` each."""
+    """The run's checks that need no model, past the single-field ones: the micro-batch memory share,
+    sampling temperature and lengths, batch arithmetic over ranks, model paths, prompt files parsed (a
+    bad line is one error now, not a traceback after the models), ``--val-size`` leaving training
+    prompts, the reward function's form. One-line ``ValueError`` each."""
     from rlhf_kit.estimators import needs_critic
     from rlhf_kit.training.validate import check_model_path, check_path_exists
 
+    if not 0 <= getattr(cfg, "micro_batch_memory", 0.0) < 1:
+        raise ValueError(f"--micro-batch-memory must be in [0, 1), got {cfg.micro_batch_memory}")
+    if cfg.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.max_new_tokens < cfg.min_new_tokens:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} < --min-new-tokens {cfg.min_new_tokens}")
     if cfg.num_rollout_samples * cfg.samples_per_prompt % cfg.global_batch_size:
         raise ValueError(
             f"--num-rollout-samples {cfg.num_rollout_samples} x --samples-per-prompt {cfg.samples_per_prompt} "

@@ -477,3 +477,38 @@ def test_reference_is_a_private_fp32_copy_of_a_real_like_actor(tmp_path):
             p.add_(0.1)
         after = sequence_logprobs(ref, ids, mask, 4)
     torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+def test_update_grows_its_micro_batches_from_the_memory_measured_in_its_second_update(tokenizer, four_models):
+    from rlhf_kit.training.memory_budget import MemoryBudget
+    from tests.unit.training.test_memory_budget import FakeDevice
+
+    actor, ref, critic, rm = four_models
+    cfg = ExperienceConfig(temperature=0.8)
+    r, _ = compute_advantages(
+        make_experience(fake_generation(tokenizer), actor, ref, critic, RewardModelScorer(rm), cfg), 0.05, cfg
+    )
+    # samples cost 11, 9, 6 and 5 padded tokens (sorted); a budget of 14 cuts 0 | 3 | 1 and 2, the whole
+    # mini-batch is 4 x 11 = 44 tokens: what a device with room to spare grows the budget to
+    dev = FakeDevice(total=10**12)
+    budget = MemoryBudget(tokens=14, fraction=0.8, max_tokens=44, probe=dev.probe())
+    upd = UpdateConfig(mini_batch_size=4, micro_batch_size=4, max_grad_norm=1e9, micro_batch_tokens=14)
+    a_opt = torch.optim.AdamW(actor.parameters(), lr=1e-4)
+    c_opt = torch.optim.AdamW(critic.parameters(), lr=1e-4)
+    passes = []
+    actor.register_forward_pre_hook(lambda module, args: passes.append(1))
+    counts, tokens = [], []
+    for _ in range(3):
+        buf = RolloutBuffer(seed=0)
+        buf.append(r)
+        before = len(passes)
+        stats = ppo_update(
+            actor, critic, a_opt, c_opt, buf, PPOPolicyLoss(0.2), ValueLoss(0.2), upd, cfg, budget=budget
+        )
+        counts.append(len(passes) - before)
+        tokens.append(stats["batch/micro_batch_tokens"])
+    # the first update makes the optimizer state; the second measures its first micro-batch and keeps
+    # its cut; the third runs the whole mini-batch in one pass
+    assert counts == [3, 3, 1]
+    assert tokens == [14, 44, 44]
+    assert budget.measured and budget.updates == 3

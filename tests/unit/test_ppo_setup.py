@@ -185,3 +185,36 @@ def test_update_token_budget_defaults_to_the_full_length_fixed_micro_batch():
     assert micro_batch_tokens(cfg) == 0
     cfg.micro_batch_tokens = 4096
     assert micro_batch_tokens(cfg) == 4096
+
+
+def test_memory_budget_measures_on_cuda_only_and_resumes_from_the_checkpoint(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from rlhf_kit.ppo import PromptStream, memory_budget, resume_ppo, save_ppo_checkpoint
+    from rlhf_kit.ppo.wiring import check_run_settings
+
+    cfg = SimpleNamespace(
+        micro_batch_size=4, max_prompt_length=100, max_new_tokens=28, micro_batch_tokens=None,
+        micro_batch_memory=0.8, global_batch_size=64,
+    )  # fmt: skip
+    cpu = memory_budget(cfg, world_size=2, device=torch.device("cpu"))
+    assert cpu.tokens == 4 * 128 and cpu.max_tokens == 32 * 128 and cpu.probe is None  # grows on CUDA only
+    assert memory_budget(cfg, 1, torch.device("cuda", 0)).probe is not None  # built, nothing touched yet
+    cfg.micro_batch_memory = 0.0
+    assert memory_budget(cfg, 1, torch.device("cuda", 0)).probe is None
+    cfg.micro_batch_tokens = 0  # fixed micro-batches: no budget at all
+    assert memory_budget(cfg, 1, torch.device("cpu")) is None
+    cfg.micro_batch_memory = 1.0
+    with pytest.raises(ValueError, match="--micro-batch-memory must be in"):
+        check_run_settings(cfg, 1)
+
+    # the grown budget is part of the checkpoint: a resumed run cuts as the uninterrupted one
+    cpu.tokens, cpu.measured, cpu.updates = 2048, True, 2
+    model = torch.nn.Linear(2, 2)
+    ckpt = {"models": {"m": model}, "optimizers": {}, "schedulers": {}}
+    state = {"kl_controller": make_kl_controller(0.1, False, 6.0, 100), "prompt_stream": PromptStream([[1], [2]])}
+    save_ppo_checkpoint(str(tmp_path / "ckpt"), 2, ckpt, keep_last=1, budget=cpu, **state)
+    fresh = memory_budget(SimpleNamespace(**{**vars(cfg), "micro_batch_tokens": None, "micro_batch_memory": 0.8}),
+                          2, torch.device("cpu"))  # fmt: skip
+    step = resume_ppo(str(tmp_path / "ckpt"), ckpt, output_dir=str(tmp_path), budget=fresh, **state)
+    assert step == 2 and fresh.state_dict() == cpu.state_dict()

@@ -1,0 +1,117 @@
+"""MemoryBudget: the update's micro-batch token budget grown from one measured micro-batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from rlhf_kit.training.memory_budget import MemoryBudget, MemoryProbe
+
+
+class FakeDevice:
+    """Allocator counters driven by hand: ``hold(n)`` allocates, ``spike(n)`` a transient peak."""
+
+    def __init__(self, total: int, held: int = 0):
+        self.total, self.now, self.top = total, held, held
+
+    def hold(self, n: int) -> None:
+        self.now += n
+        self.top = max(self.top, self.now)
+
+    def spike(self, n: int) -> None:
+        self.top = max(self.top, self.now + n)
+
+    def probe(self) -> MemoryProbe:
+        def reset() -> None:
+            self.top = self.now
+
+        return MemoryProbe(lambda: self.now, lambda: self.top, reset, lambda f: int(f * self.total))
+
+
+def _micro_batch(dev: FakeDevice, params: list[nn.Parameter], tokens: int, per_token: int) -> None:
+    """What one forward and backward does to the counters: gradients appear, activations come and go."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+            dev.hold(p.numel() * p.element_size())
+    dev.spike(tokens * per_token)
+
+
+@pytest.mark.parametrize("grads_before", [False, True])
+def test_budget_grows_to_what_the_measured_micro_batch_says_fits(grads_before):
+    params = [nn.Parameter(torch.zeros(1000))]  # 4,000 bytes of gradient
+    dev = FakeDevice(total=100_000, held=10_000)  # weights, optimizer state, caches
+    if grads_before:  # the gradients may exist already (accumulation) or appear in this backward
+        _micro_batch(dev, params, 0, 0)
+    budget = MemoryBudget(tokens=100, fraction=0.5, max_tokens=10**6, probe=dev.probe())
+    budget.update_done()
+    assert budget.wants_measurement()
+    with budget.measure(100, params):
+        _micro_batch(dev, params, 100, per_token=50)
+    # 50 bytes per token; 50,000 may be filled, 10,000 held and 4,000 of gradients: 36,000 / 50
+    assert budget.bytes_per_token == 50
+    assert budget.tokens == 720 and budget.measured and not budget.wants_measurement()
+
+
+def test_budget_never_shrinks_and_stops_at_a_whole_mini_batch():
+    params = [nn.Parameter(torch.zeros(10))]
+    for total, expected in ((10_000, 100), (10**9, 5000)):  # too little memory: the configured 100 stays
+        dev = FakeDevice(total=total, held=4000)
+        budget = MemoryBudget(tokens=100, fraction=0.5, max_tokens=5000, probe=dev.probe())
+        budget.update_done()
+        with budget.measure(100, params):
+            _micro_batch(dev, params, 100, per_token=40)
+        assert budget.tokens == expected
+
+
+def test_measured_only_in_the_second_update_with_a_probe():
+    dev = FakeDevice(total=10**6)
+    budget = MemoryBudget(tokens=8, fraction=0.8, max_tokens=64, probe=dev.probe())
+    assert not budget.wants_measurement()  # the first update makes the optimizer state
+    budget.update_done()
+    assert budget.wants_measurement()
+    for other in (
+        MemoryBudget(tokens=8, fraction=0.8, max_tokens=64, probe=None),  # CPU
+        MemoryBudget(tokens=8, fraction=0.0, max_tokens=64, probe=dev.probe()),  # switched off
+        MemoryBudget(tokens=64, fraction=0.8, max_tokens=64, probe=dev.probe()),  # already a whole mini-batch
+    ):
+        other.update_done()
+        assert not other.wants_measurement()
+
+
+def test_state_round_trips_and_bad_settings_are_refused():
+    dev = FakeDevice(total=10**6)
+    a = MemoryBudget(tokens=8, fraction=0.8, max_tokens=10**4, probe=dev.probe())
+    a.update_done()
+    params = [nn.Parameter(torch.zeros(4))]
+    with a.measure(8, params):
+        _micro_batch(dev, params, 8, per_token=100)
+    b = MemoryBudget(tokens=8, fraction=0.8, max_tokens=10**4, probe=dev.probe())
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict() and b.tokens > 8 and not b.wants_measurement()
+    with pytest.raises(ValueError, match="tokens"):
+        MemoryBudget(tokens=0, fraction=0.5, max_tokens=8)
+    with pytest.raises(ValueError, match="fraction"):
+        MemoryBudget(tokens=8, fraction=1.0, max_tokens=8)
+
+
+def _two_ranks(rank: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+    try:
+        dev = FakeDevice(total=(1 + rank) * 100_000)  # rank 1 has twice the memory
+        budget = MemoryBudget(tokens=10, fraction=0.5, max_tokens=10**6, probe=dev.probe())
+        budget.update_done()
+        with budget.measure(10, []):
+            dev.spike(10 * 10)
+        torch.save(budget.tokens, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_takes_the_smallest_ranks_budget(tmp_path):
+    mp.spawn(_two_ranks, args=(str(tmp_path),), nprocs=2)
+    # rank 0 fits 50,000 / 10 tokens, rank 1 twice that: both cut by rank 0's
+    assert [torch.load(tmp_path / f"{r}.pt") for r in range(2)] == [5000, 5000]
