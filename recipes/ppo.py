@@ -36,6 +36,7 @@ from rlhf_kit.ppo import (
     collect_experience,
     compute_advantages,
     experience_config,
+    generation_batch_size,
     generation_cache_mode,
     load_ppo_models,
     load_prompt_sets,
@@ -117,8 +118,8 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     """PPO steps: one rollout of --num-rollout-samples prompts plus its updates each."""
     num_rollout_samples: int = 16
     """Prompts per step across all ranks (NeMo-Aligner 512; TRL: its batch size, 64-512 usual)."""
-    rollout_micro_batch_size: int = 8
-    """Prompts per generation call (and per scoring forward) on each rank (NeMo-Aligner 8)."""
+    rollout_micro_batch_size: int = 64
+    """Prompts per generation call and scoring forward on each rank, at most its share (TRL 64; NeMo 8)."""
     max_prompt_length: int = 128
     """Prompts are left-truncated to this many tokens, keeping the end of the dialogue (NeMo-Aligner:
     half the sequence length)."""
@@ -317,16 +318,16 @@ def main(cfg: PPOConfig) -> dict:
     exp_cfg = experience_config(cfg, stats)
     policy_loss, value_loss = make_losses(cfg, use_critic)  # no value loss without a critic
     dynamic = cfg.dynamic_dispatch and acc.num_processes > 1
+    gen_batch = generation_batch_size(cfg, acc.num_processes, dynamic)  # also the KV cache's rows
     backend, sync_weights = make_backend(
         cfg.backend, actor, tokenizer, actor_path=cfg.actor, accelerator=acc, dynamic=dynamic,
-        max_batch_size=cfg.rollout_micro_batch_size, max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens,
-        sharded=placed.sharded,
+        max_batch_size=gen_batch, max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens, sharded=placed.sharded,
     )  # fmt: skip
     timer = StepTimer()
     rollout = partial(
         collect_experience, backend, collate=PromptCollator(tokenizer.pad_token_id),
         params=sampling_params(cfg, tokenizer), models=models, scorer=scorer, cfg=exp_cfg,
-        generation_batch_size=cfg.rollout_micro_batch_size, device=device, pad_token_id=tokenizer.pad_token_id,
+        generation_batch_size=gen_batch, device=device, pad_token_id=tokenizer.pad_token_id,
         dynamic=dynamic, offload_frozen=cfg.offload_idle_models, phase=timer, autocast=acc.autocast, remote=remote,
         generation_cache=generation_cache_mode(cfg),
     )  # fmt: skip

@@ -70,6 +70,7 @@ from rlhf_kit.ppo.update import UpdateConfig, mean_over_ranks, ppo_update
 from rlhf_kit.ppo.wiring import (
     check_run_settings,
     experience_config,
+    generation_batch_size,
     generation_cache_mode,
     held_out_size,
     load_prompt_sets,
@@ -102,6 +103,7 @@ __all__ = [
     "experience_config",
     "generate_rollouts",
     "generate_rollouts_dynamic",
+    "generation_batch_size",
     "generation_cache_mode",
     "held_out_size",
     "keep_generation_cache",

@@ -43,6 +43,16 @@ def one_step_on_policy(cfg: Any) -> bool:
     return one_step and no_kl_reward
 
 
+def generation_batch_size(cfg: Any, world_size: int, dynamic: bool = False) -> int:
+    """Prompts per generation call on a rank, and the compiled backend's largest batch (its KV cache's
+    rows): ``--rollout-micro-batch-size``, but no more than the rank ever generates at once, its share of
+    a rollout or of the validation prompts (all of them with dynamic dispatch), so a small rollout does
+    not size the cache for 64."""
+    share = 1 if dynamic else world_size
+    most = max(cfg.num_rollout_samples * cfg.samples_per_prompt // share, -(-cfg.num_val_samples // share))
+    return max(1, min(cfg.rollout_micro_batch_size, most))
+
+
 def generation_cache_mode(cfg: Any) -> str:
     """``cfg.generation_cache``, except that ``"auto"`` releases the generation cache when the run offloads
     models or optimizer state: those runs asked for memory first."""

@@ -218,3 +218,20 @@ def test_memory_budget_measures_on_cuda_only_and_resumes_from_the_checkpoint(tmp
                           2, torch.device("cpu"))  # fmt: skip
     step = resume_ppo(str(tmp_path / "ckpt"), ckpt, output_dir=str(tmp_path), budget=fresh, **state)
     assert step == 2 and fresh.state_dict() == cpu.state_dict()
+
+
+def test_generation_batch_is_never_larger_than_what_a_rank_generates_at_once():
+    from types import SimpleNamespace
+
+    from rlhf_kit.ppo import generation_batch_size
+
+    cfg = SimpleNamespace(rollout_micro_batch_size=64, num_rollout_samples=16, samples_per_prompt=1, num_val_samples=8)
+    assert generation_batch_size(cfg, 1) == 16  # the KV cache is sized for 16 rows, not 64
+    assert generation_batch_size(cfg, 2) == 8  # each rank generates half
+    cfg.samples_per_prompt = 4  # each prompt repeated: 64 samples per rank
+    assert generation_batch_size(cfg, 1) == 64 and generation_batch_size(cfg, 2) == 32
+    cfg.samples_per_prompt, cfg.num_val_samples = 1, 40  # validation is the largest call
+    assert generation_batch_size(cfg, 1) == 40 and generation_batch_size(cfg, 4) == 10
+    assert generation_batch_size(cfg, 4, dynamic=True) == 40  # dynamic dispatch: every rank sees all
+    cfg.rollout_micro_batch_size = 8  # the setting caps it
+    assert generation_batch_size(cfg, 1) == 8
