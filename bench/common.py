@@ -181,18 +181,21 @@ def median_after_warmup(times: list[float], warmup: int) -> float:
 
 def reset_peak_memory(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
+        from rlhf_kit.training.memory_budget import forget_peaks
+
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        forget_peaks()
 
 
 def memory_stats(device: torch.device | str) -> dict[str, float]:
     """Peak allocated / reserved GiB since the last reset (zeros on CPU)."""
     if torch.device(device).type != "cuda":
         return {"peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0}
-    return {
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-    }
+    from rlhf_kit.training.memory_budget import peak_memory  # a MemoryBudget's reset does not hide a peak
+
+    allocated, reserved = peak_memory(device)
+    return {"peak_allocated_gib": allocated / 2**30, "peak_reserved_gib": reserved / 2**30}
 
 
 def matmul_peak_tflops(device: torch.device | str, n: int = 8192, reps: int = 20) -> float:

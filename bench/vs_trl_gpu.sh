@@ -311,6 +311,39 @@ PY
   done
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
+if [ "$phase" = s23r ]; then  # session 23: recipes/ppo.py itself on the GPU (embedded tiny default, 64 prompts x 64
+  # new tokens, one mini-batch, micro-batches of 4): --micro-batch-memory 0.8 (the default) against 0, then
+  # MemoryBudget on a real CUDA forward and backward (bytes per token; the peak kept across its reset)
+  export PYTHONPATH=/tmp/site:$PWD
+  for mm in 0.8 0; do
+    python3 recipes/ppo.py --output-dir $WORK/ppo_$mm --max-steps 6 --num-rollout-samples 64 --global-batch-size 64 \
+      --max-new-tokens 64 --micro-batch-memory $mm --val-check-interval 6 --save-interval 6 > "$OUT/recipe_$mm.log" 2>&1
+    echo "recipe --micro-batch-memory $mm: rc=$?"; tail -3 "$OUT/recipe_$mm.log"
+    python3 - "$WORK/ppo_$mm/metrics.jsonl" <<'PY'
+import json, sys
+for r in map(json.loads, open(sys.argv[1])):
+    if "time/train" in r:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k.split("/")[0] in
+               ("step", "time", "batch", "memory") or k in ("step", "value/loss", "policy/loss")})
+PY
+  done
+  python3 - <<'PY'
+import torch
+from torch import nn
+from rlhf_kit.training.memory_budget import MemoryBudget, cuda_probe, peak_memory
+dev = torch.device("cuda")
+big = torch.empty(2 * 2**30, dtype=torch.uint8, device=dev); del big  # a 2 GiB peak before the probe
+model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)).to(dev)
+budget = MemoryBudget(tokens=1024, fraction=0.8, max_tokens=10**9, probe=cuda_probe(dev))
+budget.update_done()
+x = torch.randn(1024, 1024, device=dev)
+with budget.measure(1024, list(model.parameters())):
+    model(x).square().mean().backward()
+print("bytes per token", budget.bytes_per_token, "budget tokens", budget.tokens,
+      "peak kept GiB", peak_memory(dev)[0] / 2**30, "counter GiB", torch.cuda.max_memory_allocated(dev) / 2**30)
+PY
+  exit 0
+fi
 if [ "$phase" = s23 ]; then  # session 23: the update's micro-batches grown to the GPU's memory (MemoryBudget, the
   # recipe's --micro-batch-memory 0.8), this tree: config S (SmolLM2-135M widths) and A at fixed micro-batches of 16,
   # then 16 grown after step 1 (--micro-tokens 16 x 256 --micro-memory 0.8), and A at a fixed 64; padded passes on S
@@ -339,7 +372,7 @@ if [ "$phase" = s22 ]; then  # session 22: PPO on SmolLM2-135M's widths (config 
   # TREES=. runs this tree only (no $BASE to carry)
   trees=${TREES:-. ${BASE:-.base22}}; [ "$trees" = . ] || check_tree "${BASE:-.base22}"
   S="--configs S --systems ours --keep-cache --compile-blocks --master-weights --micro 16 --timeout 100"
-  for mode in on off; do
+  for mode in ${MODES:-on off}; do  # MODES=off: padded passes only
     for tree in $trees; do
       name=$(tree_name "$tree")_$mode; extra=$([ "$tree" = . ] && echo --sync-report)
       python3 "$tree/bench/ppo_vs_trl.py" $S $extra --packed-passes $mode --work $WORK/s_$name --out "$OUT/s16_$name" \

@@ -43,18 +43,49 @@ class MemoryProbe:
     what this process holds plus what is free, whichever is less (other processes keep theirs)."""
 
 
+#: CUDA device index -> (allocated, reserved) peaks before a probe reset PyTorch's peak counters.
+_PEAKS_BEFORE: dict[int, tuple[int, int]] = {}
+
+
+def peak_memory(device: torch.device | str | int | None = None) -> tuple[int, int]:
+    """The process's peak (allocated, reserved) bytes on a CUDA device, over its whole life: PyTorch's
+    counters, or what they held before :func:`cuda_probe` reset them if that was more."""
+    index = _cuda_index(device)
+    now = torch.cuda.max_memory_allocated(index), torch.cuda.max_memory_reserved(index)
+    before = _PEAKS_BEFORE.get(index, (0, 0))
+    return max(now[0], before[0]), max(now[1], before[1])
+
+
+def forget_peaks() -> None:
+    """Drop the peaks kept from probe resets (after resetting PyTorch's own counters on purpose)."""
+    _PEAKS_BEFORE.clear()
+
+
+def _cuda_index(device: torch.device | str | int | None) -> int:
+    if isinstance(device, int):
+        return device
+    index = None if device is None else torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 def cuda_probe(device: torch.device | str) -> MemoryProbe:
-    """:class:`MemoryProbe` of one CUDA device (PyTorch's caching-allocator counters)."""
+    """:class:`MemoryProbe` of one CUDA device (PyTorch's caching-allocator counters). Its ``reset_peak``
+    keeps the peaks so far for :func:`peak_memory`, so a run's logged peak still covers its whole life."""
     device = torch.device(device)
+    index = _cuda_index(device)
 
     def capacity(fraction: float) -> int:
         free, total = torch.cuda.mem_get_info(device)
         return int(min(fraction * total, free + torch.cuda.memory_reserved(device)))
 
+    def reset_peak() -> None:
+        _PEAKS_BEFORE[index] = peak_memory(index)
+        torch.cuda.reset_peak_memory_stats(device)
+
     return MemoryProbe(
         allocated=lambda: torch.cuda.memory_allocated(device),
         peak=lambda: torch.cuda.max_memory_allocated(device),
-        reset_peak=lambda: torch.cuda.reset_peak_memory_stats(device),
+        reset_peak=reset_peak,
         capacity=capacity,
     )
 

@@ -325,12 +325,12 @@ class Averager:
 def device_memory_stats(prefix: str = "memory/") -> dict[str, float]:
     """Peak GPU memory of this process so far (GiB): allocated by tensors and reserved by the caching
     allocator. Empty on CPU."""
+    from rlhf_kit.training.memory_budget import peak_memory  # the peaks before a MemoryBudget's reset too
+
     if not torch.cuda.is_available():
         return {}
-    return {
-        f"{prefix}peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-        f"{prefix}peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-    }
+    allocated, reserved = peak_memory()
+    return {f"{prefix}peak_allocated_gib": allocated / 2**30, f"{prefix}peak_reserved_gib": reserved / 2**30}
 
 
 def compile_stats(prefix: str = "compile/") -> dict[str, float]:

@@ -115,3 +115,40 @@ def test_every_rank_takes_the_smallest_ranks_budget(tmp_path):
     mp.spawn(_two_ranks, args=(str(tmp_path),), nprocs=2)
     # rank 0 fits 50,000 / 10 tokens, rank 1 twice that: both cut by rank 0's
     assert [torch.load(tmp_path / f"{r}.pt") for r in range(2)] == [5000, 5000]
+
+
+def test_a_probe_reset_keeps_the_runs_peak_for_the_logged_memory(monkeypatch):
+    """cuda_probe resets PyTorch's peak counters to measure one micro-batch; the run's logged peak
+    (device_memory_stats) must still cover what came before (here CUDA's counters are faked)."""
+    from rlhf_kit.training import memory_budget as mb
+    from rlhf_kit.training.metrics import device_memory_stats
+
+    counters = {"allocated": 1 << 30, "peak": 6 << 30, "reserved_peak": 7 << 30}
+
+    def reset(device=None):
+        counters["peak"] = counters["reserved_peak"] = counters["allocated"]
+
+    fake = {
+        "is_available": lambda: True,
+        "current_device": lambda: 0,
+        "memory_allocated": lambda device=None: counters["allocated"],
+        "max_memory_allocated": lambda device=None: counters["peak"],
+        "max_memory_reserved": lambda device=None: counters["reserved_peak"],
+        "memory_reserved": lambda device=None: counters["allocated"],
+        "reset_peak_memory_stats": reset,
+        "mem_get_info": lambda device=None: (70 << 30, 80 << 30),
+    }
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(mb, "_PEAKS_BEFORE", {})
+    probe = mb.cuda_probe("cuda:0")
+    assert probe.capacity(0.5) == 40 << 30  # half of 80 GiB; 71 GiB free or held by this process
+    probe.reset_peak()
+    assert probe.peak() == 1 << 30  # the measurement sees only what comes after the reset
+    stats = device_memory_stats()
+    assert stats["memory/peak_allocated_gib"] == 6 and stats["memory/peak_reserved_gib"] == 7
+    counters["peak"] = 9 << 30  # a larger peak later is reported as such
+    assert device_memory_stats()["memory/peak_allocated_gib"] == 9
+    mb.forget_peaks()
+    counters["peak"] = 2 << 30
+    assert device_memory_stats()["memory/peak_allocated_gib"] == 2
