@@ -91,7 +91,14 @@ def cuda_probe(device: torch.device | str) -> MemoryProbe:
 
 
 def _grad_bytes(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    """Bytes of the gradients held on this device (an FSDP2 DTensor gradient: this rank's shard)."""
+    total = 0
+    for p in params:
+        g = p.grad
+        if g is not None:
+            g = g.to_local() if hasattr(g, "to_local") else g
+            total += g.numel() * g.element_size()
+    return total
 
 
 class MemoryBudget:

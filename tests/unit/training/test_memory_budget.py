@@ -152,3 +152,27 @@ def test_a_probe_reset_keeps_the_runs_peak_for_the_logged_memory(monkeypatch):
     mb.forget_peaks()
     counters["peak"] = 2 << 30
     assert device_memory_stats()["memory/peak_allocated_gib"] == 2
+
+
+def test_sharded_gradients_count_this_ranks_shard_only():
+    """An FSDP2 parameter's gradient is a DTensor whose numel() is the whole tensor's; the memory on this
+    device is its local shard, which is what the measurement must subtract."""
+    from types import SimpleNamespace
+
+    from rlhf_kit.training.memory_budget import _grad_bytes
+
+    class Sharded:  # DTensor's relevant surface: the global numel, to_local() for this rank's shard
+        def __init__(self, whole: int, local: int):
+            self.whole, self.local = whole, torch.zeros(local)
+
+        def numel(self) -> int:
+            return self.whole
+
+        def element_size(self) -> int:
+            return 4
+
+        def to_local(self) -> torch.Tensor:
+            return self.local
+
+    params = [SimpleNamespace(grad=Sharded(1000, 250)), SimpleNamespace(grad=torch.zeros(10)), SimpleNamespace(grad=None)]
+    assert _grad_bytes(params) == 250 * 4 + 10 * 4
