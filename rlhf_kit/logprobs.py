@@ -209,13 +209,13 @@ def sequence_logprobs(
     la = alignment if alignment is not None else left_alignment(attention_mask)
     if la.contiguous and la.max_shift < response_start and use_packed(packed, model, input_ids):
         logits = _packed_response_logits(model, input_ids, attention_mask, la, response_start)
-    elif la.contiguous and 0 < la.max_shift < response_start:
+    elif la.contiguous and la.max_shift < response_start:  # no left padding too: right padding needs no mask
         b, t = input_ids.shape
         keep = n + 1 + la.max_shift  # from column p - 1 - max_shift: every row's first response logit
         index = la.response_index(response_start, n)  # (b, n) aligned columns that predict the response
         with _head_reads(model, index, t), maskless_causal(model, t):  # no mask built, nothing read
             out = model(
-                input_ids=la.align(input_ids),
+                input_ids=la.align(input_ids) if la.max_shift else input_ids,
                 position_ids=torch.arange(t, device=input_ids.device).expand(b, t),
                 use_cache=False,
                 logits_to_keep=keep,

@@ -93,9 +93,9 @@ def response_values(
                 values = critic(ids, None, **pk.forward_kwargs(ids.device))[0]
             values = values[pk.index(la.response_index(prompt_length, n)).to(values.device)]
             return values * attention_mask[:, prompt_length:].to(values)
-        if la.contiguous and 0 < la.max_shift < prompt_length:
+        if la.contiguous and la.max_shift < prompt_length:  # with no left padding, right padding needs no mask
             with maskless_causal(critic, sequences.shape[1]):  # no mask built, nothing read
-                values = critic(la.align(sequences), None)
+                values = critic(la.align(sequences) if la.max_shift else sequences, None)
             values = values.gather(1, la.response_index(prompt_length, n).to(values.device))
             return values * attention_mask[:, prompt_length:].to(values)  # 0 on padding, either layout
     values = critic(sequences, attention_mask)

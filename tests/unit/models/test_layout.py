@@ -131,3 +131,31 @@ def test_aligned_passes_skip_the_mask_builders_host_read(tokenizer, family, host
         host_reads.clear()
         sequence_logprobs(windowed, ids, mask, p, alignment=la)
         assert mask_reads()
+
+
+def test_rows_without_left_padding_run_maskless_too(tokenizer, host_reads):
+    """A micro-batch cut to its own columns often has no left padding left, only responses of several
+    lengths: causal attention needs no mask for right padding either, so it takes the maskless path (no
+    mask built, no read of the device) with the masked forward's outputs."""
+
+    def mask_reads():
+        return [where for _, where in host_reads if where.endswith("masking_utils.py")]
+
+    model = make_causal_lm(tokenizer, seed=3).double()
+    ids, mask, p = _rows()
+    ids, mask = ids[:, 5:], mask[:, 5:]  # no prompt padding left in any row; responses of 5, 2, 4 and 1
+    p -= 5
+    mask[:, :p] = 1
+    la = left_alignment(mask)
+    assert la.max_shift == 0 and la.contiguous
+    host_reads.clear()
+    fast = sequence_logprobs(model, ids, mask, p, alignment=la)
+    assert not mask_reads(), host_reads
+    slow = sequence_logprobs(model, ids, mask, p, alignment=_masked(la))
+    assert mask_reads()  # the masked forward: transformers reads the mask to decide how to mask
+    torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-9)
+    critic = TokenValueModel(make_reward_model(tokenizer, seed=4).double())
+    host_reads.clear()
+    fast_v = response_values(critic, ids, mask, p, alignment=la)
+    assert not mask_reads(), host_reads
+    torch.testing.assert_close(fast_v, response_values(critic, ids, mask, p, alignment=_masked(la)))
