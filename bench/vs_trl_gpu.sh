@@ -342,7 +342,13 @@ with budget.measure(1024, list(model.parameters())):
 print("bytes per token", budget.bytes_per_token, "budget tokens", budget.tokens,
       "peak kept GiB", peak_memory(dev)[0] / 2**30, "counter GiB", torch.cuda.max_memory_allocated(dev) / 2**30)
 PY
-  exit 0
+  # then config S padded at micro-batches of 16 with the sync report (the host waits after this session)
+  python3 bench/ppo_vs_trl.py --configs S --systems ours --keep-cache --compile-blocks --master-weights --micro 16 \
+    --packed-passes off --sync-report --timeout 100 --work $WORK/s_sync --out "$OUT/s16_sync" > "$OUT/s16_sync.log" 2>&1
+  grep -E "^\| S" "$OUT/s16_sync.log"
+  python3 -c "import json,sys; o=json.load(open(sys.argv[1]))['configs'][0]['ours']; [print(v, k) for k, v in o['syncs']['top']]" \
+    "$OUT/s16_sync/ppo_vs_trl.json"
+  rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s23 ]; then  # session 23: the update's micro-batches grown to the GPU's memory (MemoryBudget, the
   # recipe's --micro-batch-memory 0.8), this tree: config S (SmolLM2-135M widths) and A at fixed micro-batches of 16,
