@@ -103,8 +103,9 @@ def ppo_update(
     denominator, and ``kl/seq_mean`` (the rollout's KL to the reference, over all ranks) is returned.
 
     ``budget`` (a :class:`~rlhf_kit.training.memory_budget.MemoryBudget`, token-budget mode only:
-    ``cfg.micro_batch_tokens > 0``) replaces ``cfg.micro_batch_tokens``; in the second update it measures
-    the first micro-batch and grows to what the device holds, for the mini-batches after it.
+    ``cfg.micro_batch_tokens > 0``) replaces ``cfg.micro_batch_tokens``; in the second update that trains
+    the actor (critic warm-up updates do not count) it measures the first micro-batch and grows to what the
+    device holds, for the mini-batches after it.
     """
     train_actor = cfg.train_actor and actor_opt is not None
     train_critic = cfg.train_critic
@@ -141,7 +142,10 @@ def ppo_update(
         cfg.mini_batch_size, cfg.ppo_epochs, device=device, group_size=cfg.group_size, trim=False
     )
     budgeted = budget is not None and cfg.micro_batch_tokens > 0
-    measure = budgeted and budget.wants_measurement()
+    # counted and measured only in updates that train everything this process trains (not a critic
+    # warm-up: the actor's activations and optimizer state would be missing from the measurement)
+    full = budgeted and (train_actor or actor_opt is None)
+    measure = full and budget.wants_measurement()
     trained = [m for m, on in ((actor, train_actor), (critic, train_critic)) if on]
     for mb in batches:
         if train_actor:
@@ -205,7 +209,8 @@ def ppo_update(
     for k, v in scalars_to_floats(totals).items():
         out[k] = v / (steps if k.endswith("grad_norm") else max(n_micro, 1))
     if budgeted:  # the budget the next update cuts its micro-batches by
-        budget.update_done()
+        if full:
+            budget.update_done()
         out["batch/micro_batch_tokens"] = budget.tokens
     if reuse:  # the mean over every rank's sequences, as compute_advantages reports it otherwise
         out["kl/seq_mean"] = global_mean(torch.cat(seq_kl) if seq_kl else torch.zeros(0, device=device))

@@ -498,7 +498,8 @@ def test_update_grows_its_micro_batches_from_the_memory_measured_in_its_second_u
     passes = []
     actor.register_forward_pre_hook(lambda module, args: passes.append(1))
     counts, tokens = [], []
-    for _ in range(3):
+    for train_actor in (False, True, True, True):
+        upd.train_actor = train_actor
         buf = RolloutBuffer(seed=0)
         buf.append(r)
         before = len(passes)
@@ -507,8 +508,9 @@ def test_update_grows_its_micro_batches_from_the_memory_measured_in_its_second_u
         )
         counts.append(len(passes) - before)
         tokens.append(stats["batch/micro_batch_tokens"])
-    # the first update makes the optimizer state; the second measures its first micro-batch and keeps
-    # its cut; the third runs the whole mini-batch in one pass
-    assert counts == [3, 3, 1]
-    assert tokens == [14, 44, 44]
+    # a critic warm-up update neither counts nor measures (the actor's memory is missing from it); the
+    # first actor update makes its optimizer state; the next measures its first micro-batch and keeps
+    # its cut; the last runs the whole mini-batch in one pass
+    assert counts == [0, 3, 3, 1]
+    assert tokens == [14, 14, 44, 44]
     assert budget.measured and budget.updates == 3
