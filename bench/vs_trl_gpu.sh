@@ -315,7 +315,7 @@ if [ "$phase" = s23r ]; then  # session 23: recipes/ppo.py itself on the GPU (em
   # new tokens, one mini-batch, micro-batches of 4): --micro-batch-memory 0.8 (the default) against 0, then
   # MemoryBudget on a real CUDA forward and backward (bytes per token; the peak kept across its reset)
   export PYTHONPATH=/tmp/site:$PWD
-  for mm in 0.8 0; do
+  for mm in ${MMS:-0.8 0}; do  # MMS=0.8: the default only
     python3 recipes/ppo.py --output-dir $WORK/ppo_$mm --max-steps 6 --num-rollout-samples 64 --global-batch-size 64 \
       --max-new-tokens 64 --micro-batch-memory $mm --val-check-interval 6 --save-interval 6 > "$OUT/recipe_$mm.log" 2>&1
     echo "recipe --micro-batch-memory $mm: rc=$?"; tail -3 "$OUT/recipe_$mm.log"
@@ -343,10 +343,9 @@ print("bytes per token", budget.bytes_per_token, "budget tokens", budget.tokens,
       "peak kept GiB", peak_memory(dev)[0] / 2**30, "counter GiB", torch.cuda.max_memory_allocated(dev) / 2**30)
 PY
   # then config S padded at micro-batches of 16 with the sync report (the host waits after this session)
-  python3 bench/ppo_vs_trl.py --configs S --systems ours --keep-cache --compile-blocks --master-weights --micro 16 \
+  [ "${SYNC:-1}" = 1 ] && python3 bench/ppo_vs_trl.py --configs S --systems ours --keep-cache --compile-blocks --master-weights --micro 16 \
     --packed-passes off --sync-report --timeout 100 --work $WORK/s_sync --out "$OUT/s16_sync" > "$OUT/s16_sync.log" 2>&1
-  grep -E "^\| S" "$OUT/s16_sync.log"
-  python3 -c "import json,sys; o=json.load(open(sys.argv[1]))['configs'][0]['ours']; [print(v, k) for k, v in o['syncs']['top']]" \
+  [ "${SYNC:-1}" = 1 ] && grep -E "^\| S" "$OUT/s16_sync.log" && python3 -c "import json,sys; o=json.load(open(sys.argv[1]))['configs'][0]['ours']; [print(v, k) for k, v in o['syncs']['top']]" \
     "$OUT/s16_sync/ppo_vs_trl.json"
   rm -f "$OUT"/*/*.md; exit 0
 fi
