@@ -95,6 +95,10 @@ def test_default_run_writes_models_metrics_and_checkpoints(default_run):
     ):  # fmt: skip
         assert len(series(rows, key)) == 4, key
     assert series(rows, "val/reward/score_mean"), "validation ran"
+    # the update's token budget: micro-batches of 2 at full length (128 + 8); it grows on a GPU only
+    assert series(rows, "batch/micro_batch_tokens") == [2 * 136] * 4
+    extra = torch.load(out / "checkpoints" / "step_4" / "extra.pt", weights_only=True)
+    assert extra["micro_batch_budget"] == {"tokens": 272, "measured": False, "updates": 4, "bytes_per_token": 0.0}
     assert any(r.get("table") == "val/samples" and r["rows"] for r in rows)
     assert sorted(p.name for p in (out / "data").iterdir()) == ["test_prompts.jsonl", "train_prompts.jsonl"]
     actor = AutoModelForCausalLM.from_pretrained(out / "final")
