@@ -150,12 +150,14 @@ def check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None
     if input_ids.shape[1] == 0:
         raise ValueError("prompts must have at least one column (p >= 1)")
     m = attention_mask.long()
-    # left padded <=> the mask never decreases along a row
-    if bool((m[:, 1:] < m[:, :-1]).any()):
-        bad = int((m[:, 1:] < m[:, :-1]).any(1).nonzero()[0, 0])
+    # left padded <=> the mask never decreases along a row; both checks in one read of the device
+    gaps, empty = (m[:, 1:] < m[:, :-1]).any(1), m.sum(1) == 0
+    gap_any, empty_any = torch.stack([gaps.any(), empty.any()]).tolist()
+    if gap_any:
+        bad = int(gaps.nonzero()[0, 0])
         raise ValueError(f"prompts must be left padded; row {bad} of attention_mask has a 0 after a 1")
-    if bool((m.sum(1) == 0).any()):
-        bad = int((m.sum(1) == 0).nonzero()[0, 0])
+    if empty_any:
+        bad = int(empty.nonzero()[0, 0])
         raise ValueError(f"prompt row {bad} is empty (attention_mask all 0)")
 
 

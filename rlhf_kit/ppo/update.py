@@ -80,7 +80,7 @@ def ppo_update(
     cfg: UpdateConfig,
     exp_cfg: ExperienceConfig,
     backward: Callable[[torch.Tensor], None] | None = None,
-    clip_grad: Callable[[nn.Module, float], float] | None = None,
+    clip_grad: Callable[[nn.Module, float], float | torch.Tensor] | None = None,
     device: torch.device | str | None = None,
     budget: MemoryBudget | None = None,
 ) -> dict:
@@ -117,7 +117,8 @@ def ppo_update(
             "(UpdateConfig.train_critic=False trains the actor only)"
         )
     backward = backward or (lambda loss: loss.backward())
-    clip_grad = clip_grad or (lambda m, n: float(torch.nn.utils.clip_grad_norm_(m.parameters(), n)))
+    # the default keeps the norm on the device (read with the other statistics at the end)
+    clip_grad = clip_grad or (lambda m, n: torch.nn.utils.clip_grad_norm_(m.parameters(), n))
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     # statistics stay on the device until the end: a float() per micro-batch statistic would wait for
     # the GPU each time and leave it idle while the host launches the next forward

@@ -514,3 +514,17 @@ def test_update_grows_its_micro_batches_from_the_memory_measured_in_its_second_u
     assert counts == [0, 3, 3, 1]
     assert tokens == [14, 14, 44, 44]
     assert budget.measured and budget.updates == 3
+
+
+def test_default_gradient_clipping_reads_nothing_until_the_end(tokenizer, four_models, host_reads):
+    """The update's default clip_grad keeps the gradient norms on the device (each float() would wait for
+    the GPU after every optimizer step); they reach the host with the other statistics, as floats."""
+    actor, ref, critic, rm = four_models
+    cfg = ExperienceConfig(temperature=0.8)
+    r, _ = compute_advantages(
+        make_experience(fake_generation(tokenizer), actor, ref, critic, RewardModelScorer(rm), cfg), 0.05, cfg
+    )
+    host_reads.clear()
+    stats = _update(actor, critic, r, micro=2, mini=2)  # two mini-batches: two optimizer steps per model
+    assert [name for name, where in host_reads if where.endswith("update.py")] == [], host_reads
+    assert isinstance(stats["policy/grad_norm"], float) and stats["value/grad_norm"] > 0

@@ -336,3 +336,17 @@ def test_prefill_runs_through_the_compiled_blocks_and_equals_hf(left_tokenizer, 
     out = backend.generate(wider, wide_mask, params)
     assert out.info["prefill"] == "eager" and out.info["prefill_width"] == wider.shape[1]
     assert torch.equal(out.responses, want.responses)
+
+
+def test_prompt_checks_read_the_device_once_and_name_the_bad_row(host_reads):
+    from rlhf_kit.generation.base import check_prompts
+
+    ids = torch.ones(3, 4, dtype=torch.long)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])
+    host_reads.clear()
+    check_prompts(ids, mask)  # valid prompts: one read for both checks (each read waits for a GPU)
+    assert host_reads.ours() == ["tolist"], host_reads
+    with pytest.raises(ValueError, match="row 2 of attention_mask has a 0 after a 1"):
+        check_prompts(ids, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [1, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="prompt row 1 is empty"):
+        check_prompts(ids, torch.tensor([[0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 1, 1]]))
