@@ -151,7 +151,7 @@ class MemoryBudget:
         room = probe.capacity(self.fraction) - (base - grads_before) - grads_after
         fits = int(room / self.bytes_per_token) if room > 0 else 0
         if dist.is_available() and dist.is_initialized():  # every rank cuts its micro-batches alike
-            t = torch.tensor(float(fits), device=_collective_device())
+            t = torch.tensor(float(fits), dtype=torch.float64, device=_collective_device())
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             fits = int(t.item())
         self.tokens = min(max(self.tokens, fits), self.max_tokens)
