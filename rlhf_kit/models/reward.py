@@ -19,7 +19,7 @@ from rlhf_kit.models.heads import (
     position_ids_from_mask,
     unwrap,
 )
-from rlhf_kit.models.layout import left_alignment
+from rlhf_kit.models.layout import LeftAlignment, left_alignment
 
 REWARD_STATS_FILE = "reward_stats.json"
 
@@ -61,7 +61,11 @@ def _head_output(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def reward_scores(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool | str = False
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    packed: bool | str = False,
+    alignment: LeftAlignment | None = None,
 ) -> torch.Tensor:
     """Score each sequence at its last real token: the last position where ``attention_mask`` is 1.
 
@@ -79,10 +83,12 @@ def reward_scores(
         pad == EOS (SmolLM2, Llama 3: the real last token is then taken for padding), so its pooled
         ``logits`` are not used. ``packed`` (``"auto"``, ``"on"`` or a bool; contiguous rows only): every
         row's real tokens end to end in one sequence instead (:mod:`rlhf_kit.models.varlen`).
+        ``alignment``: the mask's :class:`~rlhf_kit.models.layout.LeftAlignment` when the caller has it
+        (it saves this call's read of the device).
     """
     from rlhf_kit.models.varlen import packed_attention, packing, use_packed
 
-    la = left_alignment(attention_mask)
+    la = alignment if alignment is not None else left_alignment(attention_mask)
     if la.contiguous and la.max_shift:  # left-padded rows moved to the front: right padded
         input_ids, attention_mask = la.align(input_ids), la.align(attention_mask)
     if la.contiguous and use_packed(packed, model, input_ids):

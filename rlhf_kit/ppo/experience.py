@@ -19,6 +19,7 @@ from rlhf_kit.models.value import response_values
 from rlhf_kit.ppo.generate import generate_rollouts, generate_rollouts_dynamic, keep_generation_cache
 from rlhf_kit.ppo.models import PPOModels
 from rlhf_kit.ppo.remote import CriticInference
+from rlhf_kit.ppo.scorers import RewardModelScorer
 from rlhf_kit.rollout import Rollout
 
 OLD_LOGPROBS = ("recompute", "sampler")
@@ -149,7 +150,8 @@ def make_experience(
         if score is None:
             if scorer is None:
                 raise ValueError("make_experience: no scorer given and the critic server has no reward model")
-            score = scorer(seq[sl], am[sl], prompt_length=p, response_mask=rmask[sl])
+            known = {"alignment": la} if isinstance(scorer, RewardModelScorer) else {}  # no read of its own
+            score = scorer(seq[sl], am[sl], prompt_length=p, response_mask=rmask[sl], **known)
         vals.append(value)
         scores.append(score.float())
     m = rmask.float()

@@ -24,8 +24,11 @@ class RewardModelScorer:
         self.packed = packed
 
     @torch.no_grad()
-    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, **_) -> torch.Tensor:
-        return reward_scores(self.model, sequences, attention_mask, packed=self.packed)
+    def __call__(
+        self, sequences: torch.Tensor, attention_mask: torch.Tensor, alignment=None, **_
+    ) -> torch.Tensor:
+        """``alignment``: the batch's ``LeftAlignment`` if the caller has it (saves a read of the device)."""
+        return reward_scores(self.model, sequences, attention_mask, packed=self.packed, alignment=alignment)
 
 
 def decode_prompts_and_responses(

@@ -528,3 +528,16 @@ def test_default_gradient_clipping_reads_nothing_until_the_end(tokenizer, four_m
     stats = _update(actor, critic, r, micro=2, mini=2)  # two mini-batches: two optimizer steps per model
     assert [name for name, where in host_reads if where.endswith("update.py")] == [], host_reads
     assert isinstance(stats["policy/grad_norm"], float) and stats["value/grad_norm"] > 0
+
+
+def test_scoring_finds_each_micro_batchs_padding_once(tokenizer, four_models, host_reads):
+    """The reward model gets the alignment make_experience already read (each read waits for a GPU): one
+    read of the padding per scoring micro-batch, with the scores of the reward model's own read."""
+    actor, ref, critic, rm = four_models
+    gen = fake_generation(tokenizer)
+    cfg = ExperienceConfig(temperature=0.8, micro_batch_size=2)  # two scoring micro-batches
+    host_reads.clear()
+    r = make_experience(gen, actor, ref, critic, RewardModelScorer(rm), cfg)
+    padding_reads = [where for _, where in host_reads if where.endswith("layout.py")]
+    assert len(padding_reads) == 2, host_reads
+    torch.testing.assert_close(r.scores, reward_scores(rm, gen.sequences, gen.attention_mask))
