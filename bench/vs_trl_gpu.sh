@@ -80,6 +80,21 @@ got = os.path.dirname(os.path.dirname(os.path.abspath(rlhf_kit.__file__)))
 sys.exit(None if got == tree else f"{tree}/bench/ppo_vs_trl.py imports rlhf_kit from {got}")
 PY
 }
+ours_summary() {  # ours_summary DIR steps|syncs: each DIR/*/ppo_vs_trl.json's run, with its steps or host waits
+  python3 - "$1" "$2" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
+    o = json.load(open(f))["configs"][0]["ours"]
+    keys = ("median_step_s", "median_phases_s", "peak_allocated_gib", "step_times_s", "dynamo", "error")
+    print(f.split("/")[-2], {k: o.get(k) for k in keys})
+    if sys.argv[2] == "steps":
+        for s in o.get("steps", []):
+            print("   ", {k: s.get(k) for k in ("step_s", "micro_batch_tokens", "value_loss")}, s.get("phases_s"))
+    else:
+        for k, v in (o.get("syncs") or {}).get("top", [])[:12]:
+            print("   ", v, k)
+PY
+}
 tree_name() { [ "$1" = . ] && echo this || basename "$1" | tr -d .; }  # . -> this, .base4 -> base4
 ppo_a_trees() {  # PPO config A, ours with the arguments in $A, once per tree given (. or a $BASE archive)
   for tree in "$@"; do
@@ -361,14 +376,7 @@ if [ "$phase" = s23 ]; then  # session 23: the update's micro-batches grown to t
       > "$OUT/m_$run.log" 2>&1
     grep -E "^\| $cfg" "$OUT/m_$run.log" | sed "s/^/$run /" | tee -a "$OUT/ppo_log.txt"
   done
-  python3 - "$OUT" <<'PY'
-import glob, json, sys
-for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
-    o = json.load(open(f))["configs"][0]["ours"]
-    print(f.split("/")[-2], o.get("median_step_s"), o.get("median_phases_s"), o.get("peak_allocated_gib"), o.get("error"))
-    for s in o.get("steps", []):
-        print("   ", {k: s.get(k) for k in ("step_s", "micro_batch_tokens", "value_loss")}, s.get("phases_s"))
-PY
+  ours_summary "$OUT" steps
   rm -f "$OUT"/*/*.md; (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
 if [ "$phase" = s22 ]; then  # session 22: PPO on SmolLM2-135M's widths (config S: 30 layers of 576, launch-bound at
@@ -391,14 +399,7 @@ if [ "$phase" = s22 ]; then  # session 22: PPO on SmolLM2-135M's widths (config 
       > "$OUT/s${m}_this_off.log" 2>&1
     grep -E "^\| S" "$OUT/s${m}_this_off.log" | sed "s/^/this_off_micro$m /" | tee -a "$OUT/ppo_log.txt"
   done
-  python3 - "$OUT" <<'PY'
-import glob, json, sys
-for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
-    o = json.load(open(f))["configs"][0]["ours"]
-    print(f.split("/")[-2], o.get("step_times_s"), o.get("dynamo"), o.get("error"))
-    for k, v in (o.get("syncs") or {}).get("top", [])[:12]:
-        print("   ", v, k)
-PY
+  ours_summary "$OUT" syncs
   rm -f "$OUT"/*/*.md; (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
 if [ "$phase" = y ]; then  # session 19: the padding-free passes (branch packed-passes) on the GPU: its tests, then
