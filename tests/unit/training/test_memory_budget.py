@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from rlhf_kit.training.memory_budget import MemoryBudget, MemoryProbe
+from tests.gloo import spawn_ranks
 
 
 class FakeDevice:
@@ -98,21 +100,18 @@ def test_state_round_trips_and_bad_settings_are_refused():
         MemoryBudget(tokens=8, fraction=1.0, max_tokens=8)
 
 
-def _two_ranks(rank: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
-    try:
-        dev = FakeDevice(total=(1 + rank) * 100_000)  # rank 1 has twice the memory
-        budget = MemoryBudget(tokens=10, fraction=0.5, max_tokens=10**6, probe=dev.probe())
-        budget.update_done()
-        with budget.measure(10, []):
-            dev.spike(10 * 10)
-        torch.save(budget.tokens, f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _two_ranks(out: str, rank: int) -> None:
+    assert dist.get_world_size() == 2
+    dev = FakeDevice(total=(1 + rank) * 100_000)  # rank 1 has twice the memory
+    budget = MemoryBudget(tokens=10, fraction=0.5, max_tokens=10**6, probe=dev.probe())
+    budget.update_done()
+    with budget.measure(10, []):
+        dev.spike(10 * 10)
+    torch.save(budget.tokens, f"{out}/{rank}.pt")
 
 
 def test_every_rank_takes_the_smallest_ranks_budget(tmp_path):
-    mp.spawn(_two_ranks, args=(str(tmp_path),), nprocs=2)
+    spawn_ranks(partial(_two_ranks, str(tmp_path)), str(tmp_path / "store"))
     # rank 0 fits 50,000 / 10 tokens, rank 1 twice that: both cut by rank 0's
     assert [torch.load(tmp_path / f"{r}.pt") for r in range(2)] == [5000, 5000]
 
