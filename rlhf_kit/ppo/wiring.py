@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from rlhf_kit.data import hold_out, load_prompts, tokenize_prompts
 from rlhf_kit.data.tokenizer import stop_token_ids
 from rlhf_kit.generation.base import SamplingParams
@@ -98,7 +100,7 @@ def memory_budget(cfg: Any, world_size: int, device: Any) -> MemoryBudget | None
     if tokens <= 0:
         return None
     fraction = getattr(cfg, "micro_batch_memory", 0.0)
-    probe = cuda_probe(device) if fraction > 0 and getattr(device, "type", str(device)) == "cuda" else None
+    probe = cuda_probe(device) if fraction > 0 and torch.device(device).type == "cuda" else None
     whole = cfg.global_batch_size // world_size * (cfg.max_prompt_length + cfg.max_new_tokens)
     return MemoryBudget(tokens, fraction, max_tokens=whole, probe=probe)
 

@@ -200,6 +200,7 @@ def test_memory_budget_measures_on_cuda_only_and_resumes_from_the_checkpoint(tmp
     cpu = memory_budget(cfg, world_size=2, device=torch.device("cpu"))
     assert cpu.tokens == 4 * 128 and cpu.max_tokens == 32 * 128 and cpu.probe is None  # grows on CUDA only
     assert memory_budget(cfg, 1, torch.device("cuda", 0)).probe is not None  # built, nothing touched yet
+    assert memory_budget(cfg, 1, "cuda:0").probe is not None  # a device named by a string too
     cfg.micro_batch_memory = 0.0
     assert memory_budget(cfg, 1, torch.device("cuda", 0)).probe is None
     cfg.micro_batch_tokens = 0  # fixed micro-batches: no budget at all
