@@ -159,3 +159,36 @@ def test_rows_without_left_padding_run_maskless_too(tokenizer, host_reads):
     fast_v = response_values(critic, ids, mask, p, alignment=la)
     assert not mask_reads(), host_reads
     torch.testing.assert_close(fast_v, response_values(critic, ids, mask, p, alignment=_masked(la)))
+
+
+def test_rows_without_left_padding_on_a_real_like_checkpoint(tmp_path, host_reads):
+    """The same maskless path on a checkpoint set up like a real one: bf16 weights, pad == EOS (so the
+    right padding is EOS tokens), a config pad id that differs from the tokenizer's, attention dropout in
+    the config. The log-probs and values equal the masked forward's (compared in float32)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_kit.tiny import save_real_like_checkpoint
+
+    path = save_real_like_checkpoint(str(tmp_path / "m"), pad="eos")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert tok.pad_token_id == tok.eos_token_id and model.config.pad_token_id != tok.pad_token_id
+    model = model.float()
+    g = torch.Generator().manual_seed(0)
+    p, n = 4, 5
+    ids = torch.randint(10, len(tok), (3, p + n), generator=g)
+    mask = torch.ones_like(ids)
+    for r, resp in enumerate([5, 2, 3]):  # right padding only, with the pad (= EOS) token
+        ids[r, p + resp :], mask[r, p + resp :] = tok.pad_token_id, 0
+    la = left_alignment(mask)
+    assert la.max_shift == 0 and la.contiguous
+    host_reads.clear()
+    fast = sequence_logprobs(model, ids, mask, p, alignment=la)
+    assert not [w for _, w in host_reads if w.endswith("masking_utils.py")], host_reads
+    torch.testing.assert_close(fast, sequence_logprobs(model, ids, mask, p, alignment=_masked(la)))
+    rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.bfloat16).float()
+    critic = TokenValueModel(rm.eval())
+    torch.testing.assert_close(
+        response_values(critic, ids, mask, p, alignment=la),
+        response_values(critic, ids, mask, p, alignment=_masked(la)),
+    )
