@@ -96,22 +96,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="decode_attention.json")
     ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--modes", nargs="+", default=list(decode_kernel.MODES), help="product modes to sweep")
+    ap.add_argument("--blocks", nargs="+", type=int, default=[32, 64, 128], help="slots per loop iteration")
+    ap.add_argument("--splits", nargs="+", type=int, default=[1], help="splits over the slots to sweep")
+    ap.add_argument("--pos", nargs="+", type=int, default=[192, 255], help="write slots (context lengths)")
     args = ap.parse_args()
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
     results = {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBps": bw / 1e9, "rows": []}
     configs = [
-        {"BLOCK_N": n, "num_warps": w, "num_stages": s, "MODE": m}
-        for m, n, w, s in itertools.product(decode_kernel.MODES, (32, 64, 128), (2, 4), (1, 3))
+        {"BLOCK_N": n, "num_warps": w, "num_stages": s, "MODE": m, "SPLITS": k}
+        for m, n, w, s, k in itertools.product(args.modes, args.blocks, (2, 4), (1, 3), args.splits)
     ]
     default = dict(decode_kernel.CONFIG)
-    for g, pos in itertools.product((2, 4), (192, 255)):
+    shapes = list(itertools.product((2, 4), args.pos))
+    for g, pos in shapes:
         results["rows"] += measure(device, g, pos, configs, args.replays)
-    for g, pos in itertools.product((2, 4), (192, 255)):
+    for g, pos in shapes:
         rows = [r for r in results["rows"] if r["g"] == g and r["pos"] == pos and "us" in r]
         best = sorted(rows, key=lambda r: r["us"])[:4]
         print(f"g={g} pos={pos}: " + "; ".join(
-            f"{r['variant']} {r.get('MODE', '')}/{r.get('BLOCK_N', '')}/{r.get('num_warps', '')}/{r.get('num_stages', '')} "
+            f"{r['variant']} {r.get('MODE', '')}/{r.get('BLOCK_N', '')}/{r.get('num_warps', '')}/{r.get('num_stages', '')}/{r.get('SPLITS', '')} "
             f"{r['us']:.1f} us {r['GBps']:.0f} GB/s" for r in best
         ) + f"; matmul {next(r['us'] for r in rows if r['variant'] == 'matmul'):.1f} us; "
             f"default {next(r['us'] for r in rows if all(r.get(k) == v for k, v in default.items())):.1f} us")  # fmt: skip

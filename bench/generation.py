@@ -236,7 +236,12 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             ("compiled_graphs_sdpa", compiled(decode_attention="sdpa")),
             ("compiled_graphs_autotune", compiled(compile_options={"mode": "max-autotune-no-cudagraphs"})),
             ("compiled_graphs_eager_prefill", compiled(compile_prefill=False)),
-            ("compiled_graphs_kernel_config", compiled()),  # with --kernel-config's decode-kernel settings
+            # with --kernel-config's decode-kernel settings: the first is compiled_graphs_kernel_config, the
+            # others compiled_graphs_kernel_config1, 2, ...
+            *(
+                (f"compiled_graphs_kernel_config{i or ''}", compiled())
+                for i in range(len(args.kernel_config))
+            ),
             ("eager_graphs", lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, False, True)),
         ]
     else:
@@ -248,8 +253,8 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
         if vname in args.skip:
             continue
         decode_kernel.CONFIG = dict(DEFAULT_KERNEL)  # read when the decode step is traced and captured
-        if vname == "compiled_graphs_kernel_config":
-            decode_kernel.CONFIG.update(json.loads(args.kernel_config))
+        if vname.startswith("compiled_graphs_kernel_config"):
+            decode_kernel.CONFIG.update(json.loads(args.kernel_config[int(vname[29:] or 0)]))
         print(f"[{name}] {vname} ...", flush=True)
         try:
             t0 = time.perf_counter()
@@ -328,8 +333,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-cudnn", action="store_true", help="SDPA without cuDNN (as the recipes run)")
     ap.add_argument(
         "--kernel-config",
-        default="{}",
-        help="variant compiled_graphs_kernel_config: JSON over decode_kernel.CONFIG",
+        nargs="+",
+        default=["{}"],
+        help="variants compiled_graphs_kernel_config[N]: one JSON over decode_kernel.CONFIG each",
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)

@@ -43,6 +43,8 @@
 #                                 # MICROS="32 64" adds this tree, padded, at those micro-batch sizes
 #   bash bench/vs_trl_gpu.sh s23  # session 23: PPO S and A at micro-batches of 16, fixed and grown to the GPU's memory
 #                                 # (--micro-memory 0.8, the recipe's --micro-batch-memory), and A at 64
+#   bash bench/vs_trl_gpu.sh s24  # session 24: the decode kernel split over the slots: GPU tests, settings, generation
+#   bash bench/vs_trl_gpu.sh s24b # session 24: PPO A with $KCFG's decode kernel vs the default, TRL A, then stage s23r
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
@@ -325,6 +327,30 @@ print("compile frames per step", [r.get("compile/frames") for r in steps])
 PY
   done
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
+fi
+if [ "$phase" = s24 ]; then  # session 24, call 1: the decode kernel split over the slots (CONFIG["SPLITS"]): its GPU
+  # tests, the kernel alone at each setting, then generation A and 1B with 1 (the default), 2, 4 and 8 splits, twice
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/generation/test_decode_kernel.py 2>&1 | tail -3
+  timeout 200 python3 bench/decode_attention.py --modes native --splits 1 2 4 8 --blocks 32 64 --pos 128 192 255 \
+    --out "$OUT/decode_attention.json" 2>&1 | tail -8
+  K=('{"SPLITS": 2}' '{"SPLITS": 4}' '{"SPLITS": 4, "BLOCK_N": 32}' '{"SPLITS": 8, "BLOCK_N": 32}')
+  V="compiled_graphs compiled_graphs_kernel_config compiled_graphs_kernel_config1 compiled_graphs_kernel_config2 compiled_graphs_kernel_config3"
+  for round in 1 2; do
+    timeout 200 python3 bench/generation.py --configs A 1B --only $V --kernel-config "${K[@]}" --no-cudnn --warmup 1 \
+      --runs 5 --out "$OUT/gen$round" 2>&1 | grep -E "median|FAILED" | sed "s/^/round $round /"
+  done
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s24b ]; then  # session 24, call 2: PPO A (micro 64) with $KCFG's decode kernel against the default, TRL A
+  # in the same call, then stage s23r (the recipe with its defaults on the GPU)
+  A="--configs A --keep-cache --compile-blocks --master-weights --micro 64 --steps 8 --timeout 150"
+  python3 bench/ppo_vs_trl.py $A --systems ours --work $WORK/a_def --out "$OUT/a64_default" 2>&1 | grep -E "^\| A"
+  python3 bench/ppo_vs_trl.py $A --systems ours --decode-kernel "${KCFG:-{\"SPLITS\": 4\}}" --work $WORK/a_split \
+    --out "$OUT/a64_split" 2>&1 | grep -E "^\| A"
+  python3 bench/ppo_vs_trl.py $A --systems trl --trl-site /tmp/site112 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A"
+  ours_summary "$OUT" steps
+  OUT=$OUT/s23r MMS=0.8 SYNC=${SYNC:-0} bash bench/vs_trl_gpu.sh s23r
+  rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s23r ]; then  # session 23: recipes/ppo.py itself on the GPU (embedded tiny default, 64 prompts x 64
   # new tokens, one mini-batch, micro-batches of 4): --micro-batch-memory 0.8 (the default) against 0, then

@@ -213,3 +213,42 @@ def test_rotary_inside_the_kernel_equals_rotating_first(dtype):
         decode_attention(q, k_new, v_new, k2, v2, mask, p, 0.3, None, cos, None)
     with pytest.raises(ValueError, match="cos and sin must be"):
         decode_attention(q, k_new, v_new, k2, v2, mask, p, 0.3, None, cos[..., :16], sin[..., :16])
+
+
+@pytest.mark.parametrize("splits", [2, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_over_the_slots_merges_to_the_reference_and_resets_its_counters(splits, dtype, monkeypatch):
+    """``CONFIG["SPLITS"]``: each (row, KV head) pair's slots are cut into whole blocks over that many
+    programs (flash decoding's split), and the last to finish merges their partial softmaxes. Splits with no
+    slots (short or left-padded rows) must not count; the counters end at zero, so a second call (a CUDA
+    graph's replay) gives the same result; the new key and value are still written once."""
+    monkeypatch.setitem(decode_kernel.CONFIG, "BLOCK_N", 16)  # 9 blocks over 8 splits: uneven shares
+    monkeypatch.setitem(decode_kernel.CONFIG, "SPLITS", splits)
+    b, kv, g, d, slots, pos = 3, 2, 3, 16, 160, 150
+    (q, k_new, v_new, k_cache, v_cache, _), visible = _case(b, kv, g, d, slots, pos, dtype, seed=splits)
+    start = torch.tensor([0, 140, 149], device=DEVICE)  # the last two rows fill one block or none
+    visible[:] = True
+    visible[:, pos:] = False
+    for i in range(b):
+        visible[i, : int(start[i])] = False
+    mask = torch.zeros(b, 1, 1, slots).masked_fill(~visible[:, None, None, :], torch.finfo(dtype).min)
+    mask = mask.to(dtype).to(DEVICE)
+    ref = _reference(q, k_new, v_new, k_cache.clone(), v_cache.clone(), visible, pos, 0.3)
+    p = torch.tensor([pos], device=DEVICE)
+    k1, v1 = k_cache.clone(), v_cache.clone()
+    out = decode_attention(q, k_new, v_new, k1, v1, mask, p, 0.3, start)
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+    assert all(int(lock.abs().sum()) == 0 for lock in decode_kernel._LOCKS[out.device])
+    again = decode_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), mask, p, 0.3, start)
+    assert torch.equal(again, out)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k[:b, :, pos], want_v[:b, :, pos] = k_new[:, :, 0], v_new[:, :, 0]
+    assert torch.equal(k1, want_k) and torch.equal(v1, want_v)
+    # the same as the unsplit kernel up to the merge's rounding
+    monkeypatch.setitem(decode_kernel.CONFIG, "SPLITS", 1)
+    whole = decode_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), mask, p, 0.3, start)
+    torch.testing.assert_close(out, whole, rtol=0, atol=1e-6 if dtype == torch.float32 else 8e-3)
+    monkeypatch.setitem(decode_kernel.CONFIG, "SPLITS", 3)
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention(q, k_new, v_new, k_cache, v_cache, mask, p, 0.3, start)
