@@ -48,9 +48,11 @@ def timed(fn, replays: int) -> float:
     return a.elapsed_time(b) / 1e3 / replays / LAYERS
 
 
-def measure(device: torch.device, g: int, pos: int, configs: list[dict], replays: int) -> list[dict]:
+def measure(
+    device: torch.device, g: int, pos: int, configs: list[dict], replays: int, b: int = 64
+) -> list[dict]:
     """Rows of one shape (``g`` query heads per KV head, write slot ``pos``): matmul, then each setting."""
-    b, kv, d, slots = 64, 8, 64, 256
+    kv, d, slots = 8, 64, 256
     q = torch.randn(b, kv, g, d, device=device, dtype=torch.bfloat16)
     k_new, v_new = (torch.randn(b, kv, 1, d, device=device, dtype=torch.bfloat16) for _ in range(2))
     # one cache per layer: 16 x 34 MB, more than the L2 cache holds, so every call reads from memory
@@ -96,6 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="decode_attention.json")
     ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=64, help="rows (sequences) per call")
     ap.add_argument("--modes", nargs="+", default=list(decode_kernel.MODES), help="product modes to sweep")
     ap.add_argument("--blocks", nargs="+", type=int, default=[32, 64, 128], help="slots per loop iteration")
     ap.add_argument("--splits", nargs="+", type=int, default=[1], help="splits over the slots to sweep")
@@ -103,7 +106,12 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
-    results = {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBps": bw / 1e9, "rows": []}
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "copy_bandwidth_GBps": bw / 1e9,
+        "batch": args.batch,
+        "rows": [],
+    }
     configs = [
         {"BLOCK_N": n, "num_warps": w, "num_stages": s, "MODE": m, "SPLITS": k}
         for m, n, w, s, k in itertools.product(args.modes, args.blocks, (2, 4), (1, 3), args.splits)
@@ -111,7 +119,7 @@ def main() -> None:
     default = dict(decode_kernel.CONFIG)
     shapes = list(itertools.product((2, 4), args.pos))
     for g, pos in shapes:
-        results["rows"] += measure(device, g, pos, configs, args.replays)
+        results["rows"] += measure(device, g, pos, configs, args.replays, args.batch)
     for g, pos in shapes:
         rows = [r for r in results["rows"] if r["g"] == g and r["pos"] == pos and "us" in r]
         best = sorted(rows, key=lambda r: r["us"])[:4]

@@ -44,7 +44,7 @@
 #   bash bench/vs_trl_gpu.sh s23  # session 23: PPO S and A at micro-batches of 16, fixed and grown to the GPU's memory
 #                                 # (--micro-memory 0.8, the recipe's --micro-batch-memory), and A at 64
 #   bash bench/vs_trl_gpu.sh s24  # session 24: the decode kernel split over the slots: GPU tests, settings, generation
-#   bash bench/vs_trl_gpu.sh s24b # session 24: PPO A with $KCFG's decode kernel vs the default, TRL A, then stage s23r
+#   bash bench/vs_trl_gpu.sh s24b # session 24: the split kernel at batch 8 and 16, PPO A and TRL A, then stage s23r
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
@@ -341,12 +341,14 @@ if [ "$phase" = s24 ]; then  # session 24, call 1: the decode kernel split over 
   done
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s24b ]; then  # session 24, call 2: PPO A (micro 64) with $KCFG's decode kernel against the default, TRL A
-  # in the same call, then stage s23r (the recipe with its defaults on the GPU)
+if [ "$phase" = s24b ]; then  # session 24, call 2: the split kernel at small batches (8 and 16 rows), PPO A (micro 64)
+  # at the defaults and TRL A in the same call, then stage s23r (the recipe with its defaults on the GPU)
+  for b in 8 16; do
+    timeout 120 python3 bench/decode_attention.py --batch $b --modes native --splits 1 2 4 8 --blocks 64 --pos 192 255 \
+      --out "$OUT/decode_attention_b$b.json" 2>&1 | grep -E "^g=" | sed "s/^/batch $b /"
+  done
   A="--configs A --keep-cache --compile-blocks --master-weights --micro 64 --steps 8 --timeout 150"
-  python3 bench/ppo_vs_trl.py $A --systems ours --work $WORK/a_def --out "$OUT/a64_default" 2>&1 | grep -E "^\| A"
-  python3 bench/ppo_vs_trl.py $A --systems ours --decode-kernel "${KCFG:-{\"SPLITS\": 4\}}" --work $WORK/a_split \
-    --out "$OUT/a64_split" 2>&1 | grep -E "^\| A"
+  python3 bench/ppo_vs_trl.py $A --systems ours --work $WORK/a_def --out "$OUT/a64_ours" 2>&1 | grep -E "^\| A"
   python3 bench/ppo_vs_trl.py $A --systems trl --trl-site /tmp/site112 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A"
   ours_summary "$OUT" steps
   OUT=$OUT/s23r MMS=0.8 SYNC=${SYNC:-0} bash bench/vs_trl_gpu.sh s23r
