@@ -101,7 +101,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="rows (sequences) per call")
     ap.add_argument("--modes", nargs="+", default=list(decode_kernel.MODES), help="product modes to sweep")
     ap.add_argument("--blocks", nargs="+", type=int, default=[32, 64, 128], help="slots per loop iteration")
-    ap.add_argument("--splits", nargs="+", type=int, default=[1], help="splits over the slots to sweep")
     ap.add_argument("--pos", nargs="+", type=int, default=[192, 255], help="write slots (context lengths)")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -113,8 +112,8 @@ def main() -> None:
         "rows": [],
     }
     configs = [
-        {"BLOCK_N": n, "num_warps": w, "num_stages": s, "MODE": m, "SPLITS": k}
-        for m, n, w, s, k in itertools.product(args.modes, args.blocks, (2, 4), (1, 3), args.splits)
+        {"BLOCK_N": n, "num_warps": w, "num_stages": s, "MODE": m}
+        for m, n, w, s in itertools.product(args.modes, args.blocks, (2, 4), (1, 3))
     ]
     default = dict(decode_kernel.CONFIG)
     shapes = list(itertools.product((2, 4), args.pos))
@@ -124,7 +123,7 @@ def main() -> None:
         rows = [r for r in results["rows"] if r["g"] == g and r["pos"] == pos and "us" in r]
         best = sorted(rows, key=lambda r: r["us"])[:4]
         print(f"g={g} pos={pos}: " + "; ".join(
-            f"{r['variant']} {r.get('MODE', '')}/{r.get('BLOCK_N', '')}/{r.get('num_warps', '')}/{r.get('num_stages', '')}/{r.get('SPLITS', '')} "
+            f"{r['variant']} {r.get('MODE', '')}/{r.get('BLOCK_N', '')}/{r.get('num_warps', '')}/{r.get('num_stages', '')} "
             f"{r['us']:.1f} us {r['GBps']:.0f} GB/s" for r in best
         ) + f"; matmul {next(r['us'] for r in rows if r['variant'] == 'matmul'):.1f} us; "
             f"default {next(r['us'] for r in rows if all(r.get(k) == v for k, v in default.items())):.1f} us")  # fmt: skip

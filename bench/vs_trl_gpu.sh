@@ -43,8 +43,10 @@
 #                                 # MICROS="32 64" adds this tree, padded, at those micro-batch sizes
 #   bash bench/vs_trl_gpu.sh s23  # session 23: PPO S and A at micro-batches of 16, fixed and grown to the GPU's memory
 #                                 # (--micro-memory 0.8, the recipe's --micro-batch-memory), and A at 64
-#   bash bench/vs_trl_gpu.sh s24  # session 24: the decode kernel split over the slots: GPU tests, settings, generation
-#   bash bench/vs_trl_gpu.sh s24b # session 24: the split kernel at batch 8 and 16, PPO A and TRL A, then stage s23r
+#   bash bench/vs_trl_gpu.sh s24  # session 24 (at commit 00cb91e): the decode kernel split over the slots: GPU tests,
+#                                 # settings, generation
+#   bash bench/vs_trl_gpu.sh s24b # session 24 (at 00cb91e's kernel): the split kernel at batch 8 and 16, PPO A and TRL A,
+#                                 # then stage s23r
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
@@ -86,7 +88,9 @@ ours_summary() {  # ours_summary DIR steps|syncs: each DIR/*/ppo_vs_trl.json's r
   python3 - "$1" "$2" <<'PY'
 import glob, json, sys
 for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
-    o = json.load(open(f))["configs"][0]["ours"]
+    o = json.load(open(f))["configs"][0].get("ours")
+    if o is None:  # a TRL-only run
+        continue
     keys = ("median_step_s", "median_phases_s", "peak_allocated_gib", "step_times_s", "dynamo", "error")
     print(f.split("/")[-2], {k: o.get(k) for k in keys})
     if sys.argv[2] == "steps":
@@ -329,7 +333,8 @@ PY
   (cd "$OUT" && tar czf results.tgz * && find . -mindepth 1 ! -name results.tgz -delete); exit 0
 fi
 if [ "$phase" = s24 ]; then  # session 24, call 1: the decode kernel split over the slots (CONFIG["SPLITS"]): its GPU
-  # tests, the kernel alone at each setting, then generation A and 1B with 1 (the default), 2, 4 and 8 splits, twice
+  # tests, the kernel alone at each setting, then generation A and 1B with 1 (the default), 2, 4 and 8 splits, twice.
+  # The split lost and was reverted: s24 and s24b run on a checkout of commit 00cb91e (kernel, tests and bench of then)
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/generation/test_decode_kernel.py 2>&1 | tail -3
   timeout 200 python3 bench/decode_attention.py --modes native --splits 1 2 4 8 --blocks 32 64 --pos 128 192 255 \
     --out "$OUT/decode_attention.json" 2>&1 | tail -8
@@ -448,7 +453,9 @@ if [ "$phase" = y ]; then  # session 19: the padding-free passes (branch packed-
   python3 - "$OUT" <<'PY'
 import glob, json, sys
 for f in sorted(glob.glob(sys.argv[1] + "/*/ppo_vs_trl.json")):
-    o = json.load(open(f))["configs"][0]["ours"]
+    o = json.load(open(f))["configs"][0].get("ours")
+    if o is None:  # a TRL-only run
+        continue
     print(f.split("/")[-2], {k: o.get(k) for k in ("median_step_s", "median_phases_s", "peak_allocated_gib",
           "real_token_fraction", "dynamo", "error")})
     for s in o.get("steps", []):

@@ -31,7 +31,7 @@ AVAILABLE = triton is not None
 # Launch settings: slots per loop iteration, warps and software-pipelining stages (Triton's default 3),
 # and how the two products run (``MODES``). These are the settings measured in docs/benchmarks.md;
 # bench/decode_attention.py times the alternatives.
-CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "MODE": "native", "SPLITS": 1}
+CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "MODE": "native"}
 
 # "tf32": tensor-core products on float32 operands at TF32 precision (exact for bf16/fp16 inputs; the
 # query rows padded to 16); "native": tensor-core products on the input dtype with float32 accumulation,
@@ -49,22 +49,15 @@ if AVAILABLE:
     def _decode_attention_kernel(
         q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, mask_ptr, pos_ptr, start_ptr, cos_ptr, sin_ptr, out_ptr, scale,
         sq_b, sq_h, sq_g, skn_b, skn_h, svn_b, svn_h, sc_b, sc_h, sc_l, sm_b, scos_b, ssin_b, so_b, so_h, so_g,
-        part_m_ptr, part_l_ptr, part_acc_ptr, lock_ptr,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
         HAS_START: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
-        SPLITS: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a large cache passes 2**31 elements
         head = tl.program_id(1).to(tl.int64)
-        split = tl.program_id(2)
         pos = tl.load(pos_ptr)
         lo = 0
         if HAS_START:
             lo = tl.load(start_ptr + row).to(tl.int32)
-        # this program's share of the slots lo .. pos: whole blocks, the splits in order (some may be empty)
-        per = tl.cdiv(tl.cdiv(pos - lo, BLOCK_N), SPLITS) * BLOCK_N
-        hi = tl.minimum(lo + (split + 1) * per, pos)
-        lo = lo + split * per
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
         q_at = q_ptr + row * sq_b + head * sq_h + g[:, None] * sq_g
@@ -82,17 +75,14 @@ if AVAILABLE:
             k_half = tl.load(kn_ptr + row * skn_b + head * skn_h + half).to(tl.float32)
             k_new = (k_new.to(tl.float32) * cos + k_half * sin).to(k_new.dtype)
         q32 = q.to(tl.float32)
-        # the new token first, in split 0: it is always visible, so that split's running max starts finite;
-        # the other splits start empty (max -inf, sum 0) and stay so if their share of the slots is empty
-        first = split == 0
+        # the new token first: it is always visible, so the running max starts finite
         m_i = tl.sum(q32 * k_new.to(tl.float32)[None, :], axis=1) * scale  # (GP,)
-        m_i = tl.where(first, m_i, float("-inf"))
-        l_i = tl.where(first, tl.full((GP,), 1.0, tl.float32), 0.0)
-        acc = tl.where(first, tl.zeros((GP, D), tl.float32) + v_new.to(tl.float32)[None, :], 0.0)
+        l_i = tl.full((GP,), 1.0, tl.float32)
+        acc = tl.zeros((GP, D), tl.float32) + v_new.to(tl.float32)[None, :]
         cache = row * sc_b + head * sc_h
-        for start in range(lo, hi, BLOCK_N):  # slots before the row's first token (left padding) skipped
+        for start in range(lo, pos, BLOCK_N):  # slots before the row's first token (left padding) skipped
             n = start + tl.arange(0, BLOCK_N)
-            live = n < hi
+            live = n < pos
             k = tl.load(kc_ptr + cache + n[:, None] * sc_l + d[None, :], mask=live[:, None], other=0.0)
             if MODE == 0:
                 s = tl.dot(q32, tl.trans(k.to(tl.float32)), input_precision=PRECISION)  # (GP, BLOCK_N)
@@ -117,50 +107,11 @@ if AVAILABLE:
                 pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        out_at = out_ptr + row * so_b + head * so_h + g[:, None] * so_g + d[None, :]
-        if SPLITS == 1:
-            tl.store(out_at, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g[:, None] < G)
-        else:
-            # flash decoding's split over the slots: each split leaves its running max, sum and unnormalised
-            # output; the split that finishes last for this (row, kv head) merges them (a counter per pair,
-            # reset by that split, so one CUDA graph replays the kernel)
-            pair = row * tl.num_programs(1) + head
-            here = (pair * SPLITS + split) * GP + g
-            tl.store(part_m_ptr + here, m_i)
-            tl.store(part_l_ptr + here, l_i)
-            tl.store(part_acc_ptr + here[:, None] * D + d[None, :], acc)
-            tl.debug_barrier()  # every thread's partials written before the count moves
-            if tl.atomic_add(lock_ptr + pair, 1, sem="acq_rel") == SPLITS - 1:
-                every = (pair * SPLITS + tl.arange(0, SPLITS))[:, None] * GP + g[None, :]  # (SPLITS, GP)
-                m_all = tl.max(tl.load(part_m_ptr + every, cache_modifier=".cg"), axis=0)  # finite: split 0
-                l_all = tl.zeros((GP,), tl.float32)
-                out = tl.zeros((GP, D), tl.float32)
-                for i in tl.static_range(SPLITS):  # one split's (GP, D) output in registers at a time
-                    at = (pair * SPLITS + i) * GP + g
-                    w = tl.exp(tl.load(part_m_ptr + at, cache_modifier=".cg") - m_all)  # 0 for an empty split
-                    l_all += w * tl.load(part_l_ptr + at, cache_modifier=".cg")
-                    out += w[:, None] * tl.load(
-                        part_acc_ptr + at[:, None] * D + d[None, :], cache_modifier=".cg"
-                    )
-                tl.store(out_at, (out / l_all[:, None]).to(out_ptr.dtype.element_ty), mask=g[:, None] < G)
-                tl.store(lock_ptr + pair, 0)
-        if split == 0:
-            tl.store(kc_ptr + cache + pos * sc_l + d, k_new)
-            tl.store(vc_ptr + cache + pos * sc_l + d, v_new)
-
-
-_LOCKS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _lock(n: int, device: torch.device) -> torch.Tensor:
-    """``n`` int32 counters on ``device``, zero between calls (the last split of each pair resets its own).
-
-    Allocated once per size and kept for the process: a captured CUDA graph keeps using the counters it
-    was captured with, so a larger batch adds counters and never frees the old ones."""
-    have = _LOCKS.setdefault(device, [])
-    if not have or have[-1].numel() < n:
-        have.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return have[-1]
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + row * so_b + head * so_h + g[:, None] * so_g + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=g[:, None] < G)  # fmt: skip
+        tl.store(kc_ptr + cache + pos * sc_l + d, k_new)
+        tl.store(vc_ptr + cache + pos * sc_l + d, v_new)
 
 
 def fits(head_dim: int) -> bool:
@@ -241,21 +192,11 @@ def decode_attention(
         gp = max(16, gp)  # tl.dot needs 16 rows; the padding rows are never stored
     m = mask.reshape(mask.shape[0], -1) if mask is not None else out
     c, s_ = (cos, sin) if cos is not None else (out, out)  # placeholders, never read
-    splits = cfg.pop("SPLITS", 1)
-    if splits < 1 or splits & (splits - 1):
-        raise ValueError(f"decode_kernel.CONFIG['SPLITS'] must be a power of two, got {splits}")
-    if splits > 1:  # each split's running max, sum and output, merged by the last split of each pair
-        part_m = torch.empty(b * kv * splits * gp, dtype=torch.float32, device=query.device)
-        part_l, part_acc = torch.empty_like(part_m), part_m.new_empty(b * kv * splits * gp * d)
-        lock = _lock(b * kv, query.device)
-    else:
-        part_m = part_l = part_acc = lock = out  # placeholders, never read
-    _decode_attention_kernel[(b, kv, splits)](
+    _decode_attention_kernel[(b, kv)](
         query, key, value, k_cache, v_cache, m, pos, pos if start is None else start, c, s_, out, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         m.stride(0), c.stride(0), s_.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        part_m, part_l, part_acc, lock, SPLITS=splits,
         G=g, GP=gp, D=d, HAS_MASK=mask is not None, HAS_START=start is not None, ROPE=cos is not None,
         **cfg, MODE=_MODE_ID[mode],
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # TF32 holds bf16/fp16 inputs exactly
