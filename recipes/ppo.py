@@ -30,11 +30,11 @@ from rlhf_kit.estimators import needs_critic
 from rlhf_kit.models.loading import quiet_weight_progress_bars
 from rlhf_kit.ppo import (
     EstimatorOptions,
+    advantages_now_or_in_update,
     check_estimator_options,
     check_run_settings,
     closing_metrics,
     collect_experience,
-    compute_advantages,
     experience_config,
     generation_batch_size,
     generation_cache_mode,
@@ -358,7 +358,7 @@ def main(cfg: PPOConfig) -> dict:
             prompts = stream.next_batch(cfg.num_rollout_samples, rank, world)  # then K in a row: groups
             data, rollout_stats = rollout(repeat_prompts(prompts, cfg.samples_per_prompt))
         data = guard.drop_samples(data, cfg.samples_per_prompt)  # NaN/inf score, log-prob or value: masked
-        data, exp_stats = compute_advantages(data, kl_ctl.value, exp_cfg)
+        data, exp_stats, advantages = advantages_now_or_in_update(data, kl_ctl.value, exp_cfg)
         buffer = RolloutBuffer(pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + step)
         buffer.set_data(data)
         update_cfg.train_actor = step >= cfg.critic_warmup_steps
@@ -368,9 +368,8 @@ def main(cfg: PPOConfig) -> dict:
                 data, update_cfg, seed=cfg.seed + step, rank=acc.process_index, world_size=acc.num_processes
             ) if remote else None  # fmt: skip
             train_stats = ppo_update(
-                actor, critic, opts["actor"], opts.get("critic"), buffer, policy_loss, value_loss, update_cfg,
-                exp_cfg, backward=placed.backward, clip_grad=guard.clip(placed.clip_grad), budget=budget,
-            )  # fmt: skip
+                actor, critic, opts["actor"], opts.get("critic"), buffer, policy_loss, value_loss, update_cfg, exp_cfg,
+                backward=placed.backward, clip_grad=guard.clip(placed.clip_grad), budget=budget, advantages=advantages)  # fmt: skip
             if critic_update is not None:
                 train_stats |= critic_update.result()
         step_schedules(scheds, updates, train_actor=update_cfg.train_actor)
@@ -384,7 +383,7 @@ def main(cfg: PPOConfig) -> dict:
         result |= guard.end_step(step, result, device)  # past --max-bad-steps: stops, naming the step
         logger.log(result, step)
         bar.update(1)
-        bar.set_postfix(score=f"{exp_stats['reward/score_mean']:.3f}", kl=f"{kl_seq:.3f}")
+        bar.set_postfix(score=f"{result['reward/score_mean']:.3f}", kl=f"{kl_seq:.3f}")
 
         # 7. Validation on held-out prompts, with a table of samples.
         if step % cfg.val_check_interval == 0 or step == cfg.max_steps:

@@ -24,7 +24,7 @@ Alignment: response position ``i`` holds the log-prob of response token ``i`` an
 the state that generates it (hidden state one position earlier); ``response_mask`` includes EOS.
 """
 
-from rlhf_kit.ppo.advantages import compute_advantages
+from rlhf_kit.ppo.advantages import advantages_now_or_in_update, compute_advantages
 from rlhf_kit.ppo.experience import (
     ExperienceConfig,
     collect_experience,
@@ -97,6 +97,7 @@ __all__ = [
     "check_run_settings",
     "closing_metrics",
     "collect_experience",
+    "advantages_now_or_in_update",
     "compute_advantages",
     "decode_prompts_and_responses",
     "decode_samples",

@@ -5,6 +5,9 @@ or a critic-free estimator (RLOO, GRPO, Dr. GRPO, REINFORCE++) (the math is in `
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -22,6 +25,17 @@ from rlhf_kit.ppo.experience import ExperienceConfig
 from rlhf_kit.rewards import penalize_missing_eos, shape_rewards, standardize_scores
 from rlhf_kit.rollout import Rollout
 from rlhf_kit.training.metrics import scalars_to_floats
+
+
+def advantages_now_or_in_update(
+    rollout: Rollout, kl_coef: float, cfg: ExperienceConfig
+) -> tuple[Rollout, dict, Callable[[Rollout], tuple[Rollout, dict]] | None]:
+    """:func:`compute_advantages` on ``rollout`` now, or with ``cfg.score_in_update`` the function that
+    :func:`~rlhf_kit.ppo.ppo_update` calls once it has scored the rollout itself (``advantages=``; the
+    statistics then come with the update's). Returns the rollout, the statistics so far and that function."""
+    if cfg.score_in_update:
+        return rollout, {}, functools.partial(compute_advantages, kl_coef=kl_coef, cfg=cfg)
+    return (*compute_advantages(rollout, kl_coef, cfg), None)
 
 
 def global_mean(x: torch.Tensor) -> float:

@@ -58,6 +58,13 @@ class ExperienceConfig:
     epoch, one mini-batch) and the reward carries no KL (``kl_in_loss`` or a zero coefficient);
     :func:`~rlhf_kit.ppo.ppo_update` and :func:`~rlhf_kit.ppo.compute_advantages` refuse it otherwise.
     The rollout's ``logprobs`` then hold a copy of ``ref_logprobs`` (zero KL) as a placeholder."""
+    score_in_update: bool = False
+    """Score without the actor's and the critic's forward passes: the update's own passes supply the old
+    log-probs and values (detached), and it computes rewards and advantages between its forward and its
+    backward (:func:`~rlhf_kit.ppo.ppo_update` with ``advantages=``). Needs one optimizer step per rollout
+    and the GAE estimator. When the rollout is one micro-batch, that saves two forward passes per step;
+    otherwise the update runs them itself, without gradients, before its first micro-batch. The rollout
+    holds placeholders until then (``logprobs`` a copy of ``ref_logprobs``, zero values)."""
     packed: bool | str = "auto"
     """Run the scoring passes (reference, actor, critic) padding-free: each micro-batch's real tokens end
     to end under variable-length attention (rlhf_kit.models.varlen); the same values up to kernel rounding.
@@ -73,6 +80,8 @@ class ExperienceConfig:
     def __post_init__(self) -> None:
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"old_logprobs must be one of {OLD_LOGPROBS}, got {self.old_logprobs!r}")
+        if self.score_in_update and self.advantage_estimator != "gae":
+            raise ValueError(f"score_in_update needs the gae estimator, got {self.advantage_estimator!r}")
 
 
 @torch.no_grad()
@@ -110,6 +119,10 @@ def make_experience(
     from rlhf_kit.estimators import needs_critic
 
     critic_free = not needs_critic(cfg.advantage_estimator)
+    if cfg.score_in_update and remote is not None:
+        raise ValueError(
+            "make_experience: score_in_update needs the critic in this process, not a critic server"
+        )
     if critic is None and remote is None and not critic_free:
         raise ValueError("make_experience: pass a critic, or a remote critic (remote=)")
     seq, am, rmask = generation.sequences, generation.attention_mask, generation.response_mask
@@ -132,7 +145,7 @@ def make_experience(
                     )
                 )
         # the old policy's log-probs; with skip_old_logprobs a zero-KL placeholder (the update's forward)
-        if cfg.skip_old_logprobs:
+        if cfg.skip_old_logprobs or cfg.score_in_update:
             lps.append(refs[-1].clone())
         elif cfg.old_logprobs == "sampler":
             lps.append(generation.logprobs[sl].to(device=refs[-1].device, dtype=refs[-1].dtype))
@@ -143,7 +156,7 @@ def make_experience(
         score = None
         if remote is not None:
             value, score = remote.infer(seq[sl], am[sl], p, rmask[sl], with_scores=scorer is None)
-        elif critic_free:
+        elif critic_free or cfg.score_in_update:  # no critic, or the update computes the values
             value = torch.zeros(rmask[sl].shape, device=seq.device)
         else:
             value = response_values(critic, seq[sl], am[sl], p, alignment=la, packed=cfg.packed)

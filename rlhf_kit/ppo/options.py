@@ -34,6 +34,13 @@ class EstimatorOptions:
     """The old policy's log-probs (KL penalty, ratio denominator): recompute (a forward pass of the actor
     while scoring) or sampler (those the generation backend reported, no forward pass; they carry the
     inference copy's numerical difference, 0.006-0.017 nats per token on the benchmark models)."""
+    score_in_update: bool = False
+    """Skip the actor's and the critic's scoring passes: the update's forward passes, before its one
+    optimizer step, give the old log-probs and values, then the rewards and advantages, then the losses
+    (two forward passes fewer per step when the rollout is one micro-batch; that micro-batch then holds
+    both models' activations at once, so under --micro-batch-tokens it is taken only if twice its tokens
+    fit the budget). Needs --advantage-estimator gae, --ppo-epochs 1, one global batch per rollout, no
+    critic warm-up, no critic server and --old-logprobs recompute."""
     packed_passes: Literal["auto", "on", "off"] = "auto"
     """Score and train padding-free: each micro-batch's real tokens end to end in one sequence under
     variable-length flash attention (torch.nn.attention.varlen), no compute on padding. auto: on CUDA for
@@ -65,5 +72,13 @@ def check_estimator_options(cfg, world_size: int) -> None:
             )
         if cfg.critic_warmup_steps:
             raise ValueError("--critic-warmup-steps needs a critic (--advantage-estimator gae)")
+    if cfg.score_in_update:
+        one_step = cfg.ppo_epochs == 1 and cfg.num_rollout_samples * k == cfg.global_batch_size
+        if not (needs_critic(cfg.advantage_estimator) and one_step and not cfg.critic_warmup_steps):
+            raise ValueError("--score-in-update needs --advantage-estimator gae, --ppo-epochs 1, "
+                             "--num-rollout-samples x --samples-per-prompt = --global-batch-size, no critic warm-up")  # fmt: skip
+        if cfg.critic_server is not None or cfg.old_logprobs != "recompute":
+            raise ValueError("--score-in-update scores with the local critic and the actor: no --critic-server, "
+                             "--old-logprobs recompute")  # fmt: skip
     if cfg.kl_in_loss and cfg.adaptive_kl:
         raise ValueError("--kl-in-loss takes a fixed --kl-coef (no --adaptive-kl)")

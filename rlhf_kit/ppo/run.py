@@ -86,14 +86,15 @@ def validation_metrics(
     device: torch.device | str,
 ) -> tuple[dict, list[list]]:
     """Roll out ``prompts`` with ``rollout`` (e.g. a bound :func:`~rlhf_kit.ppo.collect_experience`; with
-    ``exp_cfg.skip_old_logprobs`` it is called with ``cfg=`` a copy that recomputes them) and
-    return the ``val/`` statistics averaged over ranks and ``[step, prompt, response, score]`` sample rows."""
+    ``exp_cfg.skip_old_logprobs`` or ``score_in_update`` it is called with ``cfg=`` a copy that scores with
+    every model) and return the ``val/`` statistics averaged over ranks and ``[step, prompt, response,
+    score]`` sample rows."""
     import dataclasses
 
     from rlhf_kit.estimators import needs_critic
 
-    if exp_cfg.skip_old_logprobs:  # validation measures the KL: it computes the old log-probs
-        exp_cfg = dataclasses.replace(exp_cfg, skip_old_logprobs=False)
+    if exp_cfg.skip_old_logprobs or exp_cfg.score_in_update:  # validation scores with every model
+        exp_cfg = dataclasses.replace(exp_cfg, skip_old_logprobs=False, score_in_update=False)
         data, _ = rollout(prompts, cfg=exp_cfg)
     else:
         data, _ = rollout(prompts)

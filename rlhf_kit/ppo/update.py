@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,7 @@ from rlhf_kit.estimators import aggregation_units
 from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.models.attention import padding_safe_sdpa
-from rlhf_kit.models.layout import LeftAlignment
+from rlhf_kit.models.layout import LeftAlignment, left_alignment
 from rlhf_kit.models.transfer import host_tensor
 from rlhf_kit.models.value import response_values
 from rlhf_kit.ppo.advantages import global_mean
@@ -83,6 +83,7 @@ def ppo_update(
     clip_grad: Callable[[nn.Module, float], float | torch.Tensor] | None = None,
     device: torch.device | str | None = None,
     budget: MemoryBudget | None = None,
+    advantages: Callable[[Rollout], tuple[Rollout, dict]] | None = None,
 ) -> dict:
     """``ppo_epochs`` passes over the buffer in mini-batches, each one optimizer step per model with
     gradient accumulation over micro-batches.
@@ -106,6 +107,13 @@ def ppo_update(
     ``cfg.micro_batch_tokens > 0``) replaces ``cfg.micro_batch_tokens``; in the second update that trains
     the actor (critic warm-up updates do not count) it measures the first micro-batch and grows to what the
     device holds, for the mini-batches after it.
+
+    With ``exp_cfg.score_in_update`` the rollout arrives unscored by actor and critic, and ``advantages``
+    (e.g. ``functools.partial(compute_advantages, kl_coef=..., cfg=exp_cfg)``) completes it. When the
+    rollout is one micro-batch, its forward passes (before the one optimizer step: the old policy and
+    values) are detached into the rollout, ``advantages`` runs, and the losses follow on the same graphs;
+    otherwise both models first score the mini-batch without gradients. ``advantages``' statistics
+    (``reward/...``, ``kl/seq_mean``, ...) are returned with the update's.
     """
     train_actor = cfg.train_actor and actor_opt is not None
     train_critic = cfg.train_critic
@@ -131,13 +139,19 @@ def ppo_update(
         totals[key] = totals[key] + value if key in totals else value
 
     agg = getattr(policy_loss, "aggregation", "token_mean")
-    reuse = exp_cfg.skip_old_logprobs and train_actor
-    if reuse and (cfg.ppo_epochs != 1 or len(buffer) > cfg.mini_batch_size):
+    scoring = exp_cfg.score_in_update
+    reuse = exp_cfg.skip_old_logprobs and train_actor and not scoring
+    if scoring and (advantages is None or not (train_actor and train_critic)):
         raise ValueError(
-            "ppo_update: skip_old_logprobs needs one optimizer step per rollout (ppo_epochs 1 and at most "
-            f"mini_batch_size samples); got {cfg.ppo_epochs} epoch(s) over {len(buffer)} samples in mini-batches "
-            f"of {cfg.mini_batch_size}"
+            "ppo_update: score_in_update needs advantages= and trains both actor and critic here"
         )
+    if (reuse or scoring) and (cfg.ppo_epochs != 1 or len(buffer) > cfg.mini_batch_size):
+        raise ValueError(
+            f"ppo_update: {'score_in_update' if scoring else 'skip_old_logprobs'} needs one optimizer step "
+            f"per rollout (ppo_epochs 1 and at most mini_batch_size samples); got {cfg.ppo_epochs} epoch(s) "
+            f"over {len(buffer)} samples in mini-batches of {cfg.mini_batch_size}"
+        )
+    adv_stats: dict = {}
     # untrimmed: _micro_batches cuts each micro-batch to its own columns, so a trim would only cost a read
     batches = buffer.minibatches(
         cfg.mini_batch_size, cfg.ppo_epochs, device=device, group_size=cfg.group_size, trim=False
@@ -154,24 +168,36 @@ def ppo_update(
         if train_critic:
             v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
         tokens = budget.tokens if budgeted else cfg.micro_batch_tokens
-        for micro, align in _micro_batches(mb, cfg, tokens):
-            watch = budget.measure(micro.sequences.numel(), _trained_params(trained)) if measure else nullcontext()
+        micros = _micro_batches(mb, cfg, tokens)
+        # one micro-batch (the same count on every rank), which holds the actor's and the critic's activations
+        # at once: under a budget, only if twice its tokens fit
+        fused = (
+            scoring and len(micros) == 1 and (not budgeted or 2 * micros[0][0].sequences.numel() <= tokens)
+        )
+        if scoring and not fused:  # the old policy's and values' passes first, then the advantages
+            mb, adv_stats = advantages(_score_old(mb, actor, critic, exp_cfg, cfg))
+            micros = _micro_batches(mb, cfg, tokens)
+        for micro, align in micros:
+            size = micro.sequences.numel() * (2 if fused else 1)  # fused: both models' activations per token
+            watch = budget.measure(size, _trained_params(trained)) if measure else nullcontext()
             measure = False  # one micro-batch is measured
             # cuDNN's SDPA backward is NaN on the left-padding rows: see rlhf_kit.models.attention
             with padding_safe_sdpa(), watch:
                 p = micro.prompt_length
+                args = (micro.sequences, micro.attention_mask, p)
+                if fused:  # these passes are the old policy's and values: score, then the advantages
+                    lp, ent = sequence_logprobs(actor, *args, exp_cfg.temperature, with_entropy=True,
+                                                alignment=align, packed=cfg.packed)  # fmt: skip
+                    values = response_values(critic, *args, alignment=align, packed=cfg.packed)
+                    m = micro.response_mask.float()
+                    micro, adv_stats = advantages(
+                        replace(micro, logprobs=lp.detach() * m, values=values.detach() * m)
+                    )
                 if train_actor:
                     pm = _policy_mask(micro, exp_cfg)
-                    lp, ent = sequence_logprobs(
-                        actor,
-                        micro.sequences,
-                        micro.attention_mask,
-                        p,
-                        exp_cfg.temperature,
-                        with_entropy=True,
-                        alignment=align,
-                        packed=cfg.packed,
-                    )
+                    if not fused:
+                        lp, ent = sequence_logprobs(actor, *args, exp_cfg.temperature, with_entropy=True,
+                                                    alignment=align, packed=cfg.packed)  # fmt: skip
                     # one optimizer step per rollout: the weights are still the old policy's here
                     old = lp.detach() if reuse else micro.logprobs
                     loss, ps = policy_loss(lp, old, micro.advantages, pm, ent, micro.ref_logprobs)
@@ -187,9 +213,8 @@ def ppo_update(
                         add("policy/ref_kl", ps.ref_kl)
                 if train_critic:
                     vm = micro.response_mask.float()
-                    values = response_values(
-                        critic, micro.sequences, micro.attention_mask, p, alignment=align, packed=cfg.packed
-                    )
+                    if not fused:
+                        values = response_values(critic, *args, alignment=align, packed=cfg.packed)
                     vloss, vs = value_loss(values, micro.values, micro.returns, vm)
                     backward(vloss * (vm.sum() * world / v_tokens))
                     add("value/loss", vs.loss)
@@ -215,7 +240,23 @@ def ppo_update(
         out["batch/micro_batch_tokens"] = budget.tokens
     if reuse:  # the mean over every rank's sequences, as compute_advantages reports it otherwise
         out["kl/seq_mean"] = global_mean(torch.cat(seq_kl) if seq_kl else torch.zeros(0, device=device))
-    return out
+    return out | adv_stats
+
+
+@torch.no_grad()
+def _score_old(
+    mb: Rollout, actor: nn.Module, critic: nn.Module, exp_cfg: ExperienceConfig, cfg: UpdateConfig
+) -> Rollout:
+    """``mb`` with the old policy's log-probs and the critic's values, in scoring's micro-batches."""
+    lps, vals = [], []
+    p, n = mb.prompt_length, exp_cfg.micro_batch_size
+    for s in range(0, mb.sequences.shape[0], n):
+        seq, am = mb.sequences[s : s + n], mb.attention_mask[s : s + n]
+        la = left_alignment(am)
+        lps.append(sequence_logprobs(actor, seq, am, p, exp_cfg.temperature, alignment=la, packed=cfg.packed))
+        vals.append(response_values(critic, seq, am, p, alignment=la, packed=cfg.packed))
+    m = mb.response_mask.float()
+    return replace(mb, logprobs=torch.cat(lps) * m, values=torch.cat(vals) * m)
 
 
 def _trained_params(models: list[nn.Module]) -> list[nn.Parameter]:

@@ -31,6 +31,7 @@ def experience_config(cfg: Any, stats: dict | None) -> ExperienceConfig:
         score_mean=stats["mean"] if stats else 0.0, score_std=stats["std"] if stats else 1.0,
         micro_batch_size=cfg.rollout_micro_batch_size, advantage_estimator=cfg.advantage_estimator,
         group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss, skip_old_logprobs=one_step_on_policy(cfg),
+        score_in_update=getattr(cfg, "score_in_update", False),
         old_logprobs=getattr(cfg, "old_logprobs", "recompute"), packed=getattr(cfg, "packed_passes", "auto"),
     )  # fmt: skip
 
@@ -102,6 +103,8 @@ def memory_budget(cfg: Any, world_size: int, device: Any) -> MemoryBudget | None
     fraction = getattr(cfg, "micro_batch_memory", 0.0)
     probe = cuda_probe(device) if fraction > 0 and torch.device(device).type == "cuda" else None
     whole = cfg.global_batch_size // world_size * (cfg.max_prompt_length + cfg.max_new_tokens)
+    if getattr(cfg, "score_in_update", False):  # twice: one micro-batch holds actor and critic activations
+        whole *= 2
     return MemoryBudget(tokens, fraction, max_tokens=whole, probe=probe)
 
 

@@ -209,6 +209,7 @@ BAD_CONFIGURATIONS = [
     (["--optimizer", "adamw8bit", "--master-weights"], "adamw8bit keeps bf16 weights and no fp32 masters"),
     (["--optimizer", "adamw8bit", "--lora-r", "4"], "adamw8bit trains all weights"),
     (["--report-to", "jsonl", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
+    (["--score-in-update", "--ppo-epochs", "2"], "--score-in-update needs --advantage-estimator gae, --ppo-epochs 1"),
 ]
 
 
@@ -246,7 +247,7 @@ def independent_runs(tmp_path_factory):
     from rlhf_kit.tiny import save_real_like_checkpoint
 
     root = tmp_path_factory.mktemp("ppo_independent")
-    dirs = {name: root / name for name in ("held_out", "no_training", "real_like")}
+    dirs = {name: root / name for name in ("held_out", "no_training", "real_like", "scored_first", "in_update")}
     for d in dirs.values():
         d.mkdir()
     write_prompts(dirs["held_out"] / "prompts.jsonl", PROMPTS)
@@ -267,6 +268,11 @@ def independent_runs(tmp_path_factory):
                       "--val-prompts", data["test_prompts"], "--output-dir", str(dirs["real_like"] / "out"),
                       "--max-steps", "2", "--val-check-interval", "2", "--num-val-samples", "4",
                       "--packed-passes", "on", "--gradient-checkpointing", *FAST],
+        **{name: ["--output-dir", str(dirs[name] / "o"), "--max-steps", "2", "--max-new-tokens", "8",
+                  "--num-rollout-samples", "8", "--global-batch-size", "8", "--micro-batch-size", "8",
+                  "--micro-batch-tokens", "0", "--val-check-interval", "2", "--num-val-samples", "4",
+                  *(["--score-in-update"] if name == "in_update" else [])]
+           for name in ("scored_first", "in_update")},
     }  # fmt: skip
     procs = run_all(
         {name: [sys.executable, str(RECIPE), *a] for name, a in args.items()},
@@ -302,6 +308,21 @@ def test_validation_prompts_are_held_out_of_the_given_training_prompts(independe
     held = [p.split()[4] for p in split_prompts(PROMPTS, 6, seed=3)[1]]  # the itemNN marker of each
     table = next(r for r in metrics(out) if r.get("table") == "val/samples")  # its first 4 samples
     assert [next(w for w in row[1].split() if w.startswith("item")) for row in table["rows"]] == held[:4]
+
+
+def test_scoring_in_the_update_runs_as_scoring_first(independent_runs):
+    """--score-in-update (one micro-batch of 8: the update's own forward scores it) against the same run
+    scoring first: the same rewards, KL, losses and final weights, and a ratio of exactly 1."""
+    first, inside = (metrics(check_ok(independent_runs[n][0]) and independent_runs[n][1] / "o")
+                     for n in ("scored_first", "in_update"))  # fmt: skip
+    for key in ("reward/score_mean", "kl/seq_mean", "policy/loss", "value/loss", "advantages/std"):
+        assert series(inside, key) == pytest.approx(series(first, key), rel=1e-4, abs=1e-6), key
+    assert series(inside, "policy/ratio_mean") == [1.0, 1.0]
+    assert series(inside, "val/kl/seq_mean") == pytest.approx(series(first, "val/kl/seq_mean"), rel=1e-4, abs=1e-6)
+    a, b = (AutoModelForCausalLM.from_pretrained(independent_runs[n][1] / "o" / "final").state_dict()
+            for n in ("scored_first", "in_update"))  # fmt: skip
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
 
 
 def test_val_size_leaving_no_training_prompts_stops_with_one_line(independent_runs):

@@ -1,0 +1,104 @@
+"""``ExperienceConfig.score_in_update``: scoring skips the actor's and the critic's forward passes, and the
+update computes old log-probs, values, rewards and advantages itself, from its own forward when the rollout
+is one micro-batch. The same weights and statistics as scoring first (float64), with the KL penalty in
+the reward; two forward passes fewer; refused where it would be wrong."""
+
+import copy
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
+from rlhf_kit.models.compile import decoder_blocks
+from rlhf_kit.ppo import (
+    ExperienceConfig,
+    RewardModelScorer,
+    UpdateConfig,
+    compute_advantages,
+    make_experience,
+    ppo_update,
+)
+from rlhf_kit.rollout import RolloutBuffer
+from tests.unit.test_ppo import fake_generation, four_models  # noqa: F401  (a fixture)
+
+BASE = ExperienceConfig(temperature=0.8, missing_eos_penalty=-1.0)
+IN_UPDATE = dataclasses.replace(BASE, score_in_update=True)
+KL = 0.05
+
+
+def _update(actor, critic, rollout, exp_cfg, micro=4, epochs=1, tokens=0):
+    buf = RolloutBuffer(seed=0)
+    buf.append(rollout)
+    return ppo_update(
+        actor, critic, torch.optim.AdamW(actor.parameters(), lr=1e-3),
+        torch.optim.AdamW(critic.parameters(), lr=1e-3), buf, PPOPolicyLoss(0.2, entropy_coef=0.01),
+        ValueLoss(0.2), UpdateConfig(mini_batch_size=4, micro_batch_size=micro, ppo_epochs=epochs,
+                                     max_grad_norm=1e9, micro_batch_tokens=tokens),
+        exp_cfg, advantages=functools.partial(compute_advantages, kl_coef=KL, cfg=exp_cfg),
+    )  # fmt: skip
+
+
+def _counting(*models):
+    """Forward passes of each model, counted at its first transformer block."""
+    calls = {id(m): 0 for m in models}
+
+    def counter(key):
+        return lambda *_: calls.__setitem__(key, calls[key] + 1)
+
+    for m in models:
+        decoder_blocks(m)[0].register_forward_hook(counter(id(m)))
+    return calls
+
+
+@pytest.mark.parametrize("micro, tokens", [(4, 0), (2, 0), (4, 14)])
+def test_scoring_in_the_update_equals_scoring_first(tokenizer, four_models, micro, tokens):  # noqa: F811
+    """micro 4: the rollout is one micro-batch, scored by the update's own forward (the ratio exactly 1);
+    micro 2 and a 14-token budget: more than one, so the update scores the mini-batch first."""
+    actor, ref, critic, rm = (m.double() for m in four_models)
+    gen, scorer = fake_generation(tokenizer), RewardModelScorer(rm)
+    first, first_stats = compute_advantages(make_experience(gen, actor, ref, critic, scorer, BASE), KL, BASE)
+    a1, c1 = copy.deepcopy(actor), copy.deepcopy(critic)
+    s1 = _update(a1, c1, first, BASE, micro, tokens=tokens)
+
+    a2, c2 = copy.deepcopy(actor), copy.deepcopy(critic)
+    calls = _counting(a2, c2)
+    deferred = make_experience(gen, a2, ref, c2, scorer, IN_UPDATE)
+    assert calls == {id(a2): 0, id(c2): 0}  # scoring ran neither
+    assert torch.equal(deferred.logprobs, deferred.ref_logprobs) and not deferred.values.any()  # placeholders
+    s2 = _update(a2, c2, deferred, IN_UPDATE, micro, tokens=tokens)
+    passes = 1 if (micro, tokens) == (4, 0) else 1 + (2 if micro == 2 else 3)  # scoring's pass + the update's
+    assert calls == {id(a2): passes, id(c2): passes}
+
+    for p1, p2 in zip([*a1.parameters(), *c1.parameters()], [*a2.parameters(), *c2.parameters()]):
+        torch.testing.assert_close(p2, p1, rtol=1e-8, atol=1e-10)
+    assert not torch.allclose(next(a2.parameters()), next(actor.parameters()))  # it did train
+    for k in ("kl/seq_mean", "reward/score_mean", "reward/shaped_return_mean", "advantages/std"):
+        assert s2[k] == pytest.approx(first_stats[k], rel=1e-8, abs=1e-12), k
+    # summed in float32, over the rows in the update's (length-sorted) order
+    assert s2["values/explained_variance"] == pytest.approx(
+        first_stats["values/explained_variance"], rel=1e-5
+    )
+    assert abs(s2["kl/seq_mean"]) > 1e-3  # actor and reference differ: the KL penalty is a real one
+    for k in ("policy/loss", "value/loss", "policy/grad_norm", "value/grad_norm", "policy/ratio_mean"):
+        assert s2[k] == pytest.approx(s1[k], rel=1e-8), k
+    if micro == 4 and not tokens:
+        assert s2["policy/ratio_mean"] == 1.0 and s2["value/clip_fraction"] == 0.0
+
+
+def test_refused_where_it_is_not_exact(tokenizer, four_models):  # noqa: F811
+    actor, ref, critic, rm = four_models
+    gen = fake_generation(tokenizer)
+    r = make_experience(gen, actor, ref, critic, RewardModelScorer(rm), IN_UPDATE)
+    with pytest.raises(ValueError, match="one optimizer step per rollout"):
+        _update(copy.deepcopy(actor), copy.deepcopy(critic), r, IN_UPDATE, epochs=2)
+    buf = RolloutBuffer(seed=0)
+    buf.append(r)
+    with pytest.raises(ValueError, match="needs advantages="):
+        ppo_update(actor, critic, torch.optim.SGD(actor.parameters()), torch.optim.SGD(critic.parameters()),
+                   buf, PPOPolicyLoss(0.2), ValueLoss(0.2), UpdateConfig(mini_batch_size=4), IN_UPDATE)  # fmt: skip
+    with pytest.raises(ValueError, match="gae estimator"):
+        dataclasses.replace(IN_UPDATE, advantage_estimator="grpo", group_size=2)
+    with pytest.raises(ValueError, match="critic server"):
+        make_experience(gen, actor, ref, None, RewardModelScorer(rm), IN_UPDATE, remote=object())
