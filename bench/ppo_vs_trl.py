@@ -114,7 +114,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         PromptStream,
         RewardModelScorer,
         UpdateConfig,
-        compute_advantages,
+        advantages_now_or_in_update,
         generate_rollouts,
         ppo_update,
         score_rollouts,
@@ -168,6 +168,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         micro_batch_size=args.score_micro or sh["batch"],
         old_logprobs=args.old_logprobs,
         packed=args.packed_passes,
+        score_in_update=args.score_in_update,
     )
     upd_cfg = UpdateConfig(
         mini_batch_size=sh["batch"],
@@ -215,15 +216,16 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
             )
         for m in idle:  # on the host again until the next scoring phase
             offload_model(m)
-        data, stats = compute_advantages(data, 0.05, exp_cfg)
+        data, stats, advantages = advantages_now_or_in_update(data, 0.05, exp_cfg)  # or in the update
         clock.lap("score")
         buffer = RolloutBuffer(pad_token_id=tok.pad_token_id, seed=step)
         buffer.set_data(data)
         with autocast:
             tstats = ppo_update(
                 actor, critic, actor_opt, critic_opt, buffer, policy_loss, value_loss, upd_cfg, exp_cfg,
-                budget=budget,
+                budget=budget, advantages=advantages,
             )  # fmt: skip
+            stats = stats or tstats  # with --score-in-update the rollout's statistics come from the update
         clock.lap("train")
         backend.update_weights(iter_full_params(actor) if fsdp_bf16 else actor)
         clock.lap("sync")
@@ -551,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
         "auto, as in the recipe: on CUDA",
     )  # fmt: skip
     ap.add_argument(
+        "--score-in-update", action="store_true",
+        help="ours: the update's forward scores the rollout (ExperienceConfig.score_in_update, the recipe's flag)",
+    )  # fmt: skip
+    ap.add_argument(
         "--decode-kernel", default="{}", help="ours: JSON over rlhf_kit.generation.decode_kernel.CONFIG"
     )
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
@@ -611,6 +617,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--master-weights", args.master_weights),
         ("--compile-blocks", args.compile_blocks),
         ("--cudnn-attention", args.cudnn_attention),
+        ("--score-in-update", args.score_in_update),
     )
     passthrough += [f for f, on in flags if on] + [
         "--optimizer",
