@@ -110,7 +110,8 @@ def ppo_update(
 
     With ``exp_cfg.score_in_update`` the rollout arrives unscored by actor and critic, and ``advantages``
     (e.g. ``functools.partial(compute_advantages, kl_coef=..., cfg=exp_cfg)``) completes it. When the
-    rollout is one micro-batch, its forward passes (before the one optimizer step: the old policy and
+    rollout is one micro-batch (under a token budget: one whose tokens fit twice, as it holds both
+    models' activations at once), its forward passes (before the one optimizer step: the old policy and
     values) are detached into the rollout, ``advantages`` runs, and the losses follow on the same graphs;
     otherwise both models first score the mini-batch without gradients. ``advantages``' statistics
     (``reward/...``, ``kl/seq_mean``, ...) are returned with the update's.
@@ -170,10 +171,8 @@ def ppo_update(
         tokens = budget.tokens if budgeted else cfg.micro_batch_tokens
         micros = _micro_batches(mb, cfg, tokens)
         # one micro-batch (the same count on every rank), which holds the actor's and the critic's activations
-        # at once: under a budget, only if twice its tokens fit
-        fused = (
-            scoring and len(micros) == 1 and (not budgeted or 2 * micros[0][0].sequences.numel() <= tokens)
-        )
+        # at once: under a token budget, only if twice its tokens fit
+        fused = scoring and len(micros) == 1 and (tokens <= 0 or 2 * micros[0][0].sequences.numel() <= tokens)
         if scoring and not fused:  # the old policy's and values' passes first, then the advantages
             mb, adv_stats = advantages(_score_old(mb, actor, critic, exp_cfg, cfg))
             micros = _micro_batches(mb, cfg, tokens)

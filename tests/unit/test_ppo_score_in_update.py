@@ -52,10 +52,11 @@ def _counting(*models):
     return calls
 
 
-@pytest.mark.parametrize("micro, tokens", [(4, 0), (2, 0), (4, 14)])
+@pytest.mark.parametrize("micro, tokens", [(4, 0), (4, 88), (2, 0), (4, 14), (4, 44)])
 def test_scoring_in_the_update_equals_scoring_first(tokenizer, four_models, micro, tokens):  # noqa: F811
-    """micro 4: the rollout is one micro-batch, scored by the update's own forward (the ratio exactly 1);
-    micro 2 and a 14-token budget: more than one, so the update scores the mini-batch first."""
+    """micro 4, or a budget of twice the rollout's 44 padded tokens: one micro-batch, scored by the update's
+    own forward (the ratio exactly 1); micro 2 and a 14-token budget: more than one, and a 44-token budget:
+    one, but the two models' activations would not fit it; so the update scores the mini-batch first."""
     actor, ref, critic, rm = (m.double() for m in four_models)
     gen, scorer = fake_generation(tokenizer), RewardModelScorer(rm)
     first, first_stats = compute_advantages(make_experience(gen, actor, ref, critic, scorer, BASE), KL, BASE)
@@ -68,7 +69,8 @@ def test_scoring_in_the_update_equals_scoring_first(tokenizer, four_models, micr
     assert calls == {id(a2): 0, id(c2): 0}  # scoring ran neither
     assert torch.equal(deferred.logprobs, deferred.ref_logprobs) and not deferred.values.any()  # placeholders
     s2 = _update(a2, c2, deferred, IN_UPDATE, micro, tokens=tokens)
-    passes = 1 if (micro, tokens) == (4, 0) else 1 + (2 if micro == 2 else 3)  # scoring's pass + the update's
+    fused = micro == 4 and tokens in (0, 88)
+    passes = 1 if fused else 1 + {2: 2, 14: 3, 44: 1}[tokens or micro]  # scoring's pass + the update's
     assert calls == {id(a2): passes, id(c2): passes}
 
     for p1, p2 in zip([*a1.parameters(), *c1.parameters()], [*a2.parameters(), *c2.parameters()]):
@@ -83,7 +85,7 @@ def test_scoring_in_the_update_equals_scoring_first(tokenizer, four_models, micr
     assert abs(s2["kl/seq_mean"]) > 1e-3  # actor and reference differ: the KL penalty is a real one
     for k in ("policy/loss", "value/loss", "policy/grad_norm", "value/grad_norm", "policy/ratio_mean"):
         assert s2[k] == pytest.approx(s1[k], rel=1e-8), k
-    if micro == 4 and not tokens:
+    if fused:
         assert s2["policy/ratio_mean"] == 1.0 and s2["value/clip_fraction"] == 0.0
 
 

@@ -201,6 +201,8 @@ def test_memory_budget_measures_on_cuda_only_and_resumes_from_the_checkpoint(tmp
     assert cpu.tokens == 4 * 128 and cpu.max_tokens == 32 * 128 and cpu.probe is None  # grows on CUDA only
     assert memory_budget(cfg, 1, torch.device("cuda", 0)).probe is not None  # built, nothing touched yet
     assert memory_budget(cfg, 1, "cuda:0").probe is not None  # a device named by a string too
+    # scoring in the update holds actor and critic activations of a whole mini-batch at once: twice the cap
+    assert memory_budget(SimpleNamespace(**vars(cfg), score_in_update=True), 2, "cpu").max_tokens == 64 * 128
     cfg.micro_batch_memory = 0.0
     assert memory_budget(cfg, 1, torch.device("cuda", 0)).probe is None
     cfg.micro_batch_tokens = 0  # fixed micro-batches: no budget at all
