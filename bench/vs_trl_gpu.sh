@@ -363,7 +363,7 @@ fi
 if [ "$phase" = s24c ]; then  # session 24, call 3: PPO A (micro 64: the rollout is one micro-batch) scoring first against
   # --score-in-update (the update's forward scores it), alternating, twice each
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --steps 8 --timeout 150"
-  for run in first_1 inupd_1 first_2 inupd_2; do
+  for run in ${RUNS:-first_1 inupd_1 first_2 inupd_2}; do
     flag=$([ "${run%_*}" = inupd ] && echo --score-in-update)
     python3 bench/ppo_vs_trl.py $A $flag --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A" | sed "s/^/$run /"
   done
