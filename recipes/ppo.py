@@ -315,7 +315,7 @@ def main(cfg: PPOConfig) -> dict:
 
     # 4. The step's pieces: KL controller, scoring, losses, generation backend (and its weight sync).
     kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
-    exp_cfg = experience_config(cfg, stats)
+    exp_cfg = experience_config(cfg, stats, device)
     policy_loss, value_loss = make_losses(cfg, use_critic)  # no value loss without a critic
     dynamic = cfg.dynamic_dispatch and acc.num_processes > 1
     gen_batch = generation_batch_size(cfg, acc.num_processes, dynamic)  # also the KV cache's rows

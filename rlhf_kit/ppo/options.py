@@ -34,19 +34,43 @@ class EstimatorOptions:
     """The old policy's log-probs (KL penalty, ratio denominator): recompute (a forward pass of the actor
     while scoring) or sampler (those the generation backend reported, no forward pass; they carry the
     inference copy's numerical difference, 0.006-0.017 nats per token on the benchmark models)."""
-    score_in_update: bool = False
+    score_in_update: Literal["auto", "on", "off"] = "auto"
     """Skip the actor's and the critic's scoring passes: the update's forward passes, before its one
     optimizer step, give the old log-probs and values, then the rewards and advantages, then the losses
     (two forward passes fewer per step when the rollout is one micro-batch; that micro-batch then holds
-    both models' activations at once, so under --micro-batch-tokens it is taken only if twice its tokens
-    fit the budget). Needs --advantage-estimator gae, --ppo-epochs 1, one global batch per rollout, no
-    critic warm-up, no critic server and --old-logprobs recompute."""
+    both models' activations at once, so under a token budget it is taken only if twice its tokens fit;
+    else the update scores first, without gradients). Needs --advantage-estimator gae, --ppo-epochs 1,
+    one global batch per rollout, no critic warm-up, no critic server and --old-logprobs recompute.
+    auto: where those hold, on CUDA; on: refused where they do not; off: score first."""
     packed_passes: Literal["auto", "on", "off"] = "auto"
     """Score and train padding-free: each micro-batch's real tokens end to end in one sequence under
     variable-length flash attention (torch.nn.attention.varlen), no compute on padding. auto: on CUDA for
     the model types verified (rlhf_kit.models.varlen.PACKED_MODEL_TYPES) of hidden size 1024 or more (a
     narrower model ran slower packed), with no sliding window shorter than the rows (with
     --gradient-checkpointing too); on: pack any verified model; off: padded passes."""
+
+
+def score_in_update_possible(cfg) -> bool:
+    """Whether the update can score the rollout itself (``--score-in-update``): GAE with the local critic,
+    one optimizer step per rollout, the old log-probs recomputed."""
+    from rlhf_kit.estimators import needs_critic
+
+    one_step = (
+        cfg.ppo_epochs == 1 and cfg.num_rollout_samples * cfg.samples_per_prompt == cfg.global_batch_size
+    )
+    local = cfg.critic_server is None and not cfg.critic_warmup_steps and cfg.old_logprobs == "recompute"
+    return needs_critic(cfg.advantage_estimator) and one_step and local
+
+
+def scores_in_update(cfg, device) -> bool:
+    """``--score-in-update`` resolved: ``auto`` is on where possible on a CUDA device (where the saved
+    forward passes were measured faster, docs/benchmarks.md); ``on`` and ``off`` as given."""
+    import torch
+
+    choice = getattr(cfg, "score_in_update", "off")
+    if choice == "auto":
+        return torch.device(device).type == "cuda" and score_in_update_possible(cfg)
+    return choice == "on"
 
 
 def check_estimator_options(cfg, world_size: int) -> None:
@@ -72,13 +96,11 @@ def check_estimator_options(cfg, world_size: int) -> None:
             )
         if cfg.critic_warmup_steps:
             raise ValueError("--critic-warmup-steps needs a critic (--advantage-estimator gae)")
-    if cfg.score_in_update:
-        one_step = cfg.ppo_epochs == 1 and cfg.num_rollout_samples * k == cfg.global_batch_size
-        if not (needs_critic(cfg.advantage_estimator) and one_step and not cfg.critic_warmup_steps):
-            raise ValueError("--score-in-update needs --advantage-estimator gae, --ppo-epochs 1, "
-                             "--num-rollout-samples x --samples-per-prompt = --global-batch-size, no critic warm-up")  # fmt: skip
-        if cfg.critic_server is not None or cfg.old_logprobs != "recompute":
-            raise ValueError("--score-in-update scores with the local critic and the actor: no --critic-server, "
-                             "--old-logprobs recompute")  # fmt: skip
+    if cfg.score_in_update == "on" and not score_in_update_possible(cfg):
+        raise ValueError(
+            "--score-in-update on needs --advantage-estimator gae, --ppo-epochs 1, --num-rollout-samples x "
+            "--samples-per-prompt = --global-batch-size, no critic warm-up, no --critic-server and "
+            "--old-logprobs recompute"
+        )
     if cfg.kl_in_loss and cfg.adaptive_kl:
         raise ValueError("--kl-in-loss takes a fixed --kl-coef (no --adaptive-kl)")

@@ -18,20 +18,22 @@ from rlhf_kit.data.tokenizer import stop_token_ids
 from rlhf_kit.generation.base import SamplingParams
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.ppo.experience import ExperienceConfig
+from rlhf_kit.ppo.options import scores_in_update
 from rlhf_kit.ppo.prompts import PromptStream
 from rlhf_kit.ppo.update import UpdateConfig
 from rlhf_kit.training.memory_budget import MemoryBudget, cuda_probe
 
 
-def experience_config(cfg: Any, stats: dict | None) -> ExperienceConfig:
-    """Scoring and advantage settings; ``stats`` (``{"mean", "std"}``) standardise the scores."""
+def experience_config(cfg: Any, stats: dict | None, device: Any = "cpu") -> ExperienceConfig:
+    """Scoring and advantage settings; ``stats`` (``{"mean", "std"}``) standardise the scores; ``device``
+    resolves ``--score-in-update auto``."""
     return ExperienceConfig(
         temperature=cfg.temperature, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
         normalize_advantages=cfg.normalize_advantages, missing_eos_penalty=cfg.missing_eos_penalty,
         score_mean=stats["mean"] if stats else 0.0, score_std=stats["std"] if stats else 1.0,
         micro_batch_size=cfg.rollout_micro_batch_size, advantage_estimator=cfg.advantage_estimator,
         group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss, skip_old_logprobs=one_step_on_policy(cfg),
-        score_in_update=getattr(cfg, "score_in_update", False),
+        score_in_update=scores_in_update(cfg, device),
         old_logprobs=getattr(cfg, "old_logprobs", "recompute"), packed=getattr(cfg, "packed_passes", "auto"),
     )  # fmt: skip
 
@@ -103,7 +105,7 @@ def memory_budget(cfg: Any, world_size: int, device: Any) -> MemoryBudget | None
     fraction = getattr(cfg, "micro_batch_memory", 0.0)
     probe = cuda_probe(device) if fraction > 0 and torch.device(device).type == "cuda" else None
     whole = cfg.global_batch_size // world_size * (cfg.max_prompt_length + cfg.max_new_tokens)
-    if getattr(cfg, "score_in_update", False):  # twice: one micro-batch holds actor and critic activations
+    if scores_in_update(cfg, device):  # twice: one micro-batch holds actor and critic activations
         whole *= 2
     return MemoryBudget(tokens, fraction, max_tokens=whole, probe=probe)
 

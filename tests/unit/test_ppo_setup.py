@@ -202,7 +202,14 @@ def test_memory_budget_measures_on_cuda_only_and_resumes_from_the_checkpoint(tmp
     assert memory_budget(cfg, 1, torch.device("cuda", 0)).probe is not None  # built, nothing touched yet
     assert memory_budget(cfg, 1, "cuda:0").probe is not None  # a device named by a string too
     # scoring in the update holds actor and critic activations of a whole mini-batch at once: twice the cap
-    assert memory_budget(SimpleNamespace(**vars(cfg), score_in_update=True), 2, "cpu").max_tokens == 64 * 128
+    assert memory_budget(SimpleNamespace(**vars(cfg), score_in_update="on"), 2, "cpu").max_tokens == 64 * 128
+    one_step = dict(score_in_update="auto", ppo_epochs=1, num_rollout_samples=64, samples_per_prompt=1,
+                    advantage_estimator="gae", critic_server=None, critic_warmup_steps=0, old_logprobs="recompute")  # fmt: skip
+    auto = SimpleNamespace(**vars(cfg), **one_step)
+    assert memory_budget(auto, 2, "cpu").max_tokens == 32 * 128  # auto: on CUDA only
+    assert memory_budget(auto, 2, "cuda:0").max_tokens == 64 * 128
+    auto.ppo_epochs = 2  # two optimizer steps per rollout: not possible, so auto is off
+    assert memory_budget(auto, 2, "cuda:0").max_tokens == 32 * 128
     cfg.micro_batch_memory = 0.0
     assert memory_budget(cfg, 1, torch.device("cuda", 0)).probe is None
     cfg.micro_batch_tokens = 0  # fixed micro-batches: no budget at all
