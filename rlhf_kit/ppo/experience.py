@@ -82,6 +82,8 @@ class ExperienceConfig:
             raise ValueError(f"old_logprobs must be one of {OLD_LOGPROBS}, got {self.old_logprobs!r}")
         if self.score_in_update and self.advantage_estimator != "gae":
             raise ValueError(f"score_in_update needs the gae estimator, got {self.advantage_estimator!r}")
+        if self.score_in_update and self.old_logprobs != "recompute":
+            raise ValueError("score_in_update takes the old log-probs from the update's pass, not the sampler")
 
 
 @torch.no_grad()

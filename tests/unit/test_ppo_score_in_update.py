@@ -102,5 +102,7 @@ def test_refused_where_it_is_not_exact(tokenizer, four_models):  # noqa: F811
                    buf, PPOPolicyLoss(0.2), ValueLoss(0.2), UpdateConfig(mini_batch_size=4), IN_UPDATE)  # fmt: skip
     with pytest.raises(ValueError, match="gae estimator"):
         dataclasses.replace(IN_UPDATE, advantage_estimator="grpo", group_size=2)
+    with pytest.raises(ValueError, match="not the sampler"):
+        dataclasses.replace(IN_UPDATE, old_logprobs="sampler")
     with pytest.raises(ValueError, match="critic server"):
         make_experience(gen, actor, ref, None, RewardModelScorer(rm), IN_UPDATE, remote=object())
