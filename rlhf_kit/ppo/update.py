@@ -41,6 +41,12 @@ def _global_count(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _global_min(x: float, device: torch.device) -> float:
+    t = torch.tensor(x, dtype=torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.item()
+
+
 @dataclass
 class UpdateConfig:
     """How one rollout trains the actor and the critic."""
@@ -173,6 +179,8 @@ def ppo_update(
         # one micro-batch (the same count on every rank), which holds the actor's and the critic's activations
         # at once: under a token budget, only if twice its tokens fit
         fused = scoring and len(micros) == 1 and (tokens <= 0 or 2 * micros[0][0].sequences.numel() <= tokens)
+        if scoring and world > 1:  # each rank trims its own columns: the path must be the same on all of them
+            fused = bool(_global_min(float(fused), mb.sequences.device))
         if scoring and not fused:  # the old policy's and values' passes first, then the advantages
             mb, adv_stats = advantages(_score_old(mb, actor, critic, exp_cfg, cfg))
             micros = _micro_batches(mb, cfg, tokens)

@@ -106,3 +106,37 @@ def test_refused_where_it_is_not_exact(tokenizer, four_models):  # noqa: F811
         dataclasses.replace(IN_UPDATE, old_logprobs="sampler")
     with pytest.raises(ValueError, match="critic server"):
         make_experience(gen, actor, ref, None, RewardModelScorer(rm), IN_UPDATE, remote=object())
+
+
+def _two_rank_body(rank: int) -> None:
+    """Rank 0 holds 4 samples (44 padded tokens), rank 1 three (33): under a 70-token budget only rank 1's
+    micro-batch fits twice. Both must take the same path (scoring first, 2 passes per model), or a sharded
+    model's collectives would come in a different order on each rank."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+
+    from rlhf_kit.models import TokenValueModel
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    actor, ref = (torch.manual_seed(s) and AutoModelForCausalLM.from_config(cfg).double() for s in (1, 2))
+    cfg.num_labels = 1
+    torch.manual_seed(3)
+    critic = TokenValueModel(AutoModelForSequenceClassification.from_config(cfg).double())
+    gen = fake_generation(SimpleNamespace(pad_token_id=0, eos_token_id=1), b=4 - rank, seed=rank)
+    scorer = lambda seq, am, prompt_length, response_mask: seq.float().mean(-1)  # noqa: E731
+    r = make_experience(gen, actor, ref, critic, scorer, IN_UPDATE)
+    calls = _counting(actor, critic)
+    _update(actor, critic, r, IN_UPDATE, micro=4, tokens=70)
+    assert calls == {id(actor): 2, id(critic): 2}, (rank, calls)
+
+
+def test_every_rank_takes_the_same_path():
+    import os
+    import tempfile
+
+    from tests.gloo import spawn_ranks
+
+    with tempfile.TemporaryDirectory() as d:
+        spawn_ranks(_two_rank_body, os.path.join(d, "store"), world=2)
