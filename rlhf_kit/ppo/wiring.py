@@ -26,14 +26,16 @@ from rlhf_kit.training.memory_budget import MemoryBudget, cuda_probe
 
 def experience_config(cfg: Any, stats: dict | None, device: Any = "cpu") -> ExperienceConfig:
     """Scoring and advantage settings; ``stats`` (``{"mean", "std"}``) standardise the scores; ``device``
-    resolves ``--score-in-update auto``."""
+    resolves ``--score-in-update auto``. Scoring in the update covers skipping the old log-probs, so the
+    two are never both on."""
+    in_update = scores_in_update(cfg, device)
     return ExperienceConfig(
         temperature=cfg.temperature, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
         normalize_advantages=cfg.normalize_advantages, missing_eos_penalty=cfg.missing_eos_penalty,
         score_mean=stats["mean"] if stats else 0.0, score_std=stats["std"] if stats else 1.0,
         micro_batch_size=cfg.rollout_micro_batch_size, advantage_estimator=cfg.advantage_estimator,
-        group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss, skip_old_logprobs=one_step_on_policy(cfg),
-        score_in_update=scores_in_update(cfg, device),
+        group_size=cfg.samples_per_prompt, kl_in_loss=cfg.kl_in_loss, score_in_update=in_update,
+        skip_old_logprobs=one_step_on_policy(cfg) and not in_update,
         old_logprobs=getattr(cfg, "old_logprobs", "recompute"), packed=getattr(cfg, "packed_passes", "auto"),
     )  # fmt: skip
 

@@ -116,6 +116,14 @@ def test_experience_config_carries_it():
     assert experience_config(flat, None).old_logprobs == "recompute"  # a loop of one's own without the field
     sampler = SimpleNamespace(**(vars(flat) | {"old_logprobs": "sampler"}))
     assert experience_config(sampler, None).old_logprobs == "sampler"
+    # GAE with the KL in the loss: scoring in the update (on CUDA) covers the skip, which would leave the
+    # rollout without its kl/seq_mean statistic
+    gae = SimpleNamespace(**(vars(flat) | {"advantage_estimator": "gae", "samples_per_prompt": 1,
+                                           "num_rollout_samples": 8, "critic_server": None, "score_in_update": "auto",
+                                           "old_logprobs": "recompute"}))  # fmt: skip
+    on_gpu, on_cpu = experience_config(gae, None, "cuda"), experience_config(gae, None, "cpu")
+    assert on_gpu.score_in_update and not on_gpu.skip_old_logprobs
+    assert on_cpu.skip_old_logprobs and not on_cpu.score_in_update
 
 
 def _two_rank_body(rank: int) -> None:
