@@ -50,32 +50,10 @@ class EstimatorOptions:
     --gradient-checkpointing too); on: pack any verified model; off: padded passes."""
 
 
-def score_in_update_possible(cfg) -> bool:
-    """Whether the update can score the rollout itself (``--score-in-update``): GAE with the local critic,
-    one optimizer step per rollout, the old log-probs recomputed."""
-    from rlhf_kit.estimators import needs_critic
-
-    one_step = (
-        cfg.ppo_epochs == 1 and cfg.num_rollout_samples * cfg.samples_per_prompt == cfg.global_batch_size
-    )
-    local = cfg.critic_server is None and not cfg.critic_warmup_steps and cfg.old_logprobs == "recompute"
-    return needs_critic(cfg.advantage_estimator) and one_step and local
-
-
-def scores_in_update(cfg, device) -> bool:
-    """``--score-in-update`` resolved: ``auto`` is on where possible on a CUDA device (where the saved
-    forward passes were measured faster, docs/benchmarks.md); ``on`` and ``off`` as given."""
-    import torch
-
-    choice = getattr(cfg, "score_in_update", "off")
-    if choice == "auto":
-        return torch.device(device).type == "cuda" and score_in_update_possible(cfg)
-    return choice == "on"
-
-
 def check_estimator_options(cfg, world_size: int) -> None:
     """One-line ``ValueError`` for estimator settings that cannot work together (before any model)."""
     from rlhf_kit.estimators import GROUP_ESTIMATORS, needs_critic
+    from rlhf_kit.ppo.wiring import score_in_update_possible
 
     k = cfg.samples_per_prompt
     if k < 1:

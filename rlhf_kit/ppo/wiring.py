@@ -18,7 +18,6 @@ from rlhf_kit.data.tokenizer import stop_token_ids
 from rlhf_kit.generation.base import SamplingParams
 from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
 from rlhf_kit.ppo.experience import ExperienceConfig
-from rlhf_kit.ppo.options import scores_in_update
 from rlhf_kit.ppo.prompts import PromptStream
 from rlhf_kit.ppo.update import UpdateConfig
 from rlhf_kit.training.memory_budget import MemoryBudget, cuda_probe
@@ -46,8 +45,31 @@ def one_step_on_policy(cfg: Any) -> bool:
     before the step, is the old policy. GRPO's usual setting (``--ppo-epochs 1``, the rollout one global
     batch, ``--kl-in-loss``)."""
     no_kl_reward = cfg.kl_in_loss or (cfg.kl_coef == 0 and not cfg.adaptive_kl)
-    one_step = cfg.ppo_epochs == 1 and updates_per_step(cfg) == 1 and cfg.critic_warmup_steps == 0
-    return one_step and no_kl_reward
+    return one_step_per_rollout(cfg) and no_kl_reward
+
+
+def one_step_per_rollout(cfg: Any) -> bool:
+    """One optimizer step per rollout that trains the actor: one epoch over one global batch, no critic
+    warm-up; the update's forward pass then runs with the old policy's weights."""
+    return cfg.ppo_epochs == 1 and updates_per_step(cfg) == 1 and cfg.critic_warmup_steps == 0
+
+
+def score_in_update_possible(cfg: Any) -> bool:
+    """Whether the update can score the rollout itself (``--score-in-update``): GAE with the local critic,
+    one optimizer step per rollout, the old log-probs recomputed."""
+    from rlhf_kit.estimators import needs_critic
+
+    local = cfg.critic_server is None and cfg.old_logprobs == "recompute"
+    return needs_critic(cfg.advantage_estimator) and one_step_per_rollout(cfg) and local
+
+
+def scores_in_update(cfg: Any, device: Any) -> bool:
+    """``--score-in-update`` resolved: ``auto`` is on where possible on a CUDA device (where the saved
+    forward passes were measured faster, docs/benchmarks.md); ``on`` and ``off`` as given."""
+    choice = getattr(cfg, "score_in_update", "off")
+    if choice == "auto":
+        return torch.device(device).type == "cuda" and score_in_update_possible(cfg)
+    return choice == "on"
 
 
 def generation_batch_size(cfg: Any, world_size: int, dynamic: bool = False) -> int:
