@@ -41,9 +41,10 @@ def _global_count(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _global_min(x: float, device: torch.device) -> float:
-    t = torch.tensor(x, dtype=torch.float32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+def _over_ranks(x: float, op: dist.ReduceOp, device: torch.device) -> float:
+    """``x`` reduced with ``op`` (MIN, MAX) over all ranks; call only with a process group."""
+    t = torch.tensor(float(x), device=device)
+    dist.all_reduce(t, op=op)
     return t.item()
 
 
@@ -175,15 +176,17 @@ def ppo_update(
         if train_critic:
             v_tokens = _global_count(mb.response_mask.float().sum()).clamp(min=1)
         tokens = budget.tokens if budgeted else cfg.micro_batch_tokens
-        micros = _micro_batches(mb, cfg, tokens)
-        # one micro-batch (the same count on every rank), which holds the actor's and the critic's activations
-        # at once: under a token budget, only if twice its tokens fit
+        groups, extents = _cut(mb, cfg, tokens)
+        # scoring in the update: with the rollout in one micro-batch (the same count on every rank), which
+        # holds the actor's and the critic's activations at once, so under a token budget only if twice
+        # its tokens fit
+        micros = _split(mb, groups, extents) if not scoring or len(groups) == 1 else []
         fused = scoring and len(micros) == 1 and (tokens <= 0 or 2 * micros[0][0].sequences.numel() <= tokens)
         if scoring and world > 1:  # each rank trims its own columns: the path must be the same on all of them
-            fused = bool(_global_min(float(fused), mb.sequences.device))
+            fused = bool(_over_ranks(fused, dist.ReduceOp.MIN, mb.sequences.device))
         if scoring and not fused:  # the old policy's and values' passes first, then the advantages
             mb, adv_stats = advantages(_score_old(mb, actor, critic, exp_cfg, cfg))
-            micros = _micro_batches(mb, cfg, tokens)
+            micros = _split(mb, groups, extents)  # same cut: scoring changed no length
         for micro, align in micros:
             size = micro.sequences.numel() * (2 if fused else 1)  # fused: both models' activations per token
             watch = budget.measure(size, _trained_params(trained)) if measure else nullcontext()
@@ -277,20 +280,29 @@ def _micro_batches(
     sizes over the samples sorted longest first, or a token budget with the same count on every rank.
     Each micro-batch comes with its rows' left padding (:class:`rlhf_kit.models.layout.LeftAlignment`),
     known from the one read of the lengths, so its forward passes need no read of their own."""
-    extents = firsts, lasts, runs, lengths = sample_extents(mb)  # one read of the lengths per mini-batch
+    return _split(mb, *_cut(mb, cfg, tokens))
+
+
+def _cut(mb: Rollout, cfg: UpdateConfig, tokens: int | None = None) -> tuple[list[list[int]], tuple]:
+    """:func:`_micro_batches`' sample indices per micro-batch, with the extents read to find them."""
+    extents = firsts, lasts, _, _ = sample_extents(mb)  # one read of the lengths per mini-batch
     prompts = [mb.prompt_length - f for f in firsts]
     tokens = cfg.micro_batch_tokens if tokens is None else tokens
     if tokens <= 0:
         order = sorted(range(len(prompts)), key=lambda i: (-(prompts[i] + lasts[i]), i))
         step = cfg.micro_batch_size
-        groups = [order[s : s + step] for s in range(0, len(order), step)]
-    else:
-        groups = pack_by_token_budget(prompts, lasts, tokens)
-        if dist.is_available() and dist.is_initialized():  # FSDP2: every rank the same number of passes
-            count = torch.tensor(float(len(groups)), device=mb.sequences.device)
-            dist.all_reduce(count, op=dist.ReduceOp.MAX)
-            if int(count) > len(groups):  # this rank needs fewer: cut again into as many as the most
-                groups = pack_by_token_budget(prompts, lasts, tokens, int(count))
+        return [order[s : s + step] for s in range(0, len(order), step)], extents
+    groups = pack_by_token_budget(prompts, lasts, tokens)
+    if dist.is_available() and dist.is_initialized():  # FSDP2: every rank the same number of passes
+        most = int(_over_ranks(len(groups), dist.ReduceOp.MAX, mb.sequences.device))
+        if most > len(groups):  # this rank needs fewer: cut again into as many as the most
+            groups = pack_by_token_budget(prompts, lasts, tokens, most)
+    return groups, extents
+
+
+def _split(mb: Rollout, groups: list[list[int]], extents: tuple) -> list[tuple[Rollout, LeftAlignment]]:
+    """The micro-batches of :func:`_cut`'s ``groups``, each with its rows' left padding."""
+    firsts, _, runs, lengths = extents
     out = []
     for group, micro in zip(groups, length_grouped_micro_batches(mb, groups, extents)):
         base = min(firsts[i] for i in group)
