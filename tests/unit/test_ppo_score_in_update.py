@@ -140,3 +140,32 @@ def test_every_rank_takes_the_same_path():
 
     with tempfile.TemporaryDirectory() as d:
         spawn_ranks(_two_rank_body, os.path.join(d, "store"), world=2)
+
+
+def test_scoring_in_the_update_on_a_real_like_checkpoint(tmp_path):
+    """The four models loaded as the recipe loads them from a checkpoint set up like a real one (bf16
+    weights, pad == EOS so responses are right padded with EOS, a config pad id unlike the tokenizer's,
+    attention dropout in the config): one micro-batch scored by the update equals scoring first."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_kit.ppo import load_ppo_models
+    from rlhf_kit.tiny import save_real_like_checkpoint
+
+    path = save_real_like_checkpoint(str(tmp_path / "actor"), pad="eos")
+    critic_dir = str(tmp_path / "critic")
+    AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).save_pretrained(critic_dir)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.pad_token_id == tok.eos_token_id and len(tok) > 500  # fake_generation's ids fit
+    models = load_ppo_models(path, critic_dir, path, tok)
+    gen, scorer = fake_generation(tok), RewardModelScorer(models.reward_model)
+    first, first_stats = compute_advantages(make_experience(gen, models.actor, models.reference, models.critic, scorer, BASE), KL, BASE)  # fmt: skip
+    a1, c1 = copy.deepcopy(models.actor), copy.deepcopy(models.critic)
+    s1 = _update(a1, c1, first, BASE)
+    a2, c2 = copy.deepcopy(models.actor), copy.deepcopy(models.critic)
+    s2 = _update(a2, c2, make_experience(gen, a2, models.reference, c2, scorer, IN_UPDATE), IN_UPDATE)
+    for k in ("policy/loss", "value/loss", "policy/grad_norm", "value/grad_norm"):
+        assert s2[k] == pytest.approx(s1[k], rel=1e-4, abs=1e-6), k
+    assert s2["kl/seq_mean"] == pytest.approx(first_stats["kl/seq_mean"], rel=1e-4, abs=1e-6)
+    assert s2["policy/ratio_mean"] == 1.0
+    for p1, p2 in zip([*a1.parameters(), *c1.parameters()], [*a2.parameters(), *c2.parameters()]):
+        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
