@@ -21,9 +21,9 @@ import types
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from rlhf_kit.generation.skinny_gemm import project
 from rlhf_kit.generation.static_cache import rotary_in_kernel, static_kv_attention
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _fused_attention_forward(
     """The Llama-family attention forward with one QKV product (no KV-cache object: the backend's static
     cache lives in its attention function)."""
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    qkv = F.linear(hidden_states, self._rlhf_kit_qkv, self._rlhf_kit_qkv_bias)
+    qkv = project(hidden_states, self._rlhf_kit_qkv, self._rlhf_kit_qkv_bias)
     q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split(self._rlhf_kit_split, dim=-1))
     cos, sin = position_embeddings
     for name in ("past_key_values", "cache", "use_cache", "cache_position", "position_ids"):
@@ -70,14 +70,13 @@ def _fused_attention_forward(
     else:
         q, k = self._rlhf_kit_rotary(q, k, cos, sin)
     out, weights = self._rlhf_kit_attention(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
-    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    return project(out, self.o_proj.weight, self.o_proj.bias, self.o_proj), weights
 
 
 def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, self._rlhf_kit_gate_up, self._rlhf_kit_gate_up_bias).split(
-        self._rlhf_kit_split, -1
-    )
-    return self.down_proj(self.act_fn(gate) * up)
+    gate, up = project(x, self._rlhf_kit_gate_up, self._rlhf_kit_gate_up_bias).split(self._rlhf_kit_split, -1)
+    return project(self.act_fn(gate) * up, self.down_proj.weight, self.down_proj.bias, self.down_proj)
 
 
 def _stackable(m: nn.Module, names: tuple[str, ...]) -> bool:

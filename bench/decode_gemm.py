@@ -1,0 +1,132 @@
+"""A decode step's projections alone, on the GPU: ``F.linear`` of a few rows (the decode batch) through
+cuBLAS, through cuBLASLt, and through a skinny Triton product at several tile settings.
+
+At 64 rows a decode step's four products read 4-46 MB of weights each, and the profile (docs/benchmarks.md,
+session 18) has the small ones (QKV and output) at about half the copy bandwidth. This measures each
+product alone: every variant runs once per layer (``LAYERS`` weight copies, more than the L2 cache
+holds) inside a CUDA graph, replayed ``--replays`` times; time per call and the bandwidth on the weight
+bytes, with the copy bandwidth of the same process. Every Triton setting is checked against cuBLAS first.
+
+    python3 bench/decode_gemm.py --out $OUT/decode_gemm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.generation import CONFIGS, copy_bandwidth  # noqa: E402
+from rlhf_kit.generation import skinny_gemm  # noqa: E402
+
+LAYERS = 16
+
+
+def shapes(config: str) -> dict[str, tuple[int, int]]:
+    """``name -> (N, K)`` of one decode block's four products (QKV and gate/up stacked)."""
+    c = CONFIGS[config]
+    d, heads, kv, inter = (
+        c["hidden_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["intermediate_size"],
+    )
+    head = d // heads
+    return {"qkv": (d + 2 * kv * head, d), "o": (d, d), "gate_up": (2 * inter, d), "down": (d, inter)}
+
+
+def timed(fn, replays: int) -> float:
+    """Seconds per call of ``fn(layer)`` (``LAYERS`` calls captured in one CUDA graph)."""
+    for layer in range(LAYERS):
+        fn(layer)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for layer in range(LAYERS):
+            fn(layer)
+    graph.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(replays):
+        graph.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3 / replays / LAYERS
+
+
+def settings(args: argparse.Namespace, k: int) -> list[dict]:
+    """Every Triton launch setting of the sweep that splits ``K`` evenly."""
+    out = []
+    for bn, bk, sk, nw, st in itertools.product(
+        args.block_n, args.block_k, args.split_k, args.warps, args.stages
+    ):
+        if k % (sk * bk) == 0:
+            out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": st})
+    return out
+
+
+def measure(x: torch.Tensor, ws: list[torch.Tensor], args: argparse.Namespace) -> dict:
+    """``variant -> seconds per call`` (or why it did not run) for ``x @ w.T`` over the layers' weights."""
+    want = F.linear(x, ws[0]).float()
+    out: dict = {}
+    for lib in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(lib)
+        out[lib] = timed(lambda i: F.linear(x, ws[i]), args.replays)
+    torch.backends.cuda.preferred_blas_library("cublas")
+    for cfg in settings(args, x.shape[1]):
+        label = "triton_n{BLOCK_N}_k{BLOCK_K}_s{SPLIT_K}_w{num_warps}_st{num_stages}".format(**cfg)
+        try:
+            err = float((skinny_gemm.linear(x, ws[0], config=cfg).float() - want).abs().max())
+            if err > 0.05:
+                out[label] = f"wrong: max abs {err:.3g}"
+                continue
+            out[label] = timed(lambda i, c=cfg: skinny_gemm.linear(x, ws[i], config=c), args.replays)
+        except Exception as e:  # noqa: BLE001 -- a setting that does not compile
+            out[label] = f"error: {type(e).__name__}: {str(e)[:120]}"
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["A", "1B"])
+    ap.add_argument("--rows", nargs="+", type=int, default=[64])
+    ap.add_argument("--block-n", nargs="+", type=int, default=[16, 32, 64])
+    ap.add_argument("--block-k", nargs="+", type=int, default=[128, 256])
+    ap.add_argument("--split-k", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--warps", nargs="+", type=int, default=[4])
+    ap.add_argument("--stages", nargs="+", type=int, default=[3, 4])
+    ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--out", default="decode_gemm.json")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    rows_out = []
+    for config in args.configs:
+        for name, (n, k) in shapes(config).items():
+            ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5 for _ in range(LAYERS)]
+            for m in args.rows:
+                variants = measure(torch.randn(m, k, device=dev, dtype=torch.bfloat16), ws, args)
+                times = {v: t for v, t in variants.items() if isinstance(t, float)}
+                best = min(times, key=times.get)
+                gbps = {v: n * k * 2 / t / 1e9 for v, t in times.items()}
+                rows_out.append({"config": config, "product": name, "n": n, "k": k, "rows": m,
+                                 "variants": variants, "best": best, "gbps": gbps})  # fmt: skip
+                print(f"{config} {name} n={n} k={k} rows={m}: cublas {times['cublas'] * 1e6:.1f} us "
+                      f"({gbps['cublas']:.0f} GB/s), cublaslt {times['cublaslt'] * 1e6:.1f} us "
+                      f"({gbps['cublaslt']:.0f} GB/s), best {best} {times[best] * 1e6:.1f} us ({gbps[best]:.0f} GB/s)",
+                      flush=True)  # fmt: skip
+    with open(args.out, "w") as f:
+        json.dump({"copy_bandwidth": bw, "rows": rows_out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The Triton product for few rows (rlhf_kit.generation.skinny_gemm) against a float64 reference, and the
+fused decode blocks routed through it.
+
+On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set in tests/conftest.py); on a CUDA
+machine the same tests run the compiled kernel on the GPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhf_kit.generation import CompiledBackend, SamplingParams, skinny_gemm
+from tests.conftest import make_causal_lm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "lead, n, k, config",
+    [
+        ((64,), 96, 512, {}),  # the default tiles: three programs over N, two K steps
+        ((2, 1), 70, 300, {"SPLIT_K": 2, "BLOCK_K": 128}),  # N and K not multiples of the tiles, split K
+        ((3,), 33, 64, {"BLOCK_N": 16, "BLOCK_K": 32}),
+        ((17,), 128, 1024, {"SPLIT_K": 4, "BLOCK_K": 128}),  # 17 rows: a 32-row tile, 15 rows masked
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_float64_reference(lead, n, k, config, bias, dtype):
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(*lead, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    want = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
+    cast = [t.to(dtype).to(DEVICE) if t is not None else None for t in (x, w, b)]
+    got = skinny_gemm.linear(*cast, config=config)
+    assert got.shape == (*lead, n) and got.dtype == dtype
+    # float32 to float32 rounding of the sums; bf16 inputs: the output rounded to bf16 (|y| < ~5)
+    tol = 1e-4 if dtype == torch.float32 else 4e-2
+    assert torch.allclose(got.double().cpu(), want, atol=tol, rtol=tol)
+    # the split's float32 partials add up to the same as one pass (to float32 rounding)
+    one = skinny_gemm.linear(*cast, config={**config, "SPLIT_K": 1})
+    assert torch.allclose(got.float(), one.float(), atol=tol, rtol=tol)
+
+
+def test_unsupported_inputs_are_refused_and_project_falls_back(monkeypatch):
+    w = torch.randn(8, 16, device=DEVICE)
+    many = torch.randn(skinny_gemm.MAX_ROWS + 1, 16, device=DEVICE)
+    assert not skinny_gemm.supported(many, w)
+    with pytest.raises(ValueError, match="unsupported input"):
+        skinny_gemm.linear(many, w)
+    assert not skinny_gemm.supported(torch.randn(4, 16, device=DEVICE).t().contiguous().t(), w.t()[:8])
+    calls = []
+    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda *a: calls.append(a) or torch.zeros(1))
+    monkeypatch.setitem(skinny_gemm.CONFIG, "ENABLED", True)
+    out = skinny_gemm.project(many, w)  # too many rows: F.linear, not the kernel
+    assert not calls and torch.allclose(out, many @ w.t())
+    skinny_gemm.project(many[:4], w)
+    assert len(calls) == 1
+    monkeypatch.setitem(skinny_gemm.CONFIG, "ENABLED", "auto")  # auto: CUDA tensors only
+    skinny_gemm.project(many[:4].cpu(), w.cpu())
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: QKV biases through the kernel
+def test_decode_through_the_skinny_products_matches_the_default(left_tokenizer, family, monkeypatch):
+    """Greedy generation with the fused blocks' products routed through the kernel (float32: the same
+    sums up to rounding) gives the default path's tokens and log-probs."""
+    model = make_causal_lm(left_tokenizer, family, seed=3).to(DEVICE)
+    enc = left_tokenizer(
+        ["Human: hi\n\nAssistant:", "Human: tell me a story\n\nAssistant:"], return_tensors="pt", padding=True
+    )
+    ids, mask = enc.input_ids.to(DEVICE), enc.attention_mask.to(DEVICE)
+    params = SamplingParams(max_new_tokens=6, greedy=True, ignore_eos=True)
+    want = CompiledBackend(copy.deepcopy(model), max_seq_len=64).generate(ids, mask, params)
+    routed = []
+    kernel = skinny_gemm.linear
+    monkeypatch.setattr(skinny_gemm, "linear", lambda *a, **kw: routed.append(a[0].shape) or kernel(*a, **kw))
+    monkeypatch.setitem(skinny_gemm.CONFIG, "ENABLED", True)
+    backend = CompiledBackend(copy.deepcopy(model), max_seq_len=64)
+    got = backend.generate(ids, mask, params)
+    assert backend.fused_modules > 0
+    layers = model.config.num_hidden_layers
+    # 4 products per layer and decode step (the prefill's 2 x width rows also fit under MAX_ROWS here)
+    assert len(routed) >= 4 * layers * params.max_new_tokens
+    assert torch.equal(want.sequences, got.sequences)
+    assert torch.allclose(want.logprobs, got.logprobs, atol=1e-4)
