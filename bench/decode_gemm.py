@@ -73,14 +73,39 @@ def settings(args: argparse.Namespace, k: int) -> list[dict]:
     return out
 
 
-def measure(x: torch.Tensor, ws: list[torch.Tensor], args: argparse.Namespace) -> dict:
-    """``variant -> seconds per call`` (or why it did not run) for ``x @ w.T`` over the layers' weights."""
+def silu_mul(y: torch.Tensor) -> torch.Tensor:
+    gate, up = y.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+def measure(x: torch.Tensor, ws: list[torch.Tensor], args: argparse.Namespace, glu: bool = False) -> dict:
+    """``variant -> seconds per call`` (or why it did not run) for ``x @ w.T`` over the layers' weights;
+    ``glu``: also ``silu(gate) * up`` after cuBLAS (eager, three more kernels) and the Triton GLU pass."""
     want = F.linear(x, ws[0]).float()
     out: dict = {}
     for lib in ("cublas", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(lib)
         out[lib] = timed(lambda i: F.linear(x, ws[i]), args.replays)
     torch.backends.cuda.preferred_blas_library("cublas")
+    if glu:
+        out["cublas_silu_mul"] = timed(lambda i: silu_mul(F.linear(x, ws[i])), args.replays)
+        want_glu = silu_mul(F.linear(x.float(), ws[0].float()))
+        for cfg in settings(args, x.shape[1]):
+            if cfg["SPLIT_K"] > 1:
+                continue
+            label = "glu_n{BLOCK_N}_k{BLOCK_K}_w{num_warps}_st{num_stages}".format(**cfg)
+            try:
+                err = float(
+                    (skinny_gemm.linear(x, ws[0], config=cfg, glu=True).float() - want_glu).abs().max()
+                )
+                if err > 0.05:
+                    out[label] = f"wrong: max abs {err:.3g}"
+                    continue
+                out[label] = timed(
+                    lambda i, c=cfg: skinny_gemm.linear(x, ws[i], config=c, glu=True), args.replays
+                )
+            except Exception as e:  # noqa: BLE001 -- a setting that does not compile
+                out[label] = f"error: {type(e).__name__}: {str(e)[:120]}"
     for cfg in settings(args, x.shape[1]):
         label = "triton_n{BLOCK_N}_k{BLOCK_K}_s{SPLIT_K}_w{num_warps}_st{num_stages}".format(**cfg)
         try:
@@ -114,9 +139,12 @@ def main() -> None:
         for name, (n, k) in shapes(config).items():
             ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5 for _ in range(LAYERS)]
             for m in args.rows:
-                variants = measure(torch.randn(m, k, device=dev, dtype=torch.bfloat16), ws, args)
+                variants = measure(
+                    torch.randn(m, k, device=dev, dtype=torch.bfloat16), ws, args, name == "gate_up"
+                )
                 times = {v: t for v, t in variants.items() if isinstance(t, float)}
-                best = min(times, key=times.get)
+                plain = [v for v in times if not v.startswith(("glu", "cublas_silu"))]
+                best = min(plain, key=times.get)
                 gbps = {v: n * k * 2 / t / 1e9 for v, t in times.items()}
                 rows_out.append({"config": config, "product": name, "n": n, "k": k, "rows": m,
                                  "variants": variants, "best": best, "gbps": gbps})  # fmt: skip
@@ -124,6 +152,11 @@ def main() -> None:
                       f"({gbps['cublas']:.0f} GB/s), cublaslt {times['cublaslt'] * 1e6:.1f} us "
                       f"({gbps['cublaslt']:.0f} GB/s), best {best} {times[best] * 1e6:.1f} us ({gbps[best]:.0f} GB/s)",
                       flush=True)  # fmt: skip
+                if name == "gate_up":
+                    glus = {v: t for v, t in times.items() if v.startswith("glu")}
+                    g = min(glus, key=glus.get) if glus else None
+                    print(f"  + silu*mul: cublas {times['cublas_silu_mul'] * 1e6:.1f} us, best GLU pass {g} "
+                          f"{glus[g] * 1e6 if g else float('nan'):.1f} us", flush=True)  # fmt: skip
     with open(args.out, "w") as f:
         json.dump({"copy_bandwidth": bw, "rows": rows_out}, f, indent=1)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf_kit.generation.skinny_gemm import project
+from rlhf_kit.generation.skinny_gemm import project, project_glu
 from rlhf_kit.generation.static_cache import rotary_in_kernel, static_kv_attention
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,14 @@ def _fused_attention_forward(
 
 
 def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up = project(x, self._rlhf_kit_gate_up, self._rlhf_kit_gate_up_bias).split(self._rlhf_kit_split, -1)
-    return project(self.act_fn(gate) * up, self.down_proj.weight, self.down_proj.bias, self.down_proj)
+    if self._rlhf_kit_silu:  # gate and up have one width
+        hidden = project_glu(x, self._rlhf_kit_gate_up, self._rlhf_kit_gate_up_bias, self.act_fn)
+    else:
+        gate, up = project(x, self._rlhf_kit_gate_up, self._rlhf_kit_gate_up_bias).split(
+            self._rlhf_kit_split, -1
+        )
+        hidden = self.act_fn(gate) * up
+    return project(hidden, self.down_proj.weight, self.down_proj.bias, self.down_proj)
 
 
 def _stackable(m: nn.Module, names: tuple[str, ...]) -> bool:
@@ -138,6 +144,17 @@ def _plain_rotary(rotary: Any, module: nn.Module) -> bool:
     return all(torch.allclose(a, ref(x), atol=1e-5) for a, x in zip(got, (q, k)))
 
 
+def _is_silu(module: nn.Module) -> bool:
+    """Is the MLP's activation SiLU (so :func:`~rlhf_kit.generation.skinny_gemm.project_glu` may fuse it)
+    with gate and up of one width? Checked on a random float32 input."""
+    t = torch.randn(64)
+    try:
+        same = torch.allclose(module.act_fn(t), torch.nn.functional.silu(t), atol=1e-6)
+    except Exception:  # noqa: BLE001 -- an activation that takes no plain tensor is not SiLU
+        return False
+    return bool(same) and len(set(module._rlhf_kit_split)) == 1
+
+
 def _check_mlp(module: nn.Module) -> bool:
     """The self-check of one MLP module."""
     w = module.gate_proj.weight
@@ -173,6 +190,7 @@ def fuse_projections(model: nn.Module, attention_fn: Any) -> int:
             fused += 1
         elif _is_llama_mlp(module):
             _stack(module, _MLP, "_rlhf_kit_gate_up")
+            module._rlhf_kit_silu = _is_silu(module)
             if not _check_mlp(module):
                 logger.warning(
                     "%s: fused gate/up does not match its forward; kept unfused", type(module).__name__

@@ -45,6 +45,26 @@ def test_linear_matches_float64_reference(lead, n, k, config, bias, dtype):
     assert torch.allclose(got.float(), one.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_glu_gives_silu_of_gate_times_up(dtype, bias):
+    """``glu=True``: w is gate and up stacked; one pass gives silu(x Wg^T + bg) * (x Wu^T + bu), also
+    with a SPLIT_K setting (which GLU ignores: the activation needs whole sums)."""
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(5, 96, generator=gen), torch.randn(2 * 40, 96, generator=gen) / 96**0.5
+    b = torch.randn(80, generator=gen) if bias else None
+    full = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
+    want = torch.nn.functional.silu(full[:, :40]) * full[:, 40:]
+    cast = [t.to(dtype).to(DEVICE) if t is not None else None for t in (x, w, b)]
+    tol = 1e-4 if dtype == torch.float32 else 4e-2
+    for config in ({}, {"SPLIT_K": 2, "BLOCK_K": 32, "BLOCK_N": 16}):
+        got = skinny_gemm.linear(*cast, config=config, glu=True)
+        assert got.shape == (5, 40) and got.dtype == dtype
+        assert torch.allclose(got.double().cpu(), want, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="even row count"):
+        skinny_gemm.linear(cast[0], cast[1][:79], glu=True)
+
+
 def test_unsupported_inputs_are_refused_and_project_falls_back(monkeypatch):
     w = torch.randn(8, 16, device=DEVICE)
     many = torch.randn(skinny_gemm.MAX_ROWS + 1, 16, device=DEVICE)
@@ -64,11 +84,15 @@ def test_unsupported_inputs_are_refused_and_project_falls_back(monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: QKV biases through the kernel
-def test_decode_through_the_skinny_products_matches_the_default(left_tokenizer, family, monkeypatch):
+@pytest.mark.parametrize(
+    "family, act",
+    [("llama", "silu"), ("qwen2", "silu"), ("llama", "gelu")],  # qwen2: QKV biases; gelu: no GLU pass
+)
+def test_decode_through_the_skinny_products_matches_the_default(left_tokenizer, family, act, monkeypatch):
     """Greedy generation with the fused blocks' products routed through the kernel (float32: the same
-    sums up to rounding) gives the default path's tokens and log-probs."""
-    model = make_causal_lm(left_tokenizer, family, seed=3).to(DEVICE)
+    sums up to rounding) gives the default path's tokens and log-probs; the MLP's gate/up and SiLU run
+    as one GLU pass only where the activation is SiLU."""
+    model = make_causal_lm(left_tokenizer, family, seed=3, hidden_act=act).to(DEVICE)
     enc = left_tokenizer(
         ["Human: hi\n\nAssistant:", "Human: tell me a story\n\nAssistant:"], return_tensors="pt", padding=True
     )
@@ -77,7 +101,9 @@ def test_decode_through_the_skinny_products_matches_the_default(left_tokenizer, 
     want = CompiledBackend(copy.deepcopy(model), max_seq_len=64).generate(ids, mask, params)
     routed = []
     kernel = skinny_gemm.linear
-    monkeypatch.setattr(skinny_gemm, "linear", lambda *a, **kw: routed.append(a[0].shape) or kernel(*a, **kw))
+    monkeypatch.setattr(
+        skinny_gemm, "linear", lambda *a, **kw: routed.append(kw.get("glu", False)) or kernel(*a, **kw)
+    )
     monkeypatch.setitem(skinny_gemm.CONFIG, "ENABLED", True)
     backend = CompiledBackend(copy.deepcopy(model), max_seq_len=64)
     got = backend.generate(ids, mask, params)
@@ -85,5 +111,9 @@ def test_decode_through_the_skinny_products_matches_the_default(left_tokenizer, 
     layers = model.config.num_hidden_layers
     # 4 products per layer and decode step (the prefill's 2 x width rows also fit under MAX_ROWS here)
     assert len(routed) >= 4 * layers * params.max_new_tokens
+    assert sum(routed) == (len(routed) // 4 if act == "silu" else 0)  # one GLU pass of every block's four
+    assert all(
+        m._rlhf_kit_silu == (act == "silu") for m in backend.model.modules() if hasattr(m, "_rlhf_kit_silu")
+    )
     assert torch.equal(want.sequences, got.sequences)
     assert torch.allclose(want.logprobs, got.logprobs, atol=1e-4)
