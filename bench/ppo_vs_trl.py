@@ -104,7 +104,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     from transformers import AutoTokenizer
 
     from rlhf_kit.data import PromptCollator
-    from rlhf_kit.generation import CompiledBackend, SamplingParams, decode_kernel
+    from rlhf_kit.generation import CompiledBackend, SamplingParams, decode_kernel, skinny_gemm
     from rlhf_kit.generation.resharding import iter_full_params
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import TokenValueModel, disable_dropout
@@ -125,6 +125,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     from rlhf_kit.training.precision import make_optimizer
 
     decode_kernel.CONFIG.update(json.loads(args.decode_kernel))  # read when the decode step is captured
+    skinny_gemm.CONFIG.update(json.loads(args.skinny_gemm))
     device = _device(args)
     peak = matmul_peak_tflops(device)  # before any model: the card's bf16 matrix rate, for the train MFU
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)  # as the recipes' make_accelerator does
@@ -559,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--decode-kernel", default="{}", help="ours: JSON over rlhf_kit.generation.decode_kernel.CONFIG"
     )
+    ap.add_argument(
+        "--skinny-gemm", default="{}", help="ours: JSON over rlhf_kit.generation.skinny_gemm.CONFIG"
+    )
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per worker")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -628,6 +632,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.packed_passes,
         "--decode-kernel",
         args.decode_kernel,
+        "--skinny-gemm",
+        args.skinny_gemm,
     ]
     for config in args.configs:
         entry: dict[str, Any] = {"config": config}

@@ -48,7 +48,8 @@
 #   bash bench/vs_trl_gpu.sh s24b # session 24 (at 00cb91e's kernel): the split kernel at batch 8 and 16, PPO A and TRL A,
 #                                 # then stage s23r
 #   bash bench/vs_trl_gpu.sh s24c # session 24: PPO A, scoring first against --score-in-update, alternating
-#   bash bench/vs_trl_gpu.sh s25  # session 25: PPO A with --score-in-update and TRL A in the same call, alternating
+#   bash bench/vs_trl_gpu.sh s25  # session 25: generation with the skinny products (GEMM=JSON), then PPO A with
+#                                 # --score-in-update (and the skinny products) and TRL A in the same call
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
@@ -371,16 +372,22 @@ if [ "$phase" = s24c ]; then  # session 24, call 3: PPO A (micro 64: the rollout
   ours_summary "$OUT" steps
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s25 ]; then  # session 25: PPO A (micro 64) with --score-in-update against TRL 1.12 in the same call,
-  # alternating with scoring first: RUNS names the order (inupd_N, first_N, trl)
+if [ "$phase" = s25 ]; then  # session 25: generation A and 1B with the Triton skinny products (GEMM JSON over
+  # skinny_gemm.CONFIG) against the default, then PPO A (micro 64) with --score-in-update against TRL 1.12 in the
+  # same call: RUNS names the order (inupd_N, inupdsk_N = with the skinny products, first_N, trl)
+  GEMM=${GEMM:-'{"ENABLED": true, "BLOCK_N": 32, "BLOCK_K": 256}'}
+  [ "${GEN:-1}" = 1 ] && timeout 200 python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_gemm \
+    --gemm-config "$GEMM" --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -E "median|FAILED|Error"
   A="--configs A --keep-cache --compile-blocks --master-weights --micro 64 --steps 8 --timeout 150"
-  for run in ${RUNS:-inupd_1 trl first_1 inupd_2}; do
+  for run in ${RUNS:-inupd_1 trl inupdsk_1}; do
     if [ "$run" = trl ]; then
       python3 bench/ppo_vs_trl.py $A --systems trl --trl-site /tmp/site112 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
       continue
     fi
-    flag=$([ "${run%_*}" = inupd ] && echo --score-in-update)
-    python3 bench/ppo_vs_trl.py $A --systems ours $flag --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A" | sed "s/^/$run /"
+    flags=()
+    case "${run%_*}" in inupd*) flags+=(--score-in-update) ;; esac
+    case "${run%_*}" in *sk) flags+=(--skinny-gemm "$GEMM") ;; esac
+    python3 bench/ppo_vs_trl.py $A --systems ours "${flags[@]}" --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A" | sed "s/^/$run /"
   done
   ours_summary "$OUT" steps
   rm -f "$OUT"/*/*.md; exit 0
