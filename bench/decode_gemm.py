@@ -23,10 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.decode_attention import LAYERS, timed  # noqa: E402  (16 calls per graph, one per layer)
 from bench.generation import CONFIGS, copy_bandwidth  # noqa: E402
 from rlhf_kit.generation import skinny_gemm  # noqa: E402
-
-LAYERS = 16
 
 
 def shapes(config: str) -> dict[str, tuple[int, int]]:
@@ -40,26 +39,6 @@ def shapes(config: str) -> dict[str, tuple[int, int]]:
     )
     head = d // heads
     return {"qkv": (d + 2 * kv * head, d), "o": (d, d), "gate_up": (2 * inter, d), "down": (d, inter)}
-
-
-def timed(fn, replays: int) -> float:
-    """Seconds per call of ``fn(layer)`` (``LAYERS`` calls captured in one CUDA graph)."""
-    for layer in range(LAYERS):
-        fn(layer)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in range(LAYERS):
-            fn(layer)
-    graph.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(replays):
-        graph.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / 1e3 / replays / LAYERS
 
 
 def settings(args: argparse.Namespace, k: int) -> list[dict]:

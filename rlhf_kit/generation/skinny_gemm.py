@@ -7,8 +7,9 @@ product tiles only ``N`` and ``K``: every program holds all ``M <= 64`` rows, so
 (times ``SPLIT_K``) stream disjoint slices of the weight once. With ``SPLIT_K > 1`` the partial sums
 meet in a float32 buffer through atomic adds and are cast back after.
 
-Triton is optional (it ships with CUDA builds of torch); :data:`AVAILABLE` says whether it imported. On
-CPU tensors the kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
+Like the decode-attention kernel it needs Triton, imported through
+:mod:`rlhf_kit.generation.decode_kernel` (its ``AVAILABLE``), and runs on CPU tensors only in Triton's
+interpreter, as the tests do.
 """
 
 from __future__ import annotations
@@ -17,13 +18,7 @@ from typing import Any
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU builds of torch come without Triton
-    triton = None
-
-AVAILABLE = triton is not None
+from rlhf_kit.generation.decode_kernel import AVAILABLE, tl, triton
 
 #: Launch settings; bench/decode_gemm.py times the alternatives. ``ENABLED``: whether the fused decode
 #: blocks (:mod:`rlhf_kit.generation.fused`) route their products of at most :data:`MAX_ROWS` rows here:
