@@ -57,10 +57,19 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def checked_time(fn, want: torch.Tensor, replays: int) -> float | str:
+    """Seconds per call of ``fn(layer)``, or why not: its layer-0 output off ``want`` by more than 0.05
+    (max abs), or the error of a setting that does not compile."""
+    try:
+        err = float((fn(0).float() - want).abs().max())
+        return f"wrong: max abs {err:.3g}" if err > 0.05 else timed(fn, replays)
+    except Exception as e:  # noqa: BLE001 -- a setting that does not compile
+        return f"error: {type(e).__name__}: {str(e)[:120]}"
+
+
 def measure(x: torch.Tensor, ws: list[torch.Tensor], args: argparse.Namespace, glu: bool = False) -> dict:
     """``variant -> seconds per call`` (or why it did not run) for ``x @ w.T`` over the layers' weights;
     ``glu``: also ``silu(gate) * up`` after cuBLAS (eager, three more kernels) and the Triton GLU pass."""
-    want = F.linear(x, ws[0]).float()
     out: dict = {}
     for lib in ("cublas", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(lib)
@@ -70,31 +79,15 @@ def measure(x: torch.Tensor, ws: list[torch.Tensor], args: argparse.Namespace, g
         out["cublas_silu_mul"] = timed(lambda i: silu_mul(F.linear(x, ws[i])), args.replays)
         want_glu = silu_mul(F.linear(x.float(), ws[0].float()))
         for cfg in settings(args, x.shape[1]):
-            if cfg["SPLIT_K"] > 1:
-                continue
-            label = "glu_n{BLOCK_N}_k{BLOCK_K}_w{num_warps}_st{num_stages}".format(**cfg)
-            try:
-                err = float(
-                    (skinny_gemm.linear(x, ws[0], config=cfg, glu=True).float() - want_glu).abs().max()
-                )
-                if err > 0.05:
-                    out[label] = f"wrong: max abs {err:.3g}"
-                    continue
-                out[label] = timed(
-                    lambda i, c=cfg: skinny_gemm.linear(x, ws[i], config=c, glu=True), args.replays
-                )
-            except Exception as e:  # noqa: BLE001 -- a setting that does not compile
-                out[label] = f"error: {type(e).__name__}: {str(e)[:120]}"
+            if cfg["SPLIT_K"] == 1:  # the GLU pass never splits K
+                label = "glu_n{BLOCK_N}_k{BLOCK_K}_w{num_warps}_st{num_stages}".format(**cfg)
+                fn = lambda i, c=cfg: skinny_gemm.linear(x, ws[i], config=c, glu=True)  # noqa: E731
+                out[label] = checked_time(fn, want_glu, args.replays)
+    want = F.linear(x, ws[0]).float()
     for cfg in settings(args, x.shape[1]):
         label = "triton_n{BLOCK_N}_k{BLOCK_K}_s{SPLIT_K}_w{num_warps}_st{num_stages}".format(**cfg)
-        try:
-            err = float((skinny_gemm.linear(x, ws[0], config=cfg).float() - want).abs().max())
-            if err > 0.05:
-                out[label] = f"wrong: max abs {err:.3g}"
-                continue
-            out[label] = timed(lambda i, c=cfg: skinny_gemm.linear(x, ws[i], config=c), args.replays)
-        except Exception as e:  # noqa: BLE001 -- a setting that does not compile
-            out[label] = f"error: {type(e).__name__}: {str(e)[:120]}"
+        fn = lambda i, c=cfg: skinny_gemm.linear(x, ws[i], config=c)  # noqa: E731
+        out[label] = checked_time(fn, want, args.replays)
     return out
 
 
