@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhf_kit.generation import CompiledBackend, SamplingParams, skinny_gemm
-from tests.conftest import make_causal_lm
+from tests.conftest import make_causal_lm, real_like_chat_batch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -117,3 +117,29 @@ def test_decode_through_the_skinny_products_matches_the_default(left_tokenizer, 
     )
     assert torch.equal(want.sequences, got.sequences)
     assert torch.allclose(want.logprobs, got.logprobs, atol=1e-4)
+
+
+def test_a_real_like_bf16_checkpoint_generates_through_the_skinny_products(tmp_path, monkeypatch):
+    """bf16 weights on disk, pad == EOS in the tokenizer, a config pad id that differs, attention dropout and
+    sampling settings in generation_config: with the skinny products on, every block still fuses (its
+    self-check passes in bf16), every decode product and the GLU pass run through the kernel, and greedy
+    decoding stops at the same EOS with the same tokens as the default path, log-probs within bf16
+    rounding (the float64 tests above pin the kernel's arithmetic; this tiny model's output barely moves
+    with its MLP)."""
+    model, enc, params = real_like_chat_batch(str(tmp_path / "ckpt"))
+    model = model.to(DEVICE)
+    ids, mask = enc.input_ids.to(DEVICE), enc.attention_mask.to(DEVICE)
+    want = CompiledBackend(copy.deepcopy(model), max_seq_len=64).generate(ids, mask, params)
+    routed = []
+    kernel = skinny_gemm.linear
+    monkeypatch.setattr(
+        skinny_gemm, "linear", lambda *a, **kw: routed.append(kw.get("glu", False)) or kernel(*a, **kw)
+    )
+    monkeypatch.setitem(skinny_gemm.CONFIG, "ENABLED", True)
+    backend = CompiledBackend(copy.deepcopy(model), max_seq_len=64)
+    assert backend.fused_modules == 2 * model.config.num_hidden_layers  # the self-checks passed in bf16
+    routed.clear()  # the self-checks' calls
+    got = backend.generate(ids, mask, params)
+    assert routed and sum(routed) == len(routed) // 4  # four products per block, one of them the GLU pass
+    assert torch.equal(want.sequences, got.sequences) and torch.equal(want.finished, got.finished)
+    assert (want.logprobs - got.logprobs).abs().max() < 5e-2
