@@ -38,11 +38,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rlhf_kit import default_hh_file  # noqa: E402
-from rlhf_kit.generation import CompiledBackend, HFBackend, SamplingParams, decode_kernel, skinny_gemm  # noqa: E402
+from rlhf_kit.generation import CompiledBackend, HFBackend, SamplingParams, decode_kernel  # noqa: E402
 from rlhf_kit.tiny import train_tokenizer  # noqa: E402
 
 DEFAULT_KERNEL = dict(decode_kernel.CONFIG)  # each variant starts from the library's decode-kernel settings
-DEFAULT_GEMM = dict(skinny_gemm.CONFIG)  # and from its skinny-product settings
 
 CONFIGS: dict[str, dict[str, int]] = {
     "A": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
@@ -243,9 +242,6 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
                 (f"compiled_graphs_kernel_config{i or ''}", compiled())
                 for i in range(len(args.kernel_config))
             ),
-            # with --gemm-config's skinny-product settings (skinny_gemm.CONFIG, ENABLED on): compiled_graphs_gemm,
-            # compiled_graphs_gemm1, 2, ...
-            *((f"compiled_graphs_gemm{i or ''}", compiled()) for i in range(len(args.gemm_config))),
             ("eager_graphs", lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, False, True)),
         ]
     else:
@@ -259,9 +255,6 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
         decode_kernel.CONFIG = dict(DEFAULT_KERNEL)  # read when the decode step is traced and captured
         if vname.startswith("compiled_graphs_kernel_config"):
             decode_kernel.CONFIG.update(json.loads(args.kernel_config[int(vname[29:] or 0)]))
-        skinny_gemm.CONFIG = dict(DEFAULT_GEMM)
-        if vname.startswith("compiled_graphs_gemm"):
-            skinny_gemm.CONFIG.update({"ENABLED": True, **json.loads(args.gemm_config[int(vname[20:] or 0)])})
         print(f"[{name}] {vname} ...", flush=True)
         try:
             t0 = time.perf_counter()
@@ -270,7 +263,6 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             r["wall_with_setup_s"] = time.perf_counter() - t0
             r.update(agreement(backend, model, ids, mask, args))
             r["decode_kernel_config"] = dict(decode_kernel.CONFIG)
-            r["skinny_gemm_config"] = dict(skinny_gemm.CONFIG)
             if args.profile and vname != "hf_eager":
                 r["profile"] = profile_generate(
                     backend, ids, mask, params, os.path.join(args.out, f"{name}_{vname}")
@@ -344,12 +336,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         nargs="+",
         default=["{}"],
         help="variants compiled_graphs_kernel_config[N]: one JSON over decode_kernel.CONFIG each",
-    )
-    ap.add_argument(
-        "--gemm-config",
-        nargs="+",
-        default=["{}"],
-        help="variants compiled_graphs_gemm[N]: the Triton skinny products on, one JSON over skinny_gemm.CONFIG each",
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)

@@ -104,7 +104,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     from transformers import AutoTokenizer
 
     from rlhf_kit.data import PromptCollator
-    from rlhf_kit.generation import CompiledBackend, SamplingParams, decode_kernel, skinny_gemm
+    from rlhf_kit.generation import CompiledBackend, SamplingParams, decode_kernel
     from rlhf_kit.generation.resharding import iter_full_params
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import TokenValueModel, disable_dropout
@@ -120,12 +120,12 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         score_rollouts,
     )
     from rlhf_kit.rollout import RolloutBuffer
+    from rlhf_kit.training.gc_control import GarbageCollection
     from rlhf_kit.training.memory_budget import MemoryBudget, cuda_probe
     from rlhf_kit.training.offload import offload_model, offloaded
     from rlhf_kit.training.precision import make_optimizer
 
     decode_kernel.CONFIG.update(json.loads(args.decode_kernel))  # read when the decode step is captured
-    skinny_gemm.CONFIG.update(json.loads(args.skinny_gemm))
     device = _device(args)
     peak = matmul_peak_tflops(device)  # before any model: the card's bf16 matrix rate, for the train MFU
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)  # as the recipes' make_accelerator does
@@ -230,6 +230,9 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         clock.lap("train")
         backend.update_weights(iter_full_params(actor) if fsdp_bf16 else actor)
         clock.lap("sync")
+        gc_s = collector.step()  # every --gc-every steps a full collection here (its own phase)
+        if collector.every:
+            clock.lap("gc")
         n_tok = sum(int(g.response_mask.sum()) for g in gens)
         return {
             "step_s": sum(clock.phases.values()),
@@ -241,8 +244,11 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
             "value_loss": tstats.get("value/loss"),
             "kl": stats["kl/seq_mean"],
             "micro_batch_tokens": tstats.get("batch/micro_batch_tokens"),
+            "gc_s": gc_s,  # seconds in garbage collection during the step, automatic or managed
+            "gc_collections": collector.collections,
         }
 
+    collector = GarbageCollection(max(args.gc_every, 0), freeze=args.gc_every >= 0).__enter__()
     for step in range(args.steps):
         steps.append(one_step(step))
         s = steps[-1]
@@ -283,6 +289,10 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         res["profile"] = profile_step(one_step, args.steps, device, clock)
     if args.sync_report and device.type == "cuda":
         res["syncs"] = sync_report(one_step, args.steps + 1, clock)
+    collector.__exit__(None, None, None)
+    gcs = [s["gc_s"] for s in steps[args.warmup :]]
+    res["gc"] = {"every": args.gc_every, "collections": collector.collections, "max_step_s": max(gcs, default=0.0),
+                 "total_s": sum(gcs)}  # fmt: skip
     return res
 
 
@@ -561,8 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-kernel", default="{}", help="ours: JSON over rlhf_kit.generation.decode_kernel.CONFIG"
     )
     ap.add_argument(
-        "--skinny-gemm", default="{}", help="ours: JSON over rlhf_kit.generation.skinny_gemm.CONFIG"
-    )
+        "--gc-every", type=int, default=-1,
+        help="ours: Python's garbage collector: -1 as Python runs it (automatic, nothing frozen; measured), "
+        "0 automatic with the setup frozen, N > 0 a full collection after every N-th step and none inside "
+        "(rlhf_kit.training.gc_control.GarbageCollection)",
+    )  # fmt: skip
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per worker")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -632,8 +645,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.packed_passes,
         "--decode-kernel",
         args.decode_kernel,
-        "--skinny-gemm",
-        args.skinny_gemm,
+        "--gc-every",
+        str(args.gc_every),
     ]
     for config in args.configs:
         entry: dict[str, Any] = {"config": config}

@@ -48,8 +48,8 @@
 #   bash bench/vs_trl_gpu.sh s24b # session 24 (at 00cb91e's kernel): the split kernel at batch 8 and 16, PPO A and TRL A,
 #                                 # then stage s23r
 #   bash bench/vs_trl_gpu.sh s24c # session 24: PPO A, scoring first against --score-in-update, alternating
-#   bash bench/vs_trl_gpu.sh s25  # session 25: generation with the skinny products (GEMM=JSON), then PPO A with
-#                                 # --score-in-update (and the skinny products) and TRL A in the same call
+#   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update) with Python's garbage collector automatic
+#                                 # and managed (rlhf_kit.training.gc_control), alternating, and TRL A in the same call
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
@@ -372,24 +372,31 @@ if [ "$phase" = s24c ]; then  # session 24, call 3: PPO A (micro 64: the rollout
   ours_summary "$OUT" steps
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s25 ]; then  # session 25: generation A and 1B with the Triton skinny products (GEMM JSON over
-  # skinny_gemm.CONFIG) against the default, then PPO A (micro 64) with --score-in-update against TRL 1.12 in the
-  # same call: RUNS names the order (inupd_N, inupdsk_N = with the skinny products, first_N, trl)
-  GEMM=${GEMM:-'{"ENABLED": true, "BLOCK_N": 32, "BLOCK_K": 256}'}
-  [ "${GEN:-1}" = 1 ] && timeout 200 python3 bench/generation.py --configs A 1B --only compiled_graphs compiled_graphs_gemm \
-    --gemm-config "$GEMM" --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -E "median|FAILED|Error"
-  A="--configs A --keep-cache --compile-blocks --master-weights --micro 64 --steps 8 --timeout 150"
-  for run in ${RUNS:-inupd_1 trl inupdsk_1}; do
+if [ "$phase" = s26 ]; then  # session 26: PPO A (micro 64, --score-in-update) with Python's garbage collector as
+  # Python runs it (gc-1: automatic, nothing frozen, its time measured) and managed (gcN: setup frozen, a full
+  # collection after every N-th step, none inside one), against TRL 1.12 in the same call; RUNS names the order
+  A="--configs A --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --timeout 150"
+  for run in ${RUNS:-gc-1_1 trl gc10_1 gc-1_2 gc10_2}; do
     if [ "$run" = trl ]; then
-      python3 bench/ppo_vs_trl.py $A --systems trl --trl-site /tmp/site112 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
+      python3 bench/ppo_vs_trl.py $A --steps 8 --systems trl --trl-site /tmp/site112 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
       continue
     fi
-    flags=()
-    case "${run%_*}" in inupd*) flags+=(--score-in-update) ;; esac
-    case "${run%_*}" in *sk) flags+=(--skinny-gemm "$GEMM") ;; esac
-    python3 bench/ppo_vs_trl.py $A --systems ours "${flags[@]}" --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A" | sed "s/^/$run /"
+    every=${run%_*}; every=${every#gc}
+    python3 bench/ppo_vs_trl.py $A --steps ${STEPS:-24} --systems ours --gc-every $every --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A" | sed "s/^/$run /"
   done
-  ours_summary "$OUT" steps
+  python3 - "$OUT" <<'PY'
+import glob, json, os, statistics, sys
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "a64_gc*", "ppo_vs_trl.json"))):
+    o = json.load(open(f))["configs"][0]["ours"]
+    if o.get("error"):
+        print(f, o["error"][-300:]); continue
+    st = o["steps"][1:]
+    t = [s["step_s"] for s in st]
+    print(os.path.basename(os.path.dirname(f)), "median", round(o["median_step_s"], 4), "mean", round(statistics.mean(t), 4),
+          "min", round(min(t), 4), "max", round(max(t), 4), "phases", {k: round(v, 4) for k, v in o["median_phases_s"].items()}, o["gc"])
+    print("   steps", [round(x, 3) for x in t])
+    print("   gc ms", [round(s["gc_s"] * 1e3, 1) for s in st])
+PY
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s23r ]; then  # session 23: recipes/ppo.py itself on the GPU (embedded tiny default, 64 prompts x 64

@@ -24,7 +24,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU builds of torch come without Triton
-    triton = tl = None
+    triton = None
 
 AVAILABLE = triton is not None
 

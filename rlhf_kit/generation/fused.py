@@ -21,9 +21,9 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rlhf_kit.generation.skinny_gemm import project, project_glu
 from rlhf_kit.generation.static_cache import rotary_in_kernel, static_kv_attention
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _fused_attention_forward(
     """The Llama-family attention forward with one QKV product (no KV-cache object: the backend's static
     cache lives in its attention function)."""
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    qkv = project(hidden_states, self._rlhf_kit_qkv, self._rlhf_kit_qkv_bias)
+    qkv = F.linear(hidden_states, self._rlhf_kit_qkv, self._rlhf_kit_qkv_bias)
     q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split(self._rlhf_kit_split, dim=-1))
     cos, sin = position_embeddings
     for name in ("past_key_values", "cache", "use_cache", "cache_position", "position_ids"):
@@ -70,19 +70,14 @@ def _fused_attention_forward(
     else:
         q, k = self._rlhf_kit_rotary(q, k, cos, sin)
     out, weights = self._rlhf_kit_attention(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
-    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
-    return project(out, self.o_proj.weight, self.o_proj.bias, self.o_proj), weights
+    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
 def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if self._rlhf_kit_silu:  # gate and up have one width
-        hidden = project_glu(x, self._rlhf_kit_gate_up, self._rlhf_kit_gate_up_bias, self.act_fn)
-    else:
-        gate, up = project(x, self._rlhf_kit_gate_up, self._rlhf_kit_gate_up_bias).split(
-            self._rlhf_kit_split, -1
-        )
-        hidden = self.act_fn(gate) * up
-    return project(hidden, self.down_proj.weight, self.down_proj.bias, self.down_proj)
+    gate, up = F.linear(x, self._rlhf_kit_gate_up, self._rlhf_kit_gate_up_bias).split(
+        self._rlhf_kit_split, -1
+    )
+    return self.down_proj(self.act_fn(gate) * up)
 
 
 def _stackable(m: nn.Module, names: tuple[str, ...]) -> bool:
@@ -144,17 +139,6 @@ def _plain_rotary(rotary: Any, module: nn.Module) -> bool:
     return all(torch.allclose(a, ref(x), atol=1e-5) for a, x in zip(got, (q, k)))
 
 
-def _is_silu(module: nn.Module) -> bool:
-    """Is the MLP's activation SiLU (so :func:`~rlhf_kit.generation.skinny_gemm.project_glu` may fuse it)
-    with gate and up of one width? Checked on a random float32 input."""
-    t = torch.randn(64)
-    try:
-        same = torch.allclose(module.act_fn(t), torch.nn.functional.silu(t), atol=1e-6)
-    except Exception:  # noqa: BLE001 -- an activation that takes no plain tensor is not SiLU
-        return False
-    return bool(same) and len(set(module._rlhf_kit_split)) == 1
-
-
 def _check_mlp(module: nn.Module) -> bool:
     """The self-check of one MLP module."""
     w = module.gate_proj.weight
@@ -190,7 +174,6 @@ def fuse_projections(model: nn.Module, attention_fn: Any) -> int:
             fused += 1
         elif _is_llama_mlp(module):
             _stack(module, _MLP, "_rlhf_kit_gate_up")
-            module._rlhf_kit_silu = _is_silu(module)
             if not _check_mlp(module):
                 logger.warning(
                     "%s: fused gate/up does not match its forward; kept unfused", type(module).__name__
