@@ -120,7 +120,6 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         score_rollouts,
     )
     from rlhf_kit.rollout import RolloutBuffer
-    from rlhf_kit.training.gc_control import GarbageCollection
     from rlhf_kit.training.memory_budget import MemoryBudget, cuda_probe
     from rlhf_kit.training.offload import offload_model, offloaded
     from rlhf_kit.training.precision import make_optimizer
@@ -230,9 +229,6 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         clock.lap("train")
         backend.update_weights(iter_full_params(actor) if fsdp_bf16 else actor)
         clock.lap("sync")
-        gc_s = collector.step()  # every --gc-every steps a full collection here (its own phase)
-        if collector.every:
-            clock.lap("gc")
         n_tok = sum(int(g.response_mask.sum()) for g in gens)
         return {
             "step_s": sum(clock.phases.values()),
@@ -244,11 +240,8 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
             "value_loss": tstats.get("value/loss"),
             "kl": stats["kl/seq_mean"],
             "micro_batch_tokens": tstats.get("batch/micro_batch_tokens"),
-            "gc_s": gc_s,  # seconds in garbage collection during the step, automatic or managed
-            "gc_collections": collector.collections,
         }
 
-    collector = GarbageCollection(max(args.gc_every, 0), freeze=args.gc_every >= 0).__enter__()
     for step in range(args.steps):
         steps.append(one_step(step))
         s = steps[-1]
@@ -289,11 +282,32 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         res["profile"] = profile_step(one_step, args.steps, device, clock)
     if args.sync_report and device.type == "cuda":
         res["syncs"] = sync_report(one_step, args.steps + 1, clock)
-    collector.__exit__(None, None, None)
-    gcs = [s["gc_s"] for s in steps[args.warmup :]]
-    res["gc"] = {"every": args.gc_every, "collections": collector.collections, "max_step_s": max(gcs, default=0.0),
-                 "total_s": sum(gcs)}  # fmt: skip
+    if args.cprofile:
+        res["cprofile"] = host_profile(one_step, args.steps + 2, args.cprofile)
     return res
+
+
+def host_profile(one_step, first: int, n: int, top: int = 45) -> dict[str, Any]:
+    """``n`` more steps under cProfile: where the host spends a step's time, per phase and per function (the
+    phase times say how long each phase took under the profiler; a phase's host time above its device time
+    is launch or Python overhead)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    phases = []
+    for i in range(n):
+        prof.enable()
+        one = one_step(first + i)
+        prof.disable()
+        phases.append(one["phases_s"])
+    out = {"steps": n, "phases_s": phases}
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(key).print_stats(top)
+        out[key] = buf.getvalue().splitlines()
+    return out
 
 
 def sync_report(one_step, step: int, clock: PhaseClock) -> dict[str, Any]:
@@ -571,10 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-kernel", default="{}", help="ours: JSON over rlhf_kit.generation.decode_kernel.CONFIG"
     )
     ap.add_argument(
-        "--gc-every", type=int, default=-1,
-        help="ours: Python's garbage collector: -1 as Python runs it (automatic, nothing frozen; measured), "
-        "0 automatic with the setup frozen, N > 0 a full collection after every N-th step and none inside "
-        "(rlhf_kit.training.gc_control.GarbageCollection)",
+        "--cprofile", type=int, default=0,
+        help="ours: this many more steps under cProfile, the top functions by own and cumulative time in the JSON",
     )  # fmt: skip
     ap.add_argument("--trl-site", default=None, help="folder holding TRL 1.12 (put first on PYTHONPATH)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per worker")
@@ -645,8 +657,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.packed_passes,
         "--decode-kernel",
         args.decode_kernel,
-        "--gc-every",
-        str(args.gc_every),
+        "--cprofile",
+        str(args.cprofile),
     ]
     for config in args.configs:
         entry: dict[str, Any] = {"config": config}

@@ -48,8 +48,8 @@
 #   bash bench/vs_trl_gpu.sh s24b # session 24 (at 00cb91e's kernel): the split kernel at batch 8 and 16, PPO A and TRL A,
 #                                 # then stage s23r
 #   bash bench/vs_trl_gpu.sh s24c # session 24: PPO A, scoring first against --score-in-update, alternating
-#   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update) with Python's garbage collector automatic
-#                                 # and managed (rlhf_kit.training.gc_control), alternating, and TRL A in the same call
+#   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update): device-busy time per phase (torch.profiler)
+#                                 # and the host's functions (cProfile over 4 steps)
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
 #   bash bench/vs_trl_gpu.sh q    # written in session 16 for the next call: PPO A (micro 64) and B (8-bit, micro 32)
 #                                 # with --old-logprobs recompute and sampler (this tree), then $BASE (e.g. .base3 =
@@ -372,30 +372,23 @@ if [ "$phase" = s24c ]; then  # session 24, call 3: PPO A (micro 64: the rollout
   ours_summary "$OUT" steps
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s26 ]; then  # session 26: PPO A (micro 64, --score-in-update) with Python's garbage collector as
-  # Python runs it (gc-1: automatic, nothing frozen, its time measured) and managed (gcN: setup frozen, a full
-  # collection after every N-th step, none inside one), against TRL 1.12 in the same call; RUNS names the order
-  A="--configs A --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --timeout 150"
-  for run in ${RUNS:-gc-1_1 trl gc10_1 gc-1_2 gc10_2}; do
-    if [ "$run" = trl ]; then
-      python3 bench/ppo_vs_trl.py $A --steps 8 --systems trl --trl-site /tmp/site112 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
-      continue
-    fi
-    every=${run%_*}; every=${every#gc}
-    python3 bench/ppo_vs_trl.py $A --steps ${STEPS:-24} --systems ours --gc-every $every --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A" | sed "s/^/$run /"
-  done
-  python3 - "$OUT" <<'PY'
-import glob, json, os, statistics, sys
-for f in sorted(glob.glob(os.path.join(sys.argv[1], "a64_gc*", "ppo_vs_trl.json"))):
-    o = json.load(open(f))["configs"][0]["ours"]
-    if o.get("error"):
-        print(f, o["error"][-300:]); continue
-    st = o["steps"][1:]
-    t = [s["step_s"] for s in st]
-    print(os.path.basename(os.path.dirname(f)), "median", round(o["median_step_s"], 4), "mean", round(statistics.mean(t), 4),
-          "min", round(min(t), 4), "max", round(max(t), 4), "phases", {k: round(v, 4) for k, v in o["median_phases_s"].items()}, o["gc"])
-    print("   steps", [round(x, 3) for x in t])
-    print("   gc ms", [round(s["gc_s"] * 1e3, 1) for s in st])
+if [ "$phase" = s26 ]; then  # session 26: where the host spends PPO A's score and train phases (micro 64,
+  # --score-in-update): one step under torch.profiler (device-busy time per phase), then 4 under cProfile
+  python3 bench/ppo_vs_trl.py --configs A --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update \
+    --steps 8 --profile --cprofile 4 --timeout 200 --systems ours --work $WORK/a_prof --out "$OUT/a64_prof" 2>&1 | grep -E "^\| A"
+  python3 - "$OUT/a64_prof/ppo_vs_trl.json" <<'PY'
+import json, sys
+o = json.load(open(sys.argv[1]))["configs"][0]["ours"]
+if o.get("error"):
+    sys.exit(o["error"][-2000:])
+p = o["profile"]
+print("profiled step", round(p["step_s"], 4), {k: round(v, 4) for k, v in p["phases_s"].items()}, "device busy", round(p["device_busy_s"], 4))
+for name, ph in p["phases"].items():
+    print(" ", name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in ph.items() if k != "top_kernels"})
+c = o["cprofile"]
+print("cProfile steps", [{k: round(v, 4) for k, v in x.items()} for x in c["phases_s"]])
+print("\n".join(c["tottime"][:40]))
+print("\n".join(c["cumulative"][:60]))
 PY
   rm -f "$OUT"/*/*.md; exit 0
 fi
