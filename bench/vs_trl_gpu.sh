@@ -48,6 +48,7 @@
 #   bash bench/vs_trl_gpu.sh s24b # session 24 (at 00cb91e's kernel): the split kernel at batch 8 and 16, PPO A and TRL A,
 #                                 # then stage s23r
 #   bash bench/vs_trl_gpu.sh s24c # session 24: PPO A, scoring first against --score-in-update, alternating
+#   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
 #   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update): device-busy time per phase (torch.profiler)
 #                                 # and the host's functions (cProfile over 4 steps)
 #   bash bench/vs_trl_gpu.sh rm2  # session 20: the reward model, packed (varlen) against padded passes, twice
@@ -389,6 +390,31 @@ c = o["cprofile"]
 print("cProfile steps", [{k: round(v, 4) for k, v in x.items()} for x in c["phases_s"]])
 print("\n".join(c["tottime"][:40]))
 print("\n".join(c["cumulative"][:60]))
+PY
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s26b ]; then  # session 26: this tree (GAE as one product per 256 positions; scoring's statistics
+  # read with the update's, not between its forward and backward) against $BASE (.base26 = main before it), PPO A
+  # (micro 64, --score-in-update), alternating, each with a host-wait report; then TRL 1.12 in the same call
+  check_tree "${BASE:-.base26}"
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
+  for run in ${RUNS:-base_1 this_1 base_2 this_2 base_3 this_3}; do
+    tree=$([ "${run%_*}" = base ] && echo "${BASE:-.base26}" || echo .)
+    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
+  done
+  [ "${TRL:-1}" = 1 ] && python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --micro 64 --steps 8 --timeout 150 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
+  python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "a64_*", "ppo_vs_trl.json"))):
+    o = json.load(open(f))["configs"][0].get("ours")
+    if not o:
+        continue
+    if o.get("error"):
+        print(f, o["error"][-500:]); continue
+    t = o["step_times_s"][1:]
+    print(os.path.basename(os.path.dirname(f)), "median", round(o["median_step_s"], 4), "min", round(min(t), 4),
+          {k: round(v, 4) for k, v in o["median_phases_s"].items()}, "host waits", (o.get("syncs") or {}).get("per_phase"))
+    print("   ", [round(x, 3) for x in t], [(n, k) for k, n in (o.get("syncs") or {}).get("top", [])[:6]])
 PY
   rm -f "$OUT"/*/*.md; exit 0
 fi

@@ -15,8 +15,8 @@ class GAE:
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, with
     rewards and values multiplied by ``mask`` so that each sequence bootstraps ``V = 0`` after its last
-    response token. ``returns = advantages + values``. A reverse loop over ``t`` only; the batch is
-    vectorised.
+    response token. ``returns = advantages + values``. The reverse recursion is one product per 256
+    positions (:func:`discounted_cumsum`).
 
     Example (NeMo-Aligner's hand-worked case): gamma 0.5, lam 0, values [0, 1, 2, 3], rewards
     [0, 0, 1, 0] -> advantages [0.5, 0, 0.5, -3].
@@ -42,16 +42,38 @@ class GAE:
         m = mask.float()
         r = rewards.float() * m
         v = values.float() * m
-        b, t = r.shape
-        adv = torch.zeros_like(r)
-        last = r.new_zeros(b)
-        for i in reversed(range(t)):
-            next_v = v[:, i + 1] if i + 1 < t else r.new_zeros(b)
-            delta = r[:, i] + self.gamma * next_v - v[:, i]
-            last = delta + self.gamma * self.lam * last
-            adv[:, i] = last
-        adv = adv * m
+        next_v = torch.nn.functional.pad(v[:, 1:], (0, 1))  # V_{t+1}, 0 past the last position
+        delta = r + self.gamma * next_v - v
+        adv = discounted_cumsum(delta, self.gamma * self.lam) * m
         return adv, (adv + v) * m
+
+
+def discounted_cumsum(x: torch.Tensor, discount: float, chunk: int = 256) -> torch.Tensor:
+    """Reverse discounted cumulative sum: ``y_t = x_t + discount * y_{t+1}``, ``y`` past the end 0, i.e.
+    ``y_t = sum_{k >= t} discount^(k - t) x_k`` (GAE's advantages from its deltas, a reward-to-go).
+
+    ``x (b, t)`` -> ``(b, t)`` float32. Each chunk of ``chunk`` positions, from the end, is one product
+    with the ``(chunk, chunk)`` matrix ``D[k, j] = discount^(k - j)`` (``k >= j``, else 0) plus the
+    carried ``y`` of the next chunk's first position times ``discount^(end - j)``, in float64 (float32
+    on MPS, which has none). A loop over positions launches several kernels per position: about 1,500
+    tiny launches for 256 positions, each waiting on the host.
+    """
+    b, t = x.shape
+    dtype = torch.float32 if x.device.type == "mps" else torch.float64
+    xd = x.to(dtype)
+    c = max(1, min(chunk, t))
+    idx = torch.arange(c, device=x.device, dtype=dtype)
+    gap = idx[:, None] - idx[None, :]  # k - j
+    d = torch.where(gap >= 0, torch.pow(discount, gap.clamp(min=0)), torch.zeros((), dtype=dtype, device=x.device))
+    out = torch.empty_like(xd)
+    carry = xd.new_zeros(b)
+    for end in range(t, 0, -c):
+        start = max(0, end - c)
+        n = end - start
+        y = xd[:, start:end] @ d[:n, :n] + carry[:, None] * torch.pow(discount, n - idx[:n])
+        out[:, start:end] = y
+        carry = y[:, 0]
+    return out.float()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_kit.advantages import whiten
+from rlhf_kit.advantages import discounted_cumsum, whiten
 
 ESTIMATORS = ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline")
 GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
@@ -72,13 +72,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     ``rewards``, ``mask`` ``(b, t)`` -> ``(b, t)``, zero where ``mask`` is 0.
     """
     m = mask.float()
-    r = rewards.float() * m
-    out = torch.zeros_like(r)
-    running = r.new_zeros(r.shape[0])
-    for i in reversed(range(r.shape[1])):
-        running = r[:, i] + gamma * running
-        out[:, i] = running
-    return out * m
+    return discounted_cumsum(rewards.float() * m, gamma) * m
 
 
 def reinforce_pp_advantages(

@@ -34,22 +34,25 @@ def advantages_now_or_in_update(
     :func:`~rlhf_kit.ppo.ppo_update` calls once it has scored the rollout itself (``advantages=``; the
     statistics then come with the update's). Returns the rollout, the statistics so far and that function."""
     if cfg.score_in_update:
-        return rollout, {}, functools.partial(compute_advantages, kl_coef=kl_coef, cfg=cfg)
+        return rollout, {}, functools.partial(compute_advantages, kl_coef=kl_coef, cfg=cfg, read=False)
     return (*compute_advantages(rollout, kl_coef, cfg), None)
 
 
-def global_mean(x: torch.Tensor) -> float:
+def global_mean(x: torch.Tensor, read: bool = True) -> float | torch.Tensor:
     """Mean of ``x`` over every element on every rank (sum and count all-reduced; plain mean without a
-    process group)."""
+    process group): a float, or with ``read=False`` a 0-d float64 tensor left on the device."""
     count = torch.full((), float(x.numel()), dtype=torch.float64, device=x.device)  # a fill: no copy
     total = torch.stack([x.detach().double().sum(), count])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
-    return (total[0] / total[1].clamp(min=1)).item()
+    mean = total[0] / total[1].clamp(min=1)
+    return mean.item() if read else mean
 
 
 @torch.no_grad()
-def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) -> tuple[Rollout, dict]:
+def compute_advantages(
+    rollout: Rollout, kl_coef: float, cfg: ExperienceConfig, read: bool = True
+) -> tuple[Rollout, dict]:
     """Fill in shaped rewards, advantages and returns with ``cfg.advantage_estimator``.
 
     ``gae``: GAE on the critic's values (whitened advantages if configured). ``rloo`` / ``grpo`` /
@@ -62,6 +65,9 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
     ranks (collective: every rank calls this), because it drives the adaptive KL controller, which must
     see the same value everywhere; the other statistics are this rank's. With ``cfg.skip_old_logprobs``
     the rollout has no old log-probs yet, so ``kl/seq_mean`` is left to :func:`~rlhf_kit.ppo.ppo_update`.
+    ``read=False`` leaves the statistics on the device (0-d tensors), for the caller to read with its own:
+    scoring inside the update reads them after its backward passes are queued, since a read between the
+    forward and the backward would empty the device's queue there.
     """
     if cfg.skip_old_logprobs and kl_coef and not cfg.kl_in_loss:
         raise ValueError(
@@ -111,7 +117,7 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
         "reward/score_std": scores.std() if scores.numel() > 1 else 0.0,
         "reward/raw_score_mean": rollout.scores.mean(),
         "reward/shaped_return_mean": rewards.sum(-1).mean(),
-        **({} if cfg.skip_old_logprobs else {"kl/seq_mean": global_mean(seq_kl)}),
+        **({} if cfg.skip_old_logprobs else {"kl/seq_mean": global_mean(seq_kl, read)}),
         "kl/coef": kl_coef,
         "response/length_mean": lengths.mean(),
         "response/finished_fraction": rollout.finished.float().mean(),
@@ -120,4 +126,4 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: ExperienceConfig) 
     }
     if needs_critic(est):
         stats["values/explained_variance"] = explained_variance(rollout.values, ret, m)
-    return out, scalars_to_floats(stats)  # one read of the device for all of them
+    return out, scalars_to_floats(stats) if read else stats  # one read of the device for all of them

@@ -242,7 +242,10 @@ def ppo_update(
         add("_steps", 1)
     steps = max(float(totals.pop("_steps", 1)), 1)
     out = {}
-    for k, v in scalars_to_floats(totals).items():
+    read = scalars_to_floats(totals | adv_stats)  # one read: scoring's statistics came as device tensors
+    for k, v in read.items():
+        if k in adv_stats:
+            continue
         out[k] = v / (steps if k.endswith("grad_norm") else max(n_micro, 1))
     if budgeted:  # the budget the next update cuts its micro-batches by
         if full:
@@ -250,7 +253,7 @@ def ppo_update(
         out["batch/micro_batch_tokens"] = budget.tokens
     if reuse:  # the mean over every rank's sequences, as compute_advantages reports it otherwise
         out["kl/seq_mean"] = global_mean(torch.cat(seq_kl) if seq_kl else torch.zeros(0, device=device))
-    return out | adv_stats
+    return out | {k: read[k] for k in adv_stats}
 
 
 @torch.no_grad()

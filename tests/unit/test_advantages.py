@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rlhf_kit.advantages import GAE, masked_mean, whiten
+from rlhf_kit.advantages import GAE, discounted_cumsum, masked_mean, whiten
 
 
 def reference_gae(rewards, values, mask, gamma, lam):
@@ -109,3 +109,18 @@ def test_whiten_uses_global_statistics_across_two_gloo_ranks(tmp_path):
     torch.testing.assert_close(combined, whiten(x, mask), atol=1e-5, rtol=1e-5)
     # and it differs from per-shard whitening (the test would catch local statistics)
     assert not torch.allclose(results[0], whiten(x[:1], mask[:1]), atol=1e-3)
+
+
+@pytest.mark.parametrize("discount", [0.0, 0.5, 0.95, 1.0])
+@pytest.mark.parametrize("t,chunk", [(1, 256), (7, 3), (9, 9), (300, 256), (40, 7)])
+def test_discounted_cumsum_matches_the_reverse_loop_across_chunks(discount, t, chunk):
+    torch.manual_seed(t)
+    x = torch.randn(3, t)
+    want = torch.zeros(3, t, dtype=torch.float64)
+    running = torch.zeros(3, dtype=torch.float64)
+    for i in reversed(range(t)):  # y_t = x_t + discount * y_{t+1}
+        running = x[:, i].double() + discount * running
+        want[:, i] = running
+    got = discounted_cumsum(x, discount, chunk=chunk)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
