@@ -16,6 +16,7 @@ from rlhf_kit.ppo import (
     ExperienceConfig,
     RewardModelScorer,
     UpdateConfig,
+    advantages_now_or_in_update,
     compute_advantages,
     make_experience,
     ppo_update,
@@ -29,6 +30,8 @@ KL = 0.05
 
 
 def _update(actor, critic, rollout, exp_cfg, micro=4, epochs=1, tokens=0):
+    # the recipe's callable: with score_in_update its statistics stay on the device until the update reads them
+    _, _, advantages = advantages_now_or_in_update(rollout, KL, exp_cfg)
     buf = RolloutBuffer(seed=0)
     buf.append(rollout)
     return ppo_update(
@@ -36,7 +39,7 @@ def _update(actor, critic, rollout, exp_cfg, micro=4, epochs=1, tokens=0):
         torch.optim.AdamW(critic.parameters(), lr=1e-3), buf, PPOPolicyLoss(0.2, entropy_coef=0.01),
         ValueLoss(0.2), UpdateConfig(mini_batch_size=4, micro_batch_size=micro, ppo_epochs=epochs,
                                      max_grad_norm=1e9, micro_batch_tokens=tokens),
-        exp_cfg, advantages=functools.partial(compute_advantages, kl_coef=KL, cfg=exp_cfg),
+        exp_cfg, advantages=advantages or functools.partial(compute_advantages, kl_coef=KL, cfg=exp_cfg),
     )  # fmt: skip
 
 
@@ -69,6 +72,7 @@ def test_scoring_in_the_update_equals_scoring_first(tokenizer, four_models, micr
     assert calls == {id(a2): 0, id(c2): 0}  # scoring ran neither
     assert torch.equal(deferred.logprobs, deferred.ref_logprobs) and not deferred.values.any()  # placeholders
     s2 = _update(a2, c2, deferred, IN_UPDATE, micro, tokens=tokens)
+    assert all(type(v) in (float, int) for v in s2.values()), s2  # read once, at the update's end
     fused = micro == 4 and tokens in (0, 88)
     passes = 1 if fused else 1 + {2: 2, 14: 3, 44: 1}[tokens or micro]  # scoring's pass + the update's
     assert calls == {id(a2): passes, id(c2): passes}
