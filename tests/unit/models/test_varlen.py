@@ -399,3 +399,35 @@ def test_packed_row_kwargs_and_the_sft_loss_under_varlen_attention(tokenizer):
     torch.testing.assert_close(losses[0], losses[1], atol=1e-12, rtol=1e-10)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_configs_found_without_modules_walk_match_the_plain_walk(tokenizer):
+    """``_configs`` walks ``_modules`` and reads ``vars`` (it runs before every packed forward); it finds what
+    ``modules()`` plus ``hasattr`` finds, through a value-head wrapper, a LoRA wrapper (whose ``config`` is
+    forwarded) and a module whose class exposes ``config`` as a property."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf_kit.models import TokenValueModel
+    from rlhf_kit.models.varlen import _configs, _submodules
+
+    def plain(model):
+        return {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+
+    class Holder(torch.nn.Module):  # its config is neither a submodule's nor in its own __dict__
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self._settings = type(inner.config)()
+
+        @property
+        def config(self):
+            return self._settings
+
+    lm = make_causal_lm(tokenizer, seed=0)
+    lora = get_peft_model(make_causal_lm(tokenizer, seed=1), LoraConfig(r=2, target_modules=["q_proj"]))
+    value = TokenValueModel(make_causal_lm(tokenizer, seed=2).model)
+    for model in (lm, lora, value, Holder(lm), torch.nn.Linear(2, 2)):
+        assert _configs(model).keys() == plain(model).keys()
+        assert sorted(map(id, _submodules(model))) == sorted(map(id, model.modules()))  # none shared here
+    assert len(_configs(torch.nn.ModuleList([lm, value]))) == 2
+    assert len(_configs(Holder(lm))) == 2
