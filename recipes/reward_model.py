@@ -33,6 +33,7 @@ from _defaults import (
 from rlhf_kit.data import PairCollator, hold_out, load_comparisons, pair_lengths, tokenize_pairs
 from rlhf_kit.losses import PairwiseRewardLoss
 from rlhf_kit.models.loading import quiet_weight_progress_bars
+from rlhf_kit.models.transfer import batch_to_device
 from rlhf_kit.training import (
     MetricsLogger,
     check_model_path,
@@ -276,7 +277,7 @@ def main(cfg: Config) -> None:
             costs=padded_cost,
         )  # fmt: skip
         for idx in accumulate(accelerator, model, micro):
-            batch = {k: v.to(device) for k, v in collate([train[j] for j in idx]).items()}
+            batch = batch_to_device(collate([train[j] for j in idx]), device)  # pinned, asynchronous
             chosen, rejected = pair_scores(model, batch, cfg.packed_passes)
             loss, stats = loss_fn(chosen, rejected)  # mean over the micro-batch's pairs
             accelerator.backward(loss / accum if accum else loss * (len(idx) / per_rank))

@@ -265,13 +265,11 @@ def main(cfg: Config) -> None:
         batches = [collate([train[j] for j in idx]) for idx in micro]
         # Every micro-batch is divided by the global token count: accumulation == one big batch.
         tokens = all_reduce_sum([sum(count_label_tokens(b["labels"]) for b in batches)], device)[0]
-        loss_sum = 0.0
-        for batch in accumulate(accelerator, model, batches):
-            loss = lm_loss(
-                model, {k: v.to(device) for k, v in batch.items()}, max(tokens, 1.0) / world, "auto"
-            )
+        loss_sum = 0.0  # a device tensor after the first micro-batch: read once per step, in avg.reduce
+        for batch in accumulate(accelerator, model, batches):  # host batches: lm_loss moves them
+            loss = lm_loss(model, batch, max(tokens, 1.0) / world, "auto", device=device)
             accelerator.backward(loss)
-            loss_sum += float(loss.detach())
+            loss_sum = loss_sum + loss.detach()
         avg.add("loss", loss_sum)
         update = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, guard)
         profiler.end()

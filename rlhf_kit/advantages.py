@@ -64,7 +64,9 @@ def discounted_cumsum(x: torch.Tensor, discount: float, chunk: int = 256) -> tor
     c = max(1, min(chunk, t))
     idx = torch.arange(c, device=x.device, dtype=dtype)
     gap = idx[:, None] - idx[None, :]  # k - j
-    d = torch.where(gap >= 0, torch.pow(discount, gap.clamp(min=0)), torch.zeros((), dtype=dtype, device=x.device))
+    d = torch.where(
+        gap >= 0, torch.pow(discount, gap.clamp(min=0)), torch.zeros((), dtype=dtype, device=x.device)
+    )
     out = torch.empty_like(xd)
     carry = xd.new_zeros(b)
     for end in range(t, 0, -c):

@@ -10,6 +10,7 @@ current stream instead; torch's pinned-memory allocator keeps the staging block 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -31,3 +32,10 @@ def host_tensor(
     if device.type != "cuda":
         return cpu.to(device)
     return cpu.pin_memory().to(device, non_blocking=True)
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """A collator's batch on ``device``: every CPU tensor through :func:`host_tensor` (on CUDA an
+    asynchronous copy from pinned memory, so moving a micro-batch does not wait for the previous one's
+    backward); other values as they are."""
+    return {k: host_tensor(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

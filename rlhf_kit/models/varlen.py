@@ -236,11 +236,15 @@ def packing(lengths: torch.Tensor, multiple: int = 64, host: Sequence[int] | Non
     )
 
 
-def packed_row_kwargs(position_ids: torch.Tensor, multiple: int = 64) -> dict[str, Any]:
+def packed_row_kwargs(
+    position_ids: torch.Tensor, multiple: int = 64, device: torch.device | str | None = None
+) -> dict[str, Any]:
     """The variable-length attention's keyword arguments (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``)
     of a row that is already packed, ``position_ids (1, T)`` restarting at 0 for each sequence (e.g.
-    :class:`~rlhf_kit.data.collators.PackedSFTCollator`); one device-to-host read. The longest sequence
-    is rounded up to ``multiple`` (at most ``T``), as in :func:`packing`."""
+    :class:`~rlhf_kit.data.collators.PackedSFTCollator`). The longest sequence is rounded up to
+    ``multiple`` (at most ``T``), as in :func:`packing`. Give the collator's host ``position_ids`` and
+    the model's ``device``: the boundaries are then found on the host, and only the result is copied
+    (asynchronously); ``position_ids`` on a GPU costs reads that wait for the device."""
     if position_ids.dim() != 2 or position_ids.shape[0] != 1:
         raise ValueError(f"a packed row has position_ids of shape (1, T), got {tuple(position_ids.shape)}")
     pos = position_ids[0]
@@ -250,6 +254,8 @@ def packed_row_kwargs(position_ids: torch.Tensor, multiple: int = 64) -> dict[st
     cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     m = min(pos.numel(), -(-longest // multiple) * multiple)
+    if device is not None:
+        cu = host_tensor(cu, device)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
 
 

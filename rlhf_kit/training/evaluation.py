@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rlhf_kit.models.reward import reward_scores
+from rlhf_kit.models.transfer import batch_to_device
 from rlhf_kit.training import dist as D
 
 IGNORE_INDEX = -100
@@ -42,7 +43,11 @@ def count_label_tokens(labels: torch.Tensor) -> int:
 
 
 def lm_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], num_items: float, packed: bool | str = False
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    num_items: float,
+    packed: bool | str = False,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Causal-LM loss of ``batch`` summed over label tokens and divided by ``num_items``.
 
@@ -52,14 +57,21 @@ def lm_loss(
     under variable-length attention where ``packed`` allows it (``"auto"``: on CUDA in bf16/fp16,
     :func:`rlhf_kit.models.varlen.use_packed`); otherwise transformers derives a block-diagonal mask
     from the restarting position ids (dense, quadratic in the row's length).
+
+    With ``device``, ``batch`` is the collator's host batch: it moves to ``device`` here (asynchronously
+    from pinned memory on CUDA), and a packed row's boundaries are found from its host position ids, so
+    the micro-batch costs the host no wait for the device.
     """
+    host = batch
+    if device is not None:
+        batch = batch_to_device(batch, device)
     if "position_ids" in batch and batch.get("attention_mask") is None:
         from rlhf_kit.models.varlen import packed_attention, packed_row_kwargs, use_packed
 
         if use_packed(packed, model, batch["input_ids"]):
+            row = packed_row_kwargs(host["position_ids"], device=batch["position_ids"].device)
             with packed_attention(model):
-                return model(**batch, **packed_row_kwargs(batch["position_ids"]), use_cache=False,
-                             num_items_in_batch=num_items).loss  # fmt: skip
+                return model(**batch, **row, use_cache=False, num_items_in_batch=num_items).loss
     return model(**batch, use_cache=False, num_items_in_batch=num_items).loss
 
 
@@ -90,15 +102,14 @@ def evaluate_pairs(
     """
     was_training = model.training
     model.eval()
-    chosen: list[float] = []
-    rejected: list[float] = []
+    scores: list[torch.Tensor] = []  # (2, pairs) per batch, read once at the end
     for idx in _shard_batches(len(examples), batch_size):
         batch = collate([examples[i] for i in (idx or [0])])
-        c, r = pair_scores(model, {k: v.to(device) for k, v in batch.items()}, packed)
+        c, r = pair_scores(model, batch_to_device(batch, device), packed)
         if idx is not None:
-            chosen += c.tolist()
-            rejected += r.tolist()
+            scores.append(torch.stack([c.float(), r.float()]))
     model.train(was_training)
+    chosen, rejected = torch.cat(scores, 1).tolist() if scores else ([], [])
     parts = D.gather_objects((chosen, rejected))
     c = torch.tensor([x for p in parts for x in p[0]], dtype=torch.float64)
     r = torch.tensor([x for p in parts for x in p[1]], dtype=torch.float64)
@@ -128,14 +139,14 @@ def evaluate_lm(
     """Token-averaged causal-LM loss and perplexity on SFT examples, over all ranks."""
     was_training = model.training
     model.eval()
-    total = tokens = 0.0
+    total, tokens = 0.0, 0.0  # total: a device tensor once a batch counts, read once at the end
     for idx in _shard_batches(len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in (idx or [0])]).items()}
-        loss_sum = lm_loss(model, batch, num_items=1.0)
+        batch = collate([examples[i] for i in (idx or [0])])
+        loss_sum = lm_loss(model, batch, num_items=1.0, device=device)
         if idx is not None:
-            total += float(loss_sum)
-            tokens += count_label_tokens(batch["labels"])
+            total = total + loss_sum.double()
+            tokens += count_label_tokens(batch["labels"])  # on the host batch
     model.train(was_training)
-    total, tokens = D.all_reduce_sum([total, tokens], device=device)
+    total, tokens = D.all_reduce_sum([float(total), tokens], device=device)
     loss = total / max(tokens, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "num_tokens": int(tokens)}

@@ -301,20 +301,29 @@ def truncate_metrics_rows(path: str | Path, rows: int) -> int:
 
 
 class Averager:
-    """Weighted means of named values over micro-batches and ranks (e.g. per-step training metrics)."""
+    """Weighted means of named values over micro-batches and ranks (e.g. per-step training metrics).
+
+    A tensor value stays on its device, summed there in float64: reading each micro-batch's loss would
+    make the host wait for that micro-batch's backward before it queues the next one. :meth:`reduce`
+    reads every sum at once."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
         self.weights: dict[str, float] = defaultdict(float)
 
     def add(self, name: str, value: float | torch.Tensor, weight: float = 1.0) -> None:
-        self.sums[name] += float(value) * weight
+        if isinstance(value, torch.Tensor):
+            self.sums[name] = self.sums[name] + value.detach().reshape(()).to(torch.float64) * weight
+        else:
+            self.sums[name] += float(value) * weight
         self.weights[name] += weight
 
     def reduce(self, device: torch.device | str = "cpu") -> dict[str, float]:
-        """Means over everything added on every rank (collective under a process group); resets."""
+        """Means over everything added on every rank (collective under a process group); resets. One read
+        of the device for all the tensor sums."""
         names = sorted(self.sums)
-        flat = D.all_reduce_sum([self.sums[n] for n in names] + [self.weights[n] for n in names], device)
+        sums = scalars_to_floats({n: self.sums[n] for n in names})
+        flat = D.all_reduce_sum([sums[n] for n in names] + [self.weights[n] for n in names], device)
         k = len(names)
         out = {n: flat[i] / flat[k + i] if flat[k + i] else float("nan") for i, n in enumerate(names)}
         self.sums.clear()

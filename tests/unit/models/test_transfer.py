@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_kit.models.transfer import host_tensor
+from rlhf_kit.models.transfer import batch_to_device, host_tensor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -70,3 +70,11 @@ def test_rollout_minibatches_wait_for_the_device_once_each():
     if DEVICE == "cuda":
         waits = [w for w in caught if "synchroniz" in str(w.message)]
         assert len(waits) == 2, [str(w.message) for w in waits]  # one read per mini-batch
+
+
+def test_batch_to_device_moves_every_tensor_and_keeps_other_values():
+    batch = {"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[-100, 2]]), "max_length": 2}
+    got = batch_to_device(batch, DEVICE)
+    assert got.keys() == batch.keys() and got["max_length"] == 2
+    for k in ("input_ids", "labels"):
+        assert got[k].device.type == DEVICE and torch.equal(got[k].cpu(), batch[k])

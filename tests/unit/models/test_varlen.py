@@ -431,3 +431,24 @@ def test_configs_found_without_modules_walk_match_the_plain_walk(tokenizer):
         assert sorted(map(id, _submodules(model))) == sorted(map(id, model.modules()))  # none shared here
     assert len(_configs(torch.nn.ModuleList([lm, value]))) == 2
     assert len(_configs(Holder(lm))) == 2
+
+
+def test_sft_loss_of_a_host_batch_finds_the_row_boundaries_on_the_host(tokenizer, monkeypatch):
+    """``lm_loss(..., device=)`` takes the collator's host batch: the packed row's boundaries come from the
+    host position ids (no read of the device), the copy goes to the device, and the loss is the same."""
+    import rlhf_kit.models.varlen as varlen
+    from rlhf_kit.data import PackedSFTCollator
+    from rlhf_kit.training import evaluation
+
+    examples = [{"input_ids": list(range(3, 3 + n)), "labels": [-100, *range(4, 3 + n)]} for n in (5, 2, 7)]
+    host = PackedSFTCollator()(examples)
+    model = make_causal_lm(tokenizer, seed=4).double()
+    want = evaluation.lm_loss(model, host, num_items=11.0, packed="on")
+    moved, seen = [], []
+    monkeypatch.setattr(evaluation, "batch_to_device", lambda b, d: moved.append({k: v.clone() for k, v in b.items()}) or moved[-1])  # fmt: skip
+    real = varlen.packed_row_kwargs
+    monkeypatch.setattr(varlen, "packed_row_kwargs", lambda pos, **kw: seen.append(pos) or real(pos, **kw))
+    got = evaluation.lm_loss(model, host, num_items=11.0, packed="on", device="cpu")
+    assert len(moved) == 1 and len(seen) == 1
+    assert seen[0] is host["position_ids"] and seen[0] is not moved[0]["position_ids"]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)

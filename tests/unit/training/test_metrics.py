@@ -10,6 +10,7 @@ import yaml
 from rlhf_kit.errors import ConfigError
 from rlhf_kit.training import dist as D
 from rlhf_kit.training.metrics import (
+    Averager,
     MetricsLogger,
     StepTimer,
     check_report_to,
@@ -194,3 +195,22 @@ def test_progress_on_rank_zero():
     bar = progress(range(4), desc="x")
     assert not bar.disable
     assert list(bar) == [0, 1, 2, 3]
+
+
+def test_averager_keeps_tensor_values_on_their_device_and_reads_once(host_reads):
+    """Weighted means of floats and tensors alike; a tensor is not read when added (on a GPU that read
+    would wait for the micro-batch's backward), and reduce reads all the tensor sums in one copy."""
+    avg = Averager()
+    host_reads.clear()
+    for loss, acc, n in [
+        (torch.tensor(0.5), torch.tensor([0.25]), 2),
+        (torch.tensor(1.0), torch.tensor(1.0), 6),
+    ]:
+        avg.add("loss", loss, n)
+        avg.add("accuracy", acc, n)
+        avg.add("lr", 1e-3)
+    assert host_reads == []
+    out = avg.reduce()
+    assert [name for name, _ in host_reads] == ["tolist"]
+    assert out == pytest.approx({"loss": (0.5 * 2 + 6) / 8, "accuracy": (0.25 * 2 + 6) / 8, "lr": 1e-3})
+    assert avg.reduce() == {}  # reset
