@@ -48,6 +48,8 @@
 #   bash bench/vs_trl_gpu.sh s24b # session 24 (at 00cb91e's kernel): the split kernel at batch 8 and 16, PPO A and TRL A,
 #                                 # then stage s23r
 #   bash bench/vs_trl_gpu.sh s24c # session 24: PPO A, scoring first against --score-in-update, alternating
+#   bash bench/vs_trl_gpu.sh s27  # for the next call (session 26): GPU checks of its last changes, the RM recipe and
+#                                 # PPO A against the trees before them (carry .whl .whl112 .base26 .base27)
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
 #   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update): device-busy time per phase (torch.profiler)
 #                                 # and the host's functions (cProfile over 4 steps)
@@ -416,6 +418,28 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "a64_*", "ppo_vs_trl.json"))
           {k: round(v, 4) for k, v in o["median_phases_s"].items()}, "host waits", (o.get("syncs") or {}).get("per_phase"))
     print("   ", [round(x, 3) for x in t], [(n, k) for k, n in (o.get("syncs") or {}).get("top", [])[:6]])
 PY
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s27 ]; then  # written in session 26 for the next call: what it built after its last device call.
+  # 1) the CUDA paths of its tests (discounted_cumsum in float64, batch_to_device under sync-debug "error", the
+  # Averager); 2) the reward-model recipe's embedded default (a host-bound tiny model: where the waits cost most),
+  # this tree against $BASE (.base27 = git archive a0df768 rlhf_kit recipes bench: before the pinned copies and the
+  # one read per step), alternating, time/step_s per step; 3) PPO A (--score-in-update), this tree against .base26
+  # (before the module walks were made cheap), alternating
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_advantages.py tests/unit/models/test_transfer.py \
+    tests/unit/training/test_metrics.py tests/unit/models/test_varlen.py 2>&1 | tail -3
+  for run in ${RMRUNS:-base_1 this_1 base_2 this_2}; do
+    tree=$([ "${run%_*}" = base ] && echo "${BASE:-.base27}" || echo .)
+    PYTHONPATH=/tmp/site:$(cd "$tree" && pwd) timeout 200 python3 "$tree/recipes/reward_model.py" --output-dir $WORK/rm_$run \
+      --max-steps ${RMSTEPS:-40} --val-check-interval 1000 --save-interval 1000 > "$OUT/rm_$run.log" 2>&1
+    echo "rm $run rc=$?"
+    python3 - "$WORK/rm_$run/metrics.jsonl" <<'PY'
+import json, statistics, sys
+t = [r["time/step_s"] for r in map(json.loads, open(sys.argv[1])) if "time/step_s" in r][5:]
+print("   median step s", round(statistics.median(t), 5), "min", round(min(t), 5), "steps", len(t))
+PY
+  done
+  RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=0 BASE=.base26 bash "$0" s26b 2>&1 | grep -E "^(base|this)_|median"
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s23r ]; then  # session 23: recipes/ppo.py itself on the GPU (embedded tiny default, 64 prompts x 64

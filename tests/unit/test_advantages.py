@@ -111,9 +111,13 @@ def test_whiten_uses_global_statistics_across_two_gloo_ranks(tmp_path):
     assert not torch.allclose(results[0], whiten(x[:1], mask[:1]), atol=1e-3)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU machine runs both
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("discount", [0.0, 0.5, 0.95, 1.0])
 @pytest.mark.parametrize("t,chunk", [(1, 256), (7, 3), (9, 9), (300, 256), (40, 7)])
-def test_discounted_cumsum_matches_the_reverse_loop_across_chunks(discount, t, chunk):
+def test_discounted_cumsum_matches_the_reverse_loop_across_chunks(discount, t, chunk, device):
     torch.manual_seed(t)
     x = torch.randn(3, t)
     want = torch.zeros(3, t, dtype=torch.float64)
@@ -121,6 +125,6 @@ def test_discounted_cumsum_matches_the_reverse_loop_across_chunks(discount, t, c
     for i in reversed(range(t)):  # y_t = x_t + discount * y_{t+1}
         running = x[:, i].double() + discount * running
         want[:, i] = running
-    got = discounted_cumsum(x, discount, chunk=chunk)
+    got = discounted_cumsum(x.to(device), discount, chunk=chunk).cpu()
     assert got.dtype == torch.float32 and got.shape == x.shape
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
