@@ -14,6 +14,7 @@ recipes.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -257,6 +258,7 @@ def main(cfg: Config) -> None:
     model.train()
     while step < last:
         profiler.begin(step + 1)  # --profile-steps: this step under torch.profiler
+        started = time.perf_counter()
         avg = Averager()
         micro = step_micro_batches(  # under the padded-token budget (0: fixed micro-batches)
             plan, step, rank, world, micro_batch_size=cfg.micro_batch_size, budget=cfg.micro_batch_tokens,
@@ -277,6 +279,8 @@ def main(cfg: Config) -> None:
         logs = {f"train/{k}": v for k, v in avg.reduce(device).items()}
         logs.update({f"train/{k}": v for k, v in update.items()})
         logs.update({"train/tokens": tokens, "train/epoch": step / plan.steps_per_epoch})
+        logs["time/step_s"] = time.perf_counter() - started  # after avg.reduce's read: the step has run
+        logs["throughput/tokens_per_s"] = tokens / logs["time/step_s"]  # label tokens, all ranks
         logs.update(guard.end_step(step, logs, device))  # NaN/inf: skipped, counted, limited
         logger.log(logs, step)
         bar.update(1)

@@ -173,6 +173,11 @@ def test_learns_the_response_and_writes_a_loadable_model(setup):
     assert len(train) == 30 and train[-1] < 0.2 * train[0]
     assert results["val"]["loss"] < 0.5 and results["test"]["loss"] == pytest.approx(results["val"]["loss"])
     assert [r["step"] for r in read_metrics(out) if "val/loss" in r] == [15, 30]
+    steps = [r for r in read_metrics(out) if "time/step_s" in r]
+    assert len(steps) == 30 and all(r["time/step_s"] > 0 for r in steps)
+    assert all(
+        r["throughput/tokens_per_s"] == pytest.approx(r["train/tokens"] / r["time/step_s"]) for r in steps
+    )
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
     ids = tok("User: red dog\n\nAssistant:", return_tensors="pt")
