@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from rlhf_kit.models.transfer import host_tensor
+from rlhf_kit.models.transfer import batch_to_device, host_tensor
 
 #: What happens to the backend's KV cache and captured CUDA graphs after a rollout (``--generation-cache``).
 GENERATION_CACHE = ("auto", "keep", "release")
@@ -144,6 +144,6 @@ def generate_rollouts_dynamic(
         if release:
             backend.sleep()
     samples, stats = rebalance_rollouts(samples)
-    samples = [{k: v.to(device) for k, v in s.items()} for s in samples]
+    samples = [batch_to_device(s, device) for s in samples]  # pinned, asynchronous
     groups = [samples[s : s + micro_batch_size] for s in range(0, len(samples), micro_batch_size)]
     return [merge_generations(g, pad_token_id) for g in groups], stats
