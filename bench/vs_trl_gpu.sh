@@ -48,6 +48,8 @@
 #   bash bench/vs_trl_gpu.sh s24b # session 24 (at 00cb91e's kernel): the split kernel at batch 8 and 16, PPO A and TRL A,
 #                                 # then stage s23r
 #   bash bench/vs_trl_gpu.sh s24c # session 24: PPO A, scoring first against --score-in-update, alternating
+#   bash bench/vs_trl_gpu.sh s27p # session 27: the packed prefill: its GPU tests, generation packed vs padded, PPO A
+#                                 # --packed-prefill off/auto alternating (STAGE_B=1: PPO B too; carry .whl .whl112)
 #   bash bench/vs_trl_gpu.sh s27  # for the next call (session 26): GPU checks of its last changes, the RM recipe and
 #                                 # PPO A against the trees before them (carry .whl .whl112 .base26 .base27)
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
@@ -113,6 +115,22 @@ ppo_a_trees() {  # PPO config A, ours with the arguments in $A, once per tree gi
     name=$(tree_name "$tree")
     python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$name --out "$OUT/a64_$name" 2>&1 | grep -E "^\| A" | tee -a "$OUT/ppo_log.txt"
   done
+}
+ppo_summary() {  # each of our runs in $OUT/$1/ppo_vs_trl.json: median and fastest step, phases, host waits
+  python3 - "$OUT" "$1" <<'PY'
+import glob, json, os, sys
+for f in sorted(glob.glob(os.path.join(sys.argv[1], sys.argv[2], "ppo_vs_trl.json"))):
+    o = json.load(open(f))["configs"][0].get("ours")
+    if not o:
+        continue
+    if o.get("error"):
+        print(f, o["error"][-500:]); continue
+    t = o["step_times_s"][1:]
+    print(os.path.basename(os.path.dirname(f)), "median", round(o["median_step_s"], 4), "min", round(min(t), 4),
+          {k: round(v, 4) for k, v in o["median_phases_s"].items()}, "host waits", (o.get("syncs") or {}).get("per_phase"),
+          "GiB", round(o.get("peak_allocated_gib", float("nan")), 2))
+    print("   ", [round(x, 3) for x in t], [(n, k) for k, n in (o.get("syncs") or {}).get("top", [])[:6]])
+PY
 }
 case "$phase" in i|k|l|m|n|o|p|q|r) check_tree "${BASE:-.base}" ;; esac
 if [ "$phase" = c ]; then  # session 3, config A: TRL, ours --keep-cache, + --compile-blocks, + --master-weights
@@ -405,19 +423,37 @@ if [ "$phase" = s26b ]; then  # session 26: this tree (GAE as one product per 25
     python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
   done
   [ "${TRL:-1}" = 1 ] && python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --micro 64 --steps 8 --timeout 150 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
-  python3 - "$OUT" <<'PY'
-import glob, json, os, sys
-for f in sorted(glob.glob(os.path.join(sys.argv[1], "a64_*", "ppo_vs_trl.json"))):
-    o = json.load(open(f))["configs"][0].get("ours")
-    if not o:
-        continue
-    if o.get("error"):
-        print(f, o["error"][-500:]); continue
-    t = o["step_times_s"][1:]
-    print(os.path.basename(os.path.dirname(f)), "median", round(o["median_step_s"], 4), "min", round(min(t), 4),
-          {k: round(v, 4) for k, v in o["median_phases_s"].items()}, "host waits", (o.get("syncs") or {}).get("per_phase"))
-    print("   ", [round(x, 3) for x in t], [(n, k) for k, n in (o.get("syncs") or {}).get("top", [])[:6]])
+  ppo_summary "a64_*"
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s27p ]; then  # session 27: the packed prefill (rlhf_kit.generation.prefill). Its GPU tests, then
+  # generation (A, 1B and SmolLM2's widths S) packed (the default) against padded in one process, then PPO A
+  # (--score-in-update) with --packed-prefill off and auto, alternating; PPO B (STAGE_B=1) the same way
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/unit/generation/test_prefill.py \
+    tests/unit/generation/test_static_cache.py 2>&1 | tail -3
+  timeout 300 python3 bench/generation.py --configs ${GEN:-A 1B S} --only compiled_graphs compiled_graphs_padded_prefill \
+    --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -9
+  python3 - "$OUT/gen/generation.json" <<'PY'
+import json, sys
+for c in json.load(open(sys.argv[1]))["configs"]:
+    for k, v in c["backends"].items():
+        if "median_s" in v:
+            print(c["config"], k, "median", round(v["median_s"], 4), "prefill+1", round(v["prefill_plus_one_token_s"], 4),
+                  "decode ms", round(v["decode_ms_per_step"], 3), "floor x", round(v["median_s"] / c["floor_s"], 3),
+                  "tokens", v["info"].get("prefill_tokens"), "lp err", round(v.get("logprob_mean_abs_diff", -1), 5))
 PY
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --timeout 150"
+  for run in ${RUNS:-off_1 auto_1 off_2 auto_2}; do
+    python3 bench/ppo_vs_trl.py $A --packed-prefill ${run%_*} --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
+  done
+  ppo_summary "a64_*"
+  if [ "${STAGE_B:-0}" = 1 ]; then
+    B="--configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 200"
+    for run in ${BRUNS:-off_1 auto_1}; do
+      python3 bench/ppo_vs_trl.py $B --packed-prefill ${run%_*} --work $WORK/b_$run --out "$OUT/b32_$run" 2>&1 | grep -E "^\| B \| ours \|" | sed "s/^/$run /"
+    done
+    ppo_summary "b32_*"
+  fi
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s27 ]; then  # written in session 26 for the next call: what it built after its last device call.
