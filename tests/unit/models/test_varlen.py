@@ -211,7 +211,10 @@ def test_packed_pass_in_bf16_on_this_device(tokenizer, monkeypatch):
         outs.append(out.float() * mask[:, p:])
         grads.append(torch.cat([q.grad.float().flatten() for q in model.parameters()]))
     assert len(calls) == (1 if device.type == "cuda" else 0) * model.config.num_hidden_layers
-    assert varlen.use_packed("auto", model, ids) == (device.type == "cuda")  # the default packs on CUDA only
+    # the default packs on CUDA only, and only models at least PACKED_AUTO_MIN_HIDDEN wide (this one is not)
+    assert not varlen.use_packed("auto", model, ids)
+    monkeypatch.setattr(varlen, "PACKED_AUTO_MIN_HIDDEN", model.config.hidden_size)
+    assert varlen.use_packed("auto", model, ids) == (device.type == "cuda")
     torch.testing.assert_close(outs[0], outs[1], atol=0.05, rtol=0.02)
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
