@@ -33,6 +33,12 @@ PACKED_IMPLEMENTATION = "rlhf_kit_static_kv_packed"
 
 PACKED_PREFILL = ("auto", "on", "off")
 
+#: ``"auto"`` packs the prefill of models at least this wide (``hidden_size``). Measured on an H100 with 64
+#: HH prompts (5,557 real tokens of 8,192; docs/benchmarks.md, session 27): 2048 wide (1B) the prefill took
+#: 26.1 ms packed against 31.3 padded; 1024 wide it was a tie (9.4 against 9.3 ms) and 576 wide (30 layers)
+#: packed was slower (15.6 against 10.1 ms). Each new packed length also compiles the blocks once more.
+PACKED_PREFILL_MIN_HIDDEN = 2048
+
 
 @dataclass
 class PackedPrefill:
@@ -95,7 +101,8 @@ def plan_packed_prefill(
 def packed_prefill_usable(setting: bool | str, model: nn.Module, device: torch.device, width: int) -> bool:
     """Whether ``setting`` (``"auto"``, ``"on"``/True, ``"off"``/False) packs the prefill of prompts
     ``width`` wide: ``"auto"`` on CUDA with variable-length flash attention, for the model types whose
-    packed passes are verified (:func:`~rlhf_kit.models.varlen.unsupported_reason`); ``"on"`` anywhere
+    packed passes are verified (:func:`~rlhf_kit.models.varlen.unsupported_reason`) and at least
+    :data:`PACKED_PREFILL_MIN_HIDDEN` wide; ``"on"`` anywhere
     (elsewhere the packed attention is one SDPA call under a block-diagonal mask: for tests), refusing
     a model it cannot run exactly."""
     from rlhf_kit.models import varlen
@@ -109,7 +116,8 @@ def packed_prefill_usable(setting: bool | str, model: nn.Module, device: torch.d
         if reason:
             raise ValueError(f"packed_prefill is on, but {reason}")
         return True
-    return reason is None and device.type == "cuda" and varlen._varlen_attn is not None
+    usable = reason is None and device.type == "cuda" and varlen._varlen_attn is not None
+    return usable and varlen._hidden_size(model) >= PACKED_PREFILL_MIN_HIDDEN
 
 
 def register(attention_fn: Any) -> None:
