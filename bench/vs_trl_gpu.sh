@@ -50,6 +50,7 @@
 #   bash bench/vs_trl_gpu.sh s24c # session 24: PPO A, scoring first against --score-in-update, alternating
 #   bash bench/vs_trl_gpu.sh s27p # session 27: the packed prefill: its GPU tests, generation packed vs padded, PPO A
 #                                 # --packed-prefill off/auto alternating (STAGE_B=1: PPO B too; carry .whl .whl112)
+#   bash bench/vs_trl_gpu.sh s27q # session 27: PPO B --packed-prefill off/auto (10 steps each), PPO A and TRL A
 #   bash bench/vs_trl_gpu.sh s27  # for the next call (session 26): GPU checks of its last changes, the RM recipe and
 #                                 # PPO A against the trees before them (carry .whl .whl112 .base26 .base27)
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
@@ -454,6 +455,19 @@ PY
     done
     ppo_summary "b32_*"
   fi
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s27q ]; then  # session 27, last call: PPO B --packed-prefill off and auto, 10 steps each; then PPO A
+  # (this tree's defaults: A is narrower than PACKED_PREFILL_MIN_HIDDEN, so padded) and TRL 1.12 A in the same call
+  B="--configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --steps 10 --timeout 170"
+  for run in ${BRUNS:-off_1 auto_1}; do
+    python3 bench/ppo_vs_trl.py $B --packed-prefill ${run%_*} --work $WORK/b_$run --out "$OUT/b32_$run" 2>&1 | grep -E "^\| B \| ours \|" | sed "s/^/$run /"
+  done
+  ppo_summary "b32_*"
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --timeout 150"
+  python3 bench/ppo_vs_trl.py $A --work $WORK/a_this --out "$OUT/a64_this" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/this /"
+  python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --micro 64 --steps 8 --timeout 150 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
+  ppo_summary "a64_*"
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s27 ]; then  # written in session 26 for the next call: what it built after its last device call.
