@@ -580,8 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
         "auto, as in the recipe: on CUDA",
     )  # fmt: skip
     ap.add_argument(
-        "--packed-prefill", choices=["auto", "on", "off"], default="auto",
-        help="ours: the generation backend's prefill runs only the prompts' real tokens (auto: on CUDA)",
+        "--packed-prefill", choices=["auto", "on", "off"], default="off",
+        help="ours: the generation backend's prefill runs only the prompts' real tokens (CompiledBackend's "
+        "packed_prefill; auto: on CUDA for models at least 2048 wide)",
     )  # fmt: skip
     ap.add_argument(
         "--score-in-update", action="store_true",

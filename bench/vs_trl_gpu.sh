@@ -428,11 +428,11 @@ if [ "$phase" = s26b ]; then  # session 26: this tree (GAE as one product per 25
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s27p ]; then  # session 27: the packed prefill (rlhf_kit.generation.prefill). Its GPU tests, then
-  # generation (A, 1B and SmolLM2's widths S) packed (the default) against padded in one process, then PPO A
+  # generation (A, 1B and SmolLM2's widths S) padded (the default) against packed in one process, then PPO A
   # (--score-in-update) with --packed-prefill off and auto, alternating; PPO B (STAGE_B=1) the same way
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/generation/test_prefill.py \
     tests/unit/generation/test_static_cache.py tests/unit/models/test_varlen.py 2>&1 | grep -E "Error|^E |passed|failed" | tail -30
-  timeout 300 python3 bench/generation.py --configs ${GEN:-A 1B S} --only compiled_graphs compiled_graphs_padded_prefill \
+  timeout 300 python3 bench/generation.py --configs ${GEN:-A 1B S} --only compiled_graphs compiled_graphs_packed_prefill \
     --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -9
   python3 - "$OUT/gen/generation.json" <<'PY'
 import json, sys

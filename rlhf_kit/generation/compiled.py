@@ -9,9 +9,9 @@ How it works
 * The model is called with ``past_key_values=None`` and a ready 4D additive mask (which HF passes
   through untouched), and explicit ``position_ids`` derived from the left-padded prompt mask.
 * Prefill (the whole prompt) runs through the same compiled blocks under ``compile_scope="blocks"``
-  (eagerly otherwise), in at most :data:`MAX_PREFILL_SHAPES` shapes (later new ones run eagerly). On CUDA
-  only the real tokens run, packed in one row (:mod:`rlhf_kit.generation.prefill`); padded, the width is
-  rounded up to a multiple of :data:`PREFILL_ALIGN` (more left padding, masked).
+  (eagerly otherwise), in at most :data:`MAX_PREFILL_SHAPES` shapes (later new ones run eagerly). The
+  width is rounded up to a multiple of :data:`PREFILL_ALIGN` (more left padding, masked); with
+  ``packed_prefill`` only the real tokens run, packed in one row (:mod:`rlhf_kit.generation.prefill`).
 * Each decode step (one token for the whole batch) is a function of fixed shapes that only updates
   static buffers in place: token in, KV write at slot ``cache_pos``, logits, sampling (temperature,
   min-new-tokens EOS masking, top-k, top-p, greedy, or the exponential-race draw ``argmax(p / E)``), and
@@ -112,8 +112,9 @@ class CompiledBackend:
         compile_prefill: run the prompt through the compiled blocks (``compile_scope="blocks"`` only;
             see the module docstring); ``False`` keeps the prefill eager.
         packed_prefill: run only the prompts' real tokens, packed into one row
-            (:mod:`rlhf_kit.generation.prefill`): ``"auto"`` (on CUDA with variable-length flash
-            attention, for the verified model types), ``"on"`` or ``"off"``.
+            (:mod:`rlhf_kit.generation.prefill`): ``"off"`` (the default: inside PPO's loop it made
+            generation slower, docs/benchmarks.md), ``"auto"`` (on CUDA for verified model types at least
+            ``PACKED_PREFILL_MIN_HIDDEN`` wide: faster for standalone generation) or ``"on"``.
     """
 
     def __init__(
@@ -131,7 +132,7 @@ class CompiledBackend:
         decode_attention: str = "auto",
         fuse: bool = True,
         compile_prefill: bool = True,
-        packed_prefill: bool | str = "auto",
+        packed_prefill: bool | str = "off",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")

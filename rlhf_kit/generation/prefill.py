@@ -35,8 +35,10 @@ PACKED_PREFILL = ("auto", "on", "off")
 
 #: ``"auto"`` packs the prefill of models at least this wide (``hidden_size``). Measured on an H100 with 64
 #: HH prompts (5,557 real tokens of 8,192; docs/benchmarks.md, session 27): 2048 wide (1B) the prefill took
-#: 26.1 ms packed against 31.3 padded; 1024 wide it was a tie (9.4 against 9.3 ms) and 576 wide (30 layers)
-#: packed was slower (15.6 against 10.1 ms). Each new packed length also compiles the blocks once more.
+#: 26.1-26.3 ms packed against 31.3-31.9 padded; 1024 wide it was a tie (9.4 against 9.3 ms) and 576 wide
+#: (30 layers) packed was slower (15.6 against 10.1 ms). Inside PPO config B's loop (the same 1B widths,
+#: new prompts every step) generation was 9 ms slower packed, and each new packed length compiled the
+#: blocks again (7-8 s), so the backend's default is ``"off"``.
 PACKED_PREFILL_MIN_HIDDEN = 2048
 
 

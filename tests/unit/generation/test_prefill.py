@@ -133,13 +133,17 @@ def test_auto_packs_on_cuda_in_bf16_and_matches_the_padded_prefill(left_tokenize
     from rlhf_kit.generation import prefill
 
     model = make_causal_lm(left_tokenizer, "llama", seed=4).to(device, torch.bfloat16)
-    assert CompiledBackend(copy.deepcopy(model), max_seq_len=64, compile=False).packed_prefill is False
+
+    def backend(**kw):
+        return CompiledBackend(copy.deepcopy(model), max_batch_size=4, max_seq_len=64, compile=False, **kw)
+
+    assert backend().packed_prefill is False  # the default is off
+    assert backend(packed_prefill="auto").packed_prefill is False  # narrower than PACKED_PREFILL_MIN_HIDDEN
     monkeypatch.setattr(prefill, "PACKED_PREFILL_MIN_HIDDEN", model.config.hidden_size)
     ids, mask = _prompts(left_tokenizer, (40, 3, 17, 28), seed=5)
     params = SamplingParams(max_new_tokens=8, greedy=True, ignore_eos=True)
-    auto = CompiledBackend(copy.deepcopy(model), max_batch_size=4, max_seq_len=64, compile=False)
-    padded = CompiledBackend(copy.deepcopy(model), max_batch_size=4, max_seq_len=64, compile=False,
-                             packed_prefill="off")  # fmt: skip
+    auto = backend(packed_prefill="auto")
+    padded = backend()
     assert auto.packed_prefill is (device == "cuda")
     want, got = padded.generate(ids, mask, params), auto.generate(ids, mask, params)
     assert got.info["prefill_tokens"] == (128 if device == "cuda" else 160)  # 88 real tokens, in 64s
