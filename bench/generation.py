@@ -236,7 +236,6 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             ("compiled_graphs_sdpa", compiled(decode_attention="sdpa")),
             ("compiled_graphs_autotune", compiled(compile_options={"mode": "max-autotune-no-cudagraphs"})),
             ("compiled_graphs_eager_prefill", compiled(compile_prefill=False)),
-            ("compiled_graphs_packed_prefill", compiled(packed_prefill="auto")),
             # with --kernel-config's decode-kernel settings: the first is compiled_graphs_kernel_config, the
             # others compiled_graphs_kernel_config1, 2, ...
             *(

@@ -140,7 +140,6 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         copy.deepcopy(actor).to(frozen),
         max_batch_size=sh["batch"],
         max_seq_len=sh["prompt_len"] + sh["new_tokens"],
-        packed_prefill=args.packed_prefill,
     )
     fsdp_bf16 = bool(args.fsdp_bf16)
     if fsdp_bf16:  # bf16 compute weights, fp32 master weights and gradient reduction (FSDP2, world 1)
@@ -262,7 +261,6 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["optimizer"] = kind
     res["old_logprobs"] = args.old_logprobs
     res["packed_passes"] = args.packed_passes
-    res["packed_prefill"] = args.packed_prefill
     res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
     res["keep_cache"] = bool(args.keep_cache)
@@ -580,11 +578,6 @@ def build_parser() -> argparse.ArgumentParser:
         "auto, as in the recipe: on CUDA",
     )  # fmt: skip
     ap.add_argument(
-        "--packed-prefill", choices=["auto", "on", "off"], default="off",
-        help="ours: the generation backend's prefill runs only the prompts' real tokens (CompiledBackend's "
-        "packed_prefill; auto: on CUDA for models at least 2048 wide)",
-    )  # fmt: skip
-    ap.add_argument(
         "--score-in-update", action="store_true",
         help="ours: the update's forward scores the rollout (ExperienceConfig.score_in_update, the recipe's flag)",
     )  # fmt: skip
@@ -662,8 +655,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.old_logprobs,
         "--packed-passes",
         args.packed_passes,
-        "--packed-prefill",
-        args.packed_prefill,
         "--decode-kernel",
         args.decode_kernel,
         "--cprofile",

@@ -48,9 +48,11 @@
 #   bash bench/vs_trl_gpu.sh s24b # session 24 (at 00cb91e's kernel): the split kernel at batch 8 and 16, PPO A and TRL A,
 #                                 # then stage s23r
 #   bash bench/vs_trl_gpu.sh s24c # session 24: PPO A, scoring first against --score-in-update, alternating
-#   bash bench/vs_trl_gpu.sh s27p # session 27: the packed prefill: its GPU tests, generation packed vs padded, PPO A
-#                                 # --packed-prefill off/auto alternating (STAGE_B=1: PPO B too; carry .whl .whl112)
-#   bash bench/vs_trl_gpu.sh s27q # session 27: PPO B --packed-prefill off/auto (10 steps each), PPO A and TRL A
+#   bash bench/vs_trl_gpu.sh s27p # session 27, on the branch packed-prefill-2: the packed prefill's GPU tests,
+#                                 # generation packed vs padded, PPO A --packed-prefill off/auto alternating
+#                                 # (STAGE_B=1: PPO B too; carry .whl .whl112)
+#   bash bench/vs_trl_gpu.sh s27q # session 27, on packed-prefill-2: PPO B --packed-prefill off/auto (10 steps
+#                                 # each), PPO A and TRL A
 #   bash bench/vs_trl_gpu.sh s27  # for the next call (session 26): GPU checks of its last changes, the RM recipe and
 #                                 # PPO A against the trees before them (carry .whl .whl112 .base26 .base27)
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
@@ -427,7 +429,8 @@ if [ "$phase" = s26b ]; then  # session 26: this tree (GAE as one product per 25
   ppo_summary "a64_*"
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s27p ]; then  # session 27: the packed prefill (rlhf_kit.generation.prefill). Its GPU tests, then
+if [ "$phase" = s27p ]; then  # session 27: the packed prefill (rlhf_kit.generation.prefill, branch packed-prefill-2:
+  # it ran there; main has no --packed-prefill or compiled_graphs_packed_prefill variant). Its GPU tests, then
   # generation (A, 1B and SmolLM2's widths S) padded (the default) against packed in one process, then PPO A
   # (--score-in-update) with --packed-prefill off and auto, alternating; PPO B (STAGE_B=1) the same way
   timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/generation/test_prefill.py \
@@ -457,7 +460,8 @@ PY
   fi
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s27q ]; then  # session 27, last call: PPO B --packed-prefill off and auto, 10 steps each; then PPO A
+if [ "$phase" = s27q ]; then  # session 27, last call (ran on the branch packed-prefill-2, whose ppo_vs_trl.py has
+  # --packed-prefill): PPO B --packed-prefill off and auto, 10 steps each; then PPO A
   # (this tree's defaults: A is narrower than PACKED_PREFILL_MIN_HIDDEN, so padded) and TRL 1.12 A in the same call
   B="--configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --steps 10 --timeout 170"
   for run in ${BRUNS:-off_1 auto_1}; do

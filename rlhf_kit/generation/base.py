@@ -140,9 +140,8 @@ def pad_id(params: SamplingParams, config: Any) -> int:
     return int(eos) if eos is not None else 0
 
 
-def check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
-    """Shapes ``(b, p)`` equal, ``p >= 1``, and left padding (no 0 after a 1 in any row); returns each row's
-    number of prompt tokens (read with the checks, in one read of the device)."""
+def check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Shapes ``(b, p)`` equal, ``p >= 1``, and left padding (no 0 after a 1 in any row)."""
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(
             f"input_ids and attention_mask must both be (b, p); got {tuple(input_ids.shape)} and "
@@ -153,16 +152,13 @@ def check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list
     m = attention_mask.long()
     # left padded <=> the mask never decreases along a row; both checks in one read of the device
     gaps, empty = (m[:, 1:] < m[:, :-1]).any(1), m.sum(1) == 0
-    gap_any, empty_any, *lengths = torch.cat(
-        [torch.stack([gaps.any(), empty.any()]).long(), m.sum(1)]
-    ).tolist()
+    gap_any, empty_any = torch.stack([gaps.any(), empty.any()]).tolist()
     if gap_any:
         bad = int(gaps.nonzero()[0, 0])
         raise ValueError(f"prompts must be left padded; row {bad} of attention_mask has a 0 after a 1")
     if empty_any:
         bad = int(empty.nonzero()[0, 0])
         raise ValueError(f"prompt row {bad} is empty (attention_mask all 0)")
-    return lengths
 
 
 def valid_until_eos(tokens: torch.Tensor, eos: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,14 +9,15 @@ How it works
 * The model is called with ``past_key_values=None`` and a ready 4D additive mask (which HF passes
   through untouched), and explicit ``position_ids`` derived from the left-padded prompt mask.
 * Prefill (the whole prompt) runs through the same compiled blocks under ``compile_scope="blocks"``
-  (eagerly otherwise), in at most :data:`MAX_PREFILL_SHAPES` shapes (later new ones run eagerly). The
-  width is rounded up to a multiple of :data:`PREFILL_ALIGN` (more left padding, masked); with
-  ``packed_prefill`` only the real tokens run, packed in one row (:mod:`rlhf_kit.generation.prefill`).
+  (eagerly otherwise): the prompt width is rounded up to a multiple of :data:`PREFILL_ALIGN` (more left
+  padding, masked) so a run compiles the block for a few prefill shapes, at most
+  :data:`MAX_PREFILL_SHAPES` (later new shapes run eagerly).
 * Each decode step (one token for the whole batch) is a function of fixed shapes that only updates
   static buffers in place: token in, KV write at slot ``cache_pos``, logits, sampling (temperature,
   min-new-tokens EOS masking, top-k, top-p, greedy, or the exponential-race draw ``argmax(p / E)``), and
-  the outputs written at column ``step``. On CUDA the step is compiled with ``torch.compile`` (Inductor,
-  no own graphs) and captured once per ``(bucket, sampling flags)`` in a CUDA graph: one launch per step.
+  the outputs written at column ``step``. On CUDA the step
+  is compiled with ``torch.compile`` (Inductor, no own graphs) and captured once per
+  ``(batch bucket, sampling flags)`` in a CUDA graph, so a decode step costs one graph launch.
 * What is compiled (``compile_scope``): ``"blocks"`` compiles one transformer block, which every layer
   reuses, and the sampler; ``"step"`` compiles the whole step as one graph (unrolled over the layers:
   Inductor can fuse across block boundaries, but tracing and compiling take about as many times longer
@@ -24,8 +25,9 @@ How it works
 * Batches are padded up to a bucket size; the host checks "all finished?" only every ``check_every``
   steps to avoid a device sync per token.
 
-The static KV cache, the attention function and the per-bucket buffers are in :mod:`~.static_cache`,
-the sampling functions in :mod:`~.sampling`; this module is the backend that drives them.
+The static KV cache, the attention function and the per-bucket buffers are in
+:mod:`rlhf_kit.generation.static_cache`, the sampling functions in :mod:`rlhf_kit.generation.sampling`;
+this module is the backend that drives them.
 
 Supported: the decoder families of :data:`rlhf_kit.tiny.FAMILIES` (llama, mistral, qwen2, gpt2,
 gpt_neox). Sequences longer than a model's sliding window are refused.
@@ -41,7 +43,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf_kit.generation import prefill as packing
 from rlhf_kit.generation.base import (
     GenerationOutput,
     SamplingParams,
@@ -64,6 +65,7 @@ from rlhf_kit.generation.static_cache import (
     _KVState,
     _register_attention,
     _sliding_window,
+    prefill_inputs,
     resolve_decode_attention,
     static_kv_attention,
 )
@@ -111,10 +113,6 @@ class CompiledBackend:
         fuse: stack QKV and gate/up projections of Llama-family blocks (:mod:`rlhf_kit.generation.fused`).
         compile_prefill: run the prompt through the compiled blocks (``compile_scope="blocks"`` only;
             see the module docstring); ``False`` keeps the prefill eager.
-        packed_prefill: run only the prompts' real tokens, packed into one row
-            (:mod:`rlhf_kit.generation.prefill`): ``"off"`` (the default: inside PPO's loop it made
-            generation slower, docs/benchmarks.md), ``"auto"`` (on CUDA for verified model types at least
-            ``PACKED_PREFILL_MIN_HIDDEN`` wide: faster for standalone generation) or ``"on"``.
     """
 
     def __init__(
@@ -132,7 +130,6 @@ class CompiledBackend:
         decode_attention: str = "auto",
         fuse: bool = True,
         compile_prefill: bool = True,
-        packed_prefill: bool | str = "off",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -164,8 +161,6 @@ class CompiledBackend:
         if self.use_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         cfg = model.config
-        packing.register(static_kv_attention)
-        self.packed_prefill = packing.packed_prefill_usable(packed_prefill, model, self.device, 0)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.decode_attention = resolve_decode_attention(decode_attention, self.device, head_dim)
         if max_seq_len is None:
@@ -296,19 +291,15 @@ class CompiledBackend:
         self._graphs[key] = graph
         return graph
 
-    def _prefill_width(
-        self, b: int, p: int, n_new: int, plan: packing.PackedPrefill | None
-    ) -> tuple[int, bool]:
-        """The prefill's width for prompts ``p`` wide in bucket ``b`` (``plan``: packed), and whether it runs
-        compiled."""
+    def _prefill_width(self, b: int, p: int, n_new: int) -> tuple[int, bool]:
+        """The prefill's width for prompts ``p`` wide in bucket ``b``, and whether it runs compiled."""
         if not (self.use_compile and self.compile_scope == "blocks" and self.compile_prefill):
             return p, False
-        wide = max(p, min(-(-p // PREFILL_ALIGN) * PREFILL_ALIGN, self.max_seq_len - n_new + 1))
-        width, shape = (p, plan.shape) if plan else (wide, (b, wide))
-        if shape not in self._prefill_shapes:
+        width = max(p, min(-(-p // PREFILL_ALIGN) * PREFILL_ALIGN, self.max_seq_len - n_new + 1))
+        if (b, width) not in self._prefill_shapes:
             if len(self._prefill_shapes) >= MAX_PREFILL_SHAPES:
                 return p, False
-            self._prefill_shapes.add(shape)
+            self._prefill_shapes.add((b, width))
         return width, True
 
     def _prefill(
@@ -319,19 +310,25 @@ class CompiledBackend:
         flags: _Flags,
         state: _KVState,
         compiled: bool = False,
-        plan: packing.PackedPrefill | None = None,
     ) -> bool:
-        """Run the prompt (``plan``: its real tokens packed), sample token 0, and set up positions, slot and
-        the decode mask. ``compiled``: through the compiled blocks (once the KV buffers exist: they are
-        allocated outside compiled code); returns whether it did."""
+        """Run the prompt, sample token 0, and set up positions, slot and the decode mask. ``compiled``:
+        through the compiled blocks (once the KV buffers exist: they are allocated outside compiled code);
+        returns whether it did."""
         p = ids.shape[1]
         neg = torch.finfo(self.dtype).min
         valid = mask.bool()
+        prefill_mask, position_ids = prefill_inputs(mask, self.dtype)
         compiled = compiled and bool(state.modules)
         with _activate(state), contextlib.nullcontext() if compiled else _eager():
-            logits = packing.prefill_logits(self.model, ids, mask, state, plan)
+            out = self.model(
+                input_ids=ids,
+                position_ids=position_ids,
+                attention_mask=prefill_mask,
+                use_cache=False,
+                logits_to_keep=1,
+            )
         bufs.step.zero_()
-        sample_into(logits, bufs, flags)
+        sample_into(out.logits[:, -1, :], bufs, flags)
         bufs.step.fill_(1)
         bufs.pos.copy_(mask.long().sum(-1, keepdim=True))
         bufs.mask.fill_(neg)
@@ -341,8 +338,9 @@ class CompiledBackend:
         return compiled
 
     @torch.no_grad()
-    def _generate_chunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
-                        lengths: list[int]) -> GenerationOutput:  # fmt: skip
+    def _generate_chunk(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams
+    ) -> GenerationOutput:
         n_rows, p = input_ids.shape
         n_new = params.max_new_tokens
         if p + n_new - 1 > self.max_seq_len:
@@ -358,12 +356,7 @@ class CompiledBackend:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         step_fn = self._step_fn()
-        plan = (
-            packing.plan_packed_prefill(lengths, b, p, self.max_seq_len, self.device)
-            if self.packed_prefill
-            else None
-        )
-        width, compiled_prefill = self._prefill_width(b, p, n_new, plan)
+        width, compiled_prefill = self._prefill_width(b, p, n_new)
         ids = torch.full((b, width), pad, dtype=torch.long, device=self.device)
         mask = torch.zeros((b, width), dtype=torch.long, device=self.device)  # more left padding if wider
         ids[:n_rows, width - p :] = input_ids.to(self.device)
@@ -371,7 +364,7 @@ class CompiledBackend:
         bufs.finished.zero_()
         bufs.finished[n_rows:] = True  # bucket padding rows never block the early exit
         bufs.out_valid.zero_()
-        compiled_prefill = self._prefill(ids, mask, bufs, flags, state, compiled_prefill, plan)
+        compiled_prefill = self._prefill(ids, mask, bufs, flags, state, compiled_prefill)
         stop_check = bool(params.stop_strings)
         can_exit = flags.eos or stop_check
         done_steps = 1
@@ -397,7 +390,7 @@ class CompiledBackend:
             ended = is_eos.any(1)
         dev, prefill = input_ids.device, "compiled" if compiled_prefill else "eager"
         info = dict(backend="compiled", mode=self.mode, bucket=b, steps=done_steps, prefill=prefill)
-        info["prefill_width"], info["prefill_tokens"] = width, plan.shape[0] if plan else b * width
+        info["prefill_width"] = width
         return finalize(
             input_ids, attention_mask, tokens.to(dev), logp.to(dev), valid.to(dev), ended.to(dev), pad,
             params.stop_strings, self.tokenizer, info=info,
@@ -408,12 +401,13 @@ class CompiledBackend:
     ) -> GenerationOutput:
         """Sample up to ``params.max_new_tokens`` for left-padded ``(b, p)`` prompts (chunks of
         ``max_batch_size``); output on the device of ``input_ids``."""
-        lengths = check_prompts(input_ids, attention_mask)
+        check_prompts(input_ids, attention_mask)
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: CompiledBackend(model, tokenizer=...)")
-        n = self.max_batch_size
         outs = [
-            self._generate_chunk(input_ids[s : s + n], attention_mask[s : s + n], params, lengths[s : s + n])
-            for s in range(0, input_ids.shape[0], n)
+            self._generate_chunk(
+                input_ids[s : s + self.max_batch_size], attention_mask[s : s + self.max_batch_size], params
+            )
+            for s in range(0, input_ids.shape[0], self.max_batch_size)
         ]
         return concat_outputs(outs, pad_id(params, self.model.config))

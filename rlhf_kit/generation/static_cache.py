@@ -39,8 +39,6 @@ class _KVState:
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=device)
         # each row's first prompt slot (its left padding before it is masked); the Triton kernel skips it
         self.row_start = torch.zeros(max_batch, dtype=torch.long, device=device)
-        # during a packed prefill: the cache row and slot of each packed token (rlhf_kit.generation.prefill)
-        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def buffers(self, module: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv = module.__dict__.get(_KV_ATTR)
@@ -144,8 +142,6 @@ def static_kv_attention(
     ``query (b, h, q, d)``, ``key``/``value (b, kv, q, d)``; returns ``(b, q, h, d)``. With ``q == 1``
     (decode) the new key/value go to slot ``cache_pos`` and the query's heads are grouped per KV head
     (``(b, kv, h / kv, d)``), so grouped-query attention reads the cache once, without repeating it.
-    During a packed prefill (``state.packed``) the query is one packed row and the attention is causal
-    within each prompt (:mod:`rlhf_kit.generation.prefill`).
     ``rotary=(cos, sin)`` (from :func:`rotary_in_kernel` callers only): query and key come unrotated and
     the Triton kernel rotates them.
     """
@@ -162,13 +158,6 @@ def static_kv_attention(
     b, h, q_len, d = query.shape
     kv = key.shape[1]
     k_all, v_all = state.buffers(module, key)  # (max_batch, kv, L, d)
-    if state.packed is not None:  # a packed prefill: each token's key and value to its row's slot
-        from rlhf_kit.models.varlen import packed_attention_forward
-
-        rows, slots = state.packed
-        k_all.transpose(1, 2).index_put_((rows, slots), key[0].transpose(0, 1))  # (T, kv, d) at (row, slot)
-        v_all.transpose(1, 2).index_put_((rows, slots), value[0].transpose(0, 1))
-        return packed_attention_forward(module, query, key, value, None, scaling=scaling, **kwargs)
     k_buf, v_buf = k_all[:b], v_all[:b]
     if q_len == 1:
         grouped = query.reshape(b, kv, h // kv, d)
