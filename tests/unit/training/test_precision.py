@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from rlhf_kit.training.optim import build_optimizer, clip_grad_norm
@@ -103,3 +104,62 @@ def test_grad_holder_looks_through_wrappers(tokenizer):
         optimizer = opt
 
     assert grad_holder(model, Wrapped()) is opt.master_weights
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The number of ATen operations run while active, views (no kernel, no copy) not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_backward_moves_its_grads_to_the_masters_in_a_few_operations(tokenizer):
+    """The masters' grads cost a few operations per backward pass, not a cast and an add per parameter
+    (each from a Python hook on the thread that issues the backward's kernels); the model's own grads are
+    freed at the end of each pass."""
+    import torch.utils._python_dispatch  # noqa: F401 -- _CountOps' base
+
+    model = make_causal_lm(tokenizer, seed=8).train()
+    plain = copy.deepcopy(model).to(torch.bfloat16)  # the same bf16 backward without master weights
+    opt = build_master_weight_optimizer(model, 1e-3)
+    n_params = len(opt.master_weights)
+    for ids in _batches(tokenizer, n=3):  # the first pass makes the masters' grads, the later ones add
+        counts = []
+        for m in (plain, model):
+            loss = m(input_ids=ids).logits.float().mean()
+            with _CountOps() as c:
+                loss.backward()
+            counts.append(c.n)
+        assert counts[1] - counts[0] <= 4 < n_params, (counts, n_params)
+        assert all(p.grad is None for p in model.parameters())
+        assert all(m.grad is not None and m.grad.dtype == torch.float32 for m in opt.master_weights)
+        plain.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("checkpointing", [None, True, False])
+def test_passes_that_reach_some_parameters_accumulate_exactly(tokenizer, checkpointing):
+    """A pass through the LM head only, between two full passes: with fp32 masters (exact copies) every
+    master's grad equals plain fp32 accumulation of the same three passes; also under gradient
+    checkpointing (``use_reentrant`` True: backward passes nested in the outer one, and False)."""
+    plain = make_causal_lm(tokenizer, seed=9).train()
+    if checkpointing is not None:
+        plain.gradient_checkpointing_enable({"use_reentrant": checkpointing})
+        plain.config.use_cache = False
+    master = copy.deepcopy(plain)
+    opt = build_master_weight_optimizer(master, 1e-3, dtype=torch.float32)
+    ids = _batches(tokenizer, n=1)[0]
+    for m in (plain, master):
+        for head_only in (False, True, False):
+            if head_only:
+                hidden = m.model(input_ids=ids).last_hidden_state.detach()
+                loss = m.lm_head(hidden).float().square().mean()
+            else:
+                loss = m(input_ids=ids).logits.float().mean()
+            loss.backward()
+    for (name, p), g in zip(plain.named_parameters(), opt.master_weights):
+        torch.testing.assert_close(p.grad, g.grad, atol=0, rtol=0, msg=name)
