@@ -307,6 +307,9 @@ def host_profile(one_step, first: int, n: int, top: int = 45) -> dict[str, Any]:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(key).print_stats(top)
         out[key] = buf.getvalue().splitlines()
+    buf = io.StringIO()  # who walks the module trees every step (each .parameters() call does)
+    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_callers("named_modules")
+    out["named_modules_callers"] = buf.getvalue().splitlines()
     return out
 
 

@@ -298,12 +298,16 @@ def load_weights_(model: nn.Module, weights: Weights) -> int:
     (``module.``, ``_orig_mod.``); DTensor sources are gathered with ``full_tensor()``, and DTensor
     targets (a tensor-parallel model, e.g. HF ``tp_plan="auto"``) take their own shard of the full
     tensor, cut locally on every rank (every rank must pass the same full tensors). Partial updates are
-    allowed; an unknown name or a shape mismatch raises ``ValueError``. Returns the number copied.
+    allowed; an unknown name or a shape mismatch raises ``ValueError`` before anything is copied. The
+    copies into plain tensors run as one multi-tensor copy (one launch per dtype pair on CUDA, not one per
+    parameter). Returns the number copied.
     """
     targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
     unknown: list[str] = []
     count = 0
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
     for name, tensor in _iter_weights(weights):
         key = _clean_name(name)
         dst = targets.get(key)
@@ -316,16 +320,20 @@ def load_weights_(model: nn.Module, weights: Weights) -> int:
             raise ValueError(
                 f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(dst.shape)}"
             )
-        if hasattr(dst, "device_mesh"):  # a tensor-parallel model (HF tp_plan): this rank's shard
-            _copy_into_dtensor_(dst, tensor)
-        else:
-            dst.copy_(tensor)
+        dsts.append(dst)
+        srcs.append(tensor)
         count += 1
     if unknown:
         raise ValueError(
             f"update_weights: {len(unknown)} name(s) are not parameters of the backend model, "
             f"e.g. {unknown[:5]} (merge LoRA / strip peft prefixes with resharding.iter_full_params)"
         )
+    plain = [(d, t) for d, t in zip(dsts, srcs) if not hasattr(d, "device_mesh")]
+    for dst, tensor in zip(dsts, srcs):
+        if hasattr(dst, "device_mesh"):  # a tensor-parallel model (HF tp_plan): this rank's shard
+            _copy_into_dtensor_(dst, tensor)
+    if plain:
+        torch._foreach_copy_([d for d, _ in plain], [t for _, t in plain])
     return count
 
 

@@ -143,10 +143,16 @@ def test_update_weights_generates_like_a_fresh_model(left_tokenizer, batch):
     _assert_same(compiled.generate(ids, mask, params), before)
     compiled.update_weights((f"module.{n}", t) for n, t in target.state_dict().items())
     _assert_same(compiled.generate(ids, mask, params), fresh)
-    with pytest.raises(ValueError, match="not parameters"):
-        compiled.update_weights({"model.layers.0.nope.weight": torch.zeros(1)})
+    head = compiled.model.lm_head.weight.detach().clone()
+    with pytest.raises(ValueError, match="not parameters"):  # nothing copied, not even the known name
+        compiled.update_weights(
+            {"lm_head.weight": torch.zeros_like(head), "model.layers.0.nope.weight": head}
+        )
     with pytest.raises(ValueError, match="shape"):
-        compiled.update_weights({"lm_head.weight": torch.zeros(3, 3)})
+        compiled.update_weights(
+            {"lm_head.weight": torch.zeros_like(head), "model.norm.weight": torch.zeros(3)}
+        )
+    assert torch.equal(compiled.model.lm_head.weight, head)
 
 
 def test_buckets_chunks_sleep_wake_and_early_exit(left_tokenizer, batch):
