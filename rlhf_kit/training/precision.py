@@ -136,8 +136,9 @@ class _GradFold:
     ends. The fold concatenates the grads into one flat fp32 buffer whose slices are the masters'
     ``.grad`` (later passes add their concatenation to it): a few kernels per backward, where a cast and
     an add per parameter (about 600 launches for config A's actor, each from a Python hook on the thread
-    that issues the backward's kernels) kept the GPU waiting. Bit for bit the same sums: each bf16 grad is cast to fp32 exactly and
-    added in fp32. The model's grads live until the end of the pass (2 bytes per parameter).
+    that issues the backward's kernels) kept the GPU waiting. Bit for bit the same sums: each bf16 grad
+    is cast to fp32 exactly and added in fp32. The model's grads live until the end of the pass (2 bytes
+    per parameter).
     """
 
     def __init__(self, pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> None:

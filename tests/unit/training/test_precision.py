@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_kit.training.optim import build_optimizer, clip_grad_norm
 from rlhf_kit.training.precision import build_master_weight_optimizer, grad_holder
@@ -106,7 +107,7 @@ def test_grad_holder_looks_through_wrappers(tokenizer):
     assert grad_holder(model, Wrapped()) is opt.master_weights
 
 
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+class _CountOps(TorchDispatchMode):
     """The number of ATen operations run while active, views (no kernel, no copy) not counted."""
 
     def __init__(self):
@@ -122,8 +123,6 @@ def test_a_backward_moves_its_grads_to_the_masters_in_a_few_operations(tokenizer
     """The masters' grads cost a few operations per backward pass, not a cast and an add per parameter
     (each from a Python hook on the thread that issues the backward's kernels); the model's own grads are
     freed at the end of each pass."""
-    import torch.utils._python_dispatch  # noqa: F401 -- _CountOps' base
-
     model = make_causal_lm(tokenizer, seed=8).train()
     plain = copy.deepcopy(model).to(torch.bfloat16)  # the same bf16 backward without master weights
     opt = build_master_weight_optimizer(model, 1e-3)
