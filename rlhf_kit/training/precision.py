@@ -14,7 +14,7 @@ fp32 copies (the master weights), as in mixed-precision training with a separate
 
 Memory per trainable parameter: 2 (bf16 weight) + 4 (master) + 4 (fp32 grad) + 8 (AdamW) = 18 bytes,
 against 16 for fp32 weights under autocast. For several processes use FSDP2's ``MixedPrecisionPolicy``
-instead: the hook moves a gradient before DDP could reduce it.
+instead: the gradients move to the masters before DDP could reduce them.
 """
 
 from __future__ import annotations
