@@ -165,8 +165,9 @@ class _GradFold:
         if whole and all(g is not None and g._base is base for g in held):
             base.add_(torch.cat(grads))  # every master's grad is a slice of one buffer: one add
         elif all(g is None for g in held):  # the first backward since the grads were cleared
-            total = torch.empty(sum(g.numel() for g in grads), dtype=torch.float32, device=grads[0].device)
-            torch.cat(grads, out=total)  # cast while concatenating
+            # one concatenation and one cast: a concatenation into a float32 ``out`` would copy each
+            # gradient on its own on CUDA (its batched kernel needs one dtype)
+            total = torch.cat(grads).to(torch.float32)
             start = 0
             for _, m in ready:
                 m.grad = total[start : start + m.numel()].view_as(m)
