@@ -138,7 +138,7 @@ class _GradFold:
     an add per parameter (about 600 launches for config A's actor, each from a Python hook on the thread
     that issues the backward's kernels) kept the GPU waiting. Bit for bit the same sums: each bf16 grad
     is cast to fp32 exactly and added in fp32. The model's grads live until the end of the pass (2 bytes
-    per parameter).
+    per parameter), and their concatenation takes as much while the fold runs.
     """
 
     def __init__(self, pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> None:
