@@ -303,12 +303,13 @@ def host_profile(one_step, first: int, n: int, top: int = 45) -> dict[str, Any]:
         prof.disable()
         phases.append(one["phases_s"])
     out = {"steps": n, "phases_s": phases}
+    stats = pstats.Stats(prof).strip_dirs()  # one table, printed three ways
     for key in ("tottime", "cumulative"):
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(key).print_stats(top)
+        stats.stream = buf = io.StringIO()
+        stats.sort_stats(key).print_stats(top)
         out[key] = buf.getvalue().splitlines()
-    buf = io.StringIO()  # who walks the module trees every step (each .parameters() call does)
-    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_callers("named_modules")
+    stats.stream = buf = io.StringIO()  # who walks the module trees every step (each .parameters() call does)
+    stats.sort_stats("tottime").print_callers("named_modules")
     out["named_modules_callers"] = buf.getvalue().splitlines()
     return out
 

@@ -48,11 +48,7 @@
 #   bash bench/vs_trl_gpu.sh s24b # session 24 (at 00cb91e's kernel): the split kernel at batch 8 and 16, PPO A and TRL A,
 #                                 # then stage s23r
 #   bash bench/vs_trl_gpu.sh s24c # session 24: PPO A, scoring first against --score-in-update, alternating
-#   bash bench/vs_trl_gpu.sh s27p # session 27, on the branch packed-prefill-2: the packed prefill's GPU tests,
-#                                 # generation packed vs padded, PPO A --packed-prefill off/auto alternating
-#                                 # (STAGE_B=1: PPO B too; carry .whl .whl112)
-#   bash bench/vs_trl_gpu.sh s27q # session 27, on packed-prefill-2: PPO B --packed-prefill off/auto (10 steps
-#                                 # each), PPO A and TRL A
+#   (stages s27p and s27q, session 27's packed prefill, live on the branch packed-prefill-2, where they ran)
 #   bash bench/vs_trl_gpu.sh s27  # for the next call (session 26): GPU checks of its last changes, the RM recipe and
 #                                 # PPO A against the trees before them (carry .whl .whl112 .base26 .base27)
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
@@ -426,51 +422,6 @@ if [ "$phase" = s26b ]; then  # session 26: this tree (GAE as one product per 25
     python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
   done
   [ "${TRL:-1}" = 1 ] && python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --micro 64 --steps 8 --timeout 150 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
-  ppo_summary "a64_*"
-  rm -f "$OUT"/*/*.md; exit 0
-fi
-if [ "$phase" = s27p ]; then  # session 27: the packed prefill (rlhf_kit.generation.prefill, branch packed-prefill-2:
-  # it ran there; main has no --packed-prefill or compiled_graphs_packed_prefill variant). Its GPU tests, then
-  # generation (A, 1B and SmolLM2's widths S) padded (the default) against packed in one process, then PPO A
-  # (--score-in-update) with --packed-prefill off and auto, alternating; PPO B (STAGE_B=1) the same way
-  timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/generation/test_prefill.py \
-    tests/unit/generation/test_static_cache.py tests/unit/models/test_varlen.py 2>&1 | grep -E "Error|^E |passed|failed" | tail -30
-  timeout 300 python3 bench/generation.py --configs ${GEN:-A 1B S} --only compiled_graphs compiled_graphs_packed_prefill \
-    --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" 2>&1 | grep -v "^\[" | tail -9
-  python3 - "$OUT/gen/generation.json" <<'PY'
-import json, sys
-for c in json.load(open(sys.argv[1]))["configs"]:
-    for k, v in c["backends"].items():
-        if "median_s" in v:
-            print(c["config"], k, "median", round(v["median_s"], 4), "prefill+1", round(v["prefill_plus_one_token_s"], 4),
-                  "decode ms", round(v["decode_ms_per_step"], 3), "floor x", round(v["median_s"] / c["floor_s"], 3),
-                  "tokens", v["info"].get("prefill_tokens"), "lp err", round(v.get("logprob_mean_abs_diff", -1), 5))
-PY
-  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --timeout 150"
-  for run in ${RUNS:-off_1 auto_1 off_2 auto_2}; do
-    python3 bench/ppo_vs_trl.py $A --packed-prefill ${run%_*} --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
-  done
-  ppo_summary "a64_*"
-  if [ "${STAGE_B:-0}" = 1 ]; then
-    B="--configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --timeout 200"
-    for run in ${BRUNS:-off_1 auto_1}; do
-      python3 bench/ppo_vs_trl.py $B --packed-prefill ${run%_*} --work $WORK/b_$run --out "$OUT/b32_$run" 2>&1 | grep -E "^\| B \| ours \|" | sed "s/^/$run /"
-    done
-    ppo_summary "b32_*"
-  fi
-  rm -f "$OUT"/*/*.md; exit 0
-fi
-if [ "$phase" = s27q ]; then  # session 27, last call (ran on the branch packed-prefill-2, whose ppo_vs_trl.py has
-  # --packed-prefill): PPO B --packed-prefill off and auto, 10 steps each; then PPO A
-  # (this tree's defaults: A is narrower than PACKED_PREFILL_MIN_HIDDEN, so padded) and TRL 1.12 A in the same call
-  B="--configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --steps 10 --timeout 170"
-  for run in ${BRUNS:-off_1 auto_1}; do
-    python3 bench/ppo_vs_trl.py $B --packed-prefill ${run%_*} --work $WORK/b_$run --out "$OUT/b32_$run" 2>&1 | grep -E "^\| B \| ours \|" | sed "s/^/$run /"
-  done
-  ppo_summary "b32_*"
-  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --timeout 150"
-  python3 bench/ppo_vs_trl.py $A --work $WORK/a_this --out "$OUT/a64_this" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/this /"
-  python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --micro 64 --steps 8 --timeout 150 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
   ppo_summary "a64_*"
   rm -f "$OUT"/*/*.md; exit 0
 fi

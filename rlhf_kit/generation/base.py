@@ -305,9 +305,9 @@ def load_weights_(model: nn.Module, weights: Weights) -> int:
     targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
     unknown: list[str] = []
-    count = 0
-    dsts: list[torch.Tensor] = []
+    dsts: list[torch.Tensor] = []  # plain targets, copied in one multi-tensor copy from srcs
     srcs: list[torch.Tensor] = []
+    sharded: list[tuple[torch.Tensor, torch.Tensor]] = []  # a tensor-parallel model (HF tp_plan)
     for name, tensor in _iter_weights(weights):
         key = _clean_name(name)
         dst = targets.get(key)
@@ -320,21 +320,21 @@ def load_weights_(model: nn.Module, weights: Weights) -> int:
             raise ValueError(
                 f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(dst.shape)}"
             )
-        dsts.append(dst)
-        srcs.append(tensor)
-        count += 1
+        if hasattr(dst, "device_mesh"):
+            sharded.append((dst, tensor))
+        else:
+            dsts.append(dst)
+            srcs.append(tensor)
     if unknown:
         raise ValueError(
             f"update_weights: {len(unknown)} name(s) are not parameters of the backend model, "
             f"e.g. {unknown[:5]} (merge LoRA / strip peft prefixes with resharding.iter_full_params)"
         )
-    plain = [(d, t) for d, t in zip(dsts, srcs) if not hasattr(d, "device_mesh")]
-    for dst, tensor in zip(dsts, srcs):
-        if hasattr(dst, "device_mesh"):  # a tensor-parallel model (HF tp_plan): this rank's shard
-            _copy_into_dtensor_(dst, tensor)
-    if plain:
-        torch._foreach_copy_([d for d, _ in plain], [t for _, t in plain])
-    return count
+    for dst, tensor in sharded:  # this rank's shard of each full tensor
+        _copy_into_dtensor_(dst, tensor)
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
+    return len(dsts) + len(sharded)
 
 
 @torch.no_grad()
