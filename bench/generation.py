@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rlhf_kit import default_hh_file  # noqa: E402
 from rlhf_kit.generation import CompiledBackend, HFBackend, SamplingParams, decode_kernel  # noqa: E402
+from rlhf_kit.generation import compiled as compiled_mod  # noqa: E402
 from rlhf_kit.tiny import train_tokenizer  # noqa: E402
 
 DEFAULT_KERNEL = dict(decode_kernel.CONFIG)  # each variant starts from the library's decode-kernel settings
@@ -225,12 +226,27 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
         def compiled(**kw: Any) -> Any:
             return lambda: CompiledBackend(copy.deepcopy(model), args.batch, max_seq, True, True, **kw)
 
+        def no_defer(make: Any) -> Any:
+            def build() -> Any:
+                saved = compiled_mod.defer_residuals
+                compiled_mod.defer_residuals = lambda model: False
+                try:
+                    return make()
+                finally:
+                    compiled_mod.defer_residuals = saved
+
+            return build
+
         variants += [
             (
                 "compiled_graphs",
                 compiled(),
             ),  # the defaults: compile_scope="blocks", decode_attention="auto" (the Triton kernel on CUDA)
             ("compiled_graphs_unfused", compiled(fuse=False)),
+            (
+                "compiled_graphs_nodefer",
+                no_defer(compiled()),
+            ),  # fused, each block's residual add its own kernel
             ("compiled_graphs_step", compiled(compile_scope="step")),
             ("compiled_graphs_matmul", compiled(decode_attention="matmul")),
             ("compiled_graphs_sdpa", compiled(decode_attention="sdpa")),

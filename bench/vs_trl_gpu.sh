@@ -51,7 +51,7 @@
 #   (stages s27p and s27q, session 27's packed prefill, live on the branch packed-prefill-2, where they ran)
 #   bash bench/vs_trl_gpu.sh s27  # for the next call (session 26): GPU checks of its last changes, the RM recipe and
 #                                 # PPO A against the trees before them (carry .whl .whl112 .base26 .base27)
-#   bash bench/vs_trl_gpu.sh s28  # session 28: generation A and 1B with and without Inductor's PDL, alternating; PPO A,
+#   bash bench/vs_trl_gpu.sh s28  # session 28: generation A and 1B with and without the deferred residual adds and PDL; PPO A,
 #                                 # this tree against $BASE (.base28), alternating (carry .whl .whl112 .base28)
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
 #   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update): device-busy time per phase (torch.profiler)
@@ -427,23 +427,32 @@ if [ "$phase" = s26b ]; then  # session 26: this tree (GAE as one product per 25
   ppo_summary "a64_*"
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B with Inductor's programmatic dependent launch
-  # (TORCHINDUCTOR_ENABLE_PDL=1: each generated Triton kernel may start while the one before it drains) against
-  # without, alternating, one process each; 2) PPO A (--score-in-update), this tree (session 27's gradient fold
-  # and one-copy weight update) against $BASE (.base28 = 4b749e1, before them), alternating
+if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults (each block's last residual add
+  # deferred into the next block's first norm) against the same without the deferral, in one process; and, in
+  # the pdl processes, with programmatic dependent launch (TORCHINDUCTOR_ENABLE_PDL=1 for Inductor's kernels, the
+  # decode kernel's "PDL" setting for ours); 2) PPO A (--score-in-update), this tree (the deferral, session 27's
+  # gradient fold and one-copy weight update) against $BASE (.base28 = 4b749e1, before them), alternating
   check_tree "${BASE:-.base28}"
-  python3 -c "import torch._inductor.config as c; print('inductor enable_pdl available:', hasattr(c.triton, 'enable_pdl'))"
-  for run in ${GENRUNS:-off_1 pdl_1 off_2 pdl_2}; do
-    TORCHINDUCTOR_ENABLE_PDL=$([ "${run%_*}" = pdl ] && echo 1 || echo 0) timeout 150 python3 bench/generation.py \
-      --configs ${GEN:-A 1B} --only compiled_graphs --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen_$run" > "$OUT/gen_$run.log" 2>&1
+  python3 -c "import torch._inductor.config as c, triton; print('inductor enable_pdl available:', hasattr(c.triton, 'enable_pdl'), 'triton', triton.__version__)"
+  for run in ${GENRUNS:-off_1 pdl_1 off_2}; do
+    if [ "${run%_*}" = pdl ]; then
+      V="compiled_graphs compiled_graphs_kernel_config"; P=1
+    else
+      V="compiled_graphs compiled_graphs_nodefer"; P=0
+    fi
+    TORCHINDUCTOR_ENABLE_PDL=$P timeout 170 python3 bench/generation.py --configs ${GEN:-A 1B} --only $V \
+      --kernel-config '{"PDL": true}' --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen_$run" > "$OUT/gen_$run.log" 2>&1
+    echo "gen $run rc=$?"
     python3 - "$OUT/gen_$run/generation.json" "$run" <<'PY'
 import json, sys
 for c in json.load(open(sys.argv[1]))["configs"]:
     for k, v in c["backends"].items():
         if "median_s" in v:
-            print(sys.argv[2], c["config"], k, "median", round(v["median_s"], 4), "min", round(min(v.get("times_s", [v["median_s"]])), 4),
+            print(sys.argv[2], c["config"], k, "median", round(v["median_s"], 4), "min", round(min(v["times_s"]), 4),
                   "decode ms", round(v["decode_ms_per_step"], 3), "floor x", round(v["median_s"] / c["floor_s"], 3),
                   "lp err", round(v.get("logprob_mean_abs_diff", -1), 5))
+        else:
+            print(sys.argv[2], c["config"], k, str(v)[-400:])
 PY
   done
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"

@@ -54,6 +54,7 @@ from rlhf_kit.generation.base import (
     load_weights_,
     pad_id,
 )
+from rlhf_kit.generation.deferred import defer_residuals
 from rlhf_kit.generation.fused import fuse_projections
 from rlhf_kit.generation.sampling import _Flags, filter_top_k_top_p, sample_from_scores, sample_into
 from rlhf_kit.generation.static_cache import (
@@ -110,7 +111,9 @@ class CompiledBackend:
             (:func:`~rlhf_kit.generation.static_cache.grouped_decode_attention`); ``"auto"`` is
             ``"triton"`` on CUDA where Triton imports and the head size is a power of two >= 16, else
             ``"matmul"``.
-        fuse: stack QKV and gate/up projections of Llama-family blocks (:mod:`rlhf_kit.generation.fused`).
+        fuse: stack QKV and gate/up projections of Llama-family blocks (:mod:`rlhf_kit.generation.fused`),
+            and move each block's last residual add into the next one's first norm
+            (:mod:`rlhf_kit.generation.deferred`).
         compile_prefill: run the prompt through the compiled blocks (``compile_scope="blocks"`` only;
             see the module docstring); ``False`` keeps the prefill eager.
     """
@@ -148,6 +151,7 @@ class CompiledBackend:
         self.model.requires_grad_(False)
         self.model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.fused_modules = fuse_projections(self.model, static_kv_attention) if fuse else 0
+        self.deferred_residuals = fuse and defer_residuals(self.model)
         self.tokenizer = tokenizer
         self.check_every = check_every
         self.compile_prefill = compile_prefill

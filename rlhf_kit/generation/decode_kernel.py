@@ -29,9 +29,11 @@ except ImportError:  # CPU builds of torch come without Triton
 AVAILABLE = triton is not None
 
 # Launch settings: slots per loop iteration, warps and software-pipelining stages (Triton's default 3),
-# and how the two products run (``MODES``). These are the settings measured in docs/benchmarks.md;
+# how the two products run (``MODES``), and whether the kernel is launched as a programmatic dependent
+# launch (``PDL``, Hopper and later: it may start while the kernel before it drains, and waits for that
+# kernel's writes with ``griddepcontrol.wait`` before its first load). These are the settings measured in docs/benchmarks.md;
 # bench/decode_attention.py times the alternatives.
-CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "MODE": "native"}
+CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "MODE": "native", "PDL": False}
 
 # "tf32": tensor-core products on float32 operands at TF32 precision (exact for bf16/fp16 inputs; the
 # query rows padded to 16); "native": tensor-core products on the input dtype with float32 accumulation,
@@ -51,7 +53,10 @@ if AVAILABLE:
         sq_b, sq_h, sq_g, skn_b, skn_h, svn_b, svn_h, sc_b, sc_h, sc_l, sm_b, scos_b, ssin_b, so_b, so_h, so_g,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
         HAS_START: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:  # launched early: every input may still be in flight from the kernel before
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a large cache passes 2**31 elements
         head = tl.program_id(1).to(tl.int64)
         pos = tl.load(pos_ptr)
@@ -112,6 +117,11 @@ if AVAILABLE:
                  mask=g[:, None] < G)  # fmt: skip
         tl.store(kc_ptr + cache + pos * sc_l + d, k_new)
         tl.store(vc_ptr + cache + pos * sc_l + d, v_new)
+
+
+def _pdl_capable(device: torch.device) -> bool:
+    """Programmatic dependent launch: CUDA devices of compute capability 9 (Hopper) and later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def fits(head_dim: int) -> bool:
@@ -182,6 +192,7 @@ def decode_attention(
     out = torch.empty((b, kv, g, d), dtype=query.dtype, device=query.device)
     cfg = dict(CONFIG)
     mode = cfg.pop("MODE", "tf32")
+    pdl = bool(cfg.pop("PDL", False)) and _pdl_capable(query.device)
     interpreted_bf16 = query.dtype == torch.bfloat16 and query.device.type == "cpu"
     if query.dtype == torch.float32 or (mode == "native" and interpreted_bf16):
         mode = "tf32"
@@ -198,7 +209,7 @@ def decode_attention(
         value.stride(0), value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         m.stride(0), c.stride(0), s_.stride(0), out.stride(0), out.stride(1), out.stride(2),
         G=g, GP=gp, D=d, HAS_MASK=mask is not None, HAS_START=start is not None, ROPE=cos is not None,
-        **cfg, MODE=_MODE_ID[mode],
+        **cfg, MODE=_MODE_ID[mode], PDL=pdl, **({"launch_pdl": True} if pdl else {}),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # TF32 holds bf16/fp16 inputs exactly
     )  # fmt: skip
     return out

@@ -117,6 +117,24 @@ def test_without_a_mask_every_slot_before_pos_is_seen():
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def test_dependent_launch_gives_the_same_bits(monkeypatch):
+    """CONFIG["PDL"]: on Hopper the kernel is launched early and waits for its inputs (griddepcontrol.wait)
+    after the products that write them; elsewhere (the interpreter here) the setting is ignored. Either way the
+    output and the cache write are those of a plain launch."""
+    (q, k_new, v_new, k_cache, v_cache, mask), _ = _case(3, 2, 2, 32, 96, 75, torch.bfloat16, seed=9)
+    pos = torch.tensor([75], device=DEVICE)
+    runs = []
+    for pdl in (False, True):
+        monkeypatch.setitem(decode_kernel.CONFIG, "PDL", pdl)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        # the inputs are written by the kernels just before the launch, as the QKV product writes them
+        qq, kn = q * 1.0, k_new + 0.0
+        runs.append((decode_attention(qq, kn, v_new, kc, vc, mask, pos, 0.2), kc, vc))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert torch.equal(runs[1][1][:3, :, 75], k_new[:, :, 0])
+
+
 def test_compiled_caller_keeps_the_cache_write():
     """The op mutates its caches: a compiled caller (functionalised graph) must still write them."""
     (q, k_new, v_new, k_cache, v_cache, mask), _ = _case(2, 2, 2, 16, 64, 10, torch.float32, seed=5)
