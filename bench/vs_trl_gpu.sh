@@ -53,6 +53,8 @@
 #                                 # PPO A against the trees before them (carry .whl .whl112 .base26 .base27)
 #   bash bench/vs_trl_gpu.sh s28  # session 28: generation A and 1B with and without the deferred residual adds and PDL; PPO A,
 #                                 # this tree against $BASE (.base28), alternating (carry .whl .whl112 .base28)
+#   bash bench/vs_trl_gpu.sh s28b # session 28: generation A and 1B with and without PDL (profiled); PPO A with and without
+#                                 # TORCHINDUCTOR_ENABLE_PDL=1, alternating (carry .whl .whl112)
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
 #   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update): device-busy time per phase (torch.profiler)
 #                                 # and the host's functions (cProfile over 4 steps)
@@ -456,6 +458,34 @@ for c in json.load(open(sys.argv[1]))["configs"]:
 PY
   done
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s28b ]; then  # session 28, second call: 1) generation A and 1B, the defaults (Inductor's PDL now on
+  # in the backend's compile on Hopper) against the same without PDL, in one process, twice, the first profiled;
+  # 2) PPO A (--score-in-update), this tree against this tree with TORCHINDUCTOR_ENABLE_PDL=1 (PDL in the training
+  # and scoring blocks too), alternating
+  for run in ${GENRUNS:-1 2}; do
+    timeout 200 python3 bench/generation.py --configs ${GEN:-A 1B} --only compiled_graphs compiled_graphs_nopdl \
+      $([ "$run" = 1 ] && echo --profile) --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen_$run" > "$OUT/gen_$run.log" 2>&1
+    echo "gen $run rc=$?"
+    python3 - "$OUT/gen_$run/generation.json" "gen_$run" <<'PY'
+import json, sys
+for c in json.load(open(sys.argv[1]))["configs"]:
+    for k, v in c["backends"].items():
+        if "median_s" in v:
+            print(sys.argv[2], c["config"], k, "median", round(v["median_s"], 4), "min", round(min(v["times_s"]), 4),
+                  "decode ms", round(v["decode_ms_per_step"], 3), "floor x", round(v["median_s"] / c["floor_s"], 3),
+                  "lp err", round(v.get("logprob_mean_abs_diff", -1), 5))
+        else:
+            print(sys.argv[2], c["config"], k, str(v)[-400:])
+PY
+  done
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
+  for run in ${RUNS:-this_1 pdl_1 this_2 pdl_2}; do
+    TORCHINDUCTOR_ENABLE_PDL=$([ "${run%_*}" = pdl ] && echo 1 || echo 0) python3 bench/ppo_vs_trl.py $A --work $WORK/a_$run \
+      --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
+  done
+  ppo_summary "a64_*"
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s27 ]; then  # written in session 26 for the next call: what it built after its last device call.

@@ -70,7 +70,7 @@ from rlhf_kit.generation.static_cache import (
     resolve_decode_attention,
     static_kv_attention,
 )
-from rlhf_kit.models.compile import compile_blocks, compile_edges
+from rlhf_kit.models.compile import compile_blocks, compile_edges, dependent_launch
 from rlhf_kit.models.transfer import host_tensor
 
 __all__ = ["ATTN_IMPLEMENTATION", "CompiledBackend", "filter_top_k_top_p", "sample_from_scores"]
@@ -102,7 +102,8 @@ class CompiledBackend:
         batch_buckets: allowed padded batch sizes (default 8, 16, 32, ... up to ``max_batch_size``).
         tokenizer: needed only for ``stop_strings``.
         check_every: host check of "all finished" (and stop strings) every this many steps.
-        compile_options: extra ``torch.compile`` keyword arguments (e.g. ``{"fullgraph": True}``).
+        compile_options: extra ``torch.compile`` keyword arguments (e.g. ``{"fullgraph": True}``); on Hopper
+            and later, Inductor's programmatic dependent launch is on (:func:`~rlhf_kit.models.compile.dependent_launch`).
         compile_scope: ``"blocks"`` (one compiled transformer block shared by all layers, plus the
             compiled sampler) or ``"step"`` (the whole decode step as one graph); see the module docstring.
         decode_attention: the decode step's attention over the cache: ``"triton"`` (one kernel per layer
@@ -256,7 +257,7 @@ class CompiledBackend:
             cfg = torch._dynamo.config
             limit_name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
             setattr(cfg, limit_name, max(getattr(cfg, limit_name), 64))
-            opts = {"dynamic": False, **self.compile_options}
+            opts = dependent_launch(self.device, {"dynamic": False, **self.compile_options})
             if self.compile_scope == "step":
                 self._compiled = torch.compile(self._decode_step, **opts)
             else:  # one block compiled for every layer (its KV buffers are module inputs), and the sampler

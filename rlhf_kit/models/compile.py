@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from rlhf_kit.models.heads import unwrap
@@ -65,3 +66,21 @@ def compile_edges(model: nn.Module, **compile_kwargs: Any) -> list[str]:
                     names.append(name)
             break
     return names
+
+
+def dependent_launch(device: torch.device, options: dict[str, Any]) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments ``options`` with Inductor's programmatic dependent launch on, for
+    a CUDA ``device`` of compute capability 9 (Hopper) or later: each generated Triton kernel may be launched
+    while the one before it drains, and waits for that kernel's writes before its first dependent load.
+
+    At a decode batch the step is a chain of short kernels, so the launch gap is a real part of it
+    (docs/benchmarks.md, session 28). An ``options`` entry ``triton.enable_pdl`` of the caller's wins; with
+    a ``mode`` (which ``torch.compile`` does not take together with ``options``), nothing is added.
+    """
+    from torch._inductor import config as inductor_config
+
+    if device.type != "cuda" or "mode" in options or not hasattr(inductor_config.triton, "enable_pdl"):
+        return options
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return options
+    return {**options, "options": {"triton.enable_pdl": True, **options.get("options", {})}}

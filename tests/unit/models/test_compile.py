@@ -5,7 +5,7 @@ import torch
 
 from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.models import TokenValueModel
-from rlhf_kit.models.compile import compile_blocks, decoder_blocks
+from rlhf_kit.models.compile import compile_blocks, decoder_blocks, dependent_launch
 from rlhf_kit.models.value import response_values
 from tests.conftest import make_causal_lm, make_reward_model
 
@@ -47,3 +47,23 @@ def test_blocks_are_found_through_the_critic_wrapper(tokenizer):
 def test_model_without_blocks_is_refused():
     with pytest.raises(ValueError, match="no ModuleList"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+def test_dependent_launch_only_on_hopper_and_later_and_never_over_the_callers_choice(monkeypatch):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert dependent_launch(cpu, {"dynamic": False}) == {"dynamic": False}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert dependent_launch(cuda, {"dynamic": False}) == {
+        "dynamic": False,
+        "options": {"triton.enable_pdl": True},
+    }
+    # the caller's own options are kept, and its choice of the setting wins
+    got = dependent_launch(cuda, {"options": {"max_autotune": True, "triton.enable_pdl": False}})
+    assert got == {"options": {"triton.enable_pdl": False, "max_autotune": True}}
+    assert dependent_launch(cuda, {"mode": "max-autotune"}) == {
+        "mode": "max-autotune"
+    }  # compile takes one of them
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda device=None: (8, 0)
+    )  # A100: no such launch
+    assert dependent_launch(cuda, {}) == {}
