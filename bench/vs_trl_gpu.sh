@@ -460,12 +460,14 @@ PY
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s28b ]; then  # session 28, second call: 1) generation A and 1B, the defaults (Inductor's PDL now on
-  # in the backend's compile on Hopper) against the same without PDL, in one process (GENRUNS="1 2": twice), the
-  # first profiled; 2) bench/dual_decode.py: two half-batch decode chains on two streams against one; 3) PPO A (--score-in-update), this tree against this tree with TORCHINDUCTOR_ENABLE_PDL=1 (PDL in the training
+if [ "$phase" = s28b ]; then  # session 28, second call: 0) the GPU cases of the new tests; 1) generation A and 1B,
+  # the defaults (Inductor's PDL now on in the backend's compile on Hopper) against the same without PDL and with
+  # two decode chains on two streams, in one process (GENRUNS="1 2": twice), the first profiled; 2) PPO A (--score-in-update), this tree against this tree with TORCHINDUCTOR_ENABLE_PDL=1 (PDL in the training
   # and scoring blocks too), alternating
+  timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/generation/test_decode_step.py \
+    tests/unit/generation/test_deferred.py tests/unit/generation/test_decode_kernel.py 2>&1 | grep -E "Error|^E |passed|failed" | tail -20
   for run in ${GENRUNS:-1}; do
-    timeout 200 python3 bench/generation.py --configs ${GEN:-A 1B} --only compiled_graphs compiled_graphs_nopdl \
+    timeout 200 python3 bench/generation.py --configs ${GEN:-A 1B} --only compiled_graphs compiled_graphs_nopdl compiled_graphs_chains2 \
       $([ "$run" = 1 ] && echo --profile) --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen_$run" > "$OUT/gen_$run.log" 2>&1
     echo "gen $run rc=$?"
     python3 - "$OUT/gen_$run/generation.json" "gen_$run" <<'PY'
@@ -480,7 +482,6 @@ for c in json.load(open(sys.argv[1]))["configs"]:
             print(sys.argv[2], c["config"], k, str(v)[-400:])
 PY
   done
-  timeout 200 python3 bench/dual_decode.py --configs ${GEN:-A 1B} --out "$OUT/dual" 2>&1 | grep -E "^\{|Error|error" | tail -8
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
   for run in ${RUNS:-this_1 pdl_1 this_2 pdl_2}; do
     TORCHINDUCTOR_ENABLE_PDL=$([ "${run%_*}" = pdl ] && echo 1 || echo 0) python3 bench/ppo_vs_trl.py $A --work $WORK/a_$run \

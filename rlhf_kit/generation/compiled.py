@@ -54,6 +54,7 @@ from rlhf_kit.generation.base import (
     load_weights_,
     pad_id,
 )
+from rlhf_kit.generation.decode_step import chain_streams, chains_for, check_chains, decode_step
 from rlhf_kit.generation.deferred import defer_residuals
 from rlhf_kit.generation.fused import fuse_projections
 from rlhf_kit.generation.sampling import _Flags, filter_top_k_top_p, sample_from_scores, sample_into
@@ -117,6 +118,8 @@ class CompiledBackend:
             (:mod:`rlhf_kit.generation.deferred`).
         compile_prefill: run the prompt through the compiled blocks (``compile_scope="blocks"`` only;
             see the module docstring); ``False`` keeps the prefill eager.
+        decode_chains: run each decode step of a bucket of at least ``2 * decode_chains`` rows as this many
+            independent row chains, each on its own CUDA stream (:mod:`rlhf_kit.generation.decode_step`).
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class CompiledBackend:
         decode_attention: str = "auto",
         fuse: bool = True,
         compile_prefill: bool = True,
+        decode_chains: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -192,6 +196,8 @@ class CompiledBackend:
         self._sampler = sample_into  # compiled under compile_scope="blocks"
         self.compiled_edges: list[str] = []  # the final norm and rotary embedding, compiled with the blocks
         self.mode = "eager"  # what the last decode loop ran: eager / compiled / graph / compiled+graph
+        self.decode_chains, self._chains = check_chains(decode_chains, compile_scope), {}
+        self._streams = chain_streams(decode_chains, self.device)
 
     # -- memory ---------------------------------------------------------------------------------------
 
@@ -204,6 +210,7 @@ class CompiledBackend:
         """Free the KV cache, the static buffers and the captured graphs (weights stay)."""
         self._graphs.clear()
         self._bufs.clear()
+        self._chains.clear()  # views of the buffers just dropped
         if self._state is not None:
             self._state.release()
         self._state = None
@@ -236,16 +243,10 @@ class CompiledBackend:
         return next(s for s in self.buckets if s >= b)
 
     def _decode_step(self, b: int, flags: _Flags) -> None:
-        """One token for the whole bucket; reads and writes only static tensors (graph-capturable)."""
+        """One token for the whole bucket (:func:`~rlhf_kit.generation.decode_step.decode_step`)."""
         bufs = self._bufs[b]
-        state = self._state
-        assert state is not None
-        bufs.mask.index_fill_(-1, state.cache_pos, 0.0)  # the slot written this step becomes visible
-        out = self.model(input_ids=bufs.tok, position_ids=bufs.pos, attention_mask=bufs.mask, use_cache=False)
-        self._sampler(out.logits[:, -1, :], bufs, flags)
-        bufs.pos.add_(1)
-        bufs.step.add_(1)
-        state.cache_pos.add_(1)
+        chains = chains_for(self._chains, bufs, self._state, self.decode_chains)
+        decode_step(self.model, bufs, self._state, flags, self._sampler, chains, self._streams)
 
     def _step_fn(self) -> Any:
         if not self.use_compile:
