@@ -108,7 +108,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     from rlhf_kit.generation.resharding import iter_full_params
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import TokenValueModel, disable_dropout
-    from rlhf_kit.models.compile import compile_blocks
+    from rlhf_kit.models.compile import compile_blocks, dependent_launch
     from rlhf_kit.ppo import (
         ExperienceConfig,
         PromptStream,
@@ -140,6 +140,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         copy.deepcopy(actor).to(frozen),
         max_batch_size=sh["batch"],
         max_seq_len=sh["prompt_len"] + sh["new_tokens"],
+        decode_chains=args.decode_chains,
     )
     fsdp_bf16 = bool(args.fsdp_bf16)
     if fsdp_bf16:  # bf16 compute weights, fp32 master weights and gradient reduction (FSDP2, world 1)
@@ -156,7 +157,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         apply_fsdp2(critic, mixed_precision=policy)
     if args.compile_blocks:  # regional torch.compile of every transformer block of the four models
         for m in (actor, ref, critic, rm):
-            compile_blocks(m)
+            compile_blocks(m, **dependent_launch(device, {}))  # PDL on Hopper, as the recipes' placement does
     lowbit = args.optimizer == "adamw8bit" and not fsdp_bf16  # bf16 weights, 8-bit moments (torchao)
     master = bool(args.master_weights) and not fsdp_bf16 and not lowbit
     # master: bf16 weights in the models, fp32 master weights in AdamW (rlhf_kit.training.precision)
@@ -588,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--decode-kernel", default="{}", help="ours: JSON over rlhf_kit.generation.decode_kernel.CONFIG"
     )
+    ap.add_argument("--decode-chains", type=int, default=1, help="ours: CompiledBackend(decode_chains=)")
     ap.add_argument(
         "--cprofile", type=int, default=0,
         help="ours: this many more steps under cProfile, the top functions by own and cumulative time in the JSON",
@@ -661,6 +663,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.packed_passes,
         "--decode-kernel",
         args.decode_kernel,
+        "--decode-chains",
+        str(args.decode_chains),
         "--cprofile",
         str(args.cprofile),
     ]

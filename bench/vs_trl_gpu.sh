@@ -55,6 +55,7 @@
 #                                 # this tree against $BASE (.base28), alternating (carry .whl .whl112 .base28)
 #   bash bench/vs_trl_gpu.sh s28b # session 28: generation A and 1B with and without PDL (profiled); PPO A with and without
 #                                 # TORCHINDUCTOR_ENABLE_PDL=1, alternating (carry .whl .whl112)
+#   bash bench/vs_trl_gpu.sh s28c # session 28: generation with two decode chains; PPO A (defaults, then 2 chains), TRL A
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
 #   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update): device-busy time per phase (torch.profiler)
 #                                 # and the host's functions (cProfile over 4 steps)
@@ -458,6 +459,31 @@ for c in json.load(open(sys.argv[1]))["configs"]:
 PY
   done
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s28c ]; then  # session 28, third call: 1) generation A and 1B, the defaults against two decode
+  # chains on two streams (decode_chains=2), one process; 2) PPO A (--score-in-update), this tree's defaults
+  # (Inductor's PDL in generation and, through dependent_launch, in the scoring and training blocks), then with
+  # --decode-chains 2; 3) TRL 1.12 A in the same call
+  timeout 150 python3 bench/generation.py --configs ${GEN:-A 1B} --only compiled_graphs compiled_graphs_chains2 \
+    --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" > "$OUT/gen.log" 2>&1
+  echo "gen rc=$?"
+  python3 - "$OUT/gen/generation.json" <<'PY'
+import json, sys
+for c in json.load(open(sys.argv[1]))["configs"]:
+    for k, v in c["backends"].items():
+        if "median_s" in v:
+            print(c["config"], k, "median", round(v["median_s"], 4), "min", round(min(v["times_s"]), 4),
+                  "decode ms", round(v["decode_ms_per_step"], 3), "floor x", round(v["median_s"] / c["floor_s"], 3),
+                  "lp err", round(v.get("logprob_mean_abs_diff", -1), 5))
+        else:
+            print(c["config"], k, str(v)[-600:])
+PY
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
+  python3 bench/ppo_vs_trl.py $A --work $WORK/a_this --out "$OUT/a64_this" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/this /"
+  python3 bench/ppo_vs_trl.py $A --decode-chains 2 --work $WORK/a_chains --out "$OUT/a64_chains" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/chains /"
+  python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --micro 64 --steps 8 --timeout 150 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
+  ppo_summary "a64_*"
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s28b ]; then  # session 28, second call: 0) the GPU cases of the new tests; 1) generation A and 1B,

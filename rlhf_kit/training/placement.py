@@ -82,9 +82,11 @@ def place_models(
         raise ValueError("optimizer adamw8bit is not built for FSDP2 sharding: one process or DDP")
     if compile_blocks:
         from rlhf_kit.models.compile import compile_blocks as compile_model_blocks
+        from rlhf_kit.models.compile import dependent_launch
 
+        kwargs = dependent_launch(accelerator.device, compile_kwargs or {})  # PDL on Hopper and later
         for m in [m for m, _ in trainable.values()] + frozen:
-            compile_model_blocks(m, **(compile_kwargs or {}))
+            compile_model_blocks(m, **kwargs)
     if shard:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
