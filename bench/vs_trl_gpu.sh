@@ -480,8 +480,10 @@ for c in json.load(open(sys.argv[1]))["configs"]:
             print(c["config"], k, str(v)[-600:])
 PY
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
-  python3 bench/ppo_vs_trl.py $A --work $WORK/a_this --out "$OUT/a64_this" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/this /"
-  python3 bench/ppo_vs_trl.py $A --decode-chains 2 --work $WORK/a_chains --out "$OUT/a64_chains" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/chains /"
+  for run in ${PPO_RUNS:-this chains}; do
+    python3 bench/ppo_vs_trl.py $A $([ $run = chains ] && echo --decode-chains 2) --work $WORK/a_$run --out "$OUT/a64_$run" \
+      2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
+  done
   [ "${TRL:-1}" = 1 ] && python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --micro 64 --steps 8 --timeout 150 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
   ppo_summary "a64_*"
   rm -f "$OUT"/*/*.md; exit 0
