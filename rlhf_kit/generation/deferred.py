@@ -75,8 +75,9 @@ def _decoder_forward(
         or cache is not None
         or inputs_embeds is not None
         or use_cache
-        or kwargs.pop("past_key_values", None) is not None
-        or any(v is not None and v is not False for v in kwargs.values())  # output_hidden_states, ...
+        or any(
+            v is not None and v is not False for v in kwargs.values()
+        )  # past_key_values, output_hidden_states...
     )
     if own:
         return type(self).forward(
