@@ -67,6 +67,8 @@ def _decoder_forward(
     **kwargs: Any,
 ) -> Any:
     """The backend's calls run the loop below; any other call runs the decoder's own forward."""
+    if cache is None:  # the forward's deprecated name for it; passed on under both, the new one would win
+        cache = kwargs.pop("past_key_values", None)
     own = (
         input_ids is None
         or position_ids is None
@@ -75,9 +77,7 @@ def _decoder_forward(
         or cache is not None
         or inputs_embeds is not None
         or use_cache
-        or any(
-            v is not None and v is not False for v in kwargs.values()
-        )  # past_key_values, output_hidden_states...
+        or any(v is not None and v is not False for v in kwargs.values())  # output_hidden_states, ...
     )
     if own:
         return type(self).forward(

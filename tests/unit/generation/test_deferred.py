@@ -104,3 +104,18 @@ def test_a_real_like_bf16_checkpoint_defers_and_generates_like_the_plain_backend
     b = off.generate(enc.input_ids, enc.attention_mask, params)
     assert torch.equal(a.sequences, b.sequences)
     assert (a.logprobs - b.logprobs).abs().max() < 5e-2
+
+
+def test_a_cache_given_as_past_key_values_reaches_the_models_own_forward(left_tokenizer):
+    """The decoder's own forward takes ``past_key_values`` (a deprecated name of ``cache``): such a call is not
+    the backend's, so it must reach that forward with its cache, which then holds the prompt."""
+    from transformers import DynamicCache
+
+    model = make_causal_lm(left_tokenizer, "llama", seed=2)
+    assert deferred_mod.defer_residuals(model)
+    ids = torch.randint(0, len(left_tokenizer), (2, 9))
+    additive, positions, _ = _mask_inputs(2, 9, 3)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.model(input_ids=ids, attention_mask=additive, position_ids=positions, past_key_values=cache)
+    assert cache.get_seq_length() == 9
