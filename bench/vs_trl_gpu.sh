@@ -136,6 +136,19 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], sys.argv[2], "ppo_vs_trl.jso
     print("   ", [round(x, 3) for x in t], [(n, k) for k, n in (o.get("syncs") or {}).get("top", [])[:6]])
 PY
 }
+gen_summary() {  # gen_summary GENERATION_JSON LABEL: each variant's median, fastest, decode step, floor ratio
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+for c in json.load(open(sys.argv[1]))["configs"]:
+    for k, v in c["backends"].items():
+        if "median_s" in v:
+            print(sys.argv[2], c["config"], k, "median", round(v["median_s"], 4), "min", round(min(v["times_s"]), 4),
+                  "decode ms", round(v["decode_ms_per_step"], 3), "floor x", round(v["median_s"] / c["floor_s"], 3),
+                  "lp err", round(v.get("logprob_mean_abs_diff", -1), 5))
+        else:
+            print(sys.argv[2], c["config"], k, str(v)[-600:])
+PY
+}
 case "$phase" in i|k|l|m|n|o|p|q|r) check_tree "${BASE:-.base}" ;; esac
 if [ "$phase" = c ]; then  # session 3, config A: TRL, ours --keep-cache, + --compile-blocks, + --master-weights
   A="python3 bench/ppo_vs_trl.py --configs A --keep-cache --timeout 240"
@@ -446,17 +459,7 @@ if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults 
     TORCHINDUCTOR_ENABLE_PDL=$P timeout 170 python3 bench/generation.py --configs ${GEN:-A 1B} --only $V \
       --kernel-config '{"PDL": true}' --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen_$run" > "$OUT/gen_$run.log" 2>&1
     echo "gen $run rc=$?"
-    python3 - "$OUT/gen_$run/generation.json" "$run" <<'PY'
-import json, sys
-for c in json.load(open(sys.argv[1]))["configs"]:
-    for k, v in c["backends"].items():
-        if "median_s" in v:
-            print(sys.argv[2], c["config"], k, "median", round(v["median_s"], 4), "min", round(min(v["times_s"]), 4),
-                  "decode ms", round(v["decode_ms_per_step"], 3), "floor x", round(v["median_s"] / c["floor_s"], 3),
-                  "lp err", round(v.get("logprob_mean_abs_diff", -1), 5))
-        else:
-            print(sys.argv[2], c["config"], k, str(v)[-400:])
-PY
+    gen_summary "$OUT/gen_$run/generation.json" "$run"
   done
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
   rm -f "$OUT"/*/*.md; exit 0
@@ -468,17 +471,7 @@ if [ "$phase" = s28c ]; then  # session 28, third call: 1) generation A and 1B, 
   timeout 150 python3 bench/generation.py --configs ${GEN:-A 1B} --only compiled_graphs compiled_graphs_chains2 \
     --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" > "$OUT/gen.log" 2>&1
   echo "gen rc=$?"
-  python3 - "$OUT/gen/generation.json" <<'PY'
-import json, sys
-for c in json.load(open(sys.argv[1]))["configs"]:
-    for k, v in c["backends"].items():
-        if "median_s" in v:
-            print(c["config"], k, "median", round(v["median_s"], 4), "min", round(min(v["times_s"]), 4),
-                  "decode ms", round(v["decode_ms_per_step"], 3), "floor x", round(v["median_s"] / c["floor_s"], 3),
-                  "lp err", round(v.get("logprob_mean_abs_diff", -1), 5))
-        else:
-            print(c["config"], k, str(v)[-600:])
-PY
+  gen_summary "$OUT/gen/generation.json" gen
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
   for run in ${PPO_RUNS:-this chains}; do
     python3 bench/ppo_vs_trl.py $A $([ $run = chains ] && echo --decode-chains 2) --work $WORK/a_$run --out "$OUT/a64_$run" \
@@ -498,17 +491,7 @@ if [ "$phase" = s28b ]; then  # session 28, second call: 0) the GPU cases of the
     timeout 200 python3 bench/generation.py --configs ${GEN:-A 1B} --only compiled_graphs compiled_graphs_nopdl compiled_graphs_chains2 \
       $([ "$run" = 1 ] && echo --profile) --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen_$run" > "$OUT/gen_$run.log" 2>&1
     echo "gen $run rc=$?"
-    python3 - "$OUT/gen_$run/generation.json" "gen_$run" <<'PY'
-import json, sys
-for c in json.load(open(sys.argv[1]))["configs"]:
-    for k, v in c["backends"].items():
-        if "median_s" in v:
-            print(sys.argv[2], c["config"], k, "median", round(v["median_s"], 4), "min", round(min(v["times_s"]), 4),
-                  "decode ms", round(v["decode_ms_per_step"], 3), "floor x", round(v["median_s"] / c["floor_s"], 3),
-                  "lp err", round(v.get("logprob_mean_abs_diff", -1), 5))
-        else:
-            print(sys.argv[2], c["config"], k, str(v)[-400:])
-PY
+    gen_summary "$OUT/gen_$run/generation.json" "gen_$run"
   done
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
   for run in ${RUNS:-this_1 pdl_1 this_2 pdl_2}; do
