@@ -249,6 +249,7 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             ),  # fused, each block's residual add its own kernel
             ("compiled_graphs_nopdl", compiled(compile_options={"options": {"triton.enable_pdl": False}})),
             ("compiled_graphs_chains2", compiled(decode_chains=2)),  # two half-batch chains on two streams
+            ("compiled_graphs_chains4", compiled(decode_chains=4)),
             ("compiled_graphs_step", compiled(compile_scope="step")),
             ("compiled_graphs_matmul", compiled(decode_attention="matmul")),
             ("compiled_graphs_sdpa", compiled(decode_attention="sdpa")),

@@ -465,10 +465,10 @@ if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults 
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s28c ]; then  # session 28, third call: 1) generation A and 1B, the defaults against two decode
-  # chains on two streams (decode_chains=2), one process; 2) PPO A (--score-in-update), this tree's defaults
+  # chains on two streams (decode_chains=2; CHAINS="compiled_graphs_chains2 compiled_graphs_chains4" adds four), one process; 2) PPO A (--score-in-update), this tree's defaults
   # (Inductor's PDL in generation and, through dependent_launch, in the scoring and training blocks), then with
   # --decode-chains 2; 3) TRL 1.12 A in the same call
-  timeout 150 python3 bench/generation.py --configs ${GEN:-A 1B} --only compiled_graphs compiled_graphs_chains2 \
+  timeout 200 python3 bench/generation.py --configs ${GEN:-A 1B} --only compiled_graphs ${CHAINS:-compiled_graphs_chains2} \
     --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" > "$OUT/gen.log" 2>&1
   echo "gen rc=$?"
   gen_summary "$OUT/gen/generation.json" gen
