@@ -1,12 +1,11 @@
+import functools
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rlhf_kit.advantages import GAE, discounted_cumsum, masked_mean, whiten
+from tests.gloo import spawn_ranks
 
 
 def reference_gae(rewards, values, mask, gamma, lam):
@@ -78,22 +77,11 @@ def test_whiten_masked_statistics():
     torch.testing.assert_close(scaled[mask.bool()], expected + valid.mean())
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _whiten_worker(rank, world, port, x_all, mask_all, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        # Uneven shards: rank 0 gets 1 row, rank 1 gets 3 rows.
-        rows = slice(0, 1) if rank == 0 else slice(1, 4)
-        out = whiten(x_all[rows], mask_all[rows])
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _whiten_worker(x_all, mask_all, out_dir, rank):
+    # Uneven shards: rank 0 gets 1 row, rank 1 gets 3 rows.
+    rows = slice(0, 1) if rank == 0 else slice(1, 4)
+    out = whiten(x_all[rows], mask_all[rows])
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_whiten_uses_global_statistics_across_two_gloo_ranks(tmp_path):
@@ -101,9 +89,7 @@ def test_whiten_uses_global_statistics_across_two_gloo_ranks(tmp_path):
     x = torch.randn(4, 6) * 3 + 2
     mask = (torch.rand(4, 6) > 0.3).long()
     mask[0, 0] = 1
-    mp.start_processes(
-        _whiten_worker, args=(2, _free_port(), x, mask, str(tmp_path)), nprocs=2, start_method="spawn"
-    )
+    spawn_ranks(functools.partial(_whiten_worker, x, mask, str(tmp_path)), str(tmp_path / "store"))
     results = {r: torch.load(tmp_path / f"rank{r}.pt") for r in range(2)}
     combined = torch.cat([results[0], results[1]])
     torch.testing.assert_close(combined, whiten(x, mask), atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
 import copy
+import functools
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from rlhf_kit.tiny import FAMILIES, tiny_config
 from rlhf_kit.training.fsdp import apply_fsdp2, find_decoder_layers, full_state_dict, is_sharded
 from tests.conftest import make_causal_lm, make_reward_model
+from tests.gloo import spawn_ranks
 
 VOCAB = 96
 
@@ -41,12 +43,7 @@ def _assert_close(a, b, what, atol=1e-10):
     assert torch.allclose(a, b, atol=atol, rtol=1e-8), f"{what}: max diff {(a - b).abs().max().item()}"
 
 
-def _worker(rank: int, store: str) -> None:
-    import faulthandler
-
-    faulthandler.enable()  # a rank that aborts (SIGABRT, seen once under load) prints where it was
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+def _worker(store: str, rank: int) -> None:
     try:
         from rlhf_kit.training.checkpoint import load_checkpoint, save_checkpoint
         from rlhf_kit.training.optim import build_optimizer, clip_grad_norm
@@ -121,11 +118,11 @@ def _worker(rank: int, store: str) -> None:
                 _assert_close(a[k], ref_sd[k], f"step-2 weight {k}")
     finally:
         dist.barrier()
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_fsdp2_two_gloo_ranks_match_unsharded(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True, start_method="spawn")
+    # tests/gloo.py: the group, faulthandler, and each rank's exit without the interpreter's teardown (where
+    # gloo's threads have aborted finished ranks: "terminate called without an active exception")
+    store = str(tmp_path / "store")
+    spawn_ranks(functools.partial(_worker, store), store)
