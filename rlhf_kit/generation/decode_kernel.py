@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_kit.models.compile import pdl_capable
+
 try:
     import triton
     import triton.language as tl
@@ -119,11 +121,6 @@ if AVAILABLE:
         tl.store(vc_ptr + cache + pos * sc_l + d, v_new)
 
 
-def _pdl_capable(device: torch.device) -> bool:
-    """Programmatic dependent launch: CUDA devices of compute capability 9 (Hopper) and later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def fits(head_dim: int) -> bool:
     """Whether the kernel takes this head size (a power of two, at least 16: ``tl.dot``'s smallest tile)."""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
@@ -192,7 +189,7 @@ def decode_attention(
     out = torch.empty((b, kv, g, d), dtype=query.dtype, device=query.device)
     cfg = dict(CONFIG)
     mode = cfg.pop("MODE", "tf32")
-    pdl = bool(cfg.pop("PDL", False)) and _pdl_capable(query.device)
+    pdl = bool(cfg.pop("PDL", False)) and pdl_capable(query.device)
     interpreted_bf16 = query.dtype == torch.bfloat16 and query.device.type == "cpu"
     if query.dtype == torch.float32 or (mode == "native" and interpreted_bf16):
         mode = "tf32"

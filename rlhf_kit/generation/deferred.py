@@ -117,12 +117,17 @@ def _decoder_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _patched(decoder: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules whose ``forward`` the deferral replaces."""
+    return (decoder, decoder.norm, *decoder.layers)
+
+
 def _undo(decoder: nn.Module) -> None:
-    for module in (decoder, decoder.norm, *decoder.layers):
+    for module in _patched(decoder):
         vars(module).pop("forward", None)
 
 
-def _check(model: nn.Module) -> bool:
+def _check(model: nn.Module, decoder: nn.Module) -> bool:
     """Does the model give its unchanged forward's logits (to the weights' dtype's rounding)? Run on two
     left-padded rows of random tokens with the 4D mask and positions the backend passes."""
     p = next(model.parameters())
@@ -135,8 +140,7 @@ def _check(model: nn.Module) -> bool:
     kwargs = dict(input_ids=ids, attention_mask=additive, position_ids=positions, use_cache=False)
     with torch.no_grad():
         got = model(**kwargs).logits.float()
-        decoder = _decoder_of(model)
-        saved = {m: vars(m).pop("forward") for m in (decoder, decoder.norm, *decoder.layers)}
+        saved = {m: vars(m).pop("forward") for m in _patched(decoder)}
         try:
             want = model(**kwargs).logits.float()
         finally:
@@ -159,7 +163,7 @@ def defer_residuals(model: nn.Module) -> bool:
     for block in decoder.layers:
         block.forward = types.MethodType(_block_forward, block)
     try:
-        ok = _check(model)
+        ok = _check(model, decoder)
     except Exception:  # noqa: BLE001 -- a block of another shape: keep the model as it was
         logger.exception("%s: deferred residual adds failed their check run", type(decoder).__name__)
         ok = False

@@ -68,6 +68,12 @@ def compile_edges(model: nn.Module, **compile_kwargs: Any) -> list[str]:
     return names
 
 
+def pdl_capable(device: torch.device) -> bool:
+    """Can kernels on ``device`` be launched as programmatic dependent launches (CUDA compute capability 9,
+    Hopper, and later)?"""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def dependent_launch(device: torch.device, options: dict[str, Any]) -> dict[str, Any]:
     """``torch.compile`` keyword arguments ``options`` with Inductor's programmatic dependent launch on, for
     a CUDA ``device`` of compute capability 9 (Hopper) or later: each generated Triton kernel may be launched
@@ -79,8 +85,6 @@ def dependent_launch(device: torch.device, options: dict[str, Any]) -> dict[str,
     """
     from torch._inductor import config as inductor_config
 
-    if device.type != "cuda" or "mode" in options or not hasattr(inductor_config.triton, "enable_pdl"):
-        return options
-    if torch.cuda.get_device_capability(device)[0] < 9:
+    if "mode" in options or not hasattr(inductor_config.triton, "enable_pdl") or not pdl_capable(device):
         return options
     return {**options, "options": {"triton.enable_pdl": True, **options.get("options", {})}}
