@@ -11,7 +11,7 @@ import torch
 from rlhf_kit.generation import CompiledBackend, SamplingParams
 from rlhf_kit.generation.decode_step import RowBuffers, RowState, chains_for, check_chains, row_chains
 from rlhf_kit.generation.static_cache import _Buffers, _KVState
-from tests.conftest import make_causal_lm
+from tests.conftest import make_causal_lm, real_like_chat_batch
 
 PROMPTS = [
     "Human: hi\n\nAssistant:",
@@ -89,3 +89,17 @@ def test_rows_of_the_second_chain_read_their_own_cache_rows(left_tokenizer):
     enc2 = left_tokenizer(other, return_tensors="pt", padding=True)
     b = two.generate(enc2.input_ids, enc2.attention_mask, params).responses
     assert torch.equal(a[:7], b[:7]) and not torch.equal(a[7], b[7])
+
+
+def test_a_real_like_bf16_checkpoint_generates_the_same_in_two_chains(tmp_path):
+    """bf16 weights, pad == EOS in the tokenizer, a config pad id that differs, attention dropout, EOS stops:
+    six rows (three in each chain of bucket 8) give one chain's tokens, ends and log-probs."""
+    model, enc, params = real_like_chat_batch(str(tmp_path / "ckpt"))
+    ids, mask = enc.input_ids.repeat(3, 1), enc.attention_mask.repeat(3, 1)
+    one = CompiledBackend(copy.deepcopy(model), max_seq_len=64)
+    two = CompiledBackend(copy.deepcopy(model), max_seq_len=64, decode_chains=2)
+    a, b = one.generate(ids, mask, params), two.generate(ids, mask, params)
+    assert len(two._chains[8]) == 2
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.finished, b.finished)
+    assert torch.equal(a.response_mask, b.response_mask)
+    assert (a.logprobs - b.logprobs).abs().max() < 1e-5
