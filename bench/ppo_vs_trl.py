@@ -141,6 +141,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         max_batch_size=sh["batch"],
         max_seq_len=sh["prompt_len"] + sh["new_tokens"],
         decode_chains=args.decode_chains,
+        decode_gemm=args.decode_gemm,
     )
     fsdp_bf16 = bool(args.fsdp_bf16)
     if fsdp_bf16:  # bf16 compute weights, fp32 master weights and gradient reduction (FSDP2, world 1)
@@ -590,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-kernel", default="{}", help="ours: JSON over rlhf_kit.generation.decode_kernel.CONFIG"
     )
     ap.add_argument("--decode-chains", type=int, default=1, help="ours: CompiledBackend(decode_chains=)")
+    ap.add_argument("--decode-gemm", action="store_true", help="ours: CompiledBackend(decode_gemm=True)")
     ap.add_argument(
         "--cprofile", type=int, default=0,
         help="ours: this many more steps under cProfile, the top functions by own and cumulative time in the JSON",
@@ -653,6 +655,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--compile-blocks", args.compile_blocks),
         ("--cudnn-attention", args.cudnn_attention),
         ("--score-in-update", args.score_in_update),
+        ("--decode-gemm", args.decode_gemm),
     )
     passthrough += [f for f, on in flags if on] + [
         "--optimizer",

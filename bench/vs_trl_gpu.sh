@@ -55,6 +55,7 @@
 #                                 # this tree against $BASE (.base28), alternating (carry .whl .whl112 .base28)
 #   bash bench/vs_trl_gpu.sh s28b # session 28: generation A and 1B with and without PDL (profiled); PPO A with and without
 #                                 # TORCHINDUCTOR_ENABLE_PDL=1, alternating (carry .whl .whl112)
+#   bash bench/vs_trl_gpu.sh s29  # session 29: the decode-GEMM kernel (tests, alone against cuBLAS, in generation)
 #   bash bench/vs_trl_gpu.sh s28c # session 28: generation with two decode chains; PPO A (defaults, then 2 chains), TRL A
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
 #   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update): device-busy time per phase (torch.profiler)
@@ -462,6 +463,35 @@ if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults 
     gen_summary "$OUT/gen_$run/generation.json" "$run"
   done
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s29 ]; then  # session 29, first call: 0) the GPU cases of the decode-GEMM tests; 1) the decode-GEMM
+  # kernel alone against cuBLAS on A's and 1B's four projections, a sweep of its settings (bench/decode_gemm.py);
+  # 2) generation A and 1B in one process: the defaults, the kernel at its defaults, the sweep's best settings for
+  # A and for 1B, two decode chains
+  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/generation/test_decode_gemm.py \
+    tests/unit/generation/test_fused.py 2>&1 | grep -E "Error|^E |passed|failed" | tail -20
+  timeout 170 python3 bench/decode_gemm.py --replays 20 --out "$OUT/decode_gemm.json" 2>&1 | grep -v "^\[" | tail -12
+  BEST=$(python3 - "$OUT/decode_gemm.json" <<'PY'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["variant"] == "triton" and "us" in r]
+keys = ("BN", "KC", "num_warps", "PDL")
+for config in ("A", "1B"):
+    total = {}
+    for r in rows:
+        if r["shape"].startswith(config + "/"):
+            k = tuple(r[x] for x in keys); total.setdefault(k, []).append(r["us"])
+    best = min((v for v in total.items() if len(v[1]) == 4), key=lambda v: sum(v[1]), default=None)
+    print(json.dumps(dict(zip(keys, best[0])) if best else {}).replace(" ", ""), end=" ")
+PY
+)
+  [ -n "$BEST" ] || BEST="{} {}"
+  echo "best settings (A, 1B): $BEST"
+  timeout 260 python3 bench/generation.py --configs ${GEN:-A 1B} --only compiled_graphs compiled_graphs_gemm \
+    compiled_graphs_gemm_config compiled_graphs_gemm_config1 ${CHAINS:-compiled_graphs_chains2} --gemm-config $BEST \
+    --no-cudnn --warmup 1 --runs 5 --out "$OUT/gen" > "$OUT/gen.log" 2>&1
+  echo "gen rc=$?"
+  gen_summary "$OUT/gen/generation.json" gen
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s28c ]; then  # session 28, third call: 1) generation A and 1B, the defaults against two decode
