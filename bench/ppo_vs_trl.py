@@ -104,7 +104,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     from transformers import AutoTokenizer
 
     from rlhf_kit.data import PromptCollator
-    from rlhf_kit.generation import CompiledBackend, SamplingParams, decode_kernel
+    from rlhf_kit.generation import CompiledBackend, SamplingParams, decode_gemm, decode_kernel
     from rlhf_kit.generation.resharding import iter_full_params
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import TokenValueModel, disable_dropout
@@ -136,6 +136,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     critic = TokenValueModel(critic_model)
     for m in (actor, ref, critic, rm):
         disable_dropout(m)
+    decode_gemm.CONFIG.update(json.loads(args.gemm_config))
     backend = CompiledBackend(
         copy.deepcopy(actor).to(frozen),
         max_batch_size=sh["batch"],
@@ -593,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-chains", type=int, default=1, help="ours: CompiledBackend(decode_chains=)")
     ap.add_argument("--decode-gemm", action="store_true", help="ours: CompiledBackend(decode_gemm=True)")
     ap.add_argument(
+        "--gemm-config", default="{}", help="ours: JSON over rlhf_kit.generation.decode_gemm.CONFIG"
+    )
+    ap.add_argument(
         "--cprofile", type=int, default=0,
         help="ours: this many more steps under cProfile, the top functions by own and cumulative time in the JSON",
     )  # fmt: skip
@@ -668,6 +672,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.decode_kernel,
         "--decode-chains",
         str(args.decode_chains),
+        "--gemm-config",
+        args.gemm_config,
         "--cprofile",
         str(args.cprofile),
     ]

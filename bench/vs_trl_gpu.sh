@@ -465,6 +465,18 @@ if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults 
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
   rm -f "$OUT"/*/*.md; exit 0
 fi
+if [ "$phase" = s29b ]; then  # session 29, second call: PPO A (--score-in-update), the defaults, with the decode-GEMM
+  # kernel at $GEMM's settings (JSON over decode_gemm.CONFIG; the default's otherwise), with two decode chains, then TRL
+  # 1.12 A in the same call
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
+  for run in ${PPO_RUNS:-this gemm chains}; do
+    extra=$(case $run in gemm*) echo --decode-gemm --gemm-config "${GEMM:-{\}}" ;; chains*) echo --decode-chains 2 ;; esac)
+    python3 bench/ppo_vs_trl.py $A $extra --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
+  done
+  [ "${TRL:-1}" = 1 ] && python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --micro 64 --steps 8 --timeout 150 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
+  ppo_summary "a64_*"
+  rm -f "$OUT"/*/*.md; exit 0
+fi
 if [ "$phase" = s29 ]; then  # session 29, first call: 0) the GPU cases of the decode-GEMM tests; 1) the decode-GEMM
   # kernel alone against cuBLAS on A's and 1B's four projections, a sweep of its settings (bench/decode_gemm.py);
   # 2) generation A and 1B in one process: the defaults, the kernel at its defaults, the sweep's best settings for
