@@ -118,16 +118,18 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--bn", nargs="+", type=int, default=[32, 64])
-    ap.add_argument("--kc", nargs="+", type=int, default=[128, 256, 512])
-    ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--kc", nargs="+", type=int, default=[128, 256])
+    ap.add_argument("--waves", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--warps", nargs="+", type=int, default=[4])
     args = ap.parse_args()
     device = torch.device("cuda")
     decode_gemm.reserve(device)
     bw = copy_bandwidth(device)
     default = dict(decode_gemm.CONFIG)
-    configs = [{"BN": bn, "KC": kc, "num_warps": w, "PDL": True}
-               for bn, kc, w in itertools.product(args.bn, args.kc, args.warps)]  # fmt: skip
-    configs.append({**default, "PDL": False})
+    configs = [{**default, "BN": bn, "KC": kc, "WAVES": wv, "num_warps": w, "PDL": True}
+               for bn, kc, wv, w in itertools.product(args.bn, args.kc, args.waves, args.warps)]  # fmt: skip
+    configs += [{**default, "num_warps": 8}, {**default, "num_stages": 2}, {**default, "PDL": False}]
+    configs = [c for i, c in enumerate(configs) if c not in configs[:i]]
     if default not in configs:
         configs.append(default)
     res = {
@@ -153,7 +155,7 @@ def main() -> None:
             )
             print(f"{config}/{proj} N={n} K={k}: cublas {cub['us']:.2f} us ({cub['GBps']:.0f} GB/s); "
                   + (f"default {dflt['us']:.2f} us; " if dflt else "")
-                  + "; ".join(f"{r['BN']}/{r['KC']}/{r['num_warps']}/{'pdl' if r['PDL'] else 'nopdl'} {r['us']:.2f} us "
+                  + "; ".join(f"{r['BN']}/{r['KC']}/{r['WAVES']}/{r['num_warps']}/{r['num_stages']}/{'pdl' if r['PDL'] else 'nopdl'} {r['us']:.2f} us "
                               f"({r['GBps']:.0f} GB/s, err {r['max_abs_err_vs_cublas']:.1e})" for r in best),
                   flush=True)  # fmt: skip
             decode_gemm.CONFIG = dict(default)

@@ -487,7 +487,7 @@ if [ "$phase" = s29 ]; then  # session 29, first call: 0) the GPU cases of the d
   BEST=$(python3 - "$OUT/decode_gemm.json" <<'PY'
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["variant"] == "triton" and "us" in r]
-keys = ("BN", "KC", "num_warps", "PDL")
+keys = ("BN", "KC", "WAVES", "num_warps", "num_stages", "PDL")
 for config in ("A", "1B"):
     total = {}
     for r in rows:

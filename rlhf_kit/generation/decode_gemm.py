@@ -36,38 +36,49 @@ except ImportError:  # CPU builds of torch come without Triton
 
 AVAILABLE = triton is not None
 
-# Launch settings: output columns per program (``BN``), the K chunk per program (``KC``, so ``ceil(K / KC)``
-# programs share an n tile), warps, and whether to launch as a programmatic dependent launch (on capability 9
-# and later only). MAX_ROWS: the most rows one program's tile holds; larger inputs go to F.linear. These are
-# the settings bench/decode_gemm.py sweeps; docs/benchmarks.md has the measured ones.
-CONFIG = {"BN": 64, "KC": 256, "num_warps": 4, "PDL": True}
+# Launch settings: output columns per program (``BN``), the K step per loop iteration (``KC``), the number of
+# programs aimed at per streaming multiprocessor (``WAVES``: the K range is split into as many chunks as it
+# takes to reach about ``WAVES x SMs`` programs, no more, as each chunk adds a float32 partial tile to write and
+# sum), warps, software-pipelining stages of the K loop, and whether to launch as a programmatic dependent
+# launch (capability 9 and later only). MAX_ROWS: the most rows one program's tile holds; larger inputs go to
+# F.linear. bench/decode_gemm.py sweeps these; docs/benchmarks.md has the measured ones.
+CONFIG = {"BN": 64, "KC": 256, "WAVES": 2, "num_warps": 4, "num_stages": 3, "PDL": True}
 MAX_ROWS = 64
 
 if AVAILABLE:
 
     @triton.jit
+    def _dot(x, w, UPCAST: tl.constexpr):
+        if UPCAST:  # Triton's interpreter multiplies 16-bit float operands of tl.dot as integers
+            return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        return tl.dot(x, tl.trans(w))  # float32 accumulation
+
+    @triton.jit
     def _decode_linear_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sx_m, sw_n, sy_m,
-        BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        PDL: tl.constexpr, UPCAST: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, STEPS: tl.constexpr, SPLIT: tl.constexpr,
+        HAS_BIAS: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        pid_k = tl.program_id(1)  # this program's K chunk: STEPS steps of KC from k0
         n = pid_n * BN + tl.arange(0, BN)
-        k = pid_k * KC + tl.arange(0, KC)
         m = tl.arange(0, BM)
-        # the weights first: nothing in flight writes them, so they load while the kernel before drains
-        w = tl.load(w_ptr + n[:, None].to(tl.int64) * sw_n + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
-                    other=0.0)  # fmt: skip
+        k0 = pid_k * STEPS * KC
+        k = k0 + tl.arange(0, KC)
+        w_at = w_ptr + n[:, None].to(tl.int64) * sw_n
+        x_at = x_ptr + m[:, None] * sx_m
+        # the first weights before the wait: no kernel of the step writes them, so they load while the
+        # kernel before drains
+        w = tl.load(w_at + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
         if PDL:
             tl.extra.cuda.gdc_wait()  # x (and y, the partials, the counters) may be in use until here
-        x = tl.load(
-            x_ptr + m[:, None] * sx_m + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0
-        )
-        if UPCAST:  # Triton's interpreter multiplies 16-bit float operands of tl.dot as integers
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w))  # (BM, BN), float32 accumulation
+        x = tl.load(x_at + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+        acc = _dot(x, w, UPCAST)  # (BM, BN)
+        for step in range(1, STEPS):
+            k = k0 + step * KC + tl.arange(0, KC)
+            w = tl.load(w_at + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
+            x = tl.load(x_at + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+            acc += _dot(x, w, UPCAST)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         rows, cols = m[:, None], n[None, :]
@@ -77,18 +88,43 @@ if AVAILABLE:
             tl.store(part_ptr + (pid_n * SPLIT + pid_k) * BM * BN + tile, acc)
             tl.debug_barrier()  # every thread's partial is stored before the counter moves
             done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-            if done == SPLIT - 1:  # the last chunk of this n tile: sum the partials in chunk order
-                acc = tl.zeros((BM, BN), tl.float32)
-                for s in range(SPLIT):
-                    acc += tl.load(part_ptr + (pid_n * SPLIT + s) * BM * BN + tile, cache_modifier=".cg")
+            if done == SPLIT - 1:  # the last chunk of this n tile to finish: sum the partials in chunk order
+                total = tl.zeros((BM, BN), tl.float32)
+                for s in range(SPLIT):  # its own partial from registers, the others from L2
+                    at = part_ptr + (pid_n * SPLIT + s) * BM * BN + tile
+                    total += tl.where(
+                        s == pid_k, acc, tl.load(at, mask=s != pid_k, other=0.0, cache_modifier=".cg")
+                    )
                 if HAS_BIAS:
-                    acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-                tl.store(y_ptr + rows * sy_m + cols, acc.to(y_ptr.dtype.element_ty), mask=keep)
+                    total += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + rows * sy_m + cols, total.to(y_ptr.dtype.element_ty), mask=keep)
                 tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next call (or the next graph replay)
         else:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + rows * sy_m + cols, acc.to(y_ptr.dtype.element_ty), mask=keep)
+
+
+_SMS: dict[torch.device, int] = {}
+
+
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (4 for the interpreter on CPU, so tests split K)."""
+    if device not in _SMS:
+        cuda = device.type == "cuda"
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
+    return _SMS[device]
+
+
+def plan(n: int, k: int, device: torch.device, cfg: dict | None = None) -> tuple[int, int, int, int]:
+    """``(n tiles, K chunks, KC steps per chunk, KC)`` of one product: the K range split into as few chunks as
+    bring the programs to about ``WAVES x SMs``."""
+    cfg = cfg or CONFIG
+    kc = min(cfg["KC"], max(16, triton.next_power_of_2(k)))
+    tiles, steps_all = triton.cdiv(n, cfg["BN"]), triton.cdiv(k, kc)
+    want = max(1, min(steps_all, round(cfg["WAVES"] * _sms(device) / tiles)))
+    steps = triton.cdiv(steps_all, want)
+    return tiles, triton.cdiv(steps_all, steps), steps, kc
 
 
 _POOL = 1 << 16  # counters per device: far more than the tiles of all kernels that can run at once
@@ -157,10 +193,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x2 = x2.contiguous()
     m_dim = x2.shape[0]
     cfg = dict(CONFIG)
-    bn, kc, pdl = cfg.pop("BN"), cfg.pop("KC"), bool(cfg.pop("PDL")) and pdl_capable(x.device)
+    tiles, split, steps, kc = plan(n_dim, k_dim, x.device, cfg)
+    bn, pdl = cfg.pop("BN"), bool(cfg.pop("PDL")) and pdl_capable(x.device)
+    del cfg["KC"], cfg["WAVES"]
     bm = max(16, triton.next_power_of_2(m_dim))
-    kc = min(kc, max(16, triton.next_power_of_2(k_dim)))
-    tiles, split = triton.cdiv(n_dim, bn), triton.cdiv(k_dim, kc)
     y = torch.empty((m_dim, n_dim), dtype=x.dtype, device=x.device)
     part = torch.empty(
         (tiles * split * bm * bn,) if split > 1 else (1,), dtype=torch.float32, device=x.device
@@ -169,7 +205,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _decode_linear_kernel[(tiles, split)](
         x2, weight, bias if bias is not None else y, y, part, count, m_dim, n_dim, k_dim,
         x2.stride(0), weight.stride(0), y.stride(0),
-        BM=bm, BN=bn, KC=kc, SPLIT=split, HAS_BIAS=bias is not None, PDL=pdl,
+        BM=bm, BN=bn, KC=kc, STEPS=steps, SPLIT=split, HAS_BIAS=bias is not None, PDL=pdl,
         UPCAST=x.device.type == "cpu", **cfg, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return y.reshape(*lead, n_dim)

@@ -31,7 +31,19 @@ def _case(m, n, k, dtype, bias, seed):
 @pytest.mark.parametrize(
     "m, n, k, bias",
     [
-        (64, 192, 1024, False),  # four K chunks of 256: the partials summed by the last program of a tile
+        (
+            64,
+            192,
+            1024,
+            False,
+        ),  # two K chunks of two steps: the partials summed by the last program of a tile
+        (
+            16,
+            512,
+            600,
+            False,
+        ),  # eight tiles fill the programs: one chunk of three steps, the last one partial
+        (16, 192, 1100, True),  # three chunks of two steps of 256, the last chunk past K (masked)
         (5, 100, 300, True),  # rows, columns and K all partial tiles; a bias
         (1, 64, 48, False),  # one row, one chunk (no split), K below a chunk
         (33, 130, 700, True),  # three tiles of 64 columns, the last of 2
@@ -46,6 +58,16 @@ def test_kernel_matches_float64_reference(m, n, k, bias, dtype):
     assert rel < 5e-3, rel
     # the counters of every tile are zero again, ready for the next call or graph replay
     assert decode_gemm._COUNTERS[torch.device(DEVICE)][0].eq(0).all()
+
+
+def test_plan_splits_k_only_as_far_as_the_programs_need(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(decode_gemm._SMS, cuda, 132)  # an H100's streaming multiprocessors; no GPU needed
+    cfg = {**decode_gemm.CONFIG, "BN": 64, "KC": 256, "WAVES": 2}
+    assert decode_gemm.plan(11264, 2048, cuda, cfg) == (176, 2, 4, 256)  # 1B gate/up: 352 programs
+    assert decode_gemm.plan(2048, 2048, cuda, cfg) == (32, 8, 1, 256)  # 1B output: 256
+    assert decode_gemm.plan(2048, 5632, cuda, cfg) == (32, 8, 3, 256)  # 1B down: 22 steps in 8 chunks of 3
+    assert decode_gemm.plan(1024, 40, cuda, cfg) == (16, 1, 1, 64)  # K below a step: one step of 64
 
 
 def test_leading_dims_kept_and_repeat_calls_agree(monkeypatch):
