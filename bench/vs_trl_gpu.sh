@@ -481,7 +481,7 @@ if [ "$phase" = s29 ]; then  # session 29, first call: 0) the GPU cases of the d
   # kernel alone against cuBLAS on A's and 1B's four projections, a sweep of its settings (bench/decode_gemm.py);
   # 2) generation A and 1B in one process: the defaults, the kernel at its defaults, the sweep's best settings for
   # A and for 1B, two decode chains
-  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/generation/test_decode_gemm.py \
+  [ "${TESTS:-1}" = 1 ] && timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/generation/test_decode_gemm.py \
     tests/unit/generation/test_fused.py 2>&1 | grep -E "Error|^E |passed|failed" | tail -20
   timeout 170 python3 bench/decode_gemm.py --replays 20 --out "$OUT/decode_gemm.json" 2>&1 | grep -v "^\[" | tail -12
   BEST=$(python3 - "$OUT/decode_gemm.json" <<'PY'
