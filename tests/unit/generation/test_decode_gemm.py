@@ -149,3 +149,19 @@ def test_a_real_like_bf16_checkpoint_generates_the_same_with_the_kernel(tmp_path
     assert on.decode_gemm
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.finished, b.finished)
     assert (a.logprobs - b.logprobs).abs().max() < 5e-2
+
+
+def test_two_decode_chains_with_the_kernel(left_tokenizer):
+    """Two chains (two streams on CUDA, each product of both at once) take their own counters: the tokens and
+    log-probs of one chain with the kernel."""
+    model = make_causal_lm(left_tokenizer, "llama", seed=7).to(DEVICE, torch.float16)
+    prompts = ["Human: hi\n\nAssistant:", "Human: what is a good name for a cat?\n\nAssistant:"] * 3
+    enc = left_tokenizer(prompts, return_tensors="pt", padding=True).to(DEVICE)
+    params = SamplingParams(max_new_tokens=8, greedy=True, ignore_eos=True)
+    one = _backend(model, True)
+    two = CompiledBackend(copy.deepcopy(model), max_seq_len=96, decode_gemm=True, decode_chains=2)
+    a = one.generate(enc.input_ids, enc.attention_mask, params)
+    b = two.generate(enc.input_ids, enc.attention_mask, params)
+    assert two.decode_gemm and len(two._chains[8]) == 2
+    assert torch.equal(a.sequences, b.sequences)
+    assert (a.logprobs - b.logprobs).abs().max() < 1e-2
