@@ -38,12 +38,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rlhf_kit import default_hh_file  # noqa: E402
-from rlhf_kit.generation import CompiledBackend, HFBackend, SamplingParams, decode_gemm, decode_kernel  # noqa: E402
+from rlhf_kit.generation import CompiledBackend, HFBackend, SamplingParams, decode_kernel  # noqa: E402
 from rlhf_kit.generation import compiled as compiled_mod  # noqa: E402
 from rlhf_kit.tiny import train_tokenizer  # noqa: E402
 
 DEFAULT_KERNEL = dict(decode_kernel.CONFIG)  # each variant starts from the library's decode-kernel settings
-DEFAULT_GEMM = dict(decode_gemm.CONFIG)
 
 CONFIGS: dict[str, dict[str, int]] = {
     "A": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
@@ -251,15 +250,6 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             ("compiled_graphs_nopdl", compiled(compile_options={"options": {"triton.enable_pdl": False}})),
             ("compiled_graphs_chains2", compiled(decode_chains=2)),  # two half-batch chains on two streams
             ("compiled_graphs_chains4", compiled(decode_chains=4)),
-            (
-                "compiled_graphs_gemm",
-                compiled(decode_gemm=True),
-            ),  # the decode-GEMM kernel (decode_gemm.CONFIG)
-            # with --gemm-config's settings over decode_gemm.CONFIG: compiled_graphs_gemm_config, ..._config1, ...
-            *(
-                (f"compiled_graphs_gemm_config{i or ''}", compiled(decode_gemm=True))
-                for i in range(len(args.gemm_config))
-            ),
             ("compiled_graphs_step", compiled(compile_scope="step")),
             ("compiled_graphs_matmul", compiled(decode_attention="matmul")),
             ("compiled_graphs_sdpa", compiled(decode_attention="sdpa")),
@@ -282,9 +272,6 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
         if vname in args.skip:
             continue
         decode_kernel.CONFIG = dict(DEFAULT_KERNEL)  # read when the decode step is traced and captured
-        decode_gemm.CONFIG = dict(DEFAULT_GEMM)  # read when each product runs (and is captured)
-        if vname.startswith("compiled_graphs_gemm_config"):
-            decode_gemm.CONFIG.update(json.loads(args.gemm_config[int(vname[27:] or 0)]))
         if vname.startswith("compiled_graphs_kernel_config"):
             decode_kernel.CONFIG.update(json.loads(args.kernel_config[int(vname[29:] or 0)]))
         print(f"[{name}] {vname} ...", flush=True)
@@ -295,7 +282,6 @@ def run_config(name: str, tok: Any, args: argparse.Namespace, device: torch.devi
             r["wall_with_setup_s"] = time.perf_counter() - t0
             r.update(agreement(backend, model, ids, mask, args))
             r["decode_kernel_config"] = dict(decode_kernel.CONFIG)
-            r["decode_gemm"] = {"on": getattr(backend, "decode_gemm", False), **decode_gemm.CONFIG}
             if args.profile and vname != "hf_eager":
                 r["profile"] = profile_generate(
                     backend, ids, mask, params, os.path.join(args.out, f"{name}_{vname}")
@@ -369,12 +355,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         nargs="+",
         default=["{}"],
         help="variants compiled_graphs_kernel_config[N]: one JSON over decode_kernel.CONFIG each",
-    )
-    ap.add_argument(
-        "--gemm-config",
-        nargs="+",
-        default=["{}"],
-        help="variants compiled_graphs_gemm_config[N]: one JSON over decode_gemm.CONFIG each",
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)

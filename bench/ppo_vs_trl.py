@@ -104,7 +104,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     from transformers import AutoTokenizer
 
     from rlhf_kit.data import PromptCollator
-    from rlhf_kit.generation import CompiledBackend, SamplingParams, decode_gemm, decode_kernel
+    from rlhf_kit.generation import CompiledBackend, SamplingParams, decode_kernel
     from rlhf_kit.generation.resharding import iter_full_params
     from rlhf_kit.losses import PPOPolicyLoss, ValueLoss
     from rlhf_kit.models import TokenValueModel, disable_dropout
@@ -136,13 +136,11 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     critic = TokenValueModel(critic_model)
     for m in (actor, ref, critic, rm):
         disable_dropout(m)
-    decode_gemm.CONFIG.update(json.loads(args.gemm_config))
     backend = CompiledBackend(
         copy.deepcopy(actor).to(frozen),
         max_batch_size=sh["batch"],
         max_seq_len=sh["prompt_len"] + sh["new_tokens"],
         decode_chains=args.decode_chains,
-        decode_gemm=args.decode_gemm,
     )
     fsdp_bf16 = bool(args.fsdp_bf16)
     if fsdp_bf16:  # bf16 compute weights, fp32 master weights and gradient reduction (FSDP2, world 1)
@@ -592,10 +590,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-kernel", default="{}", help="ours: JSON over rlhf_kit.generation.decode_kernel.CONFIG"
     )
     ap.add_argument("--decode-chains", type=int, default=1, help="ours: CompiledBackend(decode_chains=)")
-    ap.add_argument("--decode-gemm", action="store_true", help="ours: CompiledBackend(decode_gemm=True)")
-    ap.add_argument(
-        "--gemm-config", default="{}", help="ours: JSON over rlhf_kit.generation.decode_gemm.CONFIG"
-    )
     ap.add_argument(
         "--cprofile", type=int, default=0,
         help="ours: this many more steps under cProfile, the top functions by own and cumulative time in the JSON",
@@ -659,7 +653,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--compile-blocks", args.compile_blocks),
         ("--cudnn-attention", args.cudnn_attention),
         ("--score-in-update", args.score_in_update),
-        ("--decode-gemm", args.decode_gemm),
     )
     passthrough += [f for f, on in flags if on] + [
         "--optimizer",
@@ -672,8 +665,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.decode_kernel,
         "--decode-chains",
         str(args.decode_chains),
-        "--gemm-config",
-        args.gemm_config,
         "--cprofile",
         str(args.cprofile),
     ]

@@ -55,7 +55,8 @@
 #                                 # this tree against $BASE (.base28), alternating (carry .whl .whl112 .base28)
 #   bash bench/vs_trl_gpu.sh s28b # session 28: generation A and 1B with and without PDL (profiled); PPO A with and without
 #                                 # TORCHINDUCTOR_ENABLE_PDL=1, alternating (carry .whl .whl112)
-#   bash bench/vs_trl_gpu.sh s29  # session 29: the decode-GEMM kernel (tests, alone against cuBLAS, in generation)
+#   bash bench/vs_trl_gpu.sh s29  # session 29, branch decode-gemm: the decode-GEMM kernel (tests, alone against cuBLAS, in generation)
+#   bash bench/vs_trl_gpu.sh s29b # session 29: PPO A at the defaults, then TRL A
 #   bash bench/vs_trl_gpu.sh s28c # session 28: generation with two decode chains; PPO A (defaults, then 2 chains), TRL A
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
 #   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update): device-busy time per phase (torch.profiler)
@@ -465,11 +466,11 @@ if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults 
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s29b ]; then  # session 29, second call: PPO A (--score-in-update), the defaults, with the decode-GEMM
-  # kernel at $GEMM's settings (JSON over decode_gemm.CONFIG; the default's otherwise), with two decode chains, then TRL
-  # 1.12 A in the same call
+if [ "$phase" = s29b ]; then  # session 29, calls 2 and 3 (PPO_RUNS=this): PPO A (--score-in-update) at the defaults,
+  # then TRL 1.12 A in the same call. PPO_RUNS="this chains" adds two decode chains; "gemm" (the decode-GEMM kernel at
+  # $GEMM's settings, JSON over decode_gemm.CONFIG) runs only on the branch decode-gemm, where that kernel lives
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
-  for run in ${PPO_RUNS:-this gemm chains}; do
+  for run in ${PPO_RUNS:-this}; do
     extra=$(case $run in gemm*) echo --decode-gemm --gemm-config "${GEMM:-{\}}" ;; chains*) echo --decode-chains 2 ;; esac)
     python3 bench/ppo_vs_trl.py $A $extra --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
   done
@@ -477,7 +478,8 @@ if [ "$phase" = s29b ]; then  # session 29, second call: PPO A (--score-in-updat
   ppo_summary "a64_*"
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s29 ]; then  # session 29, first call: 0) the GPU cases of the decode-GEMM tests; 1) the decode-GEMM
+if [ "$phase" = s29 ]; then  # session 29, first call (on the branch decode-gemm only: its kernel, tests and bench are
+  # not on main): 0) the GPU cases of the decode-GEMM tests; 1) the decode-GEMM
   # kernel alone against cuBLAS on A's and 1B's four projections, a sweep of its settings (bench/decode_gemm.py);
   # 2) generation A and 1B in one process: the defaults, the kernel at its defaults, the sweep's best settings for
   # A and for 1B, two decode chains

@@ -15,16 +15,19 @@ How it works
 * Each decode step (one token for the whole batch) is a function of fixed shapes that only updates
   static buffers in place: token in, KV write at slot ``cache_pos``, logits, sampling (temperature,
   min-new-tokens EOS masking, top-k, top-p, greedy, or the exponential-race draw ``argmax(p / E)``), and
-  the outputs written at column ``step``. On CUDA the step is compiled with ``torch.compile`` (Inductor,
-  no own graphs) and captured once per ``(batch bucket, sampling flags)`` in a CUDA graph.
+  the outputs written at column ``step``. On CUDA the step
+  is compiled with ``torch.compile`` (Inductor, no own graphs) and captured once per
+  ``(batch bucket, sampling flags)`` in a CUDA graph, so a decode step costs one graph launch.
 * What is compiled (``compile_scope``): ``"blocks"`` compiles one transformer block, which every layer
   reuses, and the sampler; ``"step"`` compiles the whole step as one graph (unrolled over the layers:
   Inductor can fuse across block boundaries, but tracing and compiling take about as many times longer
   as there are layers, on every cold and warm start); its prefill runs eagerly.
-* Batches are padded up to a bucket size; the host checks "all finished?" every ``check_every`` steps.
+* Batches are padded up to a bucket size; the host checks "all finished?" only every ``check_every``
+  steps to avoid a device sync per token.
 
-The static KV cache, the attention function and the per-bucket buffers are in :mod:`.static_cache`, the
-sampling functions in :mod:`.sampling`; this module is the backend that drives them.
+The static KV cache, the attention function and the per-bucket buffers are in
+:mod:`rlhf_kit.generation.static_cache`, the sampling functions in :mod:`rlhf_kit.generation.sampling`;
+this module is the backend that drives them.
 
 Supported: the decoder families of :data:`rlhf_kit.tiny.FAMILIES` (llama, mistral, qwen2, gpt2,
 gpt_neox). Sequences longer than a model's sliding window are refused.
@@ -53,7 +56,7 @@ from rlhf_kit.generation.base import (
 )
 from rlhf_kit.generation.decode_step import chain_streams, chains_for, check_chains, decode_step
 from rlhf_kit.generation.deferred import defer_residuals
-from rlhf_kit.generation.fused import fuse_projections, use_decode_gemm
+from rlhf_kit.generation.fused import fuse_projections
 from rlhf_kit.generation.sampling import _Flags, filter_top_k_top_p, sample_from_scores, sample_into
 from rlhf_kit.generation.static_cache import (
     ATTN_IMPLEMENTATION,
@@ -117,8 +120,6 @@ class CompiledBackend:
             see the module docstring); ``False`` keeps the prefill eager.
         decode_chains: run each decode step of a bucket of at least ``2 * decode_chains`` rows as this many
             independent row chains, each on its own CUDA stream (:mod:`rlhf_kit.generation.decode_step`).
-        decode_gemm: run the fused modules' decode-step products through the Triton kernel of
-            :mod:`rlhf_kit.generation.decode_gemm` (weights fetched under the previous kernel; needs ``fuse``).
     """
 
     def __init__(
@@ -137,7 +138,6 @@ class CompiledBackend:
         fuse: bool = True,
         compile_prefill: bool = True,
         decode_chains: int = 1,
-        decode_gemm: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -157,7 +157,6 @@ class CompiledBackend:
         self.model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.fused_modules = fuse_projections(self.model, static_kv_attention) if fuse else 0
         self.deferred_residuals = fuse and defer_residuals(self.model)
-        self.decode_gemm = bool(self.fused_modules) and decode_gemm and use_decode_gemm(self.model)
         self.tokenizer = tokenizer
         self.check_every = check_every
         self.compile_prefill = compile_prefill

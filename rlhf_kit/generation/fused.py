@@ -21,9 +21,9 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rlhf_kit.generation import decode_gemm
 from rlhf_kit.generation.static_cache import rotary_in_kernel, static_kv_attention
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ def _fused_attention_forward(
     """The Llama-family attention forward with one QKV product (no KV-cache object: the backend's static
     cache lives in its attention function)."""
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    gemm = self._rlhf_kit_decode_gemm
-    qkv = decode_gemm.linear(hidden_states, self._rlhf_kit_qkv, self._rlhf_kit_qkv_bias, gemm)
+    qkv = F.linear(hidden_states, self._rlhf_kit_qkv, self._rlhf_kit_qkv_bias)
     q, k, v = (t.view(shape).transpose(1, 2) for t in qkv.split(self._rlhf_kit_split, dim=-1))
     cos, sin = position_embeddings
     for name in ("past_key_values", "cache", "use_cache", "cache_position", "position_ids"):
@@ -71,15 +70,14 @@ def _fused_attention_forward(
     else:
         q, k = self._rlhf_kit_rotary(q, k, cos, sin)
     out, weights = self._rlhf_kit_attention(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
-    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
-    return decode_gemm.linear(out, self.o_proj.weight, self.o_proj.bias, gemm), weights
+    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
 def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gemm = self._rlhf_kit_decode_gemm
-    gate_up = decode_gemm.linear(x, self._rlhf_kit_gate_up, self._rlhf_kit_gate_up_bias, gemm)
-    gate, up = gate_up.split(self._rlhf_kit_split, -1)
-    return decode_gemm.linear(self.act_fn(gate) * up, self.down_proj.weight, self.down_proj.bias, gemm)
+    gate, up = F.linear(x, self._rlhf_kit_gate_up, self._rlhf_kit_gate_up_bias).split(
+        self._rlhf_kit_split, -1
+    )
+    return self.down_proj(self.act_fn(gate) * up)
 
 
 def _stackable(m: nn.Module, names: tuple[str, ...]) -> bool:
@@ -167,7 +165,6 @@ def fuse_projections(model: nn.Module, attention_fn: Any) -> int:
                 rotary, module
             )
             _stack(module, _ATTN, "_rlhf_kit_qkv")
-            module._rlhf_kit_decode_gemm = False  # use_decode_gemm turns it on
             if not _check_attention(module):  # the blocks fused so far passed their own checks and stay fused
                 logger.warning(
                     "%s: fused QKV does not match its forward; kept unfused", type(module).__name__
@@ -177,7 +174,6 @@ def fuse_projections(model: nn.Module, attention_fn: Any) -> int:
             fused += 1
         elif _is_llama_mlp(module):
             _stack(module, _MLP, "_rlhf_kit_gate_up")
-            module._rlhf_kit_decode_gemm = False
             if not _check_mlp(module):
                 logger.warning(
                     "%s: fused gate/up does not match its forward; kept unfused", type(module).__name__
@@ -186,24 +182,3 @@ def fuse_projections(model: nn.Module, attention_fn: Any) -> int:
             module.forward = types.MethodType(_fused_mlp_forward, module)
             fused += 1
     return fused
-
-
-def use_decode_gemm(model: nn.Module) -> bool:
-    """Run the fused modules' products of at most ``decode_gemm.MAX_ROWS`` rows (a decode step's) through
-    the Triton kernel of :mod:`rlhf_kit.generation.decode_gemm`; returns whether it is on. The first fused
-    attention and MLP module are checked against their unfused forwards with the kernel on; if either
-    disagrees, every module keeps ``F.linear``."""
-    mods = [m for m in model.modules() if hasattr(m, "_rlhf_kit_decode_gemm")]
-    if not mods or not decode_gemm.AVAILABLE:
-        return False
-    decode_gemm.reserve(next(model.parameters()).device)
-    for m in mods:
-        m._rlhf_kit_decode_gemm = True
-    attn = next((m for m in mods if _is_llama_attention(m)), None)
-    mlp = next((m for m in mods if _is_llama_mlp(m)), None)
-    if (attn is None or _check_attention(attn)) and (mlp is None or _check_mlp(mlp)):
-        return True
-    logger.warning("the decode-GEMM kernel does not match F.linear on this model; kept F.linear")
-    for m in mods:
-        m._rlhf_kit_decode_gemm = False
-    return False
