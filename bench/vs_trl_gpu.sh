@@ -57,6 +57,7 @@
 #                                 # TORCHINDUCTOR_ENABLE_PDL=1, alternating (carry .whl .whl112)
 #   bash bench/vs_trl_gpu.sh s29  # session 29, branch decode-gemm: the decode-GEMM kernel (tests, alone against cuBLAS, in generation)
 #   bash bench/vs_trl_gpu.sh s29b # session 29: PPO A at the defaults, then TRL A
+#   bash bench/vs_trl_gpu.sh s30  # for the next call: PPO A and TRL A alternating, PAIRS=3 pairs (about 420 s)
 #   bash bench/vs_trl_gpu.sh s28c # session 28: generation with two decode chains; PPO A (defaults, then 2 chains), TRL A
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
 #   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update): device-busy time per phase (torch.profiler)
@@ -464,6 +465,16 @@ if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults 
     gen_summary "$OUT/gen_$run/generation.json" "$run"
   done
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s30 ]; then  # written in session 29 for the next call: PPO A (--score-in-update) at the defaults and TRL
+  # 1.12 A, alternating, PAIRS (default 3) pairs in one call (about 140 s a pair), so the ratio's spread is measured
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
+  for i in $(seq 1 ${PAIRS:-3}); do
+    python3 bench/ppo_vs_trl.py $A --work $WORK/a_this_$i --out "$OUT/a64_this_$i" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/this_$i /"
+    python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --micro 64 --steps 8 --timeout 150 --work $WORK/a_trl_$i --out "$OUT/a64_trl_$i" 2>&1 | grep -E "^\| A" | sed "s/^/trl_$i /"
+  done
+  ppo_summary "a64_this_*"
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s29b ]; then  # session 29, calls 2 and 3 (PPO_RUNS=this): PPO A (--score-in-update) at the defaults,
