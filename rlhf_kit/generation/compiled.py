@@ -119,7 +119,7 @@ class CompiledBackend:
         compile_prefill: run the prompt through the compiled blocks (``compile_scope="blocks"`` only;
             see the module docstring); ``False`` keeps the prefill eager.
         decode_chains: run each decode step of a bucket of at least ``2 * decode_chains`` rows as this many
-            independent row chains, each on its own CUDA stream (:mod:`rlhf_kit.generation.decode_step`).
+            independent row chains, each on its own stream (:mod:`rlhf_kit.generation.decode_step`: slower).
     """
 
     def __init__(

@@ -5,7 +5,9 @@ At a decode batch of 64 a small model's step is a chain of short kernels, each b
 (launch, ramp-up, a few CTAs on a 132-SM card) rather than by the bytes it reads (docs/benchmarks.md):
 most of the card idles. With ``chains=2`` the bucket's rows are split in two halves, each half runs the
 whole model and the sampler on its own stream, and the two streams join before the shared counters
-advance, so two independent chains of kernels can fill each other's gaps. Captured in a CUDA graph, the
+advance, meant to let two independent chains of kernels fill each other's gaps. Measured, they do not:
+each chain streams every weight again, and on an H100 generation was 2% (config A) and 20% (1B) slower
+(docs/benchmarks.md, session 29), so the backend runs one chain by default. Captured in a CUDA graph, the
 step becomes a fork and a join with two branches. Every row's computation is the same as in one chain
 (each row only ever reads its own cache rows and logits), so greedy tokens are the same; sampled tokens
 draw other random numbers (two sampler calls instead of one).
