@@ -310,7 +310,7 @@ def host_profile(one_step, first: int, n: int, top: int = 45) -> dict[str, Any]:
         stats.sort_stats(key).print_stats(top)
         out[key] = buf.getvalue().splitlines()
     stats.stream = buf = io.StringIO()  # who walks the module trees every step (each .parameters() call does)
-    stats.sort_stats("tottime").print_callers("named_modules")
+    stats.sort_stats("tottime").print_callers("named_parameters|named_buffers|named_modules")
     out["named_modules_callers"] = buf.getvalue().splitlines()
     return out
 

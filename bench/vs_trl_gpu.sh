@@ -58,6 +58,8 @@
 #   bash bench/vs_trl_gpu.sh s29  # session 29, branch decode-gemm: the decode-GEMM kernel (tests, alone against cuBLAS, in generation)
 #   bash bench/vs_trl_gpu.sh s29b # session 29: PPO A at the defaults, then TRL A
 #   bash bench/vs_trl_gpu.sh s30  # for the next call: PPO A and TRL A alternating, PAIRS=3 pairs (about 420 s)
+#   bash bench/vs_trl_gpu.sh s30b # session 30: the varlen tests on the GPU; PPO A, this tree against $BASE (.base30),
+#                                 # alternating, then TRL A; PROF=1 adds stage s26 (carry .whl .whl112 .base30)
 #   bash bench/vs_trl_gpu.sh s28c # session 28: generation with two decode chains; PPO A (defaults, then 2 chains), TRL A
 #   bash bench/vs_trl_gpu.sh s26b # session 26: PPO A (--score-in-update), this tree against $BASE (.base26), alternating
 #   bash bench/vs_trl_gpu.sh s26  # session 26: PPO A (--score-in-update): device-busy time per phase (torch.profiler)
@@ -465,6 +467,18 @@ if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults 
     gen_summary "$OUT/gen_$run/generation.json" "$run"
   done
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s30b ]; then  # session 30: 1) the GPU cases of test_varlen.py (the packed passes call aten's flash
+  # forward directly, not varlen_attn); 2) PPO A (--score-in-update) of this tree against $BASE (.base30 = 95521a5,
+  # through varlen_attn), alternating, then TRL 1.12 A; 3) PROF=1: stage s26 (profile, cProfile) on this tree
+  check_tree "${BASE:-.base30}"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/models/test_varlen.py 2>&1 | grep -E "Error|^E |passed|failed" | tail -8
+  RUNS=${RUNS:-this_1 base_1 this_2 base_2} TRL=${TRL:-1} BASE=${BASE:-.base30} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
+  if [ "${PROF:-1}" = 1 ]; then
+    bash "$0" s26 2>&1 | grep -v "^torch \|^name,\|^NVIDIA"
+    python3 -c "import json; print('\n'.join(json.load(open('$OUT/a64_prof/ppo_vs_trl.json'))['configs'][0]['ours']['cprofile'].get('named_modules_callers', [])[:40]))"
+  fi
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s30 ]; then  # written in session 29 for the next call: PPO A (--score-in-update) at the defaults and TRL

@@ -4,7 +4,7 @@ PPO scores and trains on rows of ``prompt + response`` with left padding before 
 padding after EOS; every padded slot costs a full forward and backward. Packed, each row's real tokens
 (one contiguous run, as :mod:`rlhf_kit.models.layout` requires) are laid end to end in a ``(1, N)``
 sequence, position ids restart at 0 for each row, and attention is causal *within* each row:
-variable-length flash attention (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10) on CUDA, one
+variable-length flash attention (aten's ``_flash_attention_forward``, called directly) on CUDA, one
 SDPA call under a block-diagonal causal mask elsewhere. The total is rounded up to a multiple of
 ``multiple`` with a filler row, so compiled blocks see few distinct shapes.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,30 +34,32 @@ from rlhf_kit.models.transfer import host_tensor
 
 IMPLEMENTATION = "rlhf_kit_packed"
 
-try:  # torch >= 2.10: variable-length flash attention (CUDA only)
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover -- older torch: the masked SDPA path everywhere
-    _varlen_attn = None
-# its signature moved: torch 2.10 takes ``is_causal``; later releases ``window_size=(-1, 0)`` for causal and
-# ``enable_gqa`` for fewer key/value heads than query heads
-_VARLEN_ARGS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn is not None else set()
+# aten's flash-attention forward, called directly: it takes packed ``(N, heads, d)`` rows with their
+# boundaries, is causal within each row, serves fewer key/value heads natively, and autograd differentiates
+# it through its own formula (``_flash_attention_backward``). ``torch.nn.attention.varlen.varlen_attn``
+# wraps the same kernel in a Python custom op: a Python layer on every forward and backward call (about
+# 0.1 ms each in session 26's profile of PPO), an extra kernel for its RNG state, and, before torch 2.12,
+# no grouped-query attention, so keys and values were repeated per query head (two more kernels forward,
+# two reductions backward).
+_FLASH_FORWARD = getattr(torch.ops.aten, "_flash_attention_forward", None)
+# built with flash attention (a constant, so a compiled block reads it without a guard on the device)
+_FLASH = _FLASH_FORWARD is not None and torch.backends.cuda.is_flash_attention_available()
+
+
+@functools.lru_cache(maxsize=16)
+def _flash_device(device_index: int | None) -> bool:
+    """Whether flash attention runs on this CUDA device (Ampere or later), for ``"auto"`` to decide
+    outside any compiled code; on an older one, ``"on"`` fails in the flash kernel."""
+    return _FLASH and torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def _varlen_causal(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, m: int, scale
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, m: int, scale: float | None
 ) -> torch.Tensor:
-    """``varlen_attn`` of ``(N, heads, d)`` tensors, causal within each row, in this torch's spelling."""
-    kw: dict[str, Any] = {"scale": scale}
-    if "window_size" in _VARLEN_ARGS:
-        kw["window_size"] = (-1, 0)
-    else:
-        kw["is_causal"] = True
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in _VARLEN_ARGS:
-            kw["enable_gqa"] = True
-        else:
-            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    return _varlen_attn(q, k, v, cu, cu, m, m, **kw)
+    """Flash attention of ``(N, heads, d)`` rows (``k``/``v`` may have fewer heads, dividing ``q``'s),
+    causal within each row that ``cu`` bounds; ``m`` bounds the longest row. Returns ``(N, heads, d)``."""
+    out = _FLASH_FORWARD(q, k, v, cu, cu, m, m, 0.0, True, False, scale=scale)
+    return out[0]
 
 
 #: Model types whose packed passes are tested equal to the padded ones (tests/unit/models/test_varlen.py).
@@ -108,8 +109,8 @@ def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -
     """Whether a forward of ``input_ids (b, t)`` through ``model`` runs packed under ``setting``:
     ``"off"``/False never; ``"on"``/True always (``ValueError`` when :func:`unsupported_reason` objects);
     ``"auto"`` where it is exact and fast: a supported model at least :data:`PACKED_AUTO_MIN_HIDDEN` wide,
-    on CUDA with ``varlen_attn``, computing in bf16/fp16 (:func:`_half_compute`; elsewhere the packed
-    attention builds an ``(N, N)`` mask: for tests, not speed)."""
+    on CUDA with flash attention (Ampere or later), computing in bf16/fp16 (:func:`_half_compute`; elsewhere
+    the packed attention builds an ``(N, N)`` mask: for tests, not speed)."""
     if setting in (False, "off"):
         return False
     if setting not in (True, "on", "auto"):
@@ -120,7 +121,7 @@ def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -
             raise ValueError(f"packed passes are on, but {reason}")
         return True
     dev = input_ids.device
-    if reason is not None or _varlen_attn is None or dev.type != "cuda":
+    if reason is not None or dev.type != "cuda" or not _flash_device(dev.index):
         return False
     return _hidden_size(model) >= PACKED_AUTO_MIN_HIDDEN and _half_compute(model, dev.type)
 
@@ -279,7 +280,7 @@ def packed_attention_forward(
         raise ValueError("the packed attention has no dropout (PPO runs its models without it)")
     h, h_kv = query.shape[1], key.shape[1]
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # (N, heads, d)
-    if _varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if _FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _varlen_causal(q, k, v, cu, int(kwargs["max_length_q"]), scaling)[None], None
     if h != h_kv:  # grouped-query attention: each KV head serves h / h_kv query heads
         k, v = (t.repeat_interleave(h // h_kv, dim=1) for t in (k, v))

@@ -150,30 +150,30 @@ def test_packed_values_and_gradients_equal_the_padded_forward(tokenizer):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
 
-@pytest.mark.parametrize("spelling", ["window_size", "is_causal"])
-@pytest.mark.parametrize("gqa_arg", [True, False])
-def test_varlen_call_is_causal_in_either_torch_spelling(monkeypatch, spelling, gqa_arg):
-    """The CUDA path's call into ``varlen_attn``, with a stand-in that implements its documented contract:
-    causal by ``window_size=(-1, 0)`` (torch >= 2.12) or ``is_causal`` (2.10), fewer KV heads only with
-    ``enable_gqa``. Whatever the spelling, the result is the per-row causal attention."""
+def test_flash_call_is_causal_per_row_with_native_grouped_heads(monkeypatch):
+    """The CUDA path's call into aten's flash forward, with a stand-in that implements its contract
+    (positional ``q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask``, ``scale``
+    by keyword, fewer key/value heads than query heads served as they are; a 5-tuple, the output first):
+    no dropout, causal, and keys/values handed over without being repeated per query head."""
     import torch.nn.functional as F
 
     from rlhf_kit.models import varlen
 
-    def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), is_causal=False,
-             enable_gqa=False):  # fmt: skip
-        causal = window_size == (-1, 0) if spelling == "window_size" else is_causal
-        assert k.shape[1] == q.shape[1] or enable_gqa
+    seen = {}
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale=None):
+        seen.update(
+            kv_heads=k.shape[1], dropout=dropout_p, causal=is_causal, debug=return_debug_mask, m=max_q
+        )
         b = cu_q.tolist()
-        return torch.cat([
+        out = torch.cat([
             F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                                           is_causal=causal, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+                                           is_causal=is_causal, scale=scale, enable_gqa=True).transpose(0, 1)
             for s, e in zip(b[:-1], b[1:])
         ])  # fmt: skip
+        return out, None, None, None, None
 
-    args = {"scale", spelling} | ({"enable_gqa"} if gqa_arg else set())
-    monkeypatch.setattr(varlen, "_VARLEN_ARGS", args)
-    monkeypatch.setattr(varlen, "_varlen_attn", fake)
+    monkeypatch.setattr(varlen, "_FLASH_FORWARD", fake)
     g = torch.Generator().manual_seed(0)
     q, k, v = (
         torch.randn(9, 4, 8, generator=g),
@@ -182,6 +182,7 @@ def test_varlen_call_is_causal_in_either_torch_spelling(monkeypatch, spelling, g
     )
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     got = varlen._varlen_causal(q, k, v, cu, 5, 0.3)
+    assert seen == {"kv_heads": 2, "dropout": 0.0, "causal": True, "debug": False, "m": 5}
     want = torch.cat([
         F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1).repeat_interleave(2, 0),
                                        v[s:e].transpose(0, 1).repeat_interleave(2, 0), is_causal=True, scale=0.3).transpose(0, 1)
@@ -190,17 +191,41 @@ def test_varlen_call_is_causal_in_either_torch_spelling(monkeypatch, spelling, g
     torch.testing.assert_close(got, want)
 
 
+def test_flash_call_matches_this_torchs_op_and_differentiates_compiled():
+    """Against the real aten op of the installed torch, on the meta device (shapes, no values; no GPU
+    needed): the call's positional order is the op's schema, autograd has a formula for it that gives
+    grouped key/value heads their own gradient shapes, and it traces whole under ``torch.compile``."""
+    from rlhf_kit.models import varlen
+
+    names = [a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments]
+    assert names[:10] == ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
+                          "is_causal", "return_debug_mask"] and "scale" in names  # fmt: skip
+    meta = {"device": "meta", "dtype": torch.bfloat16, "requires_grad": True}
+    q, k, v = torch.empty(9, 4, 8, **meta), torch.empty(9, 2, 8, **meta), torch.empty(9, 2, 8, **meta)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device="meta")
+    compiled = torch.compile(
+        lambda *a: varlen._varlen_causal(*a, 5, 0.3), fullgraph=True, backend="aot_eager"
+    )
+    for fn in (varlen._varlen_causal, compiled):
+        q.grad = k.grad = v.grad = None
+        args = (q, k, v, cu) if fn is compiled else (q, k, v, cu, 5, 0.3)
+        out = fn(*args)
+        assert out.shape == (9, 4, 8)
+        out.sum().backward()
+        assert (q.grad.shape, k.grad.shape, v.grad.shape) == (q.shape, k.shape, v.shape)
+
+
 def test_packed_pass_in_bf16_on_this_device(tokenizer, monkeypatch):
-    """The dtype and device PPO runs in: bf16, on CUDA when there is one (then through ``varlen_attn``,
+    """The dtype and device PPO runs in: bf16, on CUDA when there is one (then through aten's flash attention,
     forward and backward), else the per-row path. Log-probs and gradients agree with the padded bf16 pass
     to bf16's precision."""
     from rlhf_kit.models import varlen
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     calls = []
-    if varlen._varlen_attn is not None:
-        real = varlen._varlen_attn
-        monkeypatch.setattr(varlen, "_varlen_attn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if varlen._FLASH:
+        real = varlen._FLASH_FORWARD
+        monkeypatch.setattr(varlen, "_FLASH_FORWARD", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = make_causal_lm(tokenizer, seed=6).to(device, torch.bfloat16)
     ids, mask, p = (t.to(device) if torch.is_tensor(t) else t for t in _rows())
     outs, grads = [], []
@@ -259,7 +284,7 @@ def test_auto_packs_only_models_wide_enough_to_gain(tokenizer, monkeypatch):
     from rlhf_kit.models import varlen
 
     cuda_ids = type("Ids", (), {"shape": (2, 11), "device": torch.device("cuda")})()  # for a CUDA batch
-    monkeypatch.setattr(varlen, "_varlen_attn", lambda *a, **k: None)
+    monkeypatch.setattr(varlen, "_flash_device", lambda index: True)
     monkeypatch.setattr(varlen, "_half_compute", lambda model, device_type: True)
     narrow = make_causal_lm(tokenizer)  # hidden 64
     assert varlen._hidden_size(narrow) == narrow.config.hidden_size
