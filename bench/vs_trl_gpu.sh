@@ -470,10 +470,10 @@ if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults 
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s30b ]; then  # session 30: 1) the GPU cases of test_varlen.py (the packed passes call aten's flash
-  # forward directly, not varlen_attn); 2) PPO A (--score-in-update) of this tree against $BASE (.base30 = 95521a5,
+  # forward directly, not varlen_attn), test_logprobs.py (compiled log-probs on CUDA); 2) PPO A (--score-in-update) of this tree against $BASE (.base30 = 95521a5,
   # through varlen_attn), alternating, then TRL 1.12 A; 3) PROF=1: stage s26 (profile, cProfile) on this tree
   check_tree "${BASE:-.base30}"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/models/test_varlen.py 2>&1 | grep -E "Error|^E |passed|failed" | tail -8
+  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/models/test_varlen.py tests/unit/test_logprobs.py tests/unit/test_ppo_score_in_update.py 2>&1 | grep -E "Error|^E |passed|failed" | tail -8
   RUNS=${RUNS:-this_1 base_1 this_2 base_2} TRL=${TRL:-1} BASE=${BASE:-.base30} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
   if [ "${PROF:-1}" = 1 ]; then
     bash "$0" s26 2>&1 | grep -v "^torch \|^name,\|^NVIDIA"

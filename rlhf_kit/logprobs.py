@@ -3,6 +3,8 @@
 A full float32 ``log_softmax`` of ``(b, t, vocab)`` logits costs ``4 * b * t * vocab`` bytes (2 GiB
 for 64 x 256 tokens of a 32k vocabulary). These functions process ``chunk_size`` rows of the
 flattened ``(b * t, vocab)`` view at a time, so the float32 working set is ``chunk_size * vocab``.
+On CUDA (:data:`FUSED`) they run compiled over all rows instead: fused reductions that read the logits
+in their own dtype and hold no float32 copy of them, forward or backward.
 
 Temperature: PPO must score tokens with the same distribution they were sampled from, so logits are
 divided by the sampling temperature before the softmax (Huang et al., "The N Implementation Details
@@ -18,10 +20,58 @@ import torch
 
 DEFAULT_CHUNK = 1024
 
+#: Whether these reductions run as one compiled function over all rows (``torch.compile``: the log-sum-exp,
+#: the label's logit and the entropy in fused passes over the logits, and one fused backward) instead of
+#: the chunked float32 loop. None: where the logits are on CUDA and Triton is present.
+FUSED: bool | None = None
+_COMPILED: dict[str, object] = {}
+
 
 def _chunks(n: int, chunk_size: int):
     for start in range(0, n, chunk_size):
         yield start, min(start + chunk_size, n)
+
+
+def _token_stats(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``logits (N, v)``, ``labels (N,)`` -> float32 ``(N,)`` log-probs of the labels under
+    ``softmax(logits / temperature)`` and, ``with_entropy``, the entropies (else None). Written for
+    ``torch.compile``: eager, it holds float32 copies of the whole ``(N, v)`` block."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(-1, labels[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return lp, None
+    return lp, lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+def _fused(logits: torch.Tensor):
+    """The compiled :func:`_token_stats` where :data:`FUSED` says so for ``logits``, else None."""
+    on = FUSED
+    if on is None:
+        from torch.utils._triton import has_triton
+
+        on = logits.is_cuda and has_triton()
+    if not on:
+        return None
+    fn = _COMPILED.get("token_stats")
+    if fn is None:
+        fn = _COMPILED["token_stats"] = torch.compile(_token_stats)
+    return fn
+
+
+def _fused_stats(fn, logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool):
+    """``fn`` over the flattened ``(b * t, v)`` logits; the row count is symbolic (one graph for every
+    batch), the vocabulary a constant."""
+    b, t, v = logits.shape
+    flat, flat_labels = logits.reshape(b * t, v), labels.reshape(b * t)
+    for x in (flat, flat_labels):
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+    lp, ent = fn(flat, flat_labels, float(temperature), with_entropy)
+    return lp.reshape(b, t), (ent.reshape(b, t) if ent is not None else None)
 
 
 def logprobs_from_logits(
@@ -44,6 +94,9 @@ def logprobs_from_logits(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     b, t, v = logits.shape
+    fn = _fused(logits) if b * t else None
+    if fn is not None:
+        return _fused_stats(fn, logits, labels, temperature, False)[0]
     flat = logits.reshape(b * t, v)
     flat_labels = labels.reshape(b * t)
     out = []
@@ -99,6 +152,9 @@ def logprobs_and_entropy(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     b, t, v = logits.shape
+    fn = _fused(logits) if b * t else None
+    if fn is not None:
+        return _fused_stats(fn, logits, labels, temperature, True)
     flat = logits.reshape(b * t, v)
     flat_labels = labels.reshape(b * t)
     lps, ents = [], []
