@@ -103,6 +103,10 @@ def _models(config: str, tok: Any, device: torch.device, train_dtype: torch.dtyp
 def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    import rlhf_kit.logprobs
+
+    rlhf_kit.logprobs.FUSED = {"auto": None, "on": True, "off": False}[args.fused_logprobs]
+
     from rlhf_kit.data import PromptCollator
     from rlhf_kit.generation import CompiledBackend, SamplingParams, decode_kernel
     from rlhf_kit.generation.resharding import iter_full_params
@@ -262,6 +266,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["optimizer"] = kind
     res["old_logprobs"] = args.old_logprobs
     res["packed_passes"] = args.packed_passes
+    res["fused_logprobs"] = args.fused_logprobs
     res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
     res["keep_cache"] = bool(args.keep_cache)
@@ -583,6 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
         "auto, as in the recipe: on CUDA",
     )  # fmt: skip
     ap.add_argument(
+        "--fused-logprobs", choices=["auto", "on", "off"], default="auto",
+        help="ours: log-probs and entropies through one compiled function (rlhf_kit.logprobs.FUSED; auto: on CUDA)",
+    )  # fmt: skip
+    ap.add_argument(
         "--score-in-update", action="store_true",
         help="ours: the update's forward scores the rollout (ExperienceConfig.score_in_update, the recipe's flag)",
     )  # fmt: skip
@@ -667,6 +676,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         str(args.decode_chains),
         "--cprofile",
         str(args.cprofile),
+        "--fused-logprobs",
+        args.fused_logprobs,
     ]
     for config in args.configs:
         entry: dict[str, Any] = {"config": config}

@@ -442,7 +442,8 @@ if [ "$phase" = s26b ]; then  # session 26: this tree (GAE as one product per 25
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 16 --sync-report --timeout 150"
   for run in ${RUNS:-base_1 this_1 base_2 this_2 base_3 this_3}; do
     tree=$([ "${run%_*}" = base ] && echo "${BASE:-.base26}" || echo .)
-    python3 "$tree/bench/ppo_vs_trl.py" $A --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
+    extra=$([ "${run%_*}" = nofuse ] && echo "--fused-logprobs off")  # session 30: this tree, log-probs unfused
+    python3 "$tree/bench/ppo_vs_trl.py" $A $extra --work $WORK/a_$run --out "$OUT/a64_$run" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/$run /"
   done
   [ "${TRL:-1}" = 1 ] && python3 bench/ppo_vs_trl.py --configs A --systems trl --trl-site /tmp/site112 --micro 64 --steps 8 --timeout 150 --work $WORK/a_trl --out "$OUT/a64_trl" 2>&1 | grep -E "^\| A" | sed "s/^/trl /"
   ppo_summary "a64_*"
@@ -471,10 +472,10 @@ if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults 
 fi
 if [ "$phase" = s30b ]; then  # session 30: 1) the GPU cases of test_varlen.py (the packed passes call aten's flash
   # forward directly, not varlen_attn), test_logprobs.py (compiled log-probs on CUDA); 2) PPO A (--score-in-update) of this tree against $BASE (.base30 = 95521a5,
-  # through varlen_attn), alternating, then TRL 1.12 A; 3) PROF=1: stage s26 (profile, cProfile) on this tree
+  # through varlen_attn) and this tree with the log-probs unfused (nofuse), alternating, then TRL 1.12 A; 3) PROF=1: stage s26 (profile, cProfile) on this tree
   check_tree "${BASE:-.base30}"
   timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/models/test_varlen.py tests/unit/test_logprobs.py tests/unit/test_ppo_score_in_update.py 2>&1 | grep -E "Error|^E |passed|failed" | tail -8
-  RUNS=${RUNS:-this_1 base_1 this_2 base_2} TRL=${TRL:-1} BASE=${BASE:-.base30} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
+  RUNS=${RUNS:-this_1 base_1 nofuse_1 this_2 base_2} TRL=${TRL:-1} BASE=${BASE:-.base30} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
   if [ "${PROF:-1}" = 1 ]; then
     bash "$0" s26 2>&1 | grep -v "^torch \|^name,\|^NVIDIA"
     python3 -c "import json; print('\n'.join(json.load(open('$OUT/a64_prof/ppo_vs_trl.json'))['configs'][0]['ours']['cprofile'].get('named_modules_callers', [])[:40]))"
