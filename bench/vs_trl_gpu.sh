@@ -58,7 +58,8 @@
 #   bash bench/vs_trl_gpu.sh s29  # session 29, branch decode-gemm: the decode-GEMM kernel (tests, alone against cuBLAS, in generation)
 #   bash bench/vs_trl_gpu.sh s29b # session 29: PPO A at the defaults, then TRL A
 #   bash bench/vs_trl_gpu.sh s30  # for the next call: PPO A and TRL A alternating, PAIRS=3 pairs (about 420 s)
-#   bash bench/vs_trl_gpu.sh s30c # session 30: the decode kernel's first cache block prefetched before the PDL wait
+#   bash bench/vs_trl_gpu.sh s30c # session 30, at b0475b9 only (reverted after): the decode kernel's first cache block
+#                                 # prefetched before the PDL wait
 #   bash bench/vs_trl_gpu.sh s30b # session 30: the varlen tests on the GPU; PPO A, this tree against $BASE (.base30),
 #                                 # alternating, then TRL A; PROF=1 adds stage s26 (carry .whl .whl112 .base30)
 #   bash bench/vs_trl_gpu.sh s28c # session 28: generation with two decode chains; PPO A (defaults, then 2 chains), TRL A
@@ -471,7 +472,8 @@ if [ "$phase" = s28 ]; then  # session 28: 1) generation A and 1B: the defaults 
   RUNS=${RUNS:-base_1 this_1 base_2 this_2} TRL=${TRL:-0} BASE=${BASE:-.base28} bash "$0" s26b 2>&1 | grep -E "^(base|this|trl)_?|median"
   rm -f "$OUT"/*/*.md; exit 0
 fi
-if [ "$phase" = s30c ]; then  # session 30: the decode kernel with its first block of cached keys and values loaded
+if [ "$phase" = s30c ]; then  # session 30, at b0475b9 (the setting was reverted after this stage measured it slower):
+  # the decode kernel with its first block of cached keys and values loaded
   # before the PDL wait (CONFIG PREFETCH), against the defaults (no PDL) and PDL alone: the kernel's GPU tests, then
   # generation A and 1B, the three in one process (carry .whl .whl112)
   timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/unit/generation/test_decode_kernel.py 2>&1 | grep -E "Error|^E |passed|failed" | tail -8

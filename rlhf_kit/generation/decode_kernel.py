@@ -33,12 +33,9 @@ AVAILABLE = triton is not None
 # Launch settings: slots per loop iteration, warps and software-pipelining stages (Triton's default 3),
 # how the two products run (``MODES``), and whether the kernel is launched as a programmatic dependent
 # launch (``PDL``, Hopper and later: it may start while the kernel before it drains, and waits for that
-# kernel's writes with ``griddepcontrol.wait`` before its first load). ``PREFETCH`` loads the first block of
-# cached keys and values before that wait (no kernel of the current step writes them: earlier steps did), so
-# with ``PDL`` those loads overlap the previous kernel's tail; the wait still comes before everything else
-# (the query, the new key and value, ``pos``, the mask). These are the settings measured in
-# docs/benchmarks.md; bench/decode_attention.py times the alternatives.
-CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "MODE": "native", "PDL": False, "PREFETCH": False}
+# kernel's writes with ``griddepcontrol.wait`` before its first load). These are the settings measured in docs/benchmarks.md;
+# bench/decode_attention.py times the alternatives.
+CONFIG = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3, "MODE": "native", "PDL": False}
 
 # "tf32": tensor-core products on float32 operands at TF32 precision (exact for bf16/fp16 inputs; the
 # query rows padded to 16); "native": tensor-core products on the input dtype with float32 accumulation,
@@ -53,63 +50,23 @@ _MODE_ID = {m: i for i, m in enumerate(MODES)}
 if AVAILABLE:
 
     @triton.jit
-    def _block(q, q32, k, v, n, live, m_i, l_i, acc, mask_ptr, row, sm_b, scale,
-               HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr, LOAD_V: tl.constexpr):  # fmt: skip
-        """One block of slots ``n`` (``live`` of them before ``pos``) into the online softmax: returns the
-        new running max, sum and unnormalised output. ``LOAD_V``: ``v`` holds the values' addresses, loaded
-        once the scores are known; else the values themselves. Dead slots' keys and values may hold
-        anything (the scores and the values are masked)."""
-        if MODE == 0:
-            s = tl.dot(q32, tl.trans(k.to(tl.float32)), input_precision=PRECISION)  # (GP, BLOCK_N)
-        elif MODE == 1:
-            s = tl.dot(q, tl.trans(k))
-        else:
-            s = tl.sum(q32[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-        s = s * scale
-        if HAS_MASK:
-            s += tl.load(mask_ptr + row * sm_b + n, mask=live, other=0.0).to(tl.float32)[None, :]
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if LOAD_V:
-            v = tl.load(v, mask=live[:, None], other=0.0)
-        else:
-            v = tl.where(live[:, None], v, 0.0)  # a dead slot's value must not reach acc (0 * NaN)
-        if MODE == 0:
-            pv = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)  # (GP, D)
-        elif MODE == 1:
-            pv = tl.dot(p.to(v.dtype), v)
-        else:
-            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        return m_new, l_i, acc * alpha[:, None] + pv
-
-    @triton.jit
     def _decode_attention_kernel(
-        q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, mask_ptr, pos_ptr, start_ptr, cos_ptr, sin_ptr, out_ptr, scale, L,
+        q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, mask_ptr, pos_ptr, start_ptr, cos_ptr, sin_ptr, out_ptr, scale,
         sq_b, sq_h, sq_g, skn_b, skn_h, svn_b, svn_h, sc_b, sc_h, sc_l, sm_b, scos_b, ssin_b, so_b, so_h, so_g,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
         HAS_START: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
-        PDL: tl.constexpr, PREFETCH: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:  # launched early: every input may still be in flight from the kernel before
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a large cache passes 2**31 elements
         head = tl.program_id(1).to(tl.int64)
-        d = tl.arange(0, D)
-        cache = row * sc_b + head * sc_h
-        lo = 0
-        if PREFETCH:  # the first block of cached slots, before the wait: only earlier steps wrote them
-            if HAS_START:  # (the row starts are set before decoding begins)
-                lo = tl.load(start_ptr + row).to(tl.int32)
-            n0 = lo + tl.arange(0, BLOCK_N)
-            k0 = tl.load(kc_ptr + cache + n0[:, None] * sc_l + d[None, :], mask=(n0 < L)[:, None], other=0.0)
-            v0 = tl.load(vc_ptr + cache + n0[:, None] * sc_l + d[None, :], mask=(n0 < L)[:, None], other=0.0)
-        if PDL:  # launched early: every other input may still be in flight from the kernel before
-            tl.extra.cuda.gdc_wait()
         pos = tl.load(pos_ptr)
-        if HAS_START and not PREFETCH:
+        lo = 0
+        if HAS_START:
             lo = tl.load(start_ptr + row).to(tl.int32)
         g = tl.arange(0, GP)
+        d = tl.arange(0, D)
         q_at = q_ptr + row * sq_b + head * sq_h + g[:, None] * sq_g
         q = tl.load(q_at + d[None, :], mask=g[:, None] < G, other=0.0)
         k_new = tl.load(kn_ptr + row * skn_b + head * skn_h + d)
@@ -129,19 +86,34 @@ if AVAILABLE:
         m_i = tl.sum(q32 * k_new.to(tl.float32)[None, :], axis=1) * scale  # (GP,)
         l_i = tl.full((GP,), 1.0, tl.float32)
         acc = tl.zeros((GP, D), tl.float32) + v_new.to(tl.float32)[None, :]
-        first = lo
-        if PREFETCH:
-            if lo < pos:
-                m_i, l_i, acc = _block(q, q32, k0, v0, n0, n0 < pos, m_i, l_i, acc, mask_ptr, row, sm_b, scale,
-                                       HAS_MASK, PRECISION, MODE, False)  # fmt: skip
-            first = lo + BLOCK_N
-        for start in range(first, pos, BLOCK_N):  # slots before the row's first token (left padding) skipped
+        cache = row * sc_b + head * sc_h
+        for start in range(lo, pos, BLOCK_N):  # slots before the row's first token (left padding) skipped
             n = start + tl.arange(0, BLOCK_N)
             live = n < pos
             k = tl.load(kc_ptr + cache + n[:, None] * sc_l + d[None, :], mask=live[:, None], other=0.0)
-            v = vc_ptr + cache + n[:, None] * sc_l + d[None, :]  # loaded in _block, after the scores
-            m_i, l_i, acc = _block(q, q32, k, v, n, live, m_i, l_i, acc, mask_ptr, row, sm_b, scale,
-                                   HAS_MASK, PRECISION, MODE, True)  # fmt: skip
+            if MODE == 0:
+                s = tl.dot(q32, tl.trans(k.to(tl.float32)), input_precision=PRECISION)  # (GP, BLOCK_N)
+            elif MODE == 1:
+                s = tl.dot(q, tl.trans(k))
+            else:
+                s = tl.sum(q32[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+            s = s * scale
+            if HAS_MASK:
+                s += tl.load(mask_ptr + row * sm_b + n, mask=live, other=0.0).to(tl.float32)[None, :]
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(vc_ptr + cache + n[:, None] * sc_l + d[None, :], mask=live[:, None], other=0.0)
+            if MODE == 0:
+                pv = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)  # (GP, D)
+            elif MODE == 1:
+                pv = tl.dot(p.to(v.dtype), v)
+            else:
+                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
         out = acc / l_i[:, None]
         tl.store(out_ptr + row * so_b + head * so_h + g[:, None] * so_g + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=g[:, None] < G)  # fmt: skip
@@ -218,7 +190,6 @@ def decode_attention(
     cfg = dict(CONFIG)
     mode = cfg.pop("MODE", "tf32")
     pdl = bool(cfg.pop("PDL", False)) and pdl_capable(query.device)
-    cfg["PREFETCH"] = bool(cfg.get("PREFETCH", False))
     interpreted_bf16 = query.dtype == torch.bfloat16 and query.device.type == "cpu"
     if query.dtype == torch.float32 or (mode == "native" and interpreted_bf16):
         mode = "tf32"
@@ -231,7 +202,6 @@ def decode_attention(
     c, s_ = (cos, sin) if cos is not None else (out, out)  # placeholders, never read
     _decode_attention_kernel[(b, kv)](
         query, key, value, k_cache, v_cache, m, pos, pos if start is None else start, c, s_, out, scale,
-        k_cache.shape[2],
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         m.stride(0), c.stride(0), s_.stride(0), out.stride(0), out.stride(1), out.stride(2),
