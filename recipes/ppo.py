@@ -218,8 +218,7 @@ class PPOConfig(TrainingOptions, EstimatorOptions):
     compile_blocks: Literal["auto", "on", "off"] = "auto"
     """torch.compile each transformer block of the four models: fused kernels per layer, tens of seconds of
     compilation at the first step. auto: on with one CUDA GPU, all weights trained, no FSDP and no gradient
-    checkpointing; off on CPU, where compiling costs more than it saves. off: nothing is compiled, not even
-    the log-probs' fused function (compiled on CUDA otherwise)."""
+    checkpointing; off on CPU, where compiling costs more than it saves. off: the log-probs uncompiled too."""
     generation_cache: Literal["auto", "keep", "release"] = "auto"
     """The compiled backend's KV cache and CUDA graphs between rollouts: keep (no re-capture each step),
     release (memory back to training), auto (keep when they take <= 5% of the GPU, release with offloading)."""
@@ -245,8 +244,7 @@ MAY_CHANGE = ("offload_idle_models", "offload_optimizer", "generation_cache")
 
 def validate(cfg: PPOConfig, world_size: int) -> int:
     """Check the configuration before loading anything and settle ``--mixed-precision auto``'s master
-    weights (:func:`rlhf_kit.training.options.settle_ppo_master_weights`) and whether the log-probs run
-    compiled (:data:`rlhf_kit.logprobs.FUSED`); returns gradient accumulation."""
+    weights (:func:`rlhf_kit.training.options.settle_ppo_master_weights`); returns gradient accumulation."""
     from rlhf_kit.training.batching import resolve_batch_sizes
     from rlhf_kit.training.metrics import check_report_to
     from rlhf_kit.training.run import check_numbers
@@ -263,9 +261,6 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
     if note:  # only ever with one process
         print(note)
     compiled = resolve_compile_blocks(cfg.compile_blocks, cfg, world_size=world_size, fsdp=cfg.fsdp)
-    import rlhf_kit.logprobs  # off: no torch.compile in the run, the log-probs' compiled function included
-
-    rlhf_kit.logprobs.FUSED = False if cfg.compile_blocks == "off" else None
     if compiled and cfg.compile_blocks == "auto":
         print(
             "--compile-blocks auto: every transformer block compiled, the first step pays it (--compile-blocks off)"

@@ -170,7 +170,12 @@ def settle_ppo_master_weights(
 
 def resolve_compile_blocks(choice: str, opts: TrainingOptions, *, world_size: int, fsdp: bool) -> bool:
     """PPO's ``--compile-blocks auto|on|off``: auto compiles on one CUDA GPU with all weights trained, no
-    FSDP and no gradient checkpointing (where compiled blocks were measured to win); CPU never gains."""
+    FSDP and no gradient checkpointing (where compiled blocks were measured to win); CPU never gains.
+    ``off`` keeps ``torch.compile`` out of the run: it turns the log-probs' compiled function off too
+    (:data:`rlhf_kit.logprobs.FUSED`), which any other choice leaves to its default (on CUDA)."""
+    import rlhf_kit.logprobs
+
+    rlhf_kit.logprobs.FUSED = False if choice == "off" else None
     if choice in ("on", "off"):
         return choice == "on"
     if choice != "auto":

@@ -398,17 +398,3 @@ def test_runs_on_a_checkpoint_set_up_like_a_real_one(independent_runs):
     kl = series(rows, "kl/seq_mean")
     assert len(kl) == 2 and abs(kl[0]) < 1e-5, kl
     assert all(abs(v) < 1e30 for r in rows for v in r.values() if isinstance(v, float))
-
-
-def test_compile_blocks_off_keeps_the_log_probs_uncompiled(monkeypatch):
-    """``--compile-blocks off`` means no ``torch.compile`` in the run: ``validate`` turns the log-probs'
-    compiled function off; any other choice leaves it to its default (compiled where the logits are on
-    CUDA)."""
-    import rlhf_kit.logprobs
-    from recipes.ppo import PPOConfig, validate
-
-    monkeypatch.setattr(rlhf_kit.logprobs, "FUSED", True)
-    validate(PPOConfig(compile_blocks="off"), world_size=1)
-    assert rlhf_kit.logprobs.FUSED is False
-    validate(PPOConfig(compile_blocks="auto"), world_size=1)
-    assert rlhf_kit.logprobs.FUSED is None

@@ -97,8 +97,11 @@ def test_ppo_auto_picks_master_weights_only_where_they_apply(bf16_gpu, monkeypat
 
 
 def test_compile_blocks_auto_compiles_on_one_gpu_only(bf16_gpu, monkeypatch):
+    import rlhf_kit.logprobs
     from rlhf_kit.errors import ConfigError
     from rlhf_kit.training.options import resolve_compile_blocks
+
+    monkeypatch.setattr(rlhf_kit.logprobs, "FUSED", None)  # "off" below sets it: restored after the test
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
 
@@ -119,3 +122,18 @@ def test_compile_blocks_auto_compiles_on_one_gpu_only(bf16_gpu, monkeypatch):
     assert resolve_compile_blocks("off", TrainingOptions(), world_size=4, fsdp=True) is False
     with pytest.raises(ConfigError, match="auto, on or off"):
         resolve_compile_blocks("yes", TrainingOptions(), world_size=1, fsdp=False)
+
+
+def test_compile_blocks_off_keeps_the_log_probs_uncompiled_too(monkeypatch):
+    """``--compile-blocks off`` keeps ``torch.compile`` out of the whole run: the log-probs' compiled
+    function goes off with it; any other choice leaves that function to its default (on CUDA)."""
+    import rlhf_kit.logprobs
+    from rlhf_kit.training.options import resolve_compile_blocks
+
+    monkeypatch.setattr(rlhf_kit.logprobs, "FUSED", True)  # restored after the test
+    resolve_compile_blocks("off", TrainingOptions(), world_size=1, fsdp=False)
+    assert rlhf_kit.logprobs.FUSED is False
+    for choice in ("on", "auto"):
+        monkeypatch.setattr(rlhf_kit.logprobs, "FUSED", False)
+        resolve_compile_blocks(choice, TrainingOptions(), world_size=1, fsdp=False)
+        assert rlhf_kit.logprobs.FUSED is None
