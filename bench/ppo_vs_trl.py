@@ -286,6 +286,8 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["train_mfu"] = res["train_tflops_per_s"] / peak
     if args.profile and device.type == "cuda":
         res["profile"] = profile_step(one_step, args.steps, device, clock)
+    if args.trace_gaps and device.type == "cuda":
+        res["trace_gaps"] = profile_step(one_step, args.steps + 3, device, clock, stack=True)
     if args.sync_report and device.type == "cuda":
         res["syncs"] = sync_report(one_step, args.steps + 1, clock)
     if args.cprofile:
@@ -347,14 +349,41 @@ def sync_report(one_step, step: int, clock: PhaseClock) -> dict[str, Any]:
     return {"total": len(seen), "per_phase": dict(collections.Counter(phase)), "top": where.most_common(20)}
 
 
-def profile_step(one_step, step: int, device: torch.device, clock: PhaseClock) -> dict[str, Any]:
-    """One extra step under ``torch.profiler``: the top CUDA kernels by total device time, and per phase
-    the device-busy seconds, kernel count and top kernels (:func:`phase_device_times`)."""
+def trace_gaps(prof, names: list[str]) -> dict[str, Any]:
+    """:func:`bench.trace_gaps.gap_report` of a finished profile (its chrome trace written to a temporary
+    file and read back), the ``phase#i`` ranges renamed after ``names``."""
+    import tempfile
+
+    from bench.trace_gaps import gap_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            rep = gap_report(json.load(f))
+    rep["phases"] = {names[int(k.split("#")[1])] if int(k.split("#")[1]) < len(names) else k: v
+                     for k, v in rep["phases"].items()}  # fmt: skip
+    for g in rep["largest"]:
+        i = int(g["phase"].split("#")[1])
+        g["phase"] = names[i] if i < len(names) else g["phase"]
+    return rep
+
+
+def profile_step(
+    one_step, step: int, device: torch.device, clock: PhaseClock, stack: bool = False
+) -> dict[str, Any]:
+    """One extra step under ``torch.profiler``: the top CUDA kernels by total device time, per phase the
+    device-busy seconds, kernel count and top kernels (:func:`phase_device_times`), and the device's idle
+    gaps (:func:`trace_gaps`; with ``stack``, charged to the host's Python stacks, which the profiler's
+    Python tracer slows)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=stack) as prof:
         one = one_step(step)
     sync(device)
+    gaps = trace_gaps(prof, list(clock.laps))
+    if stack:
+        return {"step_s": one["step_s"], "phases_s": one["phases_s"], "gaps": gaps}
     phases = phase_device_times(prof, clock.laps)
     events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
@@ -364,7 +393,7 @@ def profile_step(one_step, step: int, device: torch.device, clock: PhaseClock) -
         for e in events[:25]
     ]
     return {"step_s": one["step_s"], "phases_s": one["phases_s"], "device_busy_s": total, "top_kernels": top,
-            "phases": phases}  # fmt: skip
+            "phases": phases, "gaps": gaps}  # fmt: skip
 
 
 def summarize(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
@@ -549,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--profile", action="store_true", help="ours: one more step under torch.profiler")
     ap.add_argument(
+        "--trace-gaps", action="store_true",
+        help="ours: one more step profiled with Python stacks; the device's idle gaps charged to them",
+    )  # fmt: skip
+    ap.add_argument(
         "--sync-report", action="store_true",
         help="ours: one more step under CUDA sync debug mode: the host's waits per phase and source line",
     )  # fmt: skip
@@ -653,6 +686,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         passthrough.append("--profile")
     if args.sync_report:
         passthrough.append("--sync-report")
+    if args.trace_gaps:
+        passthrough.append("--trace-gaps")
     if args.offload_idle:
         passthrough.append("--offload-idle")
     flags = (

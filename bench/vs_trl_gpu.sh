@@ -60,6 +60,8 @@
 #   bash bench/vs_trl_gpu.sh s30  # for the next call: PPO A and TRL A alternating, PAIRS=3 pairs (about 420 s)
 #   bash bench/vs_trl_gpu.sh s30c # session 30, at b0475b9 only (reverted after): the decode kernel's first cache block
 #                                 # prefetched before the PDL wait
+#   bash bench/vs_trl_gpu.sh s31  # session 31: PPO A and B profiled, the device's idle gaps charged to the host's Python
+#                                 # stacks (bench/trace_gaps.py); WS=1 (default) adds the recipe's warm start (carry .whl .whl112)
 #   bash bench/vs_trl_gpu.sh s30b # session 30: the varlen tests on the GPU; PPO A, this tree against $BASE (.base30),
 #                                 # alternating, then TRL A; PROF=1 adds stage s26 (carry .whl .whl112 .base30)
 #   bash bench/vs_trl_gpu.sh s28c # session 28: generation with two decode chains; PPO A (defaults, then 2 chains), TRL A
@@ -482,6 +484,38 @@ if [ "$phase" = s30c ]; then  # session 30, at b0475b9 (the setting was reverted
     --warmup 1 --runs 5 --out "$OUT/gen" > "$OUT/gen.log" 2>&1
   echo "gen rc=$?"
   gen_summary "$OUT/gen/generation.json" gen
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s31 ]; then  # session 31: where the device waits. PPO A (--score-in-update) and B (8-bit, micro 32),
+  # ours, each with one step profiled plainly and one with Python stacks (--profile --trace-gaps: the idle gaps of each
+  # phase charged to the host's stacks, bench/trace_gaps.py); WS=1 adds the recipe's warm start (auto_cold, auto_warm)
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 8 --timeout 240"
+  B="--configs B --systems ours --keep-cache --compile-blocks --optimizer adamw8bit --micro 32 --steps 6 --timeout 240"
+  for run in ${GAP_RUNS:-a b}; do
+    args=$([ $run = a ] && echo "$A" || echo "$B")
+    python3 bench/ppo_vs_trl.py $args --profile --trace-gaps --work $WORK/g_$run --out "$OUT/gaps_$run" 2>&1 | grep -E "^\| [AB] \| ours \|" | sed "s/^/$run /"
+    python3 - "$OUT/gaps_$run/ppo_vs_trl.json" <<'PY'
+import json, sys
+o = json.load(open(sys.argv[1]))["configs"][0]["ours"]
+if o.get("error"):
+    sys.exit(print(o["error"][-800:]))
+print("median", round(o["median_step_s"], 4), o["median_phases_s"])
+for key in ("profile", "trace_gaps"):
+    g = o.get(key, {}).get("gaps")
+    if not g:
+        continue
+    print(key, "step", round(o[key]["step_s"], 4))
+    for ph, v in g["phases"].items():
+        print("  ", ph, {k: v[k] for k in ("wall_us", "busy_us", "host_us", "queued_us", "tail_us", "gaps", "gaps_ge_min")})
+    for name in ("host_stacks", "host_ops", "queued_stacks", "largest"):
+        print("  ", name)
+        for row in g[name][:12 if key == "profile" else 25]:
+            print("     ", row)
+PY
+  done
+  if [ "${WS:-1}" = 1 ]; then
+    RUNS="auto_cold auto_warm" OUT=$OUT/ws bash bench/warm_start_gpu.sh 2>&1 | grep -E "^\|" | head -8
+  fi
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s30b ]; then  # session 30: 1) the GPU cases of test_varlen.py (the packed passes call aten's flash
