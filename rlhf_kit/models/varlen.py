@@ -78,24 +78,53 @@ def _submodules(model: nn.Module) -> Iterator[nn.Module]:
         stack.extend(c for c in m._modules.values() if c is not None)
 
 
-def _configs(model: nn.Module) -> dict[int, Any]:
-    """Every distinct config object in ``model`` (a wrapper and its backbone may hold the same one): a
-    module's own ``config`` attribute, or a ``config`` property of its class."""
-    out: dict[int, Any] = {}
+@dataclass
+class _Walk:
+    """What one walk of a model finds (:func:`_walk`)."""
+
+    configs: dict[int, Any]  # every distinct config object, by id
+    fsdp: nn.Module | None  # the first FSDP2 module met, root first
+    checkpointed: list[nn.Module]  # layers under transformers' gradient checkpointing
+
+
+def _walk(model: nn.Module) -> _Walk:
+    """One walk of ``model``'s modules for everything a packed forward asks: its configs (a wrapper and its
+    backbone may hold the same one; a module's own ``config`` attribute, or a ``config`` property of its
+    class), its first FSDP2 module, and its gradient-checkpointed layers (transformers sets both attributes
+    on the layer itself). A packed forward walks twice (:func:`use_packed`, :func:`packed_attention`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    configs: dict[int, Any] = {}
+    fsdp = None
+    checkpointed = []
     for m in _submodules(model):
-        cfg = vars(m).get("config")
+        own = vars(m)
+        cfg = own.get("config")
         if cfg is None and isinstance(getattr(type(m), "config", None), property):
             cfg = m.config
         if cfg is not None:
-            out[id(cfg)] = cfg
-    return out
+            configs[id(cfg)] = cfg
+        if fsdp is None and isinstance(m, FSDPModule):
+            fsdp = m
+        if own.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in own:
+            checkpointed.append(m)
+    return _Walk(configs, fsdp, checkpointed)
+
+
+def _configs(model: nn.Module) -> dict[int, Any]:
+    """Every distinct config object in ``model`` (:func:`_walk`)."""
+    return _walk(model).configs
 
 
 def unsupported_reason(model: nn.Module, width: int) -> str | None:
     """Why ``model`` cannot run packed rows of up to ``width`` tokens exactly, or None when it can: its
     model type is not among :data:`PACKED_MODEL_TYPES`, or a sliding window shorter than ``width`` is on
     (the packed attention is plainly causal)."""
-    for cfg in _configs(model).values():
+    return _unsupported(_configs(model), width)
+
+
+def _unsupported(configs: dict[int, Any], width: int) -> str | None:
+    for cfg in configs.values():
         kind = getattr(cfg, "model_type", None)
         if kind not in PACKED_MODEL_TYPES:
             return f"model type {kind!r} is not verified for packed passes ({', '.join(PACKED_MODEL_TYPES)})"
@@ -115,7 +144,8 @@ def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -
         return False
     if setting not in (True, "on", "auto"):
         raise ValueError(f"packed must be 'auto', 'on' or 'off' (or a bool), got {setting!r}")
-    reason = unsupported_reason(model, input_ids.shape[1])
+    found = _walk(model)
+    reason = _unsupported(found.configs, input_ids.shape[1])
     if setting != "auto":
         if reason:
             raise ValueError(f"packed passes are on, but {reason}")
@@ -123,7 +153,7 @@ def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -
     dev = input_ids.device
     if reason is not None or dev.type != "cuda" or not _flash_device(dev.index):
         return False
-    return _hidden_size(model) >= PACKED_AUTO_MIN_HIDDEN and _half_compute(model, dev.type)
+    return _hidden_size(found.configs) >= PACKED_AUTO_MIN_HIDDEN and _half_compute(model, found, dev.type)
 
 
 #: ``"auto"`` packs models at least this wide (``hidden_size``). Narrower ones run launch-bound kernels,
@@ -133,24 +163,21 @@ def use_packed(setting: bool | str, model: nn.Module, input_ids: torch.Tensor) -
 PACKED_AUTO_MIN_HIDDEN = 1024
 
 
-def _hidden_size(model: nn.Module) -> int:
-    """The widest ``hidden_size`` (or GPT-2's ``n_embd``) among ``model``'s configs (0 if none names one)."""
-    sizes = [getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0) for c in _configs(model).values()]
+def _hidden_size(configs: dict[int, Any]) -> int:
+    """The widest ``hidden_size`` (or GPT-2's ``n_embd``) among ``configs`` (0 if none names one)."""
+    sizes = [getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0) for c in configs.values()]
     return max([int(s) for s in sizes if isinstance(s, int)], default=0)
 
 
-def _half_compute(model: nn.Module, device_type: str) -> bool:
+def _half_compute(model: nn.Module, found: _Walk, device_type: str) -> bool:
     """Whether the attention will see bf16/fp16: autocast, an FSDP2 mixed-precision policy that computes in
     half precision (its parameters stay fp32 shards), or half-precision weights."""
     half = (torch.bfloat16, torch.float16)
     if torch.is_autocast_enabled(device_type):
         return True
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in _submodules(model):
-        if isinstance(m, FSDPModule):
-            policy = getattr(m._get_fsdp_state(), "_mp_policy", None)
-            return getattr(policy, "param_dtype", None) in half
+    if found.fsdp is not None:
+        policy = getattr(found.fsdp._get_fsdp_state(), "_mp_policy", None)
+        return getattr(policy, "param_dtype", None) in half
     return next(model.parameters()).dtype in half
 
 
@@ -359,11 +386,8 @@ def packed_attention(model: nn.Module, implementation: str = IMPLEMENTATION) -> 
     ``implementation`` again for the recomputation of a layer run here (exact gradients, reentrant or
     not)."""
     register()
-    configs = _configs(model)
-    layers = [  # transformers sets both on the layer itself when checkpointing is enabled
-        m for m in _submodules(model)
-        if vars(m).get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in vars(m)
-    ]  # fmt: skip
+    found = _walk(model)
+    configs, layers = found.configs, found.checkpointed
     saved = [m._gradient_checkpointing_func for m in layers]
     try:
         for m in layers:
