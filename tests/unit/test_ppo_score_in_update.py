@@ -80,9 +80,12 @@ def test_scoring_in_the_update_equals_scoring_first(tokenizer, four_models, micr
     for p1, p2 in zip([*a1.parameters(), *c1.parameters()], [*a2.parameters(), *c2.parameters()]):
         torch.testing.assert_close(p2, p1, rtol=1e-8, atol=1e-10)
     assert not torch.allclose(next(a2.parameters()), next(actor.parameters()))  # it did train
-    for k in ("kl/seq_mean", "reward/score_mean", "reward/shaped_return_mean", "advantages/std"):
+    for k in ("kl/seq_mean", "reward/score_mean", "reward/shaped_return_mean"):
         assert s2[k] == pytest.approx(first_stats[k], rel=1e-8, abs=1e-12), k
-    # summed in float32, over the rows in the update's (length-sorted) order
+    # summed in float32, over the rows in the update's (length-sorted) order: the whitened advantages' std is
+    # 1 to float32's precision either way (its last bit depends on the machine's summation kernels: 1.0 on
+    # earlier sessions' machines, 0.99999994 on an AMD EPYC)
+    assert s2["advantages/std"] == pytest.approx(first_stats["advantages/std"], rel=1e-6)
     assert s2["values/explained_variance"] == pytest.approx(
         first_stats["values/explained_variance"], rel=1e-5
     )
