@@ -92,7 +92,10 @@ def _walk(model: nn.Module) -> _Walk:
     backbone may hold the same one; a module's own ``config`` attribute, or a ``config`` property of its
     class), its first FSDP2 module, and its gradient-checkpointed layers (transformers sets both attributes
     on the layer itself). A packed forward walks twice (:func:`use_packed`, :func:`packed_attention`)."""
-    from torch.distributed.fsdp import FSDPModule
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed support has no FSDP2 module to find
+        FSDPModule = ()  # noqa: N806  (isinstance against no class: never true)
 
     configs: dict[int, Any] = {}
     fsdp = None

@@ -487,6 +487,19 @@ def test_a_packed_forward_walks_the_model_twice(tokenizer, monkeypatch):
     assert len(walks) == 1
 
 
+def test_the_walk_needs_no_distributed_build(tokenizer, monkeypatch):
+    """On a torch build without distributed support (``torch.distributed.fsdp`` does not import) the walk
+    still finds the configs and finds no FSDP2 module."""
+    import sys
+
+    from rlhf_kit.models import varlen
+
+    model = make_causal_lm(tokenizer)
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)  # makes the import raise ImportError
+    found = varlen._walk(model)
+    assert found.fsdp is None and list(found.configs) == [id(model.config)]
+
+
 def test_sft_loss_of_a_host_batch_finds_the_row_boundaries_on_the_host(tokenizer, monkeypatch):
     """``lm_loss(..., device=)`` takes the collator's host batch: the packed row's boundaries come from the
     host position ids (no read of the device), the copy goes to the device, and the loss is the same."""
