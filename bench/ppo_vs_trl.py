@@ -356,16 +356,18 @@ def trace_gaps(prof, names: list[str]) -> dict[str, Any]:
 
     from bench.trace_gaps import gap_report
 
+    def named(phase: str) -> str:  # "phase#i" -> names[i]
+        i = int(phase.split("#")[1])
+        return names[i] if i < len(names) else phase
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             rep = gap_report(json.load(f))
-    rep["phases"] = {names[int(k.split("#")[1])] if int(k.split("#")[1]) < len(names) else k: v
-                     for k, v in rep["phases"].items()}  # fmt: skip
+    rep["phases"] = {named(k): v for k, v in rep["phases"].items()}
     for g in rep["largest"]:
-        i = int(g["phase"].split("#")[1])
-        g["phase"] = names[i] if i < len(names) else g["phase"]
+        g["phase"] = named(g["phase"])
     return rep
 
 

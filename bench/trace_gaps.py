@@ -49,11 +49,14 @@ class _Stacks:
     def at(self, t: float) -> list[str]:
         while self.i < len(self.events) and self.events[self.i]["ts"] <= t:
             e = self.events[self.i]
-            self.open = [o for o in self.open if o["ts"] + o["dur"] > e["ts"]]
+            # nested events end innermost first: pop what ended before this one starts (a trace hundreds of
+            # thousands of events long, so no rescan of the whole open list per event)
+            while self.open and self.open[-1]["ts"] + self.open[-1]["dur"] <= e["ts"]:
+                self.open.pop()
             self.open.append(e)
             self.i += 1
-        self.open = [o for o in self.open if o["ts"] + o["dur"] > t]
-        return [o["name"] for o in self.open]
+        # an outer event the clock rounds to end before an inner one still sits below it: filtered here
+        return [o["name"] for o in self.open if o["ts"] + o["dur"] > t]
 
 
 def short_stack(frames: list[str], keep: int = 4) -> str:
