@@ -181,8 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-us", type=float, default=5.0, help="gaps shorter than this are only counted")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
-    with open(args.trace) as f:
-        report = gap_report(json.load(f), args.min_us, args.top)
+    try:
+        with open(args.trace) as f:
+            trace = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"trace_gaps: {args.trace}: not a readable chrome trace ({e})") from None
+    report = gap_report(trace, args.min_us, args.top)
     json.dump(report, sys.stdout, indent=1)
     print()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench.trace_gaps import gap_report, main, short_stack
@@ -97,3 +98,13 @@ def test_report_of_a_real_profiler_trace(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert set(rep["phases"]) == {"phase#0"} and rep["phases"]["phase#0"]["busy_us"] == 0
     assert rep["phases"]["phase#0"]["wall_us"] > 0
+
+
+def test_a_bad_trace_file_stops_with_one_line(tmp_path):
+    bad = tmp_path / "trace.json"
+    bad.write_text('{"traceEvents": [')
+    for path in (bad, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit) as stop:
+            main([str(path)])
+        msg = str(stop.value)
+        assert str(path) in msg and "\n" not in msg
