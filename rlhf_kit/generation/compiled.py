@@ -71,7 +71,7 @@ from rlhf_kit.generation.static_cache import (
     resolve_decode_attention,
     static_kv_attention,
 )
-from rlhf_kit.models.compile import compile_blocks, compile_edges, dependent_launch
+from rlhf_kit.models.compile import allow_recompiles, compile_blocks, compile_edges, dependent_launch
 from rlhf_kit.models.transfer import host_tensor
 
 __all__ = ["ATTN_IMPLEMENTATION", "CompiledBackend", "filter_top_k_top_p", "sample_from_scores"]
@@ -252,12 +252,7 @@ class CompiledBackend:
         if not self.use_compile:
             return self._decode_step
         if self._compiled is None:
-            # one compilation per (bucket, sampling flags, model class): allow more than dynamo's default
-            import torch._dynamo
-
-            cfg = torch._dynamo.config
-            limit_name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-            setattr(cfg, limit_name, max(getattr(cfg, limit_name), 64))
+            allow_recompiles()  # one compilation per (bucket, sampling flags, model class)
             opts = dependent_launch(self.device, {"dynamic": False, **self.compile_options})
             if self.compile_scope == "step":
                 self._compiled = torch.compile(self._decode_step, **opts)

@@ -1,4 +1,5 @@
-"""Reference backend: Hugging Face ``model.generate`` (dynamic KV cache, eager kernels).
+"""Reference backend: Hugging Face ``model.generate`` (dynamic KV cache, eager kernels: a model whose
+blocks were compiled runs them eagerly here).
 
 Slow but the ground truth that :class:`~rlhf_kit.generation.compiled.CompiledBackend` is tested against.
 """
@@ -108,7 +109,10 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            with _neutral_generation_config(self.model, eos, pad):
+            # compiled blocks (--compile-blocks) run eagerly here: under the dynamic cache Dynamo would
+            # specialise the block per layer index and per cache length, and the compiled shapes the
+            # scoring and training passes need would wait behind dozens of compilations
+            with _neutral_generation_config(self.model, eos, pad), torch.compiler.set_stance("force_eager"):
                 out = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,

@@ -33,13 +33,33 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+#: Dynamo's recompile limit (entries per code object) that :func:`compile_blocks` ensures. Every block of
+#: every model compiled here runs one code object, the decoder layer's ``forward``, so each variant that
+#: PPO's four models call it with is an entry of the same cache: trained or frozen weights, with or without
+#: gradients, a batch of rows or one packed row, its first shape and then a dynamic one. Those are 9 to 16
+#: entries; at Dynamo's default of 8 the variants met after the limit would run eagerly, silently.
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise Dynamo's per-code-object recompile limit to at least ``limit`` (never lower it)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # before torch 2.7
+    setattr(cfg, name, max(getattr(cfg, name), limit))
+
+
 def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
     """``torch.compile`` every transformer block of ``model`` in place; returns the number compiled.
 
     ``compile_kwargs`` go to ``torch.compile`` (e.g. ``backend="aot_eager"`` on a machine without a
-    compiler toolchain, ``dynamic=True`` when every batch has a new sequence length).
+    compiler toolchain, ``dynamic=True`` when every batch has a new sequence length). Dynamo's recompile
+    limit is raised to :data:`RECOMPILE_LIMIT` (:func:`allow_recompiles`): the blocks of all the models
+    compiled share one cache.
     """
     blocks = decoder_blocks(model)
+    allow_recompiles()
     for block in blocks:
         block.compile(**compile_kwargs)
     return len(blocks)
@@ -55,6 +75,7 @@ def compile_edges(model: nn.Module, **compile_kwargs: Any) -> list[str]:
     step runs them once per token (the compiled backend does this under ``compile_scope="blocks"``).
     """
     blocks = decoder_blocks(model)
+    allow_recompiles()
     names = []
     for parent in unwrap(model).modules():
         if any(child is blocks for child in parent.children()):

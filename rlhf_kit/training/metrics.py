@@ -344,9 +344,10 @@ def device_memory_stats(prefix: str = "memory/") -> dict[str, float]:
 
 def compile_stats(prefix: str = "compile/") -> dict[str, float]:
     """What ``torch.compile`` has done in this process so far: frames Dynamo compiled (``frames``: a
-    recompilation for a new shape or a failed guard counts again), distinct graphs (``graphs``) and
-    seconds spent compiling (``seconds``). Empty before anything compiled. A logged step whose counts
-    rose paid compilation, so its times are not the steady state."""
+    recompilation for a new shape or a failed guard counts again), distinct graphs (``graphs``), seconds
+    spent compiling (``seconds``) and code objects that hit Dynamo's recompile limit (``limit_hits``: from
+    then on, each call that misses its compiled entries runs eagerly). Empty before anything compiled.
+    A logged step whose counts rose paid compilation, so its times are not the steady state."""
     try:  # Dynamo's own records (private, but present through torch 2.x); absent: nothing to report
         from torch._dynamo.utils import compilation_time_metrics, counters
     except ImportError:  # pragma: no cover - torch builds without Dynamo
@@ -358,7 +359,17 @@ def compile_stats(prefix: str = "compile/") -> dict[str, float]:
         f"{prefix}frames": float(len(times)),
         f"{prefix}graphs": float(counters["stats"].get("unique_graphs", 0)),
         f"{prefix}seconds": float(sum(times)),
+        f"{prefix}limit_hits": float(
+            sum(n for why, n in counters["unimplemented"].items() if _limit_hit(why))
+        ),
     }
+
+
+def _limit_hit(reason: str) -> bool:
+    """Is ``reason`` (a key of Dynamo's ``unimplemented`` counter) a recompile limit reached? Worded
+    "Dynamo recompile limit exceeded ..." since torch 2.8, "cache_size_limit reached" before."""
+    reason = reason.lower()
+    return "recompile limit" in reason or "recompile_limit" in reason or "cache_size_limit" in reason
 
 
 def scalars_to_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -67,3 +67,65 @@ def test_dependent_launch_only_on_hopper_and_later_and_never_over_the_callers_ch
         torch.cuda, "get_device_capability", lambda device=None: (8, 0)
     )  # A100: no such launch
     assert dependent_launch(cuda, {}) == {}
+
+
+@pytest.fixture
+def dynamo_at_defaults():
+    """Dynamo with no compiled entries, its default recompile limit (other tests may have raised it) and a
+    limit hit made an error instead of a silent eager fallback."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    torch._dynamo.reset()
+    # config.patch, not monkeypatch: pytest's undo deletes a torch config entry instead of restoring it
+    with cfg.patch({limit: 8, "fail_on_recompile_limit_hit": True}):
+        yield
+    torch._dynamo.reset()
+
+
+def test_hf_generation_runs_compiled_blocks_eagerly(left_tokenizer, dynamo_at_defaults):
+    """HF's dynamic-cache decoding would compile the shared block once per layer index and per cache
+    length (and spend the recompile limit); the HF backend runs it eagerly: nothing compiles, same tokens."""
+    from rlhf_kit.generation import HFBackend, SamplingParams
+    from rlhf_kit.training.metrics import compile_stats
+
+    eager = make_causal_lm(left_tokenizer, seed=4)
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled, backend="eager")
+    enc = left_tokenizer(["Human: hi\n\nAssistant:", "Human: how do I boil an egg?\n\nAssistant:"],
+                         return_tensors="pt", padding=True)  # fmt: skip
+    params = SamplingParams(max_new_tokens=8, greedy=True)
+    frames = compile_stats().get("compile/frames", 0.0)
+    out = HFBackend(compiled).generate(enc.input_ids, enc.attention_mask, params)
+    assert compile_stats().get("compile/frames", 0.0) == frames
+    ref = HFBackend(eager).generate(enc.input_ids, enc.attention_mask, params)
+    assert torch.equal(out.sequences, ref.sequences)
+    sequence_logprobs(compiled, out.sequences, out.attention_mask, out.prompt_length)  # scoring compiles
+    assert compile_stats()["compile/frames"] > frames
+
+
+def test_ppo_passes_of_four_compiled_models_stay_within_the_recompile_limit(left_tokenizer, dynamo_at_defaults):
+    """PPO's calls at three batch shapes: HF generation, scoring without gradients by actor, reference,
+    critic and reward model, then the actor's and critic's passes with gradients. All their blocks run one
+    code object; at Dynamo's default limit of 8 entries the later variants ran eagerly (an error here)."""
+    from rlhf_kit.generation import HFBackend, SamplingParams
+    from rlhf_kit.models.reward import reward_scores
+
+    actor = make_causal_lm(left_tokenizer, seed=0).train()
+    ref = copy.deepcopy(actor).eval().requires_grad_(False)
+    critic = TokenValueModel(make_reward_model(left_tokenizer, seed=1)).train()
+    rm = make_reward_model(left_tokenizer, seed=2).eval().requires_grad_(False)
+    for m in (actor, ref, critic, rm):
+        compile_blocks(m, backend="eager")
+    prompts = ["Human: hi\n\nAssistant:", "Human: what is a good name for a cat?\n\nAssistant:", "Human: why?"]
+    for rows, new in ((3, 6), (2, 9), (3, 4)):
+        enc = left_tokenizer(prompts[:rows], return_tensors="pt", padding=True)
+        out = HFBackend(actor).generate(enc.input_ids, enc.attention_mask, SamplingParams(new, seed=rows))
+        args = (out.sequences, out.attention_mask, out.prompt_length)
+        with torch.no_grad():
+            old = sequence_logprobs(actor, *args)
+            sequence_logprobs(ref, *args), response_values(critic, *args), reward_scores(rm, *args[:2])
+        logprobs, values = sequence_logprobs(actor, *args), response_values(critic, *args)
+        torch.testing.assert_close(logprobs.detach(), old)
+        (logprobs.sum() + values.sum()).backward()

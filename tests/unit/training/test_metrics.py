@@ -167,7 +167,7 @@ def test_compile_stats_count_compilations_and_recompilations():
     f = torch.compile(lambda x: x.cos() + 1, backend="eager", fullgraph=True)  # fullgraph counts too
     f(torch.randn(3))
     first = compile_stats()
-    assert set(first) == {"compile/frames", "compile/graphs", "compile/seconds"}
+    assert set(first) == {"compile/frames", "compile/graphs", "compile/seconds", "compile/limit_hits"}
     assert first["compile/seconds"] > 0
     f(torch.randn(3))  # same shape: no new compilation
     assert compile_stats() == first
@@ -176,6 +176,31 @@ def test_compile_stats_count_compilations_and_recompilations():
     assert after["compile/frames"] == first["compile/frames"] + 1
     assert after["compile/graphs"] == first["compile/graphs"] + 1
     assert after["compile/seconds"] > first["compile/seconds"]
+
+
+def test_compile_stats_count_the_code_objects_that_hit_the_recompile_limit():
+    """A function recompiled past Dynamo's limit counts once (its later misses run eagerly, uncounted);
+    a function within the limit adds nothing."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    # config.patch, not monkeypatch: pytest's undo deletes a torch config entry instead of restoring it
+    with cfg.patch({limit: 2, "automatic_dynamic_shapes": False}):  # each new length a new entry
+        _limit_hits_of_two_functions()
+
+
+def _limit_hits_of_two_functions():
+    within = torch.compile(lambda x: x.tan() * 2, backend="eager")
+    for n in (2, 3):
+        within(torch.ones(n))
+    before = compile_stats()["compile/limit_hits"]
+    within(torch.ones(2))
+    assert compile_stats()["compile/limit_hits"] == before
+    over = torch.compile(lambda x: x.sinh() - 1, backend="eager")
+    for n in range(2, 7):  # 2 entries, then the limit; 4, 5 and 6 run eagerly
+        torch.testing.assert_close(over(torch.ones(n)), torch.ones(n).sinh() - 1)
+    assert compile_stats()["compile/limit_hits"] == before + 1
 
 
 def test_seconds_since_launch_counts_from_process_start(tmp_path):
