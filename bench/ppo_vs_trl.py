@@ -125,6 +125,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     )
     from rlhf_kit.rollout import RolloutBuffer
     from rlhf_kit.training.memory_budget import MemoryBudget, cuda_probe
+    from rlhf_kit.training.metrics import compile_stats
     from rlhf_kit.training.offload import offload_model, offloaded
     from rlhf_kit.training.precision import make_optimizer
 
@@ -161,7 +162,8 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
         apply_fsdp2(critic, mixed_precision=policy)
     if args.compile_blocks:  # regional torch.compile of every transformer block of the four models
         for m in (actor, ref, critic, rm):
-            compile_blocks(m, **dependent_launch(device, {}))  # PDL on Hopper, as the recipes' placement does
+            # PDL on Hopper, as the recipes' placement does
+            compile_blocks(m, **dependent_launch(device, {"dynamic": True} if args.compile_dynamic else {}))
     lowbit = args.optimizer == "adamw8bit" and not fsdp_bf16  # bf16 weights, 8-bit moments (torchao)
     master = bool(args.master_weights) and not fsdp_bf16 and not lowbit
     # master: bf16 weights in the models, fp32 master weights in AdamW (rlhf_kit.training.precision)
@@ -250,8 +252,10 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     for step in range(args.steps):
         steps.append(one_step(step))
         s = steps[-1]
+        s["compile"] = compile_stats(prefix="")  # cumulative: a step whose frames rose compiled
         print(f"[ours {args.config}] step {step}: {s['step_s']:.3f}s "
-              + " ".join(f"{k}={v:.3f}" for k, v in s["phases_s"].items()), flush=True)  # fmt: skip
+              + " ".join(f"{k}={v:.3f}" for k, v in s["phases_s"].items())
+              + f" compiled_frames={s['compile'].get('frames', 0):.0f}", flush=True)  # fmt: skip
     mem = memory_stats(device)
     res = summarize(steps, args.warmup)
     res.update(mem)
@@ -269,6 +273,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["fused_logprobs"] = args.fused_logprobs
     res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
+    res["compile_dynamic"] = bool(args.compile_dynamic)
     res["keep_cache"] = bool(args.keep_cache)
     from torch._dynamo.utils import counters  # how often the compiled blocks were traced again
 
@@ -595,6 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-blocks", action="store_true", help="ours: torch.compile each transformer block"
     )
     ap.add_argument(
+        "--compile-dynamic",
+        action="store_true",
+        help="ours, with --compile-blocks: symbolic shapes from the first compilation (dynamic=True), "
+        "not first static and then recompiled dynamic when step 2 brings a new length",
+    )
+    ap.add_argument(
         "--master-weights",
         action="store_true",
         help="ours: bf16 model weights, fp32 masters in AdamW, no autocast",
@@ -697,6 +708,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("--keep-cache", args.keep_cache),
         ("--master-weights", args.master_weights),
         ("--compile-blocks", args.compile_blocks),
+        ("--compile-dynamic", args.compile_dynamic),
         ("--cudnn-attention", args.cudnn_attention),
         ("--score-in-update", args.score_in_update),
     )

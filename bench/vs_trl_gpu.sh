@@ -60,6 +60,8 @@
 #   bash bench/vs_trl_gpu.sh s30  # for the next call: PPO A and TRL A alternating, PAIRS=3 pairs (about 420 s)
 #   bash bench/vs_trl_gpu.sh s30c # session 30, at b0475b9 only (reverted after): the decode kernel's first cache block
 #                                 # prefetched before the PDL wait
+#   bash bench/vs_trl_gpu.sh s32  # session 32: PPO A with the blocks compiled dynamic from the start (--compile-dynamic)
+#                                 # against the default, alternating, PAIRS (default 2) pairs (carry .whl .whl112)
 #   bash bench/vs_trl_gpu.sh s31  # session 31: PPO A and B profiled, the device's idle gaps charged to the host's Python
 #                                 # stacks (bench/trace_gaps.py); WS=1 (default) adds the recipe's warm start (carry .whl .whl112)
 #   bash bench/vs_trl_gpu.sh s30b # session 30: the varlen tests on the GPU; PPO A, this tree against $BASE (.base30),
@@ -484,6 +486,25 @@ if [ "$phase" = s30c ]; then  # session 30, at b0475b9 (the setting was reverted
     --warmup 1 --runs 5 --out "$OUT/gen" > "$OUT/gen.log" 2>&1
   echo "gen rc=$?"
   gen_summary "$OUT/gen/generation.json" gen
+  rm -f "$OUT"/*/*.md; exit 0
+fi
+if [ "$phase" = s32 ]; then  # session 32: PPO A (--score-in-update) with the blocks compiled dynamic from the start
+  # (--compile-dynamic: no recompilation when step 2 brings a new packed length) against the default (first static,
+  # then recompiled dynamic at step 2), alternating, PAIRS (default 2) pairs; step 1's time holds the recompilation
+  A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 12 --timeout 200"
+  for i in $(seq 1 ${PAIRS:-2}); do
+    for run in static dyn; do
+      extra=$([ $run = dyn ] && echo --compile-dynamic)
+      python3 bench/ppo_vs_trl.py $A $extra --work $WORK/a_$run --out "$OUT/a64_${run}_$i" 2>&1 | grep -E "^\| A \| ours \|" | sed "s/^/${run}_$i /"
+    done
+  done
+  ppo_summary "a64_*"
+  python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "a64_*", "ppo_vs_trl.json"))):
+    o = json.load(open(f))["configs"][0]["ours"]
+    print(os.path.basename(os.path.dirname(f)), "compiled frames per step", [s.get("compile", {}).get("frames") for s in o.get("steps", [])])
+PY
   rm -f "$OUT"/*/*.md; exit 0
 fi
 if [ "$phase" = s31 ]; then  # session 31: where the device waits. PPO A (--score-in-update) and B (8-bit, micro 32),
