@@ -366,8 +366,9 @@ def compile_stats(prefix: str = "compile/") -> dict[str, float]:
 
 
 def _limit_hit(reason: str) -> bool:
-    """Is ``reason`` (a key of Dynamo's ``unimplemented`` counter) a recompile limit reached? Worded
-    "Dynamo recompile limit exceeded ..." since torch 2.8, "cache_size_limit reached" before."""
+    """Is ``reason`` (a key of Dynamo's ``unimplemented`` counter) a recompile limit reached? Both wordings
+    match: "Dynamo recompile limit exceeded ..." (torch 2.13) and older releases' "<limit name> reached".
+    A release that stops at the limit without counting it reads 0."""
     reason = reason.lower()
     return "recompile limit" in reason or "recompile_limit" in reason or "cache_size_limit" in reason
 
