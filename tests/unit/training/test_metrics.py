@@ -190,6 +190,23 @@ def test_compile_stats_count_the_code_objects_that_hit_the_recompile_limit():
         _limit_hits_of_two_functions()
 
 
+@pytest.mark.parametrize(
+    "reason, hit",
+    [
+        ("cache_size_limit reached", True),  # older releases: f"{limit_type} reached"
+        ("accumulated_cache_size_limit reached", True),
+        ("recompile_limit reached", True),
+        ("Dynamo recompile limit exceeded\n  Explanation: ...", True),
+        ("Unsupported Tensor.item() call with capture_scalar_outputs=False", False),
+        ("data dependent operator", False),
+    ],
+)
+def test_limit_hits_match_old_and_new_wordings(reason, hit):
+    from rlhf_kit.training.metrics import _limit_hit
+
+    assert _limit_hit(reason) is hit
+
+
 def _limit_hits_of_two_functions():
     within = torch.compile(lambda x: x.tan() * 2, backend="eager")
     for n in (2, 3):
