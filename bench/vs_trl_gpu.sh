@@ -61,7 +61,8 @@
 #   bash bench/vs_trl_gpu.sh s30c # session 30, at b0475b9 only (reverted after): the decode kernel's first cache block
 #                                 # prefetched before the PDL wait
 #   bash bench/vs_trl_gpu.sh s32  # session 32: PPO A with the blocks compiled dynamic from the start (--compile-dynamic)
-#                                 # against the default, alternating, PAIRS (default 2) pairs (carry .whl .whl112)
+#                                 # against the default, alternating, PAIRS (default 2) pairs; GAPS=1 runs stage s31 on A
+#                                 # first (carry .whl .whl112)
 #   bash bench/vs_trl_gpu.sh s31  # session 31: PPO A and B profiled, the device's idle gaps charged to the host's Python
 #                                 # stacks (bench/trace_gaps.py); WS=1 (default) adds the recipe's warm start (carry .whl .whl112)
 #   bash bench/vs_trl_gpu.sh s30b # session 30: the varlen tests on the GPU; PPO A, this tree against $BASE (.base30),
@@ -491,6 +492,8 @@ fi
 if [ "$phase" = s32 ]; then  # session 32: PPO A (--score-in-update) with the blocks compiled dynamic from the start
   # (--compile-dynamic: no recompilation when step 2 brings a new packed length) against the default (first static,
   # then recompiled dynamic at step 2), alternating, PAIRS (default 2) pairs; step 1's time holds the recompilation
+  # GAPS=1 first runs stage s31 on config A alone, without the warm start (about 150 s more): one machine start, both answers
+  [ "${GAPS:-0}" = 1 ] && GAP_RUNS=a WS=0 bash "$0" s31
   A="--configs A --systems ours --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update --steps 12 --timeout 200"
   for i in $(seq 1 ${PAIRS:-2}); do
     for run in static dyn; do
