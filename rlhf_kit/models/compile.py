@@ -36,7 +36,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 #: Dynamo's recompile limit (entries per code object) that :func:`compile_blocks` ensures. Every block of
 #: every model compiled here runs one code object, the decoder layer's ``forward``, so each variant that
 #: PPO's four models call it with is an entry of the same cache: trained or frozen weights, with or without
-#: gradients, a batch of rows or one packed row, its first shape and then a dynamic one: 13 entries in
+#: gradients, a batch of rows or one packed row, its first shape and then a dynamic one: 12 entries in
 #: three PPO steps on the CPU (tests/unit/models/test_compile.py). At Dynamo's default of 8, the variants
 #: met after the limit ran eagerly, silently (``compile/limit_hits`` in the metrics counts such hits).
 RECOMPILE_LIMIT = 64
