@@ -42,12 +42,19 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 RECOMPILE_LIMIT = 64
 
 
+def recompile_limit_setting() -> str:
+    """The name of Dynamo's per-code-object recompile limit in ``torch._dynamo.config``:
+    ``recompile_limit``, or ``cache_size_limit`` in older torch releases."""
+    import torch._dynamo
+
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
     """Raise Dynamo's per-code-object recompile limit to at least ``limit`` (never lower it)."""
     import torch._dynamo
 
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # before torch 2.7
+    cfg, name = torch._dynamo.config, recompile_limit_setting()
     setattr(cfg, name, max(getattr(cfg, name), limit))
 
 

@@ -5,7 +5,7 @@ import torch
 
 from rlhf_kit.logprobs import sequence_logprobs
 from rlhf_kit.models import TokenValueModel
-from rlhf_kit.models.compile import compile_blocks, decoder_blocks, dependent_launch
+from rlhf_kit.models.compile import compile_blocks, decoder_blocks, dependent_launch, recompile_limit_setting
 from rlhf_kit.models.value import response_values
 from tests.conftest import make_causal_lm, make_reward_model
 
@@ -75,11 +75,9 @@ def dynamo_at_defaults():
     limit hit made an error instead of a silent eager fallback."""
     import torch._dynamo
 
-    cfg = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     torch._dynamo.reset()
     # config.patch, not monkeypatch: pytest's undo deletes a torch config entry instead of restoring it
-    with cfg.patch({limit: 8, "fail_on_recompile_limit_hit": True}):
+    with torch._dynamo.config.patch({recompile_limit_setting(): 8, "fail_on_recompile_limit_hit": True}):
         yield
     torch._dynamo.reset()
 

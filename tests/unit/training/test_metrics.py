@@ -183,11 +183,21 @@ def test_compile_stats_count_the_code_objects_that_hit_the_recompile_limit():
     a function within the limit adds nothing."""
     import torch._dynamo
 
-    cfg = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    from rlhf_kit.models.compile import recompile_limit_setting
+
     # config.patch, not monkeypatch: pytest's undo deletes a torch config entry instead of restoring it
-    with cfg.patch({limit: 2, "automatic_dynamic_shapes": False}):  # each new length a new entry
-        _limit_hits_of_two_functions()
+    # (without automatic dynamic shapes each new length is a new entry)
+    with torch._dynamo.config.patch({recompile_limit_setting(): 2, "automatic_dynamic_shapes": False}):
+        within = torch.compile(lambda x: x.tan() * 2, backend="eager")
+        for n in (2, 3):
+            within(torch.ones(n))
+        before = compile_stats()["compile/limit_hits"]
+        within(torch.ones(2))
+        assert compile_stats()["compile/limit_hits"] == before
+        over = torch.compile(lambda x: x.sinh() - 1, backend="eager")
+        for n in range(2, 7):  # 2 entries, then the limit; 4, 5 and 6 run eagerly
+            torch.testing.assert_close(over(torch.ones(n)), torch.ones(n).sinh() - 1)
+        assert compile_stats()["compile/limit_hits"] == before + 1
 
 
 @pytest.mark.parametrize(
@@ -205,19 +215,6 @@ def test_limit_hits_match_old_and_new_wordings(reason, hit):
     from rlhf_kit.training.metrics import _limit_hit
 
     assert _limit_hit(reason) is hit
-
-
-def _limit_hits_of_two_functions():
-    within = torch.compile(lambda x: x.tan() * 2, backend="eager")
-    for n in (2, 3):
-        within(torch.ones(n))
-    before = compile_stats()["compile/limit_hits"]
-    within(torch.ones(2))
-    assert compile_stats()["compile/limit_hits"] == before
-    over = torch.compile(lambda x: x.sinh() - 1, backend="eager")
-    for n in range(2, 7):  # 2 entries, then the limit; 4, 5 and 6 run eagerly
-        torch.testing.assert_close(over(torch.ones(n)), torch.ones(n).sinh() - 1)
-    assert compile_stats()["compile/limit_hits"] == before + 1
 
 
 def test_seconds_since_launch_counts_from_process_start(tmp_path):
