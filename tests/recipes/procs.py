@@ -1,13 +1,15 @@
-"""Run several recipe subprocesses at once and collect each one's result.
+"""Run recipe commands for the tests and collect each one's result.
 
-CI has 2 cores, and a recipe subprocess that stops on a configuration error spends its ~7 s importing
-torch and transformers on one core: started together, such commands take about half the wall time they
-take one after another. Each command still runs as its own fresh process, and each test still checks
+CI has 2 cores. Independent recipe runs start at once (:func:`run_all`): each runs as its own fresh
+process, in about half the wall time they take one after another. A recipe that stops on a configuration
+error spends its ~7 s importing torch and transformers and milliseconds on the error, so a recipe's
+configuration-error cases share one interpreter (:func:`run_bad_configurations`). Each test still checks
 its own result.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Hashable, Mapping
@@ -42,15 +44,27 @@ def run_all(
 def run_bad_configurations(
     script, cases, root: Path, *, env: dict, cwd, timeout: float = 300
 ) -> dict[tuple, tuple[subprocess.CompletedProcess, Path]]:
-    """Run ``script --output-dir <root>/case<i>/out <args>`` for every ``(args, message)`` of ``cases``
-    at once (:func:`run_all`): ``{tuple(args): (CompletedProcess, output dir)}``, for the recipes'
-    one-line configuration-error tests (each command is ~7 s of imports on one core)."""
-    outs = {tuple(args): Path(root) / f"case{i}" / "out" for i, (args, _) in enumerate(cases)}
-    procs = run_all(
-        {key: [sys.executable, str(script), "--output-dir", str(out), *key] for key, out in outs.items()},
-        env=env, cwd=cwd, timeout=timeout,
-    )  # fmt: skip
-    return {key: (procs[key], outs[key]) for key in outs}
+    """Run ``script --output-dir <root>/case<i>/out <args>`` for every ``(args, message)`` of ``cases``:
+    ``{tuple(args): (CompletedProcess, output dir)}``, for the recipes' one-line configuration-error tests.
+
+    All cases run in one fresh interpreter, one after another (tests/recipes/cli_cases.py): each is the
+    script run as ``__main__`` with its own arguments and its own stdout and stderr, and torch and
+    transformers are imported once, not once per case (~7 s each on one core)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    outs = {tuple(args): root / f"case{i}" / "out" for i, (args, _) in enumerate(cases)}
+    argvs = [["--output-dir", str(out), *key] for key, out in outs.items()]
+    (root / "cases.json").write_text(json.dumps(argvs))
+    driver = [sys.executable, str(Path(__file__).with_name("cli_cases.py")), str(script)]
+    proc = run_all({"all": [*driver, str(root / "cases.json"), str(root / "results.json")]},
+                   env=env, cwd=cwd, timeout=timeout)["all"]  # fmt: skip
+    check_ok(proc)
+    results = json.loads((root / "results.json").read_text())
+    return {
+        key: (subprocess.CompletedProcess([sys.executable, str(script), *argv], r["returncode"], r["stdout"],
+                                          r["stderr"]), outs[key])
+        for (key, argv, r) in zip(outs, argvs, results, strict=True)
+    }  # fmt: skip
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

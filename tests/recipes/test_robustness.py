@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_kit.errors import ConfigError
-from tests.recipes.procs import run_all
+from tests.recipes.procs import run_all, run_bad_configurations
 from tests.recipes.test_ppo import ENV, FAST, RECIPE, metrics, series
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,18 +123,13 @@ def test_ppo_refuses_a_used_output_dir_and_changed_settings_on_resume(tmp_path):
 
 
 def test_cli_number_errors_are_one_line(tmp_path):
-    """The reward-model CLI: --lr nan / inf stop with one line before any model is built (the two
-    processes run at once: each is ~7 s of imports on one core)."""
+    """The reward-model CLI: --lr nan / inf stop with one line before any model is built."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    values = ("nan", "inf")
-    procs = run_all(
-        {value: [sys.executable, str(ROOT / "recipes" / "reward_model.py"), "--output-dir",
-                 str(tmp_path / value / "o"), "--lr", value] for value in values},
-        env=env, cwd=ROOT,
-    )  # fmt: skip
-    for value in values:
-        proc = procs[value]
+    cases = [(["--lr", value], value) for value in ("nan", "inf")]
+    runs = run_bad_configurations(ROOT / "recipes" / "reward_model.py", cases, tmp_path, env=env, cwd=ROOT)
+    for args, value in cases:
+        proc, out = runs[tuple(args)]
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0] == f"reward_model.py: error: --lr must be a finite number, got {value}"
-        assert not (tmp_path / value / "o" / "tiny_reward").exists()
+        assert not (out / "tiny_reward").exists()
