@@ -26,13 +26,14 @@ def test_seed_everything_is_reproducible_and_rank_offset(monkeypatch):
     assert draw() == a
 
 
-def test_end_process_group_ends_a_ddp_run_cleanly_every_time():
+def test_end_process_group_ends_a_ddp_run_cleanly_every_time(tmp_path):
     """A 2-process accelerate run (DDP over gloo) that ended its group while the wrapped model was alive
     aborted ('terminate called without an active exception') or hung at exit in about one launch in
     eight on a 2-core machine (2 of 16 with the ending of tests/unit/training/teardown_worker.py 'old';
     a CI run of the reward-model recipe hung this way). Through end_process_group, after deleting the
     model, every launch exits 0."""
     import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -40,7 +41,29 @@ def test_end_process_group_ends_a_ddp_run_cleanly_every_time():
     root = Path(__file__).resolve().parents[3]
     worker = Path(__file__).with_name("teardown_worker.py")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), "new"]
+    env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     for launch in range(8):
-        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, f"launch {launch}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
+        # both ranks started here with torchrun's variables, not through its launcher (one torch import
+        # less per launch); each rank's own exit status is checked
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        logs = [tmp_path / f"launch{launch}_rank{r}.log" for r in range(2)]  # files: no pipe to fill up
+        files = [log.open("w") for log in logs]
+        ranks = [
+            subprocess.Popen([sys.executable, str(worker), "new"], cwd=root, stdout=f, stderr=subprocess.STDOUT,
+                             env={**env, "MASTER_PORT": port, "RANK": str(r), "LOCAL_RANK": str(r)})
+            for r, f in enumerate(files)
+        ]  # fmt: skip
+        try:
+            for proc in ranks:
+                proc.wait(timeout=120)
+        finally:
+            for proc, f in zip(ranks, files):
+                if proc.poll() is None:
+                    proc.kill()  # a hung rank: the test fails on the timeout, with nothing left behind
+                    proc.wait()
+                f.close()
+        for r, (proc, log) in enumerate(zip(ranks, logs)):
+            out = log.read_text()[-3000:]
+            assert proc.returncode == 0, f"launch {launch} rank {r}: rc {proc.returncode}\n{out}"
