@@ -36,6 +36,7 @@ def test_end_process_group_ends_a_ddp_run_cleanly_every_time(tmp_path):
     import socket
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[3]
@@ -55,15 +56,17 @@ def test_end_process_group_ends_a_ddp_run_cleanly_every_time(tmp_path):
                              env={**env, "MASTER_PORT": port, "RANK": str(r), "LOCAL_RANK": str(r)})
             for r, f in enumerate(files)
         ]  # fmt: skip
-        try:
-            for proc in ranks:
-                proc.wait(timeout=120)
+        deadline = time.monotonic() + 120
+        try:  # until both end, one fails (the other would wait for it) or the time is up (a hang)
+            while any(p.poll() is None for p in ranks) and not any(p.poll() for p in ranks):
+                assert time.monotonic() < deadline, f"launch {launch} hung: {[p.poll() for p in ranks]}"
+                time.sleep(0.05)
         finally:
             for proc, f in zip(ranks, files):
                 if proc.poll() is None:
                     proc.kill()  # a hung rank: the test fails on the timeout, with nothing left behind
                     proc.wait()
                 f.close()
-        for r, (proc, log) in enumerate(zip(ranks, logs)):
-            out = log.read_text()[-3000:]
-            assert proc.returncode == 0, f"launch {launch} rank {r}: rc {proc.returncode}\n{out}"
+        failed = [f"rank {r}: rc {p.returncode}\n{log.read_text()[-3000:]}"
+                  for r, (p, log) in enumerate(zip(ranks, logs)) if p.returncode != 0]  # fmt: skip
+        assert not failed, f"launch {launch}:\n" + "\n".join(failed)
