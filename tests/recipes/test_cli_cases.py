@@ -5,7 +5,6 @@ separate processes would."""
 from __future__ import annotations
 
 import os
-import sys
 import textwrap
 
 from tests.recipes.procs import run_bad_configurations
@@ -34,8 +33,9 @@ def test_each_case_gets_its_own_status_and_output(tmp_path):
     (folder / "helper.py").write_text("VALUE = 7\n")
     (folder / "prog.py").write_text(textwrap.dedent(SCRIPT))
     cases = [(["--kind", k], k) for k in ("fd", "message", "crash", "fine")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    runs = run_bad_configurations(folder / "prog.py", cases, tmp_path / "runs", env=env, cwd=tmp_path)
+    runs = run_bad_configurations(
+        folder / "prog.py", cases, tmp_path / "runs", env=dict(os.environ), cwd=tmp_path
+    )
     got = {args[1]: runs[tuple(args)][0] for args, _ in cases}
     assert [got[k].returncode for k in ("fd", "message", "crash", "fine")] == [2, 1, 1, 0]
     for kind, proc in got.items():
