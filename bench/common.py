@@ -279,8 +279,9 @@ def run_worker(
     """Run ``python script --worker ...`` in a fresh process; return its result JSON (or the failure).
 
     The worker writes ``result_path``; its output is echoed and the last 3,000 characters are kept in
-    the result under ``log_tail``. A timeout or crash yields ``{"error": ...}`` instead of raising, so
-    one failing system does not lose the others' numbers.
+    the result under ``log_tail``. A timeout or crash adds ``"error"`` to whatever the worker had saved
+    (nothing, or its results before the pass that failed) instead of raising, so one failing system or
+    pass does not lose the other numbers.
     """
     if os.path.exists(result_path):
         os.remove(result_path)
@@ -300,11 +301,12 @@ def run_worker(
         log, rc = out + f"\n[timeout after {timeout:.0f}s]", -9
     print(log[-6000:], flush=True)
     wall = time.perf_counter() - t0
-    if rc == 0 and os.path.exists(result_path):
+    res: dict[str, Any] = {}
+    if os.path.exists(result_path):  # complete, or what a worker saved before it failed
         with open(result_path) as f:
             res = json.load(f)
-    else:
-        res = {"error": f"worker exited with {rc}"}
+    if rc != 0:
+        res["error"] = f"worker exited with {rc}"
     res["wall_s"] = wall
     res["log_tail"] = log[-3000:]
     return res

@@ -100,7 +100,9 @@ def _models(config: str, tok: Any, device: torch.device, train_dtype: torch.dtyp
 # ours
 
 
-def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, prompts: list[list[int]], save=None) -> dict[str, Any]:
+    """Our PPO steps; ``save(res)``, when given, is called with the results so far after the timed steps
+    and after each extra (profiled) pass, so a pass that crashes the process loses only itself."""
     from transformers import AutoTokenizer
 
     import rlhf_kit.logprobs
@@ -289,14 +291,27 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
     res["train_tflops_per_s"] = flops / train_s / 1e12
     res["matmul_peak_tflops"] = peak
     res["train_mfu"] = res["train_tflops_per_s"] / peak
-    if args.profile and device.type == "cuda":
-        res["profile"] = profile_step(one_step, args.steps, device, clock)
-    if args.trace_gaps and device.type == "cuda":
-        res["trace_gaps"] = profile_step(one_step, args.steps + 3, device, clock, stack=True)
-    if args.sync_report and device.type == "cuda":
-        res["syncs"] = sync_report(one_step, args.steps + 1, clock)
-    if args.cprofile:
-        res["cprofile"] = host_profile(one_step, args.steps + 2, args.cprofile)
+    passes = {  # extra passes after the timed steps, each saved as soon as it ends
+        "profile": (
+            args.profile and device.type == "cuda",
+            lambda: profile_step(one_step, args.steps, device, clock),
+        ),
+        "trace_gaps": (
+            args.trace_gaps and device.type == "cuda",
+            lambda: profile_step(one_step, args.steps + 3, device, clock, stack=True),
+        ),
+        "syncs": (
+            args.sync_report and device.type == "cuda",
+            lambda: sync_report(one_step, args.steps + 1, clock),
+        ),
+        "cprofile": (bool(args.cprofile), lambda: host_profile(one_step, args.steps + 2, args.cprofile)),
+    }
+    for name, (wanted, run) in passes.items():
+        if not wanted:
+            continue
+        if save is not None:
+            save({**res, "pending": name})  # the pass about to run: named in the result if it never ends
+        res[name] = run()
     return res
 
 
@@ -514,12 +529,14 @@ def worker_main(args: argparse.Namespace) -> None:
     with open(args.prompts) as f:
         prompts = json.load(f)
     t0 = time.perf_counter()
-    res = run_ours(args, prompts) if args.worker == "ours" else run_trl(args, prompts)
-    res["system"] = args.worker
-    res["config"] = args.config
-    res["worker_s"] = time.perf_counter() - t0
-    res["env"] = environment()
-    write_json(args.result, res)
+
+    def save(res: dict[str, Any]) -> None:
+        res.update(
+            system=args.worker, config=args.config, worker_s=time.perf_counter() - t0, env=environment()
+        )
+        write_json(args.result, res)
+
+    save(run_ours(args, prompts, save) if args.worker == "ours" else run_trl(args, prompts))
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -535,6 +552,10 @@ def markdown(results: dict[str, Any]) -> str:
             if "median_step_s" not in r:
                 lines.append(f"| {c['config']} | {name} | failed: {r.get('error', '?')} | | | |")
                 continue
+            if r.get("error"):  # the timed steps ended; an extra pass then failed
+                lines.append(
+                    f"| {c['config']} | {name} | {r.get('pending', 'a pass')} failed: {r['error']} | | | |"
+                )
             ph = r.get("median_phases_s")
             split = " / ".join(fmt(v, ".3f") for v in ph.values()) if ph else ""
             lines.append(

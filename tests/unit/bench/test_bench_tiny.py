@@ -10,7 +10,7 @@ import math
 import pytest
 
 from bench import ppo_vs_trl, rm_vs_trl
-from bench.common import hh_pair_examples, hh_prompt_ids, llama_config, median_after_warmup
+from bench.common import hh_pair_examples, hh_prompt_ids, llama_config, median_after_warmup, run_worker
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,43 @@ def test_ppo_ours_tiny_packed_passes_match_the_padded_ones(tok_dir, left_tokeniz
     for padded, packed in zip(runs[0]["steps"], runs[1]["steps"]):
         for key in ("policy_loss", "value_loss", "kl"):
             assert math.isclose(padded[key], packed[key], rel_tol=1e-4, abs_tol=1e-6), (key, padded, packed)
+
+
+def test_a_pass_that_fails_after_the_timed_steps_keeps_them(tok_dir, left_tokenizer, monkeypatch):
+    """The extra passes (profiles, cProfile) run after the timed steps; each is preceded by a save of the
+    results so far, naming the pass, so a pass that kills the process loses only itself."""
+    prompts = hh_prompt_ids(left_tokenizer, 32)[:16]
+    args = ppo_vs_trl.build_parser().parse_args(["--tiny", "--worker", "ours", "--config", "tiny",
+                                                 "--steps", "2", "--cprofile", "1", "--tokenizer", tok_dir])  # fmt: skip
+
+    def crash(*a, **k):
+        raise RuntimeError("free(): invalid next size (fast)")
+
+    monkeypatch.setattr(ppo_vs_trl, "host_profile", crash)
+    saved = []
+    with pytest.raises(RuntimeError, match="invalid next size"):
+        ppo_vs_trl.run_ours(args, prompts, saved.append)
+    assert len(saved) == 1 and saved[0]["pending"] == "cprofile"
+    assert len(saved[0]["step_times_s"]) == 2 and "cprofile" not in saved[0]
+
+
+def test_run_worker_keeps_what_a_crashed_worker_saved(tmp_path):
+    """A worker that saved its results and then died (SIGABRT) still reports them, with the error."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "path = sys.argv[sys.argv.index('--result') + 1]\n"
+        "json.dump({'median_step_s': 0.25, 'pending': 'trace_gaps'}, open(path, 'w'))\n"
+        "print('timed steps done', flush=True)\n"
+        "os.abort()\n"
+    )
+    res = run_worker(str(script), [], str(tmp_path / "r.json"), timeout=60)
+    assert res["median_step_s"] == 0.25 and res["error"] == "worker exited with -6"
+    assert "timed steps done" in res["log_tail"]
+    table = ppo_vs_trl.markdown({"configs": [{"config": "A", "ours": {**res, "generated_tokens_per_s": 1.0,
+                                                                       "peak_allocated_gib": 1.0}}]})  # fmt: skip
+    assert "trace_gaps failed: worker exited with -6" in table and "| A | ours | 0.250 |" in table
+    (tmp_path / "r.json").unlink()
+    script.write_text("import os\nos.abort()\n")  # nothing saved: the error alone
+    bare = run_worker(str(script), [], str(tmp_path / "r.json"), timeout=60)
+    assert set(bare) == {"error", "wall_s", "log_tail"}
