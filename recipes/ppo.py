@@ -69,6 +69,7 @@ from rlhf_kit.training.metrics import MetricsLogger, StepTimer, progress
 from rlhf_kit.training.model_card import write_model_card
 from rlhf_kit.training.options import (
     TrainingOptions,
+    check_fp8_backward,
     check_optimizer_choice,
     resolve_compile_blocks,
     settle_ppo_master_weights,
@@ -254,12 +255,11 @@ def validate(cfg: PPOConfig, world_size: int) -> int:
     accum = resolve_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size)
     check_estimator_options(cfg, world_size)
     check_run_settings(cfg, world_size)  # batch arithmetic, sampling, model paths, prompt files, reward fn
-    if cfg.master_weights and (world_size > 1 or cfg.fsdp):
-        raise ValueError("--master-weights is for one process; with several, FSDP2 keeps the fp32 masters")
     check_optimizer_choice(cfg, world_size=world_size, fsdp=cfg.fsdp)  # before auto's master weights
     note = settle_ppo_master_weights(cfg, cfg.mixed_precision, world_size=world_size, fsdp=cfg.fsdp)
     if note:  # only ever with one process
         print(note)
+    check_fp8_backward(cfg)  # needs the settled master weights
     compiled = resolve_compile_blocks(cfg.compile_blocks, cfg, world_size=world_size, fsdp=cfg.fsdp)
     if compiled and cfg.compile_blocks == "auto":
         print(
@@ -310,6 +310,7 @@ def main(cfg: PPOConfig) -> dict:
         OptimSettings(cfg.critic_lr, cfg.critic_min_lr, cfg.weight_decay), warmup_steps=cfg.warmup_steps,
         total_steps=total, fsdp=cfg.fsdp, master_weights=cfg.master_weights, optimizer=cfg.optimizer,
         compile_blocks=resolve_compile_blocks(cfg.compile_blocks, cfg, world_size=acc.num_processes, fsdp=cfg.fsdp),
+        fp8_backward=cfg.fp8_backward,
     )  # fmt: skip
     actor, critic, opts, scheds = models.actor, models.critic, placed.optimizers, placed.schedulers
 

@@ -58,7 +58,12 @@ from rlhf_kit.training.hf import (
 )
 from rlhf_kit.training.metrics import Averager, check_report_to, compile_stats, device_memory_stats
 from rlhf_kit.training.model_card import write_model_card
-from rlhf_kit.training.options import SupervisedOptions, check_optimizer_choice, settle_speed_defaults
+from rlhf_kit.training.options import (
+    SupervisedOptions,
+    check_fp8_backward,
+    check_optimizer_choice,
+    settle_speed_defaults,
+)
 from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import (
     CHECKPOINTS,
@@ -151,8 +156,6 @@ def check_config(cfg: Config) -> int:
         raise ValueError("--val-size must be > 0 when no --val-data is given")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    if cfg.master_weights and env_world_size() > 1:
-        raise ValueError("--master-weights is for one process (FSDP2 keeps fp32 masters with several)")
     check_optimizer_choice(cfg, world_size=env_world_size())  # before auto settles the master weights
     if cfg.liger_kernel:
         from rlhf_kit.models.kernels import liger_model_types
@@ -189,6 +192,7 @@ def main(cfg: Config) -> None:
     with one_line_errors(prog):
         accum = check_config(cfg)
         note = settle_speed_defaults(cfg, embedded=cfg.model is None, world_size=env_world_size())
+        check_fp8_backward(cfg)  # after auto settled the master weights, before any model is built
         accelerator = make_accelerator(cfg.mixed_precision, cfg.cudnn_attention)
         resume_from = start_run(
             cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
@@ -225,6 +229,10 @@ def main(cfg: Config) -> None:
         from rlhf_kit.models.kernels import apply_liger_kernels
 
         apply_liger_kernels(model)
+    if cfg.fp8_backward != "off":  # FP8 products in the backward pass only (rlhf_kit.models.fp8)
+        from rlhf_kit.models.fp8 import convert_to_fp8_backward
+
+        convert_to_fp8_backward(model, cfg.fp8_backward)
     if cfg.compile_blocks:
         from rlhf_kit.models.compile import compile_blocks
 

@@ -56,7 +56,12 @@ from rlhf_kit.training.hf import (
 )
 from rlhf_kit.training.metrics import Averager, check_report_to
 from rlhf_kit.training.model_card import write_model_card
-from rlhf_kit.training.options import SupervisedOptions, check_optimizer_choice, settle_speed_defaults
+from rlhf_kit.training.options import (
+    SupervisedOptions,
+    check_fp8_backward,
+    check_optimizer_choice,
+    settle_speed_defaults,
+)
 from rlhf_kit.training.profiling import StepProfiler
 from rlhf_kit.training.run import (
     CHECKPOINTS,
@@ -142,8 +147,6 @@ def check_config(cfg: Config) -> int:
         raise ValueError("--val-size must be > 0 when no --val-data is given")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    if cfg.master_weights and env_world_size() > 1:
-        raise ValueError("--master-weights is for one process (FSDP2 keeps fp32 masters with several)")
     check_optimizer_choice(cfg, world_size=env_world_size())  # before auto settles the master weights
     check_non_negative(micro_batch_tokens=cfg.micro_batch_tokens)
     if cfg.micro_batch_tokens != 0:  # a token budget cuts each rank's share; only whole examples per rank
@@ -190,6 +193,7 @@ def main(cfg: Config) -> None:
     with one_line_errors(prog):
         check_config(cfg)  # also checks that the global batch divides (micro_batches splits it)
         note = settle_speed_defaults(cfg, embedded=cfg.model is None, world_size=env_world_size())
+        check_fp8_backward(cfg)  # after auto settled the master weights, before any model is built
         accelerator = make_accelerator(cfg.mixed_precision, cfg.cudnn_attention)
         resume_from = start_run(
             cfg, cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite, may_change=MAY_CHANGE,
@@ -220,6 +224,10 @@ def main(cfg: Config) -> None:
 
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model = load_for_training(cfg.model, "causal_lm", lora, cfg.gradient_checkpointing)
+    if cfg.fp8_backward != "off":  # FP8 products in the backward pass only (rlhf_kit.models.fp8)
+        from rlhf_kit.models.fp8 import convert_to_fp8_backward
+
+        convert_to_fp8_backward(model, cfg.fp8_backward)
     optimizer = make_optimizer(  # AdamW (fused on CUDA), with fp32 masters, or 8-bit (--optimizer adamw8bit)
         model, lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), kind=cfg.optimizer,
         master_weights=cfg.master_weights, device=accelerator.device,

@@ -85,8 +85,14 @@ def place_ppo_models(
         accelerator.print(
             describe_dtypes(out).replace("models:", "models after placement:", 1)
             + ("; 8-bit AdamW moments" if lowbit else "; fp32 masters")
+            + fp8_note(place_kwargs.get("fp8_backward", "off"))
         )
     return out, placed
+
+
+def fp8_note(mode: str) -> str:
+    """The placement line's mention of ``--fp8-backward`` (empty when off)."""
+    return {"off": "", "weights": "; FP8 weight gradients", "all": "; FP8 weight and input gradients"}[mode]
 
 
 def resolve_backend(kind: str, device: torch.device | str) -> str:

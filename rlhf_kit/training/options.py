@@ -44,6 +44,13 @@ class TrainingOptions:
     weights with stochastic rounding (torchao's quantisation, one fused update per chunk of parameters),
     6 bytes per trained parameter instead of 16-18 (for models whose optimizer state does not fit; all
     weights trained, no FSDP; pip install 'rlhf-kit[lowbit]')."""
+    fp8_backward: Literal["off", "weights", "all"] = "off"
+    """FP8 (e4m3) products in the backward pass of the trained models' linear layers, the forward pass (and so
+    every log-prob and score) unchanged bit for bit (rlhf_kit.models.fp8). weights: weight gradients only,
+    a third of a training pass's products, gradients about as close to fp32 as bf16's; all: input gradients
+    too, two thirds, about 2.5x bf16's gradient error. Needs bf16 trained weights (--master-weights, which
+    --mixed-precision auto picks on one GPU, or --optimizer adamw8bit), no LoRA, a GPU of compute capability
+    8.9+ (H100, L4, RTX 40xx) and torchao (pip install 'rlhf-kit[lowbit]'). Its speed is not yet measured."""
     lora_r: int = 0
     """LoRA rank on the trained model (PPO: the actor), 8-64 usual; 0 trains all weights. A reward model's score head
     still trains in full; the PPO reference is then the actor with its adapters disabled; the final
@@ -199,8 +206,11 @@ def auto_master_weights(world_size: int, lora_r: int) -> bool:
 
 
 def check_optimizer_choice(opts: TrainingOptions, *, world_size: int, fsdp: bool = False) -> None:
-    """One-line :class:`ConfigError` for an ``--optimizer`` that cannot run with the other settings
-    (call before settling ``--mixed-precision auto``: an explicit ``--master-weights`` is what it sees)."""
+    """One-line :class:`ConfigError` for an ``--optimizer`` or ``--master-weights`` that cannot run with the
+    other settings (call before settling ``--mixed-precision auto``: an explicit ``--master-weights`` is what
+    it sees)."""
+    if opts.master_weights and (world_size > 1 or fsdp):
+        raise ConfigError("--master-weights is for one process; with several, FSDP2 keeps the fp32 masters")
     if opts.optimizer != "adamw8bit":
         return
     if opts.master_weights:
@@ -215,3 +225,27 @@ def check_optimizer_choice(opts: TrainingOptions, *, world_size: int, fsdp: bool
     from rlhf_kit.training.lowbit import torchao_quant_utils
 
     torchao_quant_utils()  # torchao missing: one line with the install hint, before any model is built
+
+
+def check_fp8_backward(opts: TrainingOptions, device: torch.device | str | None = None) -> None:
+    """One-line :class:`ConfigError` for an ``--fp8-backward`` that cannot run with the other settings, before
+    any model is built; call after ``--mixed-precision auto`` is settled (it may choose the master weights).
+    ``device``: the training device (default: CUDA where available, else the CPU)."""
+    if opts.fp8_backward == "off":
+        return
+    from rlhf_kit.models.fp8 import fp8_backward_config, fp8_capable
+
+    if opts.lora_r:
+        raise ConfigError(
+            "--fp8-backward converts plain linear layers; LoRA's adapters are not (drop --lora-r)"
+        )
+    if not (opts.master_weights or opts.optimizer == "adamw8bit"):
+        raise ConfigError(
+            "--fp8-backward needs bf16 trained weights: --master-weights (--mixed-precision auto picks it on one "
+            "GPU) or --optimizer adamw8bit"
+        )
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not fp8_capable(device):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"--fp8-backward needs FP8 tensor cores (compute capability 8.9+); {name} has none")
+    fp8_backward_config(opts.fp8_backward)  # torchao missing: the install hint

@@ -2,6 +2,7 @@
 
 One call that the PPO recipe (and a user's own loop) makes after loading its models:
 
+* ``fp8_backward``: FP8 backward products in the trainable models' linear layers (:mod:`rlhf_kit.models.fp8`);
 * ``compile_blocks``: regional ``torch.compile`` of every model (:mod:`rlhf_kit.models.compile`);
 * several processes with ``fsdp``: every model, frozen ones included, sharded with torch's
   ``fully_shard`` (bf16 compute weights under bf16 mixed precision, fp32 master weights and gradient
@@ -62,6 +63,7 @@ def place_models(
     optimizer: str = "adamw",
     compile_blocks: bool = False,
     compile_kwargs: dict | None = None,
+    fp8_backward: str = "off",
 ) -> PlacedModels:
     """Compile, shard or prepare ``trainable`` (name -> (model, settings)) and ``frozen`` models.
 
@@ -69,6 +71,8 @@ def place_models(
     FSDP config). ``master_weights`` needs a single process (:mod:`rlhf_kit.training.precision`);
     ``optimizer="adamw8bit"`` (bf16 weights, 8-bit moments: :mod:`rlhf_kit.training.lowbit`) does not shard.
     ``compile_kwargs`` go to ``torch.compile`` (e.g. ``{"backend": "aot_eager"}`` without a compiler).
+    ``fp8_backward`` (``"weights"`` or ``"all"``) runs the trainable models' backward products in FP8
+    (:mod:`rlhf_kit.models.fp8`; bf16 weights: ``master_weights`` or ``adamw8bit``).
     Frozen models are compiled and sharded with the others; placing them on the device is the caller's.
     """
     from accelerate import DistributedType
@@ -80,6 +84,11 @@ def place_models(
         raise ValueError("master_weights is for one process; with several, FSDP2 keeps the fp32 masters")
     if optimizer == "adamw8bit" and shard:
         raise ValueError("optimizer adamw8bit is not built for FSDP2 sharding: one process or DDP")
+    if fp8_backward != "off":  # before compiling: the blocks are traced with their FP8 layers
+        from rlhf_kit.models.fp8 import convert_to_fp8_backward
+
+        for m, _ in trainable.values():
+            convert_to_fp8_backward(m, fp8_backward)
     if compile_blocks:
         from rlhf_kit.models.compile import compile_blocks as compile_model_blocks
         from rlhf_kit.models.compile import dependent_launch

@@ -136,13 +136,18 @@ def test_resume_equals_uninterrupted(default_run, tmp_path):
 
 @pytest.mark.parametrize(
     "flags, held",
-    [(["--master-weights"], "fp32 masters"), (["--optimizer", "adamw8bit"], "8-bit AdamW moments")],
-    ids=["master_weights", "adamw8bit"],
+    [
+        (["--master-weights"], "fp32 masters"),
+        (["--optimizer", "adamw8bit"], "8-bit AdamW moments"),
+        (["--master-weights", "--fp8-backward", "all"], "fp32 masters; FP8 weight and input gradients"),
+    ],
+    ids=["master_weights", "adamw8bit", "fp8_backward"],
 )
 def test_bf16_weight_runs_resume_exactly(default_run, tmp_path, flags, held):
     """--master-weights (fp32 masters in the optimizer state) and --optimizer adamw8bit (8-bit moments,
     stochastic rounding): bf16 actor/critic, and a bf16 reference (rounded as the actor was), so the KL
-    is exactly 0 before the first update; a resumed run ends with the uninterrupted run's weights."""
+    is exactly 0 before the first update; a resumed run ends with the uninterrupted run's weights. With
+    --fp8-backward the forward pass is unchanged (the KL still exactly 0), and the saved models are plain."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     for out in (full, resumed):
         (out / "checkpoints").mkdir(parents=True)
@@ -208,6 +213,8 @@ BAD_CONFIGURATIONS = [
     (["--master-weights", "--fsdp"], "--master-weights is for one process"),
     (["--optimizer", "adamw8bit", "--master-weights"], "adamw8bit keeps bf16 weights and no fp32 masters"),
     (["--optimizer", "adamw8bit", "--lora-r", "4"], "adamw8bit trains all weights"),
+    (["--fp8-backward", "weights"], "--fp8-backward needs bf16 trained weights: --master-weights"),
+    (["--fp8-backward", "all", "--master-weights", "--lora-r", "4"], "LoRA's adapters are not (drop --lora-r)"),
     (["--report-to", "jsonl", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
     (["--score-in-update", "on", "--ppo-epochs", "2"], "--score-in-update on needs --advantage-estimator gae"),
 ]

@@ -303,6 +303,7 @@ BAD_CONFIGURATIONS = [
     (["--micro-batch-tokens", "-1"], "--micro-batch-tokens must be >= 0"),
     (["--report-to", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
     (["--optimizer", "adamw8bit", "--lora-r", "4"], "--optimizer adamw8bit trains all weights"),
+    (["--fp8-backward", "weights"], "--fp8-backward needs bf16 trained weights: --master-weights"),
 ]
 
 
@@ -356,6 +357,27 @@ def test_master_weights_resume_exactly_and_save_bf16(setup):
     a, b = final_weights(full), final_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert {v.dtype for v in a.values()} == {torch.bfloat16}
+
+
+def test_fp8_backward_keeps_the_forward_and_changes_the_gradients(setup):
+    """--fp8-backward all next to the same --master-weights run, at once: the first step's loss (before
+    any update) is the same to the bit, the later ones are not (FP8 gradients took other steps), and the
+    saved model is a plain bf16 one."""
+    root, common, _ = setup
+    args = [SCRIPT, *common, "--max-steps", "3", "--micro-batch-size", "4", "--global-batch-size", "4",
+            "--val-check-interval", "3", "--master-weights"]  # fmt: skip
+    outs = {"bf16": root / "fp8_off", "fp8": root / "fp8_all"}
+    procs = run_all(
+        {"bf16": [sys.executable, *args, "--output-dir", str(outs["bf16"])],
+         "fp8": [sys.executable, *args, "--output-dir", str(outs["fp8"]), "--fp8-backward", "all"]},
+        env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+    )  # fmt: skip
+    check_ok(procs["bf16"]), check_ok(procs["fp8"])
+    bf16, fp8 = train_losses(outs["bf16"]), train_losses(outs["fp8"])
+    assert len(fp8) == 3 and fp8[0] == bf16[0] and fp8[1:] != bf16[1:], (bf16, fp8)
+    weights = final_weights(outs["fp8"])
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert set(weights) == set(final_weights(outs["bf16"]))
 
 
 def test_learns_on_a_checkpoint_set_up_like_a_real_one(tmp_path):

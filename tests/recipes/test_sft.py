@@ -223,6 +223,8 @@ BAD_CONFIGURATIONS = [
     (["--model", "/nonexistent/model"], "model path does not exist: /nonexistent/model"),
     (["--report-to", "nosuch"], "--report-to nosuch: unknown tracker; choose from jsonl, aim"),
     (["--micro-batch-tokens", "-1"], "--micro-batch-tokens must be >= 0"),
+    (["--fp8-backward", "weights"], "--fp8-backward needs bf16 trained weights: --master-weights"),
+    (["--fp8-backward", "all", "--master-weights", "--lora-r", "4"], "--fp8-backward converts plain linear layers"),
 ]
 
 
