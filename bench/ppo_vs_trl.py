@@ -162,6 +162,11 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], save=None) -> d
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         apply_fsdp2(actor, mixed_precision=policy)
         apply_fsdp2(critic, mixed_precision=policy)
+    if args.fp8_backward != "off":  # FP8 backward products in actor and critic, before compiling (models.fp8)
+        from rlhf_kit.models.fp8 import convert_to_fp8_backward
+
+        for m in (actor, critic):
+            convert_to_fp8_backward(m, args.fp8_backward)
     if args.compile_blocks:  # regional torch.compile of every transformer block of the four models
         for m in (actor, ref, critic, rm):
             # PDL on Hopper, as the recipes' placement does
@@ -276,6 +281,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], save=None) -> d
     res["cudnn_attention"] = args.cudnn_attention
     res["compile_blocks"] = bool(args.compile_blocks)
     res["compile_dynamic"] = bool(args.compile_dynamic)
+    res["fp8_backward"] = args.fp8_backward
     res["keep_cache"] = bool(args.keep_cache)
     from torch._dynamo.utils import counters  # how often the compiled blocks were traced again
 
@@ -632,6 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="ours: bf16 model weights, fp32 masters in AdamW, no autocast",
     )
     ap.add_argument(
+        "--fp8-backward", choices=["off", "weights", "all"], default="off",
+        help="ours: FP8 weight-gradient (weights) or weight- and input-gradient (all) products (rlhf_kit.models.fp8)",
+    )  # fmt: skip
+    ap.add_argument(
         "--optimizer",
         choices=["adamw", "adamw8bit"],
         default="adamw",
@@ -746,6 +756,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         str(args.decode_chains),
         "--cprofile",
         str(args.cprofile),
+        "--fp8-backward",
+        args.fp8_backward,
         "--fused-logprobs",
         args.fused_logprobs,
     ]

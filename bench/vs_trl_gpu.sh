@@ -60,6 +60,9 @@
 #   bash bench/vs_trl_gpu.sh s30  # for the next call: PPO A and TRL A alternating, PAIRS=3 pairs (about 420 s)
 #   bash bench/vs_trl_gpu.sh s30c # session 30, at b0475b9 only (reverted after): the decode kernel's first cache block
 #                                 # prefetched before the PDL wait
+#   bash bench/vs_trl_gpu.sh s34  # session 34: PPO B then A, ours, with --fp8-backward off, weights and all in turn (FP8
+#                                 # backward products, rlhf_kit.models.fp8), PAIRS (default 1) rounds; CONFIGS="B A" picks;
+#                                 # GAPS=1 runs stage s31 on A first; TRL=1 adds TRL 1.12 on B (carry .whl .whl112)
 #   bash bench/vs_trl_gpu.sh s32  # session 32: PPO A with the blocks compiled dynamic from the start (--compile-dynamic)
 #                                 # against the default, alternating, PAIRS (default 2) pairs; GAPS=1 runs stage s31 on A
 #                                 # first (carry .whl .whl112)
@@ -489,6 +492,26 @@ if [ "$phase" = s30c ]; then  # session 30, at b0475b9 (the setting was reverted
   gen_summary "$OUT/gen/generation.json" gen
   rm -f "$OUT"/*/*.md; exit 0
 fi
+if [ "$phase" = s34 ]; then  # session 34: FP8 products in the backward pass (the forward unchanged) against bf16, ours
+  # alone, the three settings alternating per config; the train phase's MFU is still against the bf16 matmul rate
+  [ "${GAPS:-0}" = 1 ] && GAP_RUNS=a WS=0 bash "$0" s31
+  for cfg in ${CONFIGS:-B A}; do
+    base="--configs B --keep-cache --compile-blocks --optimizer adamw8bit --micro 32"
+    [ "$cfg" = A ] && base="--configs A --keep-cache --compile-blocks --master-weights --micro 64 --score-in-update"
+    for i in $(seq 1 ${PAIRS:-1}); do
+      for mode in off weights all; do
+        python3 bench/ppo_vs_trl.py $base --systems ours --fp8-backward $mode --steps 8 --timeout 200 --work $WORK/f_$cfg \
+          --out "$OUT/f${cfg}_${mode}_$i" 2>&1 | grep -E "^\| [AB] \| ours" | sed "s/^/${cfg}_${mode}_$i /"
+      done
+    done
+    ppo_summary "f${cfg}_*"
+  done
+  if [ "${TRL:-0}" = 1 ]; then
+    python3 bench/ppo_vs_trl.py --configs B --systems trl --trl-site /tmp/site112 --timeout 200 --work $WORK/bt \
+      --out "$OUT/b_trl" 2>&1 | grep -E "^\| B"
+  fi
+  rm -f "$OUT"/*/*.md; exit 0
+fi
 if [ "$phase" = s32 ]; then  # session 32: PPO A (--score-in-update) with the blocks compiled dynamic from the start
   # (--compile-dynamic: no recompilation when step 2 brings a new packed length) against the default (first static,
   # then recompiled dynamic at step 2), alternating, PAIRS (default 2) pairs; step 1's time holds the recompilation
@@ -521,8 +544,10 @@ if [ "$phase" = s31 ]; then  # session 31: where the device waits. PPO A (--scor
     python3 - "$OUT/gaps_$run/ppo_vs_trl.json" <<'PY'
 import json, sys
 o = json.load(open(sys.argv[1]))["configs"][0]["ours"]
-if o.get("error"):
-    sys.exit(print(o["error"][-800:]))
+if o.get("error"):  # the timed steps and the passes before the failing one may still be there
+    print(o["error"], "during", o.get("pending"), o.get("log_tail", "")[-800:])
+if "median_step_s" not in o:
+    sys.exit()
 print("median", round(o["median_step_s"], 4), o["median_phases_s"])
 for key in ("profile", "trace_gaps"):
     g = o.get(key, {}).get("gaps")
