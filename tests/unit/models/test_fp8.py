@@ -136,3 +136,21 @@ def test_place_models_converts_the_trainable_models_only(tokenizer):
     placed.backward(actor(input_ids=ids).logits.float().logsumexp(-1).mean())
     placed.optimizers["actor"].step()
     assert not torch.equal(before, actor.model.layers[0].mlp.down_proj.weight)
+
+
+def test_compiled_blocks_trace_the_fp8_layers(tokenizer):
+    """Dynamo traces the converted blocks (compile_blocks, as the recipes do on a GPU, after conversion):
+    forward and FP8 weight gradients equal eager's; a second length recompiles and still does."""
+    from rlhf_kit.models.compile import compile_blocks
+
+    eager = make_causal_lm(tokenizer, seed=6).to(torch.bfloat16)
+    convert_to_fp8_backward(eager, "all")
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled, backend="aot_eager")
+    for length in (20, 28):
+        ids = torch.randint(3, 500, (3, length), generator=torch.Generator().manual_seed(length))
+        ref_logits, ref = _backward(eager, ids)
+        logits, grads = _backward(compiled, ids)
+        assert torch.equal(logits, ref_logits)
+        for name in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"):
+            assert torch.equal(grads[name], ref[name]), name
