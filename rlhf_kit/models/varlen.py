@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from rlhf_kit.models.transfer import host_tensor
 
@@ -90,7 +91,7 @@ class _Walk:
 def _walk(model: nn.Module) -> _Walk:
     """One walk of ``model``'s modules for everything a packed forward asks: its configs (a wrapper and its
     backbone may hold the same one; a module's own ``config`` attribute, or a ``config`` property of its
-    class), its first FSDP2 module, and its gradient-checkpointed layers (transformers sets both attributes
+    class, that is a transformers ``PretrainedConfig``), its first FSDP2 module, and its gradient-checkpointed layers (transformers sets both attributes
     on the layer itself). A packed forward walks twice (:func:`use_packed`, :func:`packed_attention`)."""
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -105,7 +106,7 @@ def _walk(model: nn.Module) -> _Walk:
         cfg = own.get("config")
         if cfg is None and isinstance(getattr(type(m), "config", None), property):
             cfg = m.config
-        if cfg is not None:
+        if isinstance(cfg, PretrainedConfig):  # not another library's (torchao's Float8Linear has a config)
             configs[id(cfg)] = cfg
         if fsdp is None and isinstance(m, FSDPModule):
             fsdp = m

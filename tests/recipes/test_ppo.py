@@ -139,7 +139,10 @@ def test_resume_equals_uninterrupted(default_run, tmp_path):
     [
         (["--master-weights"], "fp32 masters"),
         (["--optimizer", "adamw8bit"], "8-bit AdamW moments"),
-        (["--master-weights", "--fp8-backward", "all"], "fp32 masters; FP8 weight and input gradients"),
+        (  # packed, as on a GPU: the FP8 layers' own config must not turn packing away
+            ["--master-weights", "--fp8-backward", "all", "--packed-passes", "on"],
+            "fp32 masters; FP8 weight and input gradients",
+        ),
     ],
     ids=["master_weights", "adamw8bit", "fp8_backward"],
 )

@@ -154,3 +154,16 @@ def test_compiled_blocks_trace_the_fp8_layers(tokenizer):
         assert torch.equal(logits, ref_logits)
         for name in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"):
             assert torch.equal(grads[name], ref[name]), name
+
+
+def test_converted_models_still_run_packed(tokenizer):
+    """torchao's layers carry their own ``config`` (a Float8LinearConfig); the packed-pass checks look for
+    the model's HF config and must not take it for an unverified model type (which turned packed passes
+    off under "auto", silently, and failed under "on")."""
+    from rlhf_kit.models.varlen import unsupported_reason, use_packed
+
+    model = make_causal_lm(tokenizer).to(torch.bfloat16)
+    convert_to_fp8_backward(model, "weights")
+    ids = torch.randint(3, 500, (2, 12))
+    assert unsupported_reason(model, 12) is None
+    assert use_packed("on", model, ids)
