@@ -101,8 +101,8 @@ def _models(config: str, tok: Any, device: torch.device, train_dtype: torch.dtyp
 
 
 def run_ours(args: argparse.Namespace, prompts: list[list[int]], save=None) -> dict[str, Any]:
-    """Our PPO steps; ``save(res)``, when given, is called with the results so far after the timed steps
-    and after each extra (profiled) pass, so a pass that crashes the process loses only itself."""
+    """Our PPO steps; ``save(res)``, when given, is called before each extra (profiled) pass with the
+    results so far and the pass's name as ``pending``, so a pass that crashes the process loses only itself."""
     from transformers import AutoTokenizer
 
     import rlhf_kit.logprobs

@@ -142,8 +142,10 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], sys.argv[2], "ppo_vs_trl.jso
     o = json.load(open(f))["configs"][0].get("ours")
     if not o:
         continue
-    if o.get("error"):
-        print(f, o["error"][-500:]); continue
+    if o.get("error"):  # with the timed steps when only a later pass failed (o["pending"] names it)
+        print(f, o.get("pending"), o["error"][-500:])
+    if "step_times_s" not in o:
+        continue
     t = o["step_times_s"][1:]
     print(os.path.basename(os.path.dirname(f)), "median", round(o["median_step_s"], 4), "min", round(min(t), 4),
           {k: round(v, 4) for k, v in o["median_phases_s"].items()}, "host waits", (o.get("syncs") or {}).get("per_phase"),
