@@ -37,42 +37,33 @@ def hh_chosen(n: int) -> list[str]:
     return hh_texts(2 * n)[::2]  # chosen, rejected, chosen, ...
 
 
-def lm_pass(model, ids: torch.Tensor, mask: torch.Tensor, grads: bool):
-    """Per-token log-probs of ``ids[:, 1:]`` (float32) and, with ``grads``, the block linears' gradients
-    of the mean LM loss over the real tokens."""
-    model.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(grads):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        real = mask[:, 1:].bool()
-        if grads:
-            (-logp[real].mean()).backward()
-    out = {}
-    if grads:
-        out = {
-            n: p.grad.float()
-            for n, p in model.named_parameters()
-            if "layers." in n and n.endswith("proj.weight")
-        }
-    return logp.detach(), out
+def lm_pass(model, ids: torch.Tensor, mask: torch.Tensor):
+    """Per-token log-probs of ``ids[:, 1:]`` (float32) and the block linears' gradients of the mean LM loss
+    over the real tokens."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    (-logp[mask[:, 1:].bool()].mean()).backward()
+    grads = {
+        n: p.grad.float() for n, p in model.named_parameters() if "layers." in n and n.endswith("proj.weight")
+    }
+    return logp.detach(), grads
 
 
 def compare(logp, ref_logp, real, grads, ref_grads) -> dict:
     d = (logp - ref_logp)[real].abs()
-    res = {"logprob_mean_abs_nats": float(d.mean()), "logprob_max_abs_nats": float(d.max())}
-    if grads:
-        rel = [float((grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()) for k in ref_grads]
-        cos = [
-            float(torch.nn.functional.cosine_similarity(grads[k].flatten(), ref_grads[k].flatten(), 0))
-            for k in ref_grads
-        ]
-        res.update(
-            grad_rel_err_mean=sum(rel) / len(rel),
-            grad_rel_err_max=max(rel),
-            grad_cos_min=min(cos),
-            layers=len(rel),
-        )
-    return res
+    rel = [float((grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()) for k in ref_grads]
+    cos = [
+        float(torch.nn.functional.cosine_similarity(grads[k].flatten(), ref_grads[k].flatten(), 0))
+        for k in ref_grads
+    ]
+    return {
+        "logprob_mean_abs_nats": float(d.mean()),
+        "logprob_max_abs_nats": float(d.max()),
+        "grad_rel_err_mean": sum(rel) / len(rel),
+        "grad_rel_err_max": max(rel),
+        "grad_cos_min": min(cos),
+        "layers": len(rel),
+    }
 
 
 def main() -> None:
@@ -104,25 +95,27 @@ def main() -> None:
     def load(dtype):
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
 
-    ref_logp, ref_grads = lm_pass(load(torch.float32), ids, mask, grads=True)
+    ref_logp, ref_grads = lm_pass(load(torch.float32), ids, mask)
     bf16 = load(torch.bfloat16)
-    variants = {"bf16": (lambda m: m, True)}
-    variants["fp8 backward: weights"] = (lambda m: convert_to_fp8_backward(m, "weights") and m, True)
-    variants["fp8 backward: all"] = (lambda m: convert_to_fp8_backward(m, "all") and m, True)
-    for recipe in ("tensorwise", "rowwise"):  # torchao's training recipes: the forward product in FP8 too
 
-        def every_product(m, recipe=recipe):
-            cfg = Float8LinearConfig.from_recipe_name(recipe)
-            convert_to_float8_training(m, config=cfg, module_filter_fn=lambda mod, fqn: "lm_head" not in fqn)
-            return m
+    def every_product(model, recipe: str) -> None:  # torchao's training recipes: the forward in FP8 too
+        cfg = Float8LinearConfig.from_recipe_name(recipe)
+        convert_to_float8_training(model, config=cfg, module_filter_fn=lambda mod, fqn: "lm_head" not in fqn)
 
-        variants[f"fp8 every product (torchao {recipe})"] = (every_product, True)
+    variants = {  # each converts a copy of the bf16 model in place
+        "bf16": lambda m: None,
+        "fp8 backward: weights": lambda m: convert_to_fp8_backward(m, "weights"),
+        "fp8 backward: all": lambda m: convert_to_fp8_backward(m, "all"),
+        "fp8 every product (torchao tensorwise)": lambda m: every_product(m, "tensorwise"),
+        "fp8 every product (torchao rowwise)": lambda m: every_product(m, "rowwise"),
+    }
     results = {"model": args.model, "device": args.device, "torch": torch.__version__, "pairs": args.pairs,
                "tokens": int(real.sum()), "max_length": args.max_length, "variants": {}}  # fmt: skip
-    for name, (convert, grads) in variants.items():
+    for name, convert in variants.items():
         t0 = time.perf_counter()
-        model = convert(copy.deepcopy(bf16))
-        logp, g = lm_pass(model, ids, mask, grads)
+        model = copy.deepcopy(bf16)
+        convert(model)
+        logp, g = lm_pass(model, ids, mask)
         results["variants"][name] = compare(logp, ref_logp, real, g, ref_grads) | {
             "seconds": time.perf_counter() - t0
         }
