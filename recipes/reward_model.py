@@ -32,6 +32,7 @@ from _defaults import (
 
 from rlhf_kit.data import PairCollator, hold_out, load_comparisons, pair_lengths, tokenize_pairs
 from rlhf_kit.losses import PairwiseRewardLoss
+from rlhf_kit.models.fp8 import convert_to_fp8_backward
 from rlhf_kit.models.loading import quiet_weight_progress_bars
 from rlhf_kit.models.transfer import batch_to_device
 from rlhf_kit.training import (
@@ -229,10 +230,7 @@ def main(cfg: Config) -> None:
         from rlhf_kit.models.kernels import apply_liger_kernels
 
         apply_liger_kernels(model)
-    if cfg.fp8_backward != "off":  # FP8 products in the backward pass only (rlhf_kit.models.fp8)
-        from rlhf_kit.models.fp8 import convert_to_fp8_backward
-
-        convert_to_fp8_backward(model, cfg.fp8_backward)
+    convert_to_fp8_backward(model, cfg.fp8_backward)  # FP8 backward products (--fp8-backward; off: nothing)
     if cfg.compile_blocks:
         from rlhf_kit.models.compile import compile_blocks
 

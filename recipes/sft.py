@@ -31,6 +31,7 @@ from _defaults import (
 
 from rlhf_kit.data import PackedSFTCollator, SFTCollator, hold_out, iter_jsonl, load_comparisons, tokenize_sft
 from rlhf_kit.data.formats import sft_item_from_record
+from rlhf_kit.models.fp8 import convert_to_fp8_backward
 from rlhf_kit.models.loading import quiet_weight_progress_bars
 from rlhf_kit.training import (
     MetricsLogger,
@@ -224,10 +225,7 @@ def main(cfg: Config) -> None:
 
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model = load_for_training(cfg.model, "causal_lm", lora, cfg.gradient_checkpointing)
-    if cfg.fp8_backward != "off":  # FP8 products in the backward pass only (rlhf_kit.models.fp8)
-        from rlhf_kit.models.fp8 import convert_to_fp8_backward
-
-        convert_to_fp8_backward(model, cfg.fp8_backward)
+    convert_to_fp8_backward(model, cfg.fp8_backward)  # FP8 backward products (--fp8-backward; off: nothing)
     optimizer = make_optimizer(  # AdamW (fused on CUDA), with fp32 masters, or 8-bit (--optimizer adamw8bit)
         model, lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), kind=cfg.optimizer,
         master_weights=cfg.master_weights, device=accelerator.device,
