@@ -246,6 +246,6 @@ def check_fp8_backward(opts: TrainingOptions, device: torch.device | str | None 
         )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not fp8_capable(device):
-        name = torch.cuda.get_device_name(device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         raise ConfigError(f"--fp8-backward needs FP8 tensor cores (compute capability 8.9+); {name} has none")
     fp8_backward_config(opts.fp8_backward)  # torchao missing: the install hint

@@ -107,6 +107,8 @@ def test_check_fp8_backward_before_any_model(monkeypatch):
     with pytest.raises(ConfigError, match="drop --lora-r"):
         check_fp8_backward(TrainingOptions(fp8_backward="all", master_weights=True, lora_r=8), "cpu")
     check_fp8_backward(TrainingOptions(lora_r=8), "cpu")  # off: nothing checked
+    with pytest.raises(ConfigError, match="compute capability 8.9.*meta has none"):  # neither CPU nor CUDA
+        check_fp8_backward(TrainingOptions(fp8_backward="all", master_weights=True), "meta")
     # the capability check, on a pretend GPU
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100")
