@@ -91,8 +91,9 @@ class _Walk:
 def _walk(model: nn.Module) -> _Walk:
     """One walk of ``model``'s modules for everything a packed forward asks: its configs (a wrapper and its
     backbone may hold the same one; a module's own ``config`` attribute, or a ``config`` property of its
-    class, that is a transformers ``PretrainedConfig``), its first FSDP2 module, and its gradient-checkpointed layers (transformers sets both attributes
-    on the layer itself). A packed forward walks twice (:func:`use_packed`, :func:`packed_attention`)."""
+    class, that is a transformers ``PretrainedConfig``), its first FSDP2 module, and its
+    gradient-checkpointed layers (transformers sets both attributes on the layer itself). A packed forward
+    walks twice (:func:`use_packed`, :func:`packed_attention`)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch build without distributed support has no FSDP2 module to find
